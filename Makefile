@@ -1,0 +1,60 @@
+# edge-kit: the two commands a new user needs are `make demo` and `make test`.
+# Both work on a fresh machine: they create .venv and install the exact versions in requirements/lock.txt.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-lock
+PIP_VERSION := 26.3
+KEYS   := .keys
+DIST   := dist
+EXAMPLE := examples/digits/edgekit.toml
+
+.PHONY: install system-deps demo test test-fast lint bench fleet-demo lock clean
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==$(PIP_VERSION)
+	$(PY) -m pip install --quiet -r requirements/lock.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Mosquitto (MQTT integration tests) and Chromium (dashboard browser test), from Debian's packages.
+system-deps:
+	bash scripts/install-system-deps.sh
+
+$(KEYS)/edgekit.key: | install
+	$(VENV)/bin/edge-kit keygen --out $(KEYS)
+
+demo: install $(KEYS)/edgekit.key
+	$(VENV)/bin/edge-kit build --config $(EXAMPLE) --out $(DIST) --key $(KEYS)/edgekit.key
+	$(VENV)/bin/edge-kit verify $(DIST)/digits-1.0.0.edgebundle --pubkey $(KEYS)/edgekit.pub
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: install system-deps lint
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not integration and not demo"
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+fleet-demo: install
+	$(PY) -m edge_kit.demo.fleet
+
+# Re-pin every version after changing dependencies in pyproject.toml.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip==$(PIP_VERSION)
+	.venv-lock/bin/pip install --quiet -e '.[server,dev]'
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^edge-kit' > requirements/lock.txt
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) $(DIST) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Calibration data selection and streaming readers for int8 quantization."""

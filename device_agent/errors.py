@@ -1,0 +1,77 @@
+"""The one exception tree of edge-kit, with the documented exit codes.
+
+It lives in ``device_agent`` because the agent may not import ``edge_kit``; the server side
+re-exports it from ``edge_kit.errors``. Every error carries the exit code the CLIs return and a
+message that says what went wrong and how to fix it.
+
+Exit codes (DESIGN.md section 3): 0 success, 1 unexpected error, 2 bad usage or bad config,
+3 accuracy gate failed, 4 verification failed, 75 training interrupted by SIGTERM (resumable).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_GATE_FAILED = 3
+EXIT_VERIFICATION = 4
+# EX_TEMPFAIL from sysexits.h: "try again later", which is what a preempted spot run should do.
+EXIT_INTERRUPTED = 75
+
+
+class EdgeKitError(Exception):
+    """Base of every error edge-kit raises on purpose."""
+
+    exit_code: int = EXIT_UNEXPECTED
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(EdgeKitError):
+    """Bad command-line usage or bad input file."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    """A config key is unknown, of the wrong type, or points at something missing."""
+
+    def __init__(self, key: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(f"config key '{key}': {message}", hint=hint)
+        self.key = key
+
+
+class DataError(UsageError):
+    """Input data is missing, corrupt, or does not match its recorded snapshot."""
+
+
+class GateFailedError(EdgeKitError):
+    """No quantized candidate met the accuracy budget; no bundle was written."""
+
+    exit_code = EXIT_GATE_FAILED
+
+
+class VerificationError(EdgeKitError):
+    """A bundle failed verification: bad signature, hash mismatch, truncation, wrong key."""
+
+    exit_code = EXIT_VERIFICATION
+
+    def __init__(self, member: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{member}: {message}", hint=hint)
+        self.member = member
+
+
+class InputError(UsageError):
+    """An inference request has the wrong shape, dtype, or non-finite values."""
+
+
+class TrainingInterrupted(EdgeKitError):
+    """Training received SIGTERM, saved a checkpoint and stopped; `--resume auto` continues it."""
+
+    exit_code = EXIT_INTERRUPTED

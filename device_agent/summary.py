@@ -1,0 +1,314 @@
+"""Window summaries: mergeable histograms of what a model saw and said (DESIGN.md section 6).
+
+A `WindowSummary` is a value with `zero`, `update`, `merge` and `to_bytes`/`from_bytes`, in the
+style of whylogs metrics: two summaries of the same model merge by adding, so the server can pool
+windows across devices and time. The encoding is versioned (`edgekit.summary/1`); decoding checks
+structure and types and raises `PayloadError` with a short `kind` that the fleet server counts.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from device_agent.reference import Reference
+
+SCHEMA = "edgekit.summary/1"
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_ZLIB = "application/json+zlib"
+# A decoded payload larger than this is refused (protects the server from zlib bombs).
+MAX_DECODED_BYTES = 4 * 1024 * 1024
+
+
+class PayloadError(ValueError):
+    """A summary payload that cannot be accepted; `kind` names the class of problem for metrics."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class Histogrammer:
+    """Precomputed binning for all channels of one reference, applied to a whole batch at once."""
+
+    def __init__(self, reference: Reference) -> None:
+        self.names = reference.names
+        self.bins = np.array([c.bins for c in reference.channels.values()], dtype=np.int64)
+        self.max_bins = int(self.bins.max())
+        # Interior edges padded with +inf, so shorter channels never count past their last bin.
+        interior = np.full((len(self.names), self.max_bins - 1), np.inf)
+        for i, c in enumerate(reference.channels.values()):
+            interior[i, : c.bins - 1] = c.edges[1:-1]
+        self._interior = interior
+        self._offsets = np.arange(len(self.names), dtype=np.int64) * self.max_bins
+
+    def counts(self, values: np.ndarray) -> np.ndarray:
+        """(channels, max_bins) int64 counts of an (n, channels) value matrix."""
+        idx = (values[:, :, None] >= self._interior[None, :, :]).sum(axis=2)
+        flat = (idx + self._offsets[None, :]).ravel()
+        total = len(self.names) * self.max_bins
+        return np.bincount(flat, minlength=total).reshape(len(self.names), self.max_bins).astype(np.int64)
+
+
+@dataclass
+class WindowSummary:
+    """Everything one device reports about one model for one time window."""
+
+    fleet: str
+    device: str
+    model: dict[str, str]  # name, version, sha256
+    window_start: float
+    window_end: float
+    seq: int
+    channel_names: list[str]
+    bins: np.ndarray  # (channels,) bins per channel
+    counts: np.ndarray  # (channels, max_bins) int64
+    minimum: np.ndarray  # (channels,) float64, +inf while empty
+    maximum: np.ndarray
+    total: np.ndarray  # sum of values
+    total_sq: np.ndarray  # sum of squared values
+    n: int = 0
+    label_names: list[str] = field(default_factory=list)
+    confusion: np.ndarray | None = None  # (classes, classes), rows = true class, cols = predicted
+
+    @classmethod
+    def zero(
+        cls,
+        histogrammer: Histogrammer,
+        *,
+        fleet: str,
+        device: str,
+        model: dict[str, str],
+        window_start: float,
+        seq: int = 0,
+        label_names: list[str] | None = None,
+    ) -> WindowSummary:
+        c = len(histogrammer.names)
+        return cls(
+            fleet=fleet,
+            device=device,
+            model=dict(model),
+            window_start=float(window_start),
+            window_end=float(window_start),
+            seq=seq,
+            channel_names=list(histogrammer.names),
+            bins=histogrammer.bins.copy(),
+            counts=np.zeros((c, histogrammer.max_bins), dtype=np.int64),
+            minimum=np.full(c, np.inf),
+            maximum=np.full(c, -np.inf),
+            total=np.zeros(c),
+            total_sq=np.zeros(c),
+            label_names=list(label_names or []),
+        )
+
+    def update(self, histogrammer: Histogrammer, values: np.ndarray) -> None:
+        """Add a batch: `values` is the (n, channels) matrix from `MonitorPlan.values`."""
+        if len(values) == 0:
+            return
+        self.counts += histogrammer.counts(values)
+        np.minimum(self.minimum, values.min(axis=0), out=self.minimum)
+        np.maximum(self.maximum, values.max(axis=0), out=self.maximum)
+        self.total += values.sum(axis=0)
+        self.total_sq += np.einsum("ij,ij->j", values, values)
+        self.n += len(values)
+
+    def update_labels(self, true_classes: np.ndarray, predicted_classes: np.ndarray) -> None:
+        """Add ground truth fed back for earlier predictions (confusion counts)."""
+        k = len(self.label_names)
+        if k == 0:
+            raise ValueError("this summary has no class labels to count")
+        t = np.asarray(true_classes, dtype=np.int64)
+        p = np.asarray(predicted_classes, dtype=np.int64)
+        if t.shape != p.shape or (t.size and (t.min() < 0 or t.max() >= k or p.min() < 0 or p.max() >= k)):
+            raise ValueError(f"labels must be class indices in [0, {k}) with one per prediction")
+        if self.confusion is None:
+            self.confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(self.confusion, (t, p), 1)
+
+    def merge(self, other: WindowSummary) -> WindowSummary:
+        """A new summary holding both (same model and channels); the window spans both."""
+        if other.model.get("sha256") != self.model.get("sha256") or other.channel_names != self.channel_names:
+            raise ValueError("only summaries of the same model and channels can be merged")
+        confusion = self.confusion
+        if other.confusion is not None:
+            confusion = other.confusion.copy() if confusion is None else confusion + other.confusion
+        return WindowSummary(
+            fleet=self.fleet,
+            device=self.device if self.device == other.device else "*",
+            model=dict(self.model),
+            window_start=min(self.window_start, other.window_start),
+            window_end=max(self.window_end, other.window_end),
+            seq=max(self.seq, other.seq),
+            channel_names=list(self.channel_names),
+            bins=self.bins.copy(),
+            counts=self.counts + other.counts,
+            minimum=np.minimum(self.minimum, other.minimum),
+            maximum=np.maximum(self.maximum, other.maximum),
+            total=self.total + other.total,
+            total_sq=self.total_sq + other.total_sq,
+            n=self.n + other.n,
+            label_names=list(self.label_names),
+            confusion=None if confusion is None else confusion.copy(),
+        )
+
+    def channel_counts(self, name: str) -> np.ndarray:
+        i = self.channel_names.index(name)
+        return np.asarray(self.counts[i, : self.bins[i]])
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def to_payload(self) -> dict[str, Any]:
+        channels = {}
+        for i, name in enumerate(self.channel_names):
+            empty = self.n == 0
+            channels[name] = {
+                "counts": self.counts[i, : self.bins[i]].tolist(),
+                "min": None if empty else _num(self.minimum[i]),
+                "max": None if empty else _num(self.maximum[i]),
+                "sum": _num(self.total[i]),
+                "sumsq": _num(self.total_sq[i]),
+            }
+        payload: dict[str, Any] = {
+            "schema": SCHEMA,
+            "fleet": self.fleet,
+            "device": self.device,
+            "model": dict(self.model),
+            "window": {"start": self.window_start, "end": self.window_end, "seq": self.seq},
+            "n": self.n,
+            "channels": channels,
+        }
+        if self.confusion is not None:
+            payload["labels"] = {
+                "classes": list(self.label_names),
+                "n": int(self.confusion.sum()),
+                "confusion": self.confusion.tolist(),
+            }
+        return payload
+
+    def to_bytes(self, *, compress: bool = True) -> tuple[bytes, str]:
+        """Encoded payload and its MQTT 5 content type."""
+        raw = json.dumps(self.to_payload(), separators=(",", ":")).encode("utf-8")
+        if compress:
+            return zlib.compress(raw, 6), CONTENT_TYPE_ZLIB
+        return raw, CONTENT_TYPE_JSON
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> WindowSummary:
+        p = _check_payload(payload)
+        names = list(p["channels"])
+        bins = np.array([len(p["channels"][n]["counts"]) for n in names], dtype=np.int64)
+        max_bins = int(bins.max()) if len(bins) else 1
+        counts = np.zeros((len(names), max_bins), dtype=np.int64)
+        minimum = np.full(len(names), np.inf)
+        maximum = np.full(len(names), -np.inf)
+        total = np.zeros(len(names))
+        total_sq = np.zeros(len(names))
+        for i, name in enumerate(names):
+            c = p["channels"][name]
+            counts[i, : bins[i]] = c["counts"]
+            if c.get("min") is not None:
+                minimum[i], maximum[i] = c["min"], c["max"]
+            total[i], total_sq[i] = c.get("sum", 0.0), c.get("sumsq", 0.0)
+        labels = p.get("labels")
+        return cls(
+            fleet=str(p["fleet"]),
+            device=str(p["device"]),
+            model={k: str(v) for k, v in p["model"].items()},
+            window_start=float(p["window"]["start"]),
+            window_end=float(p["window"]["end"]),
+            seq=int(p["window"].get("seq", 0)),
+            channel_names=names,
+            bins=bins,
+            counts=counts,
+            minimum=minimum,
+            maximum=maximum,
+            total=total,
+            total_sq=total_sq,
+            n=int(p["n"]),
+            label_names=[str(c) for c in labels["classes"]] if labels else [],
+            confusion=np.asarray(labels["confusion"], dtype=np.int64) if labels else None,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, content_type: str | None = CONTENT_TYPE_JSON) -> WindowSummary:
+        return cls.from_payload(decode_payload(data, content_type))
+
+
+def decode_payload(data: bytes, content_type: str | None) -> Any:
+    """Bytes (plain or zlib JSON, by MQTT content type) to a JSON value, with a decoded-size limit."""
+    if content_type == CONTENT_TYPE_ZLIB:
+        try:
+            inflater = zlib.decompressobj()
+            data = inflater.decompress(data, MAX_DECODED_BYTES + 1)
+        except zlib.error as exc:
+            raise PayloadError("bad_encoding", f"not valid zlib data: {exc}") from exc
+        if len(data) > MAX_DECODED_BYTES or inflater.unconsumed_tail:
+            raise PayloadError("too_large", f"decompresses to more than {MAX_DECODED_BYTES} bytes")
+    elif content_type not in (None, "", CONTENT_TYPE_JSON):
+        raise PayloadError("bad_encoding", f"unsupported content type {content_type!r}")
+    if len(data) > MAX_DECODED_BYTES:
+        raise PayloadError("too_large", f"payload is {len(data)} bytes")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError("malformed_json", str(exc)) from exc
+
+
+def _num(x: float) -> float | None:
+    """JSON-safe float, rounded to 9 significant digits (enough for counts' moments, fewer bytes)."""
+    return float(f"{x:.9g}") if np.isfinite(x) else None
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _check_payload(p: Any) -> dict[str, Any]:
+    """Structural checks every consumer needs; model-specific checks (edges) are the server's."""
+    if not isinstance(p, dict):
+        raise PayloadError("malformed", "payload is not a JSON object")
+    if p.get("schema") != SCHEMA:
+        raise PayloadError("schema", f"schema is {p.get('schema')!r}, expected {SCHEMA!r}")
+    for key, typ in (("fleet", str), ("device", str), ("model", dict), ("window", dict), ("channels", dict)):
+        if not isinstance(p.get(key), typ):
+            raise PayloadError("malformed", f"'{key}' missing or not a {typ.__name__}")
+    if not all(isinstance(p["model"].get(k), str) for k in ("name", "version", "sha256")):
+        raise PayloadError("malformed", "model needs string name, version and sha256")
+    w = p["window"]
+    if not (_is_number(w.get("start")) and _is_number(w.get("end")) and w["end"] >= w["start"]):
+        raise PayloadError("window", "window needs numeric start <= end")
+    if not _is_count(w.get("seq", 0)):
+        raise PayloadError("window", "window.seq must be a non-negative integer")
+    if not _is_count(p.get("n")):
+        raise PayloadError("counts", "n must be a non-negative integer")
+    if not p["channels"]:
+        raise PayloadError("malformed", "no channels")
+    for name, c in p["channels"].items():
+        if not isinstance(c, dict) or not isinstance(c.get("counts"), list) or not c["counts"]:
+            raise PayloadError("malformed", f"channel {name!r} needs a non-empty counts list")
+        if not all(_is_count(k) for k in c["counts"]):
+            raise PayloadError("counts", f"channel {name!r} counts must be non-negative integers")
+        if sum(c["counts"]) != p["n"]:
+            raise PayloadError("counts", f"channel {name!r} counts add up to {sum(c['counts'])}, n is {p['n']}")
+        for stat in ("min", "max", "sum", "sumsq"):
+            if c.get(stat) is not None and not _is_number(c[stat]):
+                raise PayloadError("malformed", f"channel {name!r} {stat} must be a finite number or null")
+    labels = p.get("labels")
+    if labels is not None:
+        if not isinstance(labels, dict) or not isinstance(labels.get("classes"), list):
+            raise PayloadError("malformed", "labels needs a classes list")
+        k = len(labels["classes"])
+        m = labels.get("confusion")
+        if not (isinstance(m, list) and len(m) == k and all(isinstance(r, list) and len(r) == k for r in m)):
+            raise PayloadError("counts", f"labels.confusion must be {k}x{k}")
+        if not all(_is_count(x) for r in m for x in r):
+            raise PayloadError("counts", "confusion counts must be non-negative integers")
+    return p

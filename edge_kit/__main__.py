@@ -1,0 +1,3 @@
+from edge_kit.cli import main
+
+raise SystemExit(main())

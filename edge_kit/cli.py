@@ -1,0 +1,170 @@
+"""`edge-kit` command line: parse arguments, call the API, map errors to exit codes.
+
+Heavy imports (torch, mlflow, onnx) happen inside the command modules, which are imported only
+when their command runs, so `edge-kit --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from edge_kit import __version__
+from edge_kit.errors import EXIT_UNEXPECTED, EXIT_USAGE, EdgeKitError
+
+log = logging.getLogger("edge_kit")
+
+# command name -> module under edge_kit.commands that holds `run(args) -> dict`
+COMMANDS: dict[str, str] = {
+    "train": "train",
+    "build": "build",
+    "verify": "verify",
+    "inspect": "inspect",
+    "reproduce": "reproduce",
+    "keygen": "keygen",
+    "bench": "bench",
+    "fleet serve": "fleet_serve",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object describing the result on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-kit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"edge-kit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a config: checkpoints, MLflow run, fp32 ONNX")
+    p.add_argument("--config", required=True, help="project config (TOML)")
+    p.add_argument("--resume", choices=["auto", "never"], default="auto",
+                   help="auto: continue from the newest valid checkpoint (default); never: start over")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or a local store)")
+    _common(p)
+
+    p = sub.add_parser("build", help="train (or reuse), quantize, gate and sign a device bundle")
+    p.add_argument("--config", required=True, help="project config (TOML)")
+    p.add_argument("--out", required=True, help="folder to write the .edgebundle into")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--key", help="Ed25519 private key (PEM) to sign the bundle with")
+    g.add_argument("--unsigned", action="store_true", help="write an unsigned bundle (must be asked for)")
+    p.add_argument("--backend", choices=["ort", "inc"], help="override quantize.backend")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    _common(p)
+
+    p = sub.add_parser("verify", help="check a bundle's signature and every hash")
+    p.add_argument("bundle")
+    p.add_argument("--pubkey", help="Ed25519 public key (PEM); without it only hashes are checked")
+    _common(p)
+
+    p = sub.add_parser("inspect", help="show what a bundle holds and where it came from")
+    p.add_argument("bundle")
+    _common(p)
+
+    p = sub.add_parser("reproduce", help="rebuild a bundle from its provenance and compare bytes")
+    p.add_argument("bundle")
+    p.add_argument("--config", required=True)
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    _common(p)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    p.add_argument("--out", required=True, help="folder for edgekit.key (private) and edgekit.pub")
+    p.add_argument("--force", action="store_true", help="overwrite an existing key pair")
+    _common(p)
+
+    p = sub.add_parser("bench", help="benchmark a bundle: int8 vs fp32 vs PyTorch, on this host")
+    p.add_argument("bundle")
+    p.add_argument("--out", required=True, help="folder for report.md, report.json and charts")
+    p.add_argument("--config", help="project config (for the fp32 model, checkpoint and test split)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (for smoke tests)")
+    _common(p)
+
+    fleet = sub.add_parser("fleet", help="fleet drift service")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", metavar="SUBCOMMAND")
+    p = fleet_sub.add_parser("serve", help="ingest summaries over MQTT, detect drift, serve the dashboard")
+    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT (mqtts:// for TLS)")
+    p.add_argument("--db", default="sqlite:///fleet.db", help="sqlite:///PATH (default) or postgresql://...")
+    p.add_argument("--http", default="127.0.0.1:8080", help="HOST:PORT for the dashboard and API")
+    p.add_argument("--fleet", default="default", help="fleet name (MQTT topic level)")
+    p.add_argument("--workers", type=int, default=1, help="consumer processes on a shared subscription")
+    p.add_argument("--bundle", action="append", default=[], help="bundle whose reference histograms to use")
+    p.add_argument("--bundles", help="folder of bundles (re-read when it changes)")
+    p.add_argument("--config", help="fleet config (TOML): drift thresholds, alerts, retraining command")
+    _common(p)
+    return parser
+
+
+def _command_key(args: argparse.Namespace) -> str | None:
+    if args.command == "fleet":
+        return f"fleet {args.fleet_command}" if getattr(args, "fleet_command", None) else None
+    return args.command
+
+
+def configure_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not debug:
+        # Third-party libraries are chatty at INFO; their warnings still come through.
+        for noisy in ("mlflow", "alembic", "urllib3", "dvc", "neural_compressor", "torch", "onnxscript"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_command(args: argparse.Namespace) -> dict[str, Any] | None:
+    key = _command_key(args)
+    assert key is not None
+    module = importlib.import_module(f"edge_kit.commands.{COMMANDS[key]}")
+    runner: Callable[[argparse.Namespace], dict[str, Any] | None] = module.run
+    return runner(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if _command_key(args) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    debug = bool(getattr(args, "debug", False))
+    configure_logging(debug, bool(getattr(args, "quiet", False)))
+    try:
+        result = run_command(args)
+    except EdgeKitError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"edge-kit: error: {exc}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code, **_extra(exc)}))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edge-kit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place that turns surprises into exit 1
+        if debug:
+            traceback.print_exc()
+        print(f"edge-kit: unexpected error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
+    if getattr(args, "json", False):
+        print(json.dumps(result if result is not None else {}, default=str))
+    return int((result or {}).get("exit_code", 0))
+
+
+def _extra(exc: EdgeKitError) -> dict[str, Any]:
+    """Structured fields an error carries (e.g. the failing bundle member) for --json output."""
+    extra: dict[str, Any] = {}
+    for name in ("member", "key", "report"):
+        if hasattr(exc, name):
+            extra[name] = str(getattr(exc, name))
+    return extra
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""The project config (TOML, DESIGN.md section 4): load, validate, resolve paths.
+
+Validation is strict on purpose: an unknown key is a typo until proven otherwise, and a typo that
+is silently ignored trains the wrong model. Every error names the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_kit.errors import ConfigError, UsageError
+
+SKLEARN_DATASETS = ("digits", "breast_cancer", "wine", "iris")
+QUANT_BACKENDS = ("ort", "inc")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+TARGETS = ("x86-vnni", "x86-avx2", "arm64")
+GATE_METRICS = ("accuracy",)
+
+
+@dataclass(frozen=True)
+class ProjectSection:
+    name: str = "model"
+    version: str = "1.0.0"
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str = "sklearn:digits"
+    test_fraction: float = 0.2
+    seed: int = 0
+    label_column: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    factory: str = "edge_kit.models:small_cnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class QuantizeSection:
+    backend: str = "ort"
+    calibration: str = "minmax"
+    calibration_samples: int = 256
+    per_channel: bool = True
+    target: str = "x86-vnni"
+
+
+@dataclass(frozen=True)
+class GateSection:
+    metric: str = "accuracy"
+    max_drop: float = 0.01
+    max_relative_drop: float | None = None
+    max_fallback_rounds: int = 4
+
+
+@dataclass(frozen=True)
+class MonitorSection:
+    bins: int = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated project config. ``root`` is the config file's folder: every path is relative to it."""
+
+    path: Path
+    project: ProjectSection = field(default_factory=ProjectSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    quantize: QuantizeSection = field(default_factory=QuantizeSection)
+    gate: GateSection = field(default_factory=GateSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def workdir(self) -> Path:
+        """Where the pipeline keeps its state (snapshots, checkpoints, tracking store) for this project."""
+        return self.root / ".edgekit"
+
+    def resolve(self, relative: str | Path) -> Path:
+        return (self.root / relative).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole resolved config (defaults filled in), as logged to MLflow."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "path":
+                continue
+            out[f.name] = dataclasses.asdict(getattr(self, f.name))
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved config: runs with the same fingerprint trained the same thing."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+_SECTIONS: dict[str, type] = {
+    "project": ProjectSection,
+    "data": DataSection,
+    "model": ModelSection,
+    "train": TrainSection,
+    "quantize": QuantizeSection,
+    "gate": GateSection,
+    "monitor": MonitorSection,
+}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config. Raises ConfigError (exit 2) naming the offending key."""
+    config_path = Path(path).resolve()
+    if not config_path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+    return parse_config(raw, config_path)
+
+
+def parse_config(raw: dict[str, Any], config_path: Path) -> Config:
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(unknown[0], "unknown section", hint=f"allowed: {', '.join(_SECTIONS)}")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(name, f"must be a table, got {type(table).__name__}")
+        sections[name] = _build_section(name, cls, table)
+    config = Config(path=config_path, **sections)
+    _check_values(config)
+    return config
+
+
+def _build_section(section: str, cls: type, table: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]}", "unknown key", hint=f"allowed: {', '.join(fields)}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        values[key] = _check_type(f"{section}.{key}", value, fields[key].type)
+    return cls(**values)
+
+
+_TYPE_NAMES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against the (string) annotation of a section field; ints are accepted for floats."""
+    spec = str(annotation).replace(" ", "")
+    optional = spec.endswith("|None")
+    base = spec.removesuffix("|None")
+    if base.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a table, got {type(value).__name__}")
+        return dict(value)
+    expected = _TYPE_NAMES[base]
+    if optional and value is None:
+        return None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(key, "must be an integer, got a boolean")
+    if not isinstance(value, expected):
+        raise ConfigError(key, f"must be {base}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_values(c: Config) -> None:
+    _check_source(c)
+    if not 0.0 < c.data.test_fraction < 1.0:
+        raise ConfigError("data.test_fraction", f"must be between 0 and 1, got {c.data.test_fraction}")
+    if ":" not in c.model.factory:
+        raise ConfigError("model.factory", f"must look like 'module:function', got {c.model.factory!r}")
+    positive = {
+        "train.epochs": c.train.epochs,
+        "train.batch_size": c.train.batch_size,
+        "train.checkpoint_every": c.train.checkpoint_every,
+        "train.keep_checkpoints": c.train.keep_checkpoints,
+        "quantize.calibration_samples": c.quantize.calibration_samples,
+        "monitor.bins": c.monitor.bins,
+    }
+    for key, count in positive.items():
+        if count < 1:
+            raise ConfigError(key, f"must be at least 1, got {count}")
+    if not c.train.lr > 0:
+        raise ConfigError("train.lr", f"must be positive, got {c.train.lr}")
+    if c.train.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("train.device", f"must be one of auto, cpu, cuda, got {c.train.device!r}")
+    choices = {
+        "quantize.backend": (c.quantize.backend, QUANT_BACKENDS),
+        "quantize.calibration": (c.quantize.calibration, CALIBRATION_METHODS),
+        "quantize.target": (c.quantize.target, TARGETS),
+        "gate.metric": (c.gate.metric, GATE_METRICS),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(key, f"{value!r} is not allowed", hint=f"allowed: {', '.join(allowed)}")
+    if not 0.0 <= c.gate.max_drop <= 1.0:
+        raise ConfigError("gate.max_drop", f"must be between 0 and 1, got {c.gate.max_drop}")
+    if c.gate.max_relative_drop is not None and not 0.0 <= c.gate.max_relative_drop <= 1.0:
+        raise ConfigError("gate.max_relative_drop", f"must be between 0 and 1, got {c.gate.max_relative_drop}")
+    if c.gate.max_fallback_rounds < 0:
+        raise ConfigError("gate.max_fallback_rounds", "must be 0 or more")
+    if not 2 <= c.monitor.bins <= 256:
+        raise ConfigError("monitor.bins", f"must be between 2 and 256, got {c.monitor.bins}")
+
+
+def _check_source(c: Config) -> None:
+    kind, _, rest = c.data.source.partition(":")
+    if kind == "sklearn":
+        if rest not in SKLEARN_DATASETS:
+            raise ConfigError("data.source", f"unknown dataset {rest!r}", hint=f"allowed: {SKLEARN_DATASETS}")
+    elif kind in ("npz", "csv"):
+        if not rest:
+            raise ConfigError("data.source", f"'{kind}:' needs a path, e.g. '{kind}:data/train.{kind}'")
+        if not c.resolve(rest).is_file():
+            raise ConfigError("data.source", f"file not found: {c.resolve(rest)}")
+        if kind == "csv" and not c.data.label_column:
+            raise ConfigError("data.label_column", "is required for a csv source")
+    else:
+        raise ConfigError(
+            "data.source", f"unknown source {c.data.source!r}", hint="use sklearn:NAME, npz:PATH or csv:PATH"
+        )
