@@ -39,7 +39,8 @@ def _npz_member(zf: zipfile.ZipFile, path: Path) -> str:
 def _read_npy_header(f: IO[bytes], path: Path) -> tuple[tuple[int, ...], np.dtype[Any], bool]:
     try:
         version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
     except ValueError as exc:
         raise DataError(f"{path}: not a valid .npy array: {exc}") from exc
     return tuple(shape), np.dtype(dtype), bool(fortran)
