@@ -110,6 +110,8 @@ class Agent:
         self._stopping = threading.Event()
         self._timer: threading.Thread | None = None
         self.last_update: dict[str, Any] | None = None
+        if forwarder is not None:
+            forwarder.status_source = self.status_message
 
         loaded = bundle if isinstance(bundle, LoadedModel) else self._load(bundle)
         seq = forwarder.spool.get_meta(SEQ_META) if forwarder is not None else 0
@@ -267,8 +269,9 @@ class Agent:
                        retain=True)
 
     def publish_status(self) -> None:
-        if self.forwarder is not None and self.forwarder.publisher.connected:
-            self.forwarder.publisher.publish(self.status_message())
+        """Queue a retained status message (sent by the forwarder's thread once connected)."""
+        if self.forwarder is not None:
+            self.forwarder.request_status()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -282,9 +285,8 @@ class Agent:
         self._timer.start()
 
     def _on_connect(self) -> None:
+        # Runs on paho's network thread with paho's locks held: only signal, never publish here.
         self.publish_status()
-        if self.forwarder is not None:
-            self.forwarder.notify()
 
     def _window_loop(self) -> None:
         tick = min(1.0, self.window_seconds / 4)
@@ -295,8 +297,8 @@ class Agent:
                 except Exception:
                     log.exception("closing the window failed")
 
-    def stop(self) -> None:
-        """Close the open window (so it is spooled, not lost), say offline, disconnect."""
+    def stop(self) -> dict[str, Any]:
+        """Close the open window (so it is spooled, not lost), say offline, disconnect; the final status."""
         self._stopping.set()
         if self._timer is not None:
             self._timer.join(timeout=5)
@@ -307,5 +309,8 @@ class Agent:
             while self.forwarder.in_flight and time.monotonic() < deadline:
                 time.sleep(0.02)
             self.forwarder.stop()
+            final = self.status("offline")
             self.forwarder.publisher.stop(final=self.status_message("offline"))
             self.forwarder.spool.close()
+            return final
+        return self.status("offline")

@@ -144,8 +144,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         watcher.stop()
         if server is not None:
             server.stop()
-        agent.stop()
-    return {"stopped": True, "counters": agent.status("offline")["counters"]}
+        final = agent.stop()
+    return {"stopped": True, "counters": final["counters"], "spool": final.get("spool")}
 
 
 COMMANDS = {"run": cmd_run, "predict": cmd_predict, "verify": cmd_verify}

@@ -40,6 +40,10 @@ class Forwarder:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # The status message is built on demand and published from the forwarding thread, so that
+        # one thread does all publishing (never paho's callback thread, never the request path).
+        self.status_source: Callable[[], Message] | None = None
+        self._status_due = threading.Event()
         self.published = 0
         self.acked = 0
         self.spool_errors = 0
@@ -69,11 +73,20 @@ class Forwarder:
             self._unspooled.popleft()
             log.info("spooled window %s after an earlier write failure", key)
 
+    def request_status(self) -> None:
+        """Publish a fresh status message on the next pass (soon: the thread is woken)."""
+        self._status_due.set()
+        self._wake.set()
+
     def pump(self) -> int:
         """Publish what is pending and not in flight; returns how many messages were handed over."""
         self._respool()
         if not self.publisher.connected:
             return 0
+        if self._status_due.is_set() and self.status_source is not None:
+            self._status_due.clear()
+            if not self.publisher.publish(self.status_source()):
+                self._status_due.set()
         now = self._clock()
         with self._lock:
             for window_id, sent in list(self._in_flight.items()):

@@ -191,7 +191,8 @@ class MqttPublisher:
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_publish = self._handle_publish
-        self._acks: dict[int, AckCallback] = {}
+        self._acks: dict[int, AckCallback | None] = {}
+        self._early: dict[int, bool] = {}
         self._acks_lock = threading.Lock()
         self._connected = threading.Event()
         self._stopping = threading.Event()
@@ -226,14 +227,19 @@ class MqttPublisher:
     def publish(self, message: Message, on_ack: AckCallback | None = None) -> bool:
         if not self.connected:
             return False
-        # Hold the lock across publish so a fast PUBACK cannot arrive before the callback is registered.
+        # Never hold our lock while calling into paho: paho calls on_publish with its own lock held,
+        # and taking the two in opposite orders deadlocks. A PUBACK that beats the registration
+        # below is parked in `_early` and delivered here.
+        info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
+                                    properties=_publish_properties(message.content_type))
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
         with self._acks_lock:
-            info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
-                                        properties=_publish_properties(message.content_type))
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                return False
-            if on_ack is not None:
+            early = self._early.pop(info.mid, None)
+            if early is None:
                 self._acks[info.mid] = on_ack
+        if early is not None and on_ack is not None:
+            on_ack(early)
         return True
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
@@ -263,10 +269,14 @@ class MqttPublisher:
 
     def _handle_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: object,
                         properties: object) -> None:
+        ok = not getattr(reason, "is_failure", False)
         with self._acks_lock:
-            callback = self._acks.pop(mid, None)
+            if mid not in self._acks:
+                self._early[mid] = ok
+                return
+            callback = self._acks.pop(mid)
         if callback is not None:
-            callback(not getattr(reason, "is_failure", False))
+            callback(ok)
 
     # -- the network thread -------------------------------------------------------------------------
 

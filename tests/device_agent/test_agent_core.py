@@ -157,6 +157,8 @@ def test_hot_update_swaps_only_a_verified_self_tested_bundle(bundle_v1: Path, bu
     with pytest.raises(VerificationError):
         agent.update(garbage)
     assert agent.model.runtime.info.sha256 == v1_sha
+    assert agent.forwarder is not None
+    agent.forwarder.pump()
     status = json.loads(publisher.retained["edgekit/f1/dev1/status"].payload)
     assert status["update"]["ok"] is False and "garbage.edgebundle" in status["update"]["error"]
     assert agent.predict(digits_like_inputs(1)).labels  # still serving
