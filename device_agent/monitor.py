@@ -70,6 +70,7 @@ class WindowMonitor:
         self._chunk = max(1, min(chunk, CHUNK_BYTES // max(1, sample_bytes)))
         self._inputs = np.empty((self._chunk, *plan.input_shape), dtype=np.float32)
         self._outputs = np.empty((self._chunk, n_outputs or len(plan.labels)), dtype=np.float32)
+        self._predicted = np.empty(self._chunk, dtype=np.int64)
         self._fill = 0
         self._lock = threading.Lock()
         self._recent = np.zeros(label_memory, dtype=np.int64)  # ring of predicted classes
@@ -96,10 +97,11 @@ class WindowMonitor:
             if self._fill + n > self._chunk:
                 self._flush()
             if n >= self._chunk:
-                self.summary.update_by_channel(self.histogrammer, self.plan.values_by_channel(raw, outputs))
+                self.summary.update_by_channel(self.histogrammer, self.plan.values_by_channel(raw, outputs, predicted))
             else:
                 self._inputs[self._fill : self._fill + n] = raw
                 self._outputs[self._fill : self._fill + n] = outputs
+                self._predicted[self._fill : self._fill + n] = predicted
                 self._fill += n
             self._remember(predicted, request_id)
 
@@ -107,7 +109,8 @@ class WindowMonitor:
         if self._fill:
             k = self._fill
             self.summary.update_by_channel(
-                self.histogrammer, self.plan.values_by_channel(self._inputs[:k], self._outputs[:k])
+                self.histogrammer,
+                self.plan.values_by_channel(self._inputs[:k], self._outputs[:k], self._predicted[:k]),
             )
             self._fill = 0
 
