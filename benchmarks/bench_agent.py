@@ -80,18 +80,19 @@ def throughput(bundle: Path, quick: bool) -> tuple[list[dict[str, Any]], dict[st
     agent_off = Agent(loaded, window_seconds=1e9, monitoring=False)
     mean, std = runtime.mean, runtime.std
     rows, figures = [], {}
-    rounds = 5 if quick else 15
+    rounds = 5 if quick else 25
     for batch in (1, 32):
         x = raw_inputs(runtime.sample_shape, batch, seed=batch)
         pre = ((x - mean) / std).astype(np.float32)
         variants: dict[str, Callable[[], Any]] = {
             "ort_session": lambda pre=pre: session.run(None, {input_name: pre}),
-            "ort_session+preprocess": lambda x=x: session.run(None, {input_name: ((x - mean) / std).astype(np.float32)}),
+            "ort_session+preprocess": lambda x=x: session.run(
+                None, {input_name: ((x - mean) / std).astype(np.float32)}),
             "agent_monitoring_off": lambda x=x: agent_off.predict(x),
             "agent_summaries_on": lambda x=x: agent_on.predict(x),
         }
         # Enough calls per round that every round crosses several monitoring flushes (2048 samples).
-        calls = max(200, (4096 if quick else 8192) // batch)
+        calls = max(100, 4096 // batch)
         samples: dict[str, list[float]] = {k: [] for k in variants}
         for fn in variants.values():
             per_call_seconds(fn, 50)
@@ -238,6 +239,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and requests")
     parser.add_argument("--bundle", help="bundle to measure (default: dist/digits-*.edgebundle or a generated one)")
+    parser.add_argument("--skip-serving", action="store_true",
+                        help="skip the edge-agent process figures (RSS, cold start), e.g. where Mosquitto is missing")
+    parser.add_argument("--name", default="agent", help="result name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp_dir:
@@ -247,15 +251,15 @@ def main() -> None:
         rows, figures = throughput(bundle, args.quick)
         print_table(rows)
         payload = window_payload(bundle)
-        serving = serving_process(bundle, tmp, args.quick)
+        serving = {} if args.skip_serving else serving_process(bundle, tmp, args.quick)
     figures.update(payload)
     figures.update(serving)
     print_table([{"figure": k, "value": v} for k, v in {**payload, **serving}.items()])
     path = write_result(
-        "agent", figures, rows=rows, bundle_source=source,
+        args.name, figures, rows=rows, bundle_source=source,
         conditions=("2-core shared VM with other engineers' jobs running; variants interleaved in rounds, "
                     "median round; ORT intra-op threads = min(4, cores), no spinning"),
-        quick=args.quick,
+        quick=args.quick, load_average_1_5_15=[round(v, 2) for v in os.getloadavg()],
     )
     print(f"wrote {path}")
 
