@@ -306,11 +306,11 @@ class Agent:
             self._timer.join(timeout=5)
         self.close_window()
         if self.forwarder is not None:
+            self.forwarder.stop()  # first, so this thread is the only one publishing from here on
             self.forwarder.pump()
             deadline = time.monotonic() + 2.0  # give the last PUBACKs a moment; unacked ones stay spooled
             while self.forwarder.in_flight and time.monotonic() < deadline:
                 time.sleep(0.02)
-            self.forwarder.stop()
             final = self.status("offline")
             self.forwarder.publisher.stop(final=self.status_message("offline"))
             self.forwarder.spool.close()
