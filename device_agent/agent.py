@@ -264,6 +264,7 @@ class Agent:
         if self.forwarder is not None:
             doc["spool"] = self.forwarder.stats()
             doc["connected"] = self.forwarder.publisher.connected
+            doc["broker_error"] = getattr(self.forwarder.publisher, "last_error", None)
         return doc
 
     def status_message(self, state: str = "online") -> Message:
