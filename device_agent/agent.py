@@ -41,12 +41,17 @@ log = logging.getLogger(__name__)
 SEQ_META = "next_seq"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prediction:
     outputs: np.ndarray  # (n, classes) logits
     classes: np.ndarray  # (n,) predicted class indices
-    labels: list[str]  # predicted class names
+    label_names: list[str]  # the model's class names
     request_id: str | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        """Predicted class names (built on demand: the hot path does not need them)."""
+        return [self.label_names[i] for i in self.classes.tolist()]
 
 
 @dataclass(frozen=True)
@@ -161,8 +166,7 @@ class Agent:
         with self._counter_lock:
             self._counters["predictions"] += len(batch)
             self._counters["requests"] += 1
-        labels = active.runtime.labels
-        return Prediction(outputs, classes, [labels[i] for i in classes.tolist()], request_id)
+        return Prediction(outputs, classes, active.runtime.labels, request_id)
 
     def feed_labels(self, labels: Sequence[Any], request_id: str | None = None) -> int:
         """Ground truth for the latest predictions (or for `request_id`'s); updates confusion counts."""
