@@ -34,7 +34,7 @@ from device_agent.monitor import WindowMonitor, histogrammer_for
 from device_agent.runtime import ModelRuntime
 from device_agent.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
 from device_agent.transport import Message
-from device_agent.watcher import resolve_bundle
+from device_agent.watcher import bundle_candidates, resolve_bundle
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,11 @@ class Agent:
         self._stopping = threading.Event()
         self._timer: threading.Thread | None = None
         self.last_update: dict[str, Any] | None = None
+        self._host = {"cpu": cpu_model(), "int8_isa": int8_isa()}
         if forwarder is not None:
             forwarder.status_source = self.status_message
 
-        loaded = bundle if isinstance(bundle, LoadedModel) else self._load(bundle)
+        loaded = bundle if isinstance(bundle, LoadedModel) else self._load_newest_good(bundle)
         seq = forwarder.spool.get_meta(SEQ_META) if forwarder is not None else 0
         self._active = loaded
         self._monitor = self._new_monitor(loaded, clock(), seq)
@@ -138,6 +139,18 @@ class Agent:
     @property
     def model(self) -> LoadedModel:
         return self._active
+
+    def _load_newest_good(self, path: str | Path) -> LoadedModel:
+        """At start-up, a directory's newest bundle that passes; so a garbage file dropped in before a
+        reboot does not keep the device down while the previous good bundle is still there."""
+        candidates = bundle_candidates(path)
+        for candidate in candidates[:-1]:
+            try:
+                return self._load(candidate)
+            except EdgeKitError as exc:
+                log.error("skipping %s at start-up: %s", candidate, exc)
+                self.last_update = {"ok": False, "path": str(candidate), "error": str(exc), "at": self._clock()}
+        return self._load(candidates[-1])
 
     def _load(self, path: str | Path) -> LoadedModel:
         return load_model(path, public_key=self.public_key, require_signature=self.require_signature,
@@ -263,7 +276,7 @@ class Agent:
             "counters": counters,
             "window": {"seconds": self.window_seconds, "seq": self._monitor.summary.seq, "open_n": self._monitor.n},
             "update": self.last_update,
-            "host": {"cpu": cpu_model(), "int8_isa": int8_isa()},
+            "host": self._host,
         }
         if self.forwarder is not None:
             doc["spool"] = self.forwarder.stats()

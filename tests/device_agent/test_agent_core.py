@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import zlib
 from pathlib import Path
@@ -187,11 +188,23 @@ def test_closed_windows_stay_in_memory_without_a_forwarder(bundle_v1: Path, cloc
 
 
 def test_load_model_accepts_a_directory_and_picks_the_newest(bundle_v1: Path, bundle_v2: Path, tmp_path: Path) -> None:
-    import os
-
     d = tmp_path / "bundles"
     d.mkdir()
     shutil.copy(bundle_v1, d / bundle_v1.name)
     shutil.copy(bundle_v2, d / bundle_v2.name)
     os.utime(d / bundle_v1.name, (1, 1))
     assert load_model(d).runtime.info.version == "2.0.0"
+
+
+def test_start_up_skips_a_newer_garbage_bundle_in_the_directory(bundle_v1: Path, tmp_path: Path, clock) -> None:
+    d = tmp_path / "bundles"
+    d.mkdir()
+    shutil.copy(bundle_v1, d / "good.edgebundle")
+    (d / "newer.edgebundle").write_bytes(b"garbage")
+    os.utime(d / "good.edgebundle", (1, 1))
+    agent = Agent(d, clock=clock)
+    assert agent.model.path.name == "good.edgebundle"
+    assert agent.status()["update"]["ok"] is False and "newer.edgebundle" in agent.status()["update"]["error"]
+    (d / "good.edgebundle").unlink()
+    with pytest.raises(VerificationError):  # nothing good left: refuse to start (exit 4)
+        Agent(d, clock=clock)
