@@ -278,7 +278,7 @@ def main() -> None:
     path = write_result(
         args.name, figures, rows=rows, bundle_source=source,
         conditions=("2-core shared VM with other engineers' jobs running; variants interleaved in short "
-                    "rotating rounds, total time / total calls; ORT intra-op threads = min(4, cores), no spinning"),
+                    "rotating rounds, total time / total calls; ORT: 1 intra-op thread (agent default), no spin"),
         quick=args.quick, load_average_1_5_15=[round(v, 2) for v in os.getloadavg()],
     )
     print(f"wrote {path}")

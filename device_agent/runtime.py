@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,15 +38,19 @@ class ModelInfo:
 
 
 def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
-    """Options for a small device: full graph optimisation, one sequential executor, no thread spinning.
+    """Options for a small device: full graph optimisation, one sequential executor, one thread.
 
-    Spinning worker threads burn a core while idle, which on a device competes with the
-    application; requests here are small, so the wake-up latency costs less than the spin.
+    One intra-op thread by default (`threads` in the config raises it): device models are small,
+    and the device runs other work. A thread pool makes every operator wait at a barrier for its
+    slowest worker, so one descheduled worker stalls the whole inference: on the 2-core test VM
+    under load the digits model ran 2-3x faster with one thread than with two (benchmarks/
+    bench_agent.py). Spinning is off for the same reason: an idle spin burns a core the
+    application needs.
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = intra_op_threads if intra_op_threads > 0 else min(4, os.cpu_count() or 1)
+    opts.intra_op_num_threads = intra_op_threads if intra_op_threads > 0 else 1
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
