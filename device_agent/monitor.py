@@ -24,9 +24,10 @@ from device_agent.errors import InputError, VerificationError
 from device_agent.reference import Reference
 from device_agent.summary import Histogrammer, WindowSummary
 
-DEFAULT_CHUNK = 2048
-# The buffer holds at most this many bytes of raw inputs: 2048 digits images are 0.5 MB, while a
-# 224x224x3 camera model gets a chunk of a few images instead of gigabytes.
+DEFAULT_CHUNK = 8192
+# The buffer holds at most this many bytes of raw inputs: 8192 digits images are 2 MB, while a
+# 224x224x3 camera model gets a chunk of a few images instead of gigabytes. Bigger chunks measured
+# cheaper per sample (fixed per-flush costs amortised; sorting grows only as n log n).
 CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_LABEL_MEMORY = 4096
 DEFAULT_REQUEST_MEMORY = 1024
@@ -70,7 +71,6 @@ class WindowMonitor:
         self._chunk = max(1, min(chunk, CHUNK_BYTES // max(1, sample_bytes)))
         self._inputs = np.empty((self._chunk, *plan.input_shape), dtype=np.float32)
         self._outputs = np.empty((self._chunk, n_outputs or len(plan.labels)), dtype=np.float32)
-        self._predicted = np.empty(self._chunk, dtype=np.int64)
         self._fill = 0
         self._lock = threading.Lock()
         self._recent = np.zeros(label_memory, dtype=np.int64)  # ring of predicted classes
@@ -94,24 +94,30 @@ class WindowMonitor:
         """Add one checked batch of raw inputs with its model outputs and predicted classes."""
         n = len(raw)
         with self._lock:
-            if self._fill + n > self._chunk:
+            fill = self._fill
+            if fill + n > self._chunk:
                 self._flush()
+                fill = 0
             if n >= self._chunk:
                 self.summary.update_by_channel(self.histogrammer, self.plan.values_by_channel(raw, outputs, predicted))
             else:
-                self._inputs[self._fill : self._fill + n] = raw
-                self._outputs[self._fill : self._fill + n] = outputs
-                self._predicted[self._fill : self._fill + n] = predicted
-                self._fill += n
-            self._remember(predicted, request_id)
+                self._inputs[fill : fill + n] = raw
+                self._outputs[fill : fill + n] = outputs
+                self._fill = fill + n
+            start = self._recent_next
+            if request_id is None and start + n < len(self._recent):  # the hot path: one slice copy
+                self._recent[start : start + n] = predicted
+                self._recent_next = start + n
+                self._recent_count = min(len(self._recent), self._recent_count + n)
+            else:
+                self._remember(predicted, request_id)
 
     def _flush(self) -> None:
         if self._fill:
             k = self._fill
-            self.summary.update_by_channel(
-                self.histogrammer,
-                self.plan.values_by_channel(self._inputs[:k], self._outputs[:k], self._predicted[:k]),
-            )
+            # The predicted classes are recomputed here (one argmax per chunk) rather than copied per call.
+            self.summary.update_by_channel(self.histogrammer, self.plan.values_by_channel(self._inputs[:k],
+                                                                                          self._outputs[:k]))
             self._fill = 0
 
     def _remember(self, predicted: np.ndarray, request_id: str | None) -> None:

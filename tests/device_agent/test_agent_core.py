@@ -15,6 +15,7 @@ import pytest
 from device_agent.agent import Agent, load_model
 from device_agent.errors import InputError, VerificationError
 from device_agent.forwarder import Forwarder
+from device_agent.monitor import WindowMonitor
 from device_agent.spool import Spool
 from device_agent.summary import WindowSummary
 from device_agent.transport import MemoryPublisher
@@ -35,22 +36,40 @@ def summaries(publisher: MemoryPublisher) -> list[dict]:
 
 
 def test_buffered_monitoring_gives_exactly_the_unbuffered_summary(bundle_v1: Path, clock) -> None:
-    agent = Agent(bundle_v1, window_seconds=10, clock=clock)
+    loaded = load_model(bundle_v1)
+    plan, runtime = loaded.runtime.plan, loaded.runtime
+    model = runtime.info.as_dict()
+    monitor = WindowMonitor(plan, loaded.histogrammer, fleet="f", device="d", model=model, window_start=0.0,
+                            chunk=256, label_memory=10)
     x = digits_like_inputs(700, seed=3)
-    sizes = [1, 5, 32, 300, 1, 61, 300]  # crosses the chunk size both ways
+    logits = runtime.run(x)
+    classes = logits.argmax(axis=1)
+    sizes = [1, 5, 32, 300, 1, 61, 300]  # crosses the chunk size both ways, and wraps the label ring
     offsets = np.cumsum([0, *sizes])
     for a, b in itertools.pairwise(offsets):
-        agent.predict(x[a:b])
-    closed = agent.close_window(clock.advance(10))
-    assert closed is not None and closed.n == 700
-    loaded = agent.model
-    expected = WindowSummary.zero(loaded.histogrammer, fleet="default", device="local", model=closed.model,
-                                  window_start=closed.window_start, label_names=list(loaded.runtime.plan.labels))
-    logits = loaded.runtime.run(x)
-    expected.update(loaded.histogrammer, loaded.runtime.plan.values(x, logits))
+        monitor.record(x[a:b], logits[a:b], classes[a:b], None)
+    assert monitor.n == 700
+    closed = monitor.close(10.0)
+    expected = WindowSummary.zero(loaded.histogrammer, fleet="f", device="d", model=model, window_start=0.0,
+                                  label_names=list(plan.labels))
+    expected.update(loaded.histogrammer, plan.values(x, logits))
     np.testing.assert_array_equal(closed.counts, expected.counts)
     np.testing.assert_allclose(closed.total, expected.total, rtol=1e-9)
     np.testing.assert_allclose(closed.minimum, expected.minimum)
+    np.testing.assert_allclose(closed.maximum, expected.maximum)
+    # Labels for the 3 most recent predictions, read back across the ring's wrap-around.
+    monitor.feed_labels([int(c) for c in classes[-3:]])
+    assert monitor.summary.confusion is not None and np.trace(monitor.summary.confusion) == 3
+    with pytest.raises(InputError, match="remembered"):
+        monitor.feed_labels([0] * 11)
+
+
+def test_the_agent_windows_count_every_prediction(bundle_v1: Path, clock) -> None:
+    agent = Agent(bundle_v1, window_seconds=10, clock=clock)
+    for size in (1, 7, 32):
+        agent.predict(digits_like_inputs(size))
+    closed = agent.close_window(clock.advance(10))
+    assert closed is not None and closed.n == 40 and (closed.counts.sum(axis=1) == 40).all()
 
 
 def test_a_closed_window_is_spooled_published_and_deleted_after_the_ack(bundle_v1: Path, tmp_path: Path,
