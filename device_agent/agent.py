@@ -114,6 +114,7 @@ class Agent:
         self._update_lock = threading.Lock()
         self._stopping = threading.Event()
         self._timer: threading.Thread | None = None
+        self._retired: WindowMonitor | None = None
         self.last_update: dict[str, Any] | None = None
         self._host = {"cpu": cpu_model(), "int8_isa": int8_isa()}
         if forwarder is not None:
@@ -204,8 +205,15 @@ class Agent:
 
     def close_window(self, now: float | None = None) -> WindowSummary | None:
         """Close the open window; spool it (or keep it) unless nothing happened in it. Returns it."""
-        closed = self._monitor.close(self._clock() if now is None else now)
-        self._ship(closed)
+        with self._update_lock:  # never at the same time as a swap
+            t = self._clock() if now is None else now
+            if self._retired is not None:
+                # Predictions that were already running on the old model when it was swapped out
+                # landed in its monitor after its last window closed: ship them too, under its sha256.
+                self._ship(self._retired.close(t))
+                self._retired = None
+            closed = self._monitor.close(t)
+            self._ship(closed)
         return closed if closed.n or closed.confusion is not None else None
 
     def _ship(self, closed: WindowSummary) -> None:
@@ -248,6 +256,7 @@ class Agent:
             closed = old_monitor.close(at)
             self._monitor = self._new_monitor(loaded, closed.window_end, closed.seq + 1)
             self._active = loaded
+            self._retired = old_monitor
             self._ship(closed)
             self.last_update = {
                 "ok": True, "path": str(path), "changed": True, "at": at,

@@ -227,3 +227,21 @@ def test_start_up_skips_a_newer_garbage_bundle_in_the_directory(bundle_v1: Path,
     (d / "good.edgebundle").unlink()
     with pytest.raises(VerificationError):  # nothing good left: refuse to start (exit 4)
         Agent(d, clock=clock)
+
+
+def test_predictions_in_flight_during_a_swap_are_still_reported(bundle_v1: Path, bundle_v2: Path, tmp_path: Path,
+                                                                clock) -> None:
+    agent, publisher, _ = _agent(bundle_v1, tmp_path, clock)
+    old_monitor, old_runtime = agent._monitor, agent.model.runtime
+    agent.update(bundle_v2)
+    # A request that started on the old model finishes after the swap and records into its monitor.
+    x = digits_like_inputs(2)
+    logits = old_runtime.run(x)
+    old_monitor.record(x, logits, logits.argmax(axis=1), None)
+    agent.predict(digits_like_inputs(3))
+    agent.close_window(clock.advance(10))
+    assert agent.forwarder is not None
+    agent.forwarder.pump()
+    by_model = {(p["model"]["version"], p["n"]) for p in summaries(publisher)}
+    assert by_model == {("1.0.0", 2), ("2.0.0", 3)}
+    assert len({(p["model"]["sha256"], p["window"]["start"]) for p in summaries(publisher)}) == 2  # distinct keys
