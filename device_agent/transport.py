@@ -274,6 +274,10 @@ class MqttPublisher:
         ok = not getattr(reason, "is_failure", False)
         with self._acks_lock:
             if mid not in self._acks:
+                # Either the publish() that sent it has not registered yet, or paho queued it while
+                # the link was down and publish() reported failure; bounded so the latter cannot grow.
+                if len(self._early) >= 1000:
+                    self._early.pop(next(iter(self._early)))
                 self._early[mid] = ok
                 return
             callback = self._acks.pop(mid)
