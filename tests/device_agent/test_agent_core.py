@@ -35,12 +35,13 @@ def summaries(publisher: MemoryPublisher) -> list[dict]:
     return [json.loads(zlib.decompress(m.payload)) for m in publisher.messages if m.topic.endswith("/summary")]
 
 
-def test_buffered_monitoring_gives_exactly_the_unbuffered_summary(bundle_v1: Path, clock) -> None:
+@pytest.mark.parametrize("background", [True, False])
+def test_buffered_monitoring_gives_exactly_the_unbuffered_summary(bundle_v1: Path, background: bool) -> None:
     loaded = load_model(bundle_v1)
     plan, runtime = loaded.runtime.plan, loaded.runtime
     model = runtime.info.as_dict()
     monitor = WindowMonitor(plan, loaded.histogrammer, fleet="f", device="d", model=model, window_start=0.0,
-                            chunk=256, label_memory=10)
+                            chunk=256, label_memory=10, background=background)
     x = digits_like_inputs(700, seed=3)
     logits = runtime.run(x)
     classes = logits.argmax(axis=1)
@@ -245,3 +246,46 @@ def test_predictions_in_flight_during_a_swap_are_still_reported(bundle_v1: Path,
     by_model = {(p["model"]["version"], p["n"]) for p in summaries(publisher)}
     assert by_model == {("1.0.0", 2), ("2.0.0", 3)}
     assert len({(p["model"]["sha256"], p["window"]["start"]) for p in summaries(publisher)}) == 2  # distinct keys
+
+
+def test_concurrent_recording_and_closing_loses_and_doubles_nothing(bundle_v1: Path) -> None:
+    import threading
+
+    loaded = load_model(bundle_v1)
+    plan, runtime = loaded.runtime.plan, loaded.runtime
+    monitor = WindowMonitor(plan, loaded.histogrammer, fleet="f", device="d", model=runtime.info.as_dict(),
+                            window_start=0.0, chunk=64)
+    x = digits_like_inputs(40, seed=11)
+    logits = runtime.run(x)
+    classes = logits.argmax(axis=1)
+    closed: list[WindowSummary] = []
+    stop = threading.Event()
+
+    def writer(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            k = int(rng.integers(1, 40))
+            monitor.record(x[:k], logits[:k], classes[:k], None)
+            written[seed] += k
+
+    def closer() -> None:
+        t = 0.0
+        while not stop.is_set():
+            t += 1.0
+            closed.append(monitor.close(t))
+
+    written = dict.fromkeys(range(4), 0)
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    closing = threading.Thread(target=closer)
+    closing.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    closing.join()
+    closed.append(monitor.close(1e6))
+    total = sum(written.values())
+    assert sum(w.n for w in closed) == total
+    assert all((w.counts.sum(axis=1) == w.n).all() for w in closed)
+    assert [w.seq for w in closed] == list(range(len(closed)))
