@@ -101,6 +101,9 @@ class MosquittoBroker:
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 100000\n"
+            # Started as root, mosquitto drops to the `mosquitto` user and can then neither write its
+            # persistence into pytest's tmp dir nor read password/TLS files there: stay root in tests.
+            f"{'user root' if os.geteuid() == 0 and 'user ' not in extra_config else ''}\n"
             f"{extra_config}\n"
         )
         self.log = workdir / "mosquitto.log"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agent.signing import generate_keypair, load_private_key
-from tests.conftest import MosquittoBroker
 from tests.helpers.bundles import make_bundle
 
 
@@ -52,21 +50,3 @@ class FakeClock:
 @pytest.fixture
 def clock() -> Iterator[FakeClock]:
     yield FakeClock()
-
-
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    """The shared broker fixture, but with persistence that works when the tests run as root.
-
-    Started as root, mosquitto drops to the `mosquitto` user and then cannot write its persistence
-    file into pytest's tmp dir ("Error saving in-memory database ... Permission denied"), so
-    sessions and queued messages are lost across `.stop()`/`.start()`. `user root` keeps it able to.
-    """
-    broker_dir = tmp_path / "mosquitto"
-    broker_dir.mkdir()
-    broker = MosquittoBroker(broker_dir, extra_config="user root" if os.geteuid() == 0 else "")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
