@@ -32,7 +32,7 @@ from scipy import special
 from edge_kit.fleet import stats
 from edge_kit.fleet.references import ModelReference
 from edge_kit.fleet.settings import DriftSettings
-from edge_kit.fleet.storage import Storage
+from edge_kit.fleet.storage import Storage, decode_counts
 
 CHUNK = 1024  # windows tested at once: bounds memory at 10,000s of devices x 100s of channels
 
@@ -306,7 +306,7 @@ def load_windows(storage: Storage, ref: ModelReference, since: float,
         return np.array([], dtype=object), np.zeros(0), np.zeros((0, total), dtype=np.int64)
     devices = np.array([r[0] for r in rows], dtype=object)
     starts = np.array([r[1] for r in rows], dtype=np.float64)
-    flat = np.frombuffer(b"".join(bytes(r[4]) for r in rows), dtype=np.int64).reshape(len(rows), total)
+    flat = decode_counts([bytes(r[4]) for r in rows], total)
     return devices, starts, flat
 
 
