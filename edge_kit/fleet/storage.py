@@ -262,6 +262,22 @@ class Storage:
             params.append(device)
         return self._query(sql + " ORDER BY window_start, device", params)
 
+    def latest_windows(self, model_sha256: str, since: float, per_device: int, min_n: int) -> list[tuple[Any, ...]]:
+        """Each device's last `per_device` windows with at least `min_n` inferences, oldest first.
+
+        What the per-device test needs, without reading a day of windows of every device.
+        """
+        sql = ("SELECT device, window_start, window_end, n, counts, confusion FROM ("
+               " SELECT device, window_start, window_end, n, counts, confusion, ROW_NUMBER() OVER"
+               " (PARTITION BY device ORDER BY window_start DESC) AS recent FROM windows"
+               " WHERE model_sha256 = ? AND window_start >= ? AND n >= ?) AS ranked"
+               " WHERE recent <= ? ORDER BY window_start, device")
+        return self._query(sql, (model_sha256, since, min_n, per_device))
+
+    def small_window_count(self, model_sha256: str, since: float, min_n: int) -> int:
+        return int(self._query("SELECT COUNT(*) FROM windows WHERE model_sha256 = ? AND window_start >= ? AND n < ?",
+                               (model_sha256, since, min_n))[0][0])
+
     def models_with_windows(self, since: float) -> list[str]:
         return [str(r[0]) for r in self._query(
             "SELECT DISTINCT model_sha256 FROM windows WHERE window_start >= ?", (since,))]

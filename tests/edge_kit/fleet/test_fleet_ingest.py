@@ -184,3 +184,16 @@ def test_summary_round_trip_through_the_bulk_decoder(digits_bundle: DigitsBundle
                                window_start=1.8e9)
     again = WindowSummary.from_bytes(*empty.to_bytes())
     assert again.n == 0 and np.isinf(again.minimum).all() and again.to_payload() == empty.to_payload()
+
+
+def test_latest_windows_reads_only_what_the_device_test_needs(ingestor: Ingestor, digits_bundle: DigitsBundle) -> None:
+    rng = np.random.default_rng(9)
+    now = time.time()
+    for i in range(6):
+        n = 30 if i == 5 else 120  # the newest window is too small to test
+        s = summary(digits_bundle, "dev1", now - 1000 + 100 * i, sample_images(n, rng)[0])
+        ingestor.receive(TOPIC, *s.to_bytes())
+    ingestor.flush()
+    rows = ingestor.storage.latest_windows(digits_bundle.sha256, 0, per_device=3, min_n=100)
+    assert [round(r[1] - now) for r in rows] == [-800, -700, -600]
+    assert ingestor.storage.small_window_count(digits_bundle.sha256, 0, 100) == 1
