@@ -204,11 +204,17 @@ class Ingestor:
                 self.batch.windows.append(self.validator.summary(topic, data, content_type))
                 self.batch.count("received")
         except PayloadError as exc:
-            self.batch.count(f"rejected:{exc.kind}")
-            if exc.kind not in self._logged_kinds:  # once per kind: a bad device must not flood the log
-                self._logged_kinds.add(exc.kind)
-                log.warning("rejected a message on %s (%s); further '%s' rejections are only counted in /metrics",
-                            topic, exc, exc.kind)
+            self._reject(topic, exc.kind, str(exc))
+        except Exception as exc:  # a bug must not turn one message into a crash loop (it would be redelivered)
+            self._reject(topic, "internal_error", f"{type(exc).__name__}: {exc}")
+            log.debug("internal error on %s", topic, exc_info=True)
+
+    def _reject(self, topic: str, kind: str, message: str) -> None:
+        self.batch.count(f"rejected:{kind}")
+        if kind not in self._logged_kinds:  # once per kind: a bad device must not flood the log
+            self._logged_kinds.add(kind)
+            log.warning("rejected a message on %s (%s); further '%s' rejections are only counted in /metrics",
+                        topic, message, kind)
 
     def flush(self) -> list[tuple[int, int]]:
         """Commit the batch; returns the (mid, qos) pairs that may now be acknowledged."""

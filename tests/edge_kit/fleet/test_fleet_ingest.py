@@ -197,3 +197,14 @@ def test_latest_windows_reads_only_what_the_device_test_needs(ingestor: Ingestor
     rows = ingestor.storage.latest_windows(digits_bundle.sha256, 0, per_device=3, min_n=100)
     assert [round(r[1] - now) for r in rows] == [-800, -700, -600]
     assert ingestor.storage.small_window_count(digits_bundle.sha256, 0, 100) == 1
+
+
+def test_an_unexpected_error_rejects_the_message_instead_of_crashing(ingestor: Ingestor, digits_bundle: DigitsBundle,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ingestor.validator, "summary", broken)
+    _send(ingestor, _payload(digits_bundle))
+    assert len(ingestor.flush()) == 1  # acknowledged: redelivering it would only hit the bug again
+    assert ingestor.storage.counters()["rejected:internal_error"] == 1
