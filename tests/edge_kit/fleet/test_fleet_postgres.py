@@ -8,7 +8,6 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import PostgresServer
 from fleetkit import DigitsBundle, populate, sample_images, summary
 
 from edge_kit.fleet.ingest import Ingestor
@@ -16,6 +15,7 @@ from edge_kit.fleet.references import ReferenceStore
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import parse_settings
 from edge_kit.fleet.storage import Storage
+from tests.helpers.postgres import PostgresServer
 
 pytestmark = pytest.mark.integration
 
