@@ -1,10 +1,11 @@
 """What a QDQ model actually runs in int8 and what stays fp32, and why: read from the graphs.
 
-A node counts as quantized when every float input (activations and weights) arrives through a
-DequantizeLinear: that is the pattern ORT's QDQ fusions turn into an int8 kernel; a Gemm whose
-weight is still a float initializer runs in fp32 even if its activation input went through Q/DQ. Everything else with float maths stays fp32,
-and the report says why: kept in fp32 on purpose (the gate's fallback), an op type ORT's
-quantizer has no int8 form for, or left unquantized by the quantizer itself.
+A node counts as quantized when its op type has an int8 form in ORT's quantizer and every float
+input (activations and weights) arrives through a DequantizeLinear: that is the pattern ORT's QDQ
+fusions turn into an int8 kernel. A Gemm whose weight is still a float initializer runs in fp32
+even if its activation went through Q/DQ. Everything else with float maths stays fp32, and the
+report says why: kept in fp32 on purpose (the gate's fallback), an op type ORT's quantizer has no
+int8 form for, or left unquantized by the quantizer itself.
 """
 
 from __future__ import annotations
