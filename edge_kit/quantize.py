@@ -37,6 +37,9 @@ class Quantizer(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    @property
+    def notes(self) -> list[str]: ...
+
 
 @dataclass
 class OrtQuantizer:
@@ -48,6 +51,7 @@ class OrtQuantizer:
     ranges: CalibrationRanges
     backend: str = "ort"
     _units: list[FallbackUnit] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def units(self) -> list[FallbackUnit]:
@@ -87,10 +91,10 @@ def make_ort_quantizer(
 ) -> OrtQuantizer:
     """Pre-process the fp32 model, calibrate it once on the selected training samples."""
     workdir.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_for_quantization(fp32_onnx, workdir / "fp32-prepared.onnx")
+    prepared, notes = prepare_for_quantization(fp32_onnx, workdir / "fp32-prepared.onnx")
     model = onnx.load(str(prepared))
     input_name = model.graph.input[0].name
     reader = BatchedCalibrationReader(calibration_raw, input_name, batch_size=CALIBRATION_BATCH,
                                       preprocess=preprocess, ids=selection.ids)
     ranges = compute_ranges(prepared, reader, preset_for(settings.calibration), workdir / "calibration.json")
-    return OrtQuantizer(settings, prepared, workdir, ranges, _units=fallback_units(model))
+    return OrtQuantizer(settings, prepared, workdir, ranges, _units=fallback_units(model), notes=notes)

@@ -57,11 +57,22 @@ def target_preset(name: str) -> TargetPreset:
         raise UsageError(f"unknown quantization target {name!r}", hint=f"allowed: {', '.join(TARGETS)}") from None
 
 
-def prepare_for_quantization(fp32_path: str | Path, out_path: str | Path) -> Path:
-    """ORT's recommended pre-processing: symbolic shape inference, graph optimisation, shape inference."""
+def prepare_for_quantization(fp32_path: str | Path, out_path: str | Path) -> tuple[Path, list[str]]:
+    """ORT's recommended pre-processing: symbolic shape inference, graph optimisation, shape inference.
+
+    ORT's symbolic shape inference does not know every op; when it fails, the step is redone
+    without it (ONNX's own shape inference still runs) and the returned notes say so.
+    """
     out = Path(out_path)
-    quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=False)
-    return out
+    try:
+        quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=False)
+        return out, []
+    except Exception as exc:
+        log.warning("ORT symbolic shape inference failed (%s: %s); pre-processing without it",
+                    type(exc).__name__, exc)
+        quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
+        return out, [f"ORT's symbolic shape inference failed ({type(exc).__name__}); "
+                     "pre-processed with ONNX shape inference only"]
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+
+@dataclass
+class TinyCase:
+    """An exported fp32 model with its train and test splits."""
+
+    onnx: Path
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:

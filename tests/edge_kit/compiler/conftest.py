@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
-from tests.tiny_models import OutlierMlp, export_onnx, image_data, tabular_data, trained_cnn
-
-
-@dataclass
-class TinyCase:
-    onnx: Path
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+from tests.tiny_models import OutlierMlp, TinyCase, export_onnx, image_data, tabular_data, trained_cnn
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from edge_kit.gate import check_budget, run_gate
 from edge_kit.qdq_analysis import summarize_qdq
 from edge_kit.quantize import OrtQuantizer, make_ort_quantizer
 from edge_kit.report import ReportInputs, render_report
-from tests.edge_kit.conftest import TinyCase
+from tests.tiny_models import TinyCase
 
 
 def test_budget_reports_every_check_measured_against_allowed() -> None:

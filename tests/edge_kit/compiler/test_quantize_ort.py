@@ -15,8 +15,7 @@ from edge_kit.config import QuantizeSection
 from edge_kit.evaluate import accuracy, predict_logits
 from edge_kit.qdq_analysis import summarize_qdq
 from edge_kit.quantize import make_ort_quantizer
-from tests.edge_kit.conftest import TinyCase
-from tests.tiny_models import export_onnx
+from tests.tiny_models import TinyCase, export_onnx
 
 
 def _quantizer(case: TinyCase, tmp: Path, **settings: object):
