@@ -221,3 +221,20 @@ def test_gate_failure_exits_3_keeps_the_old_bundle_and_writes_the_report(tmp_pat
     assert culprit in bundle.manifest["quantization"]["excluded_nodes"]
     report = bundle.members[REPORT].decode()
     assert "## Culprit ranking" in report and f"| 1 | `{culprit}` |" in report
+
+
+def test_inc_backend_builds_the_digits_example(tmp_path, edge_kit_cli) -> None:
+    config = make_project(tmp_path / "p", name="tinyinc", backend="inc")
+    res = edge_kit_cli("build", "--config", str(config), "--out", str(tmp_path / "dist"), "--unsigned", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.json()
+    assert out["gate"]["passed"] is True
+    bundle = read_bundle(out["bundle"])
+    q = bundle.manifest["quantization"]
+    assert q["backend"] == "inc" and q["format"] == "QDQ"
+    # Weights folded to int8 and every Conv/Gemm fed by DequantizeLinear (so ORT runs int8 kernels).
+    assert q["qdq"]["int8_initializers"] >= 4
+    model = onnx.load_from_string(bundle.model_bytes)
+    compute = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert compute and set(compute) <= set(q["qdq"]["quantized_nodes"])
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0].endswith("weight") for n in model.graph.node)
