@@ -3,6 +3,7 @@ MLflow, ONNX Runtime), plus every way a bundle can be broken."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -154,12 +155,19 @@ def test_inspect_human_and_json(built, edge_kit_cli) -> None:
 
 def test_reproduce_gives_identical_bytes_and_a_diff_when_they_are_not(built, edge_kit_cli, tmp_path) -> None:
     config, _, out = built
+    state = config.parent / ".edgekit"
+
+    def listing() -> list[tuple[str, str]]:
+        return sorted((str(p.relative_to(state)), hashlib.sha256(p.read_bytes()).hexdigest())
+                      for p in state.rglob("*") if p.is_file())
+
+    before = listing()
     res = edge_kit_cli("reproduce", out["bundle"], "--config", str(config), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.json()["identical"] is True
     assert res.json()["original_sha256"] == read_bundle(out["bundle"]).model_sha256
-    # The project's own state was not touched by the rebuild (it ran in a temporary directory).
-    assert not list((config.parent / ".edgekit").glob("**/*reproduce*"))
+    # The rebuild retrained in a temporary directory: the project's own state is untouched.
+    assert listing() == before
 
     # A bundle whose model differs from what the recorded inputs produce: non-zero and a diff.
     b = read_bundle(out["bundle"])
