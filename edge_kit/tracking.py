@@ -171,8 +171,8 @@ def artifact_local_path(client: MlflowClient, uri: str, run_id: str, artifact: s
 
 def find_reusable_runs(client: MlflowClient, experiment_id: str, *, fingerprint: str, commit: str,
                        data_md5: str) -> list[Any]:
-    """FINISHED runs of this exact config, clean commit and data snapshot, newest first."""
-    query = (f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and tags.`{TAG_COMMIT}` = '{commit}' "
+    """FINISHED runs of this training fingerprint, clean commit and data snapshot, newest first."""
+    query = (f"tags.`{TAG_TRAINING_FINGERPRINT}` = '{fingerprint}' and tags.`{TAG_COMMIT}` = '{commit}' "
              f"and tags.`{TAG_DIRTY}` = 'false' and tags.`{TAG_DATA_MD5}` = '{data_md5}' "
              f"and tags.`{TAG_COMPLETED}` = 'true' and attributes.status = 'FINISHED'")
     return list(client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],

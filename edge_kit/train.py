@@ -87,11 +87,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA generators too
 
 
-def make_deterministic() -> None:
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Deterministic kernels while training; the caller's global setting comes back afterwards."""
     # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -232,7 +240,6 @@ class Trainer:
         self.dataset = dataset
         self.device = device
         seed_everything(config.train.seed)
-        make_deterministic()
         self.model = build_model(config, dataset.input_shape, dataset.num_classes).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr)
         self.steps_per_epoch = math.ceil(len(dataset.X_train) / config.train.batch_size)
@@ -365,6 +372,11 @@ def train(config: Config, *, resume: str = "auto", tracking_uri: str | None = No
     """
     if resume not in ("auto", "never"):
         raise UsageError(f"--resume must be 'auto' or 'never', got {resume!r}")
+    with deterministic_algorithms():
+        return _train(config, resume=resume, tracking_uri=tracking_uri, reuse=reuse)
+
+
+def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool) -> TrainResult:
     resolve_factory(config)  # an unimportable factory fails before any work
     dataset = load_dataset(config)
     device = select_device(config.train.device)
@@ -447,7 +459,8 @@ def _finish(config: Config, dataset: Dataset, trainer: Trainer, run: tracking.Ru
         "steps": float(trainer.position.global_step),
         "epochs": float(config.train.epochs),
     }
-    run.log_metrics(metrics, step=config.train.epochs)
+    # test_accuracy is already in the per-epoch history (the last epoch's value is this one).
+    run.log_metrics({k: v for k, v in metrics.items() if k != "test_accuracy"}, step=config.train.epochs)
     resolved = folder / "config.json"
     resolved.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")

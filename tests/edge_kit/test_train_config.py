@@ -56,7 +56,7 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str, fragment: 
 
 def test_csv_source_needs_label_column(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("a,b,label\n1,2,x\n")
-    with pytest.raises(ConfigError, match="data.label_column"):
+    with pytest.raises(ConfigError, match=r"data\.label_column"):
         load_config(write(tmp_path, '[data]\nsource = "csv:d.csv"\n'))
 
 
