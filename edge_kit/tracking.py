@@ -65,8 +65,17 @@ def ensure_experiment(client: MlflowClient, config: Config, uri: str) -> str:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
         return str(found.experiment_id)
-    location = (config.workdir / "mlartifacts").resolve().as_uri() if is_default_store(config, uri) else None
-    return str(client.create_experiment(name, artifact_location=location))
+    return str(client.create_experiment(name, artifact_location=artifact_location(config, uri)))
+
+
+def artifact_location(config: Config, uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside the database (MLflow's default is ./mlruns in the cwd);
+    a tracking server decides for itself."""
+    if is_default_store(config, uri):
+        return (config.workdir / "mlartifacts").resolve().as_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def flatten_params(config: Config) -> dict[str, str]:
