@@ -46,8 +46,14 @@ def git_state(folder: Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status), "root": root}
 
 
+LOCK_ENV = "EDGEKIT_LOCK_FILE"  # set by our Dockerfile, where edge-kit is installed rather than checked out
+
+
 def find_lock_file(start: Path) -> Path | None:
-    """The lock file of the project holding ``start``, else the one of this edge-kit checkout."""
+    """$EDGEKIT_LOCK_FILE, else the lock of the project holding ``start``, else the one of this edge-kit checkout."""
+    if os.environ.get(LOCK_ENV):
+        named = Path(os.environ[LOCK_ENV])
+        return named if named.is_file() else None
     for folder in (start, *start.parents):
         candidate = folder / LOCK_RELATIVE
         if candidate.is_file():

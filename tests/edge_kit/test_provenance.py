@@ -55,6 +55,17 @@ def test_lock_falls_back_to_edge_kits_own(tmp_path: Path) -> None:
     assert collect_provenance(config)["environment"]["lock_sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
 
 
+def test_lock_named_by_the_container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lock = tmp_path / "image-lock.txt"
+    lock.write_text("torch==2.13.0+cpu\n")
+    monkeypatch.setenv("EDGEKIT_LOCK_FILE", str(lock))
+    config = load_config(make_project(tmp_path / "p", "[project]\nname = 'p'\n"))
+    env = collect_provenance(config)["environment"]
+    assert env["lock_path"] == str(lock) and env["lock_sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    monkeypatch.setenv("EDGEKIT_LOCK_FILE", str(tmp_path / "missing.txt"))
+    assert collect_provenance(config)["environment"]["lock_sha256"] is None
+
+
 def test_container_digest_when_exposed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEKIT_IMAGE_DIGEST", "sha256:" + "ab" * 32)
     found = container_image()
