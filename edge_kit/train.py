@@ -289,8 +289,11 @@ class Trainer:
     def finished(self) -> bool:
         return self.position.epoch >= self.config.train.epochs
 
-    def run(self, *, save: Any, on_epoch: Any, stop: StopFlag) -> None:
-        """Train from the current position to the end; ``save()`` writes a checkpoint, ``on_epoch`` logs."""
+    def run(self, *, save: Any, on_epoch: Any, stop: StopFlag, flush: Any = lambda: None) -> None:
+        """Train from the current position to the end.
+
+        ``save()`` queues a checkpoint, ``flush()`` waits until it is on disk, ``on_epoch`` logs metrics.
+        """
         cfg = self.config.train
         n = len(self.X_train)
         progress = Progress(self.total_steps, self.position.global_step)
@@ -318,6 +321,7 @@ class Trainer:
                     progress.step(loss_value, len(idx) / max(time.perf_counter() - step_started, 1e-9))
                     if stop:
                         path = save()
+                        flush()
                         raise TrainingInterrupted(
                             f"training stopped by signal {stop.signal} at step {pos.global_step} "
                             f"(epoch {pos.epoch + 1}); checkpoint saved to {path}",
@@ -436,12 +440,15 @@ def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool
     started = time.perf_counter()
     try:
         with sigterm_flag() as stop:
-            trainer.run(save=save, on_epoch=on_epoch, stop=stop)
+            trainer.run(save=save, on_epoch=on_epoch, stop=stop, flush=checkpoints.flush)
+        checkpoints.close()
         result = _finish(config, dataset, trainer, handle, provenance, fingerprint)
     except TrainingInterrupted:
+        checkpoints.close(raise_errors=False)
         handle.finish("KILLED")
         raise
     except BaseException:
+        checkpoints.close(raise_errors=False)
         handle.finish("FAILED")
         raise
     log.info("training done in %.1f s: test accuracy %.4f", time.perf_counter() - started,
