@@ -157,5 +157,10 @@ def test_full_disk_mid_training_keeps_the_last_checkpoint(tmp_path: Path, monkey
         train(load_config(config_path))
     assert sorted(p.name for p in folder.iterdir()) == ["ckpt-00000004.pt", "ckpt-00000008.pt"]
     config_path.write_text(original)
+    commit = commit_all(tmp_path)  # the code changes between the failure and the resume
     resumed = train(load_config(config_path))  # --resume auto continues from step 8 in the same MLflow run
     assert resumed.run_id == runs[0].info.run_id and resumed.metrics["steps"] == 23
+    tags = client.get_run(resumed.run_id).data.tags
+    # Started outside any commit, finished at `commit`: not the model of one clean commit, so never reused.
+    assert tags["edgekit.git_dirty"] == "true" and json.loads(tags["edgekit.resumed_with"])[
+        "edgekit.git_commit"] == commit
