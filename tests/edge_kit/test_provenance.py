@@ -25,6 +25,11 @@ def test_git_commit_and_dirty(tmp_path: Path) -> None:
     (tmp_path / ".edgekit" / "x").write_text("ignored state does not make the tree dirty")
     commit_all(tmp_path)
     assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "dvc.lock").write_text("schema: '2.0'\n")  # `dvc repro` results, not code
+    assert git_state(tmp_path / "sub")["dirty"] is False
+    (tmp_path / "sub" / "model.py").write_text("x = 1\n")  # new code, even untracked, is dirty
+    assert git_state(tmp_path / "sub")["dirty"] is True
 
 
 def test_not_a_repository(tmp_path: Path) -> None:
