@@ -87,11 +87,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA generators too
 
 
-def make_deterministic() -> None:
+@contextmanager
+def deterministic_algorithms(threads: int) -> Iterator[None]:
+    """Deterministic kernels and a fixed CPU thread count while training; the caller's settings come back after.
+
+    The thread count matters: CPU reductions split across a different number of threads add up in a
+    different order, so a resumed run must use the same count as the run it continues.
+    """
     # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads())
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+        torch.set_num_threads(previous[2])
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -130,6 +145,7 @@ def training_fingerprint(config: Config, dataset: Dataset, device: torch.device)
     Checkpoint interval and retention are left out: they change when state is saved, not what is computed.
     """
     train = {k: v for k, v in config.to_dict()["train"].items() if k not in ("checkpoint_every", "keep_checkpoints")}
+    train["threads"] = torch.get_num_threads()  # "0" means the machine's default, which differs between machines
     doc = {"data": config.to_dict()["data"], "model": config.to_dict()["model"], "train": train,
            "device": device.type, "data_md5": dataset.snapshot.dvc_md5, "split": dataset.split_sha256}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
@@ -232,7 +248,6 @@ class Trainer:
         self.dataset = dataset
         self.device = device
         seed_everything(config.train.seed)
-        make_deterministic()
         self.model = build_model(config, dataset.input_shape, dataset.num_classes).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr)
         self.steps_per_epoch = math.ceil(len(dataset.X_train) / config.train.batch_size)
@@ -274,8 +289,11 @@ class Trainer:
     def finished(self) -> bool:
         return self.position.epoch >= self.config.train.epochs
 
-    def run(self, *, save: Any, on_epoch: Any, stop: StopFlag) -> None:
-        """Train from the current position to the end; ``save()`` writes a checkpoint, ``on_epoch`` logs."""
+    def run(self, *, save: Any, on_epoch: Any, stop: StopFlag, flush: Any = lambda: None) -> None:
+        """Train from the current position to the end.
+
+        ``save()`` queues a checkpoint, ``flush()`` waits until it is on disk, ``on_epoch`` logs metrics.
+        """
         cfg = self.config.train
         n = len(self.X_train)
         progress = Progress(self.total_steps, self.position.global_step)
@@ -303,6 +321,7 @@ class Trainer:
                     progress.step(loss_value, len(idx) / max(time.perf_counter() - step_started, 1e-9))
                     if stop:
                         path = save()
+                        flush()
                         raise TrainingInterrupted(
                             f"training stopped by signal {stop.signal} at step {pos.global_step} "
                             f"(epoch {pos.epoch + 1}); checkpoint saved to {path}",
@@ -365,6 +384,11 @@ def train(config: Config, *, resume: str = "auto", tracking_uri: str | None = No
     """
     if resume not in ("auto", "never"):
         raise UsageError(f"--resume must be 'auto' or 'never', got {resume!r}")
+    with deterministic_algorithms(config.train.threads):
+        return _train(config, resume=resume, tracking_uri=tracking_uri, reuse=reuse)
+
+
+def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool) -> TrainResult:
     resolve_factory(config)  # an unimportable factory fails before any work
     dataset = load_dataset(config)
     device = select_device(config.train.device)
@@ -398,6 +422,8 @@ def train(config: Config, *, resume: str = "auto", tracking_uri: str | None = No
         run = tracking.resume_run(client, str(latest.state.get("mlflow_run_id")), uri)
         log.info("resuming from %s (step %d, epoch %d)", latest.path.name, trainer.position.global_step,
                  trainer.position.epoch + 1)
+        if run is not None:
+            _record_provenance_drift(run, provenance)
     if run is None:
         tags = {**tracking.provenance_tags(provenance), tracking.TAG_FINGERPRINT: config.fingerprint(),
                 tracking.TAG_TRAINING_FINGERPRINT: fingerprint, "edgekit.device": device.type,
@@ -416,19 +442,47 @@ def train(config: Config, *, resume: str = "auto", tracking_uri: str | None = No
     started = time.perf_counter()
     try:
         with sigterm_flag() as stop:
-            trainer.run(save=save, on_epoch=on_epoch, stop=stop)
+            trainer.run(save=save, on_epoch=on_epoch, stop=stop, flush=checkpoints.flush)
+        checkpoints.close()
         result = _finish(config, dataset, trainer, handle, provenance, fingerprint)
     except TrainingInterrupted:
-        handle.finish("KILLED")
+        checkpoints.close(raise_errors=False)
+        _mark_run(handle, "KILLED")
         raise
     except BaseException:
-        handle.finish("FAILED")
+        checkpoints.close(raise_errors=False)
+        _mark_run(handle, "FAILED")
         raise
     log.info("training done in %.1f s: test accuracy %.4f", time.perf_counter() - started,
              result.metrics["test_accuracy"])
     # The run is complete and its final state is stored with it: the step checkpoints have served.
     shutil.rmtree(checkpoints.folder, ignore_errors=True)
     return result
+
+
+def _mark_run(run: tracking.RunHandle, status: str) -> None:
+    """Record how the run ended without hiding the error that ended it (the store may be the problem)."""
+    try:
+        run.finish(status)
+    except Exception as exc:  # MLflow/SQLAlchemy errors vary; the original error matters more
+        log.warning("could not mark MLflow run %s as %s: %s", run.run_id, status, exc)
+
+
+def _record_provenance_drift(run: tracking.RunHandle, provenance: dict[str, Any]) -> None:
+    """A run resumed on other code or another environment no longer comes from one clean commit: say so.
+
+    Its `edgekit.git_dirty` tag becomes "true", so `train(reuse=True)` never hands it out as the model of a
+    commit; what changed is kept in `edgekit.resumed_with`.
+    """
+    tags = run.client.get_run(run.run_id).data.tags
+    now = tracking.provenance_tags(provenance)
+    keys = (tracking.TAG_COMMIT, tracking.TAG_DIRTY, tracking.TAG_LOCK)
+    changed = {k: now[k] for k in keys if tags.get(k) != now[k]}
+    if not changed:
+        return
+    log.warning("resuming MLflow run %s with different code or environment (%s); the run is marked dirty",
+                run.run_id, ", ".join(f"{k.removeprefix('edgekit.')}={v[:12]}" for k, v in changed.items()))
+    run.set_tags({tracking.TAG_DIRTY: "true", "edgekit.resumed_with": json.dumps(changed, sort_keys=True)})
 
 
 def _finish(config: Config, dataset: Dataset, trainer: Trainer, run: tracking.RunHandle,
@@ -447,7 +501,8 @@ def _finish(config: Config, dataset: Dataset, trainer: Trainer, run: tracking.Ru
         "steps": float(trainer.position.global_step),
         "epochs": float(config.train.epochs),
     }
-    run.log_metrics(metrics, step=config.train.epochs)
+    # test_accuracy is already in the per-epoch history (the last epoch's value is this one).
+    run.log_metrics({k: v for k, v in metrics.items() if k != "test_accuracy"}, step=config.train.epochs)
     resolved = folder / "config.json"
     resolved.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
