@@ -114,7 +114,7 @@ def configure_logging(debug: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not debug:
         # Third-party libraries are chatty at INFO; their warnings still come through.
-        for noisy in ("mlflow", "alembic", "urllib3", "dvc", "neural_compressor", "torch", "onnxscript"):
+        for noisy in ("mlflow", "alembic", "urllib3", "dvc", "neural_compressor", "torch", "onnxscript", "onnx_ir"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
