@@ -14,8 +14,10 @@ log = logging.getLogger(__name__)
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from device_agent.signing import load_private_key
     from edge_kit.build import build
+    from edge_kit.commands.quiet import quiet_third_party
     from edge_kit.config import load_config
 
+    quiet_third_party(bool(getattr(args, "debug", False)))
     config = load_config(args.config)
     # Load the key first: a wrong key path should fail in a second, not after training.
     key = None if args.unsigned else load_private_key(args.key)

@@ -11,8 +11,11 @@ from edge_kit.errors import EXIT_VERIFICATION
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from edge_kit.commands.quiet import quiet_third_party
     from edge_kit.config import load_config
     from edge_kit.reproduce import reproduce
+
+    quiet_third_party(bool(getattr(args, "debug", False)))
 
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the one JSON object
         result = reproduce(args.bundle, load_config(args.config))
