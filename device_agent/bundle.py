@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from device_agent.atomic import atomic_write_bytes
 from device_agent.errors import UsageError, VerificationError
 from device_agent.signing import public_key_fingerprint, sign, signature_valid
 
@@ -126,7 +125,7 @@ def write_bundle(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / bundle_filename(str(manifest["name"]), str(manifest["version"]))
-    _atomic_write(target, _zip_bytes(entries))
+    atomic_write_bytes(target, _zip_bytes(entries))
     return target
 
 
@@ -141,24 +140,6 @@ def _zip_bytes(entries: dict[str, bytes]) -> bytes:
             info.external_attr = 0o644 << 16
             zf.writestr(info, entries[name], compresslevel=6)
     return buf.getvalue()
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def read_bundle(

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from device_agent.errors import ConfigError, UsageError
+from device_agent.errors import ConfigError
+from device_agent.strict_toml import check_sections, check_value, read_toml, section_values
 from device_agent.transport import BrokerConfig
 
 
@@ -99,58 +99,33 @@ def _str(p: Path | None) -> str | None:
 _PATH_KEYS = {"bundle", "spool", "pubkey", "password_file", "ca_certs", "certfile", "keyfile"}
 
 
-def _coerce(section: str, key: str, value: Any, default: Any, annotation: str, base: Path) -> Any:
-    dotted = f"{section}.{key}"
+def _coerce(dotted: str, value: Any, annotation: str, base: Path) -> Any:
+    key = dotted.rsplit(".", 1)[-1]
     if key in _PATH_KEYS:
         if not isinstance(value, str) or not value:
             raise ConfigError(dotted, "must be a non-empty path string")
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
-    if "bool" in annotation:
-        if not isinstance(value, bool):
-            raise ConfigError(dotted, f"must be true or false, got {value!r}")
-        return value
-    if annotation.startswith("int"):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(dotted, f"must be a non-negative integer, got {value!r}")
-        return value
-    if annotation.startswith("float"):
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(dotted, f"must be a positive number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise ConfigError(dotted, f"must be a string, got {value!r}")
-    return value
+    checked = check_value(dotted, value, annotation.removesuffix(" | None"))
+    # Every number the agent takes is a count, a size or a duration.
+    if annotation.startswith("int") and checked < 0:
+        raise ConfigError(dotted, f"must be a non-negative integer, got {value!r}")
+    if annotation.startswith("float") and checked <= 0:
+        raise ConfigError(dotted, f"must be a positive number, got {value!r}")
+    return checked
 
 
 def _section(cls: type[Any], name: str, data: Any, base: Path) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ConfigError(name, "must be a table")
-    known = {f.name: f for f in fields(cls) if f.name != "mqtt"}
-    out = {}
-    for key, value in data.items():
-        if key not in known:
-            raise ConfigError(f"{name}.{key}", f"unknown key; allowed: {', '.join(sorted(known))}")
-        f = known[key]
-        out[key] = _coerce(name, key, value, f.default, str(f.type), base)
-    return out
+    return section_values(name, cls, data, lambda key, value, ann: _coerce(key, value, ann, base), skip=("mqtt",))
 
 
 def load_settings(path: str | Path | None) -> AgentSettings:
     """Settings from a TOML file (or the defaults when `path` is None)."""
     if path is None:
         return AgentSettings()
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError as exc:
-        raise UsageError(f"config file not found: {p}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(p), f"not valid TOML: {exc}") from exc
-    unknown = set(data) - {"agent", "mqtt"}
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown section; allowed: agent, mqtt")
-    base = p.resolve().parent
+    data = read_toml(path)
+    check_sections(data, ("agent", "mqtt"))
+    base = Path(path).resolve().parent
     agent = _section(AgentSettings, "agent", data.get("agent", {}), base)
     mqtt = _section(MqttSettings, "mqtt", data.get("mqtt", {}), base)
     return AgentSettings(**agent, mqtt=MqttSettings(**mqtt))

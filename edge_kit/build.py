@@ -21,6 +21,7 @@ import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from calibration import CalibrationSelection, select_calibration
+from device_agent.atomic import atomic_write_bytes
 from device_agent.bundle import bundle_filename, sha256_hex
 from edge_kit.config import Config
 from edge_kit.evaluate import accuracy, predict_logits
@@ -29,7 +30,6 @@ from edge_kit.package import assemble_and_write, io_spec, monitor_plan, referenc
 from edge_kit.qdq_analysis import summarize_qdq
 from edge_kit.quantize import OrtQuantizer, Quantizer, calibration_inputs, make_ort_quantizer
 from edge_kit.report import ReportInputs, render_report
-from edge_kit.snapshot import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from device_agent.atomic import atomic_file
 from edge_kit.errors import EdgeKitError, UsageError
 
 log = logging.getLogger(__name__)
@@ -58,30 +58,10 @@ def checkpoint_name(global_step: int) -> str:
     return f"ckpt-{global_step:08d}.pt"
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file beside ``path``, fsync, rename; on any failure the temp file is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_kit.errors import ConfigError, UsageError
+from device_agent.strict_toml import check_sections, read_toml, section_values
+from edge_kit.errors import ConfigError
 
 SKLEARN_DATASETS = ("digits", "breast_cancer", "wine", "iris")
 QUANT_BACKENDS = ("ort", "inc")
@@ -141,64 +141,15 @@ _SECTIONS: dict[str, type] = {
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a TOML config. Raises ConfigError (exit 2) naming the offending key."""
-    config_path = Path(path).resolve()
-    if not config_path.is_file():
-        raise UsageError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
-    return parse_config(raw, config_path)
+    return parse_config(read_toml(path), Path(path).resolve())
 
 
 def parse_config(raw: dict[str, Any], config_path: Path) -> Config:
-    unknown = sorted(set(raw) - set(_SECTIONS))
-    if unknown:
-        raise ConfigError(unknown[0], "unknown section", hint=f"allowed: {', '.join(_SECTIONS)}")
-    sections: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
-        table = raw.get(name, {})
-        if not isinstance(table, dict):
-            raise ConfigError(name, f"must be a table, got {type(table).__name__}")
-        sections[name] = _build_section(name, cls, table)
+    check_sections(raw, _SECTIONS)
+    sections = {name: cls(**section_values(name, cls, raw.get(name, {}))) for name, cls in _SECTIONS.items()}
     config = Config(path=config_path, **sections)
     _check_values(config)
     return config
-
-
-def _build_section(section: str, cls: type, table: dict[str, Any]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}", "unknown key", hint=f"allowed: {', '.join(fields)}")
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        values[key] = _check_type(f"{section}.{key}", value, fields[key].type)
-    return cls(**values)
-
-
-_TYPE_NAMES = {"str": str, "int": int, "float": float, "bool": bool}
-
-
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against the (string) annotation of a section field; ints are accepted for floats."""
-    spec = str(annotation).replace(" ", "")
-    optional = spec.endswith("|None")
-    base = spec.removesuffix("|None")
-    if base.startswith("dict"):
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"must be a table, got {type(value).__name__}")
-        return dict(value)
-    expected = _TYPE_NAMES[base]
-    if optional and value is None:
-        return None
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is int and isinstance(value, bool):
-        raise ConfigError(key, "must be an integer, got a boolean")
-    if not isinstance(value, expected):
-        raise ConfigError(key, f"must be {base}, got {type(value).__name__} {value!r}")
-    return value
 
 
 def _check_values(c: Config) -> None:

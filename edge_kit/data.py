@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.atomic import atomic_write_bytes
 from edge_kit.config import Config
 from edge_kit.errors import DataError
 from edge_kit.snapshot import (
     SnapshotInfo,
-    atomic_write_bytes,
     dvc_file_for,
     track_snapshot,
     verify_snapshot,

@@ -15,15 +15,14 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from device_agent.atomic import atomic_write_bytes
 from edge_kit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -63,20 +62,6 @@ def write_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
             info.external_attr = 0o644 << 16
             zf.writestr(info, member.getvalue())
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def dvc_file_for(path: Path) -> Path:

@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_kit.errors import ConfigError, UsageError
+from device_agent.strict_toml import check_sections, check_value, read_toml, section_values
+from edge_kit.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -106,58 +106,21 @@ def load_settings(path: str | Path | None) -> FleetSettings:
     """Defaults when `path` is None; otherwise read and validate the TOML file (ConfigError, exit 2)."""
     if path is None:
         return FleetSettings()
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"fleet config not found: {path}")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"fleet config {path} is not valid TOML: {exc}") from exc
-    return parse_settings(raw)
+    return parse_settings(read_toml(path, "fleet config"))
 
 
 def parse_settings(raw: dict[str, Any]) -> FleetSettings:
-    unknown = sorted(set(raw) - set(_SECTIONS))
-    if unknown:
-        raise ConfigError(unknown[0], "unknown section", hint=f"allowed: {', '.join(_SECTIONS)}")
-    sections: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
-        table = raw.get(name, {})
-        if not isinstance(table, dict):
-            raise ConfigError(name, f"must be a table, got {type(table).__name__}")
-        sections[name] = _section(name, cls, table)
+    check_sections(raw, _SECTIONS)
+    sections = {name: cls(**section_values(name, cls, raw.get(name, {}), _typed)) for name, cls in _SECTIONS.items()}
     settings = FleetSettings(**sections)
     _check_values(settings)
     return settings
 
 
-def _section(section: str, cls: type, table: dict[str, Any]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}", "unknown key", hint=f"allowed: {', '.join(fields)}")
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        values[key] = _typed(f"{section}.{key}", value, str(fields[key].type))
-    return cls(**values)
-
-
 def _typed(key: str, value: Any, spec: str) -> Any:
-    if spec == "list[str]":
-        if isinstance(value, str):  # a shell-style string is accepted and split like a shell would
-            return shlex.split(value)
-        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise ConfigError(key, "must be a list of strings (the command and its arguments)")
-        return list(value)
-    if isinstance(value, bool):
-        raise ConfigError(key, f"must be {spec}, got a boolean")
-    if spec == "float" and isinstance(value, int | float):
-        return float(value)
-    if spec == "int" and isinstance(value, int):
-        return value
-    if spec == "str" and isinstance(value, str):
-        return value
-    raise ConfigError(key, f"must be {spec}, got {type(value).__name__} {value!r}")
+    if spec == "list[str]" and isinstance(value, str):
+        return shlex.split(value)  # a shell-style command string is split like a shell would
+    return check_value(key, value, spec)
 
 
 def _check_values(s: FleetSettings) -> None:
