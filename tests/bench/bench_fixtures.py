@@ -111,3 +111,13 @@ def build_tiny_pipeline(root: Path, *, mlflow_run: dict | None = None) -> TinyPi
 
 def load_report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
+
+
+def rebundle(bundle: Path, out_dir: Path, **manifest_updates: object) -> Path:
+    """A copy of `bundle` with top-level manifest entries replaced (written through write_bundle again)."""
+    from device_agent.bundle import MANIFEST, SIGNATURE, read_bundle, write_bundle
+
+    b = read_bundle(bundle)
+    manifest = {**b.manifest, **manifest_updates}
+    members = {k: v for k, v in b.members.items() if k not in (MANIFEST, SIGNATURE)}
+    return write_bundle(out_dir, manifest, members)
