@@ -1,8 +1,9 @@
 """Where the benchmarked models and data come from, for a bundle.
 
 - int8: the bundle's own `model.onnx` (after the bundle is verified).
-- fp32 ONNX and the PyTorch checkpoint: given explicitly, or the artifacts of the bundle's MLflow run
-  (manifest provenance.mlflow), which is the training run that produced the bundle's model.
+- fp32 ONNX and the PyTorch checkpoint: given explicitly; else, with `--config`, the local folder of the
+  bundle's training run (`.edgekit/runs/<run_id>/`); else the artifacts of that MLflow run (manifest
+  provenance.mlflow), downloaded.
 - PyTorch model code: the project config (`--config`), through the training pipeline's loader.
 - Held-out data: given explicitly, or the config's test split (`edge_kit.data.load_dataset`), which
   was never used for training or calibration. Without either, seeded synthetic inputs of the model's
@@ -23,10 +24,13 @@ from device_agent.bundle import MODEL, read_bundle
 from edge_kit.bench.plan import FP32, INT8, PYTORCH, BenchPlan, BenchSettings, EngineSpec, EvalData, TorchModelSpec
 from edge_kit.bench.tracking import run_location, unreachable_reason
 from edge_kit.errors import UsageError
+from edge_kit.tracking import CHECKPOINT_ARTIFACT, ONNX_ARTIFACT
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC_SAMPLES = 256
+# Where the training pipeline logs them in its MLflow run.
+PIPELINE_ARTIFACTS = {"onnx": ONNX_ARTIFACT, "checkpoint": CHECKPOINT_ARTIFACT}
 
 
 def plan_for_bundle(
@@ -54,8 +58,8 @@ def plan_for_bundle(
 
         config = load_config(config_path)
 
-    run_files: dict[str, Path] = {}
-    if fp32_onnx is None or (torch_model is None and config is not None):
+    run_files: dict[str, Path] = local_run_files(config, manifest) if config is not None else {}
+    if not run_files and (fp32_onnx is None or (torch_model is None and config is not None)):
         run_files, reason = run_artifacts(manifest, workdir / "run")
         if reason:
             notes.append(f"fp32 model and checkpoint not taken from the MLflow run: {reason}")
@@ -76,16 +80,32 @@ def plan_for_bundle(
     else:
         missing[PYTORCH] = "no PyTorch checkpoint: the bundle's MLflow run is not reachable or holds no .pt artifact"
 
+    if test_data is None and config is not None:
+        test_data, data_note = held_out_split(config, manifest)
+        if data_note:
+            notes.append(data_note)
     if test_data is None:
-        test_data = held_out_split(config, manifest) if config is not None else synthetic_inputs(int8_file, manifest)
+        test_data = synthetic_inputs(int8_file, manifest)
     return BenchPlan(bundle.path, manifest, tuple(engines), test_data, settings, missing, tuple(notes))
 
 
 def _describe(path: Path, run_files: dict[str, Path], kind: str, manifest: dict[str, Any]) -> str:
-    if run_files.get(kind) == path:
+    if run_files.get(kind) == path and f"{kind}_artifact" in run_files:
         _, run_id = run_location(manifest)
         return f"mlflow run {run_id}: {run_files[kind + '_artifact']}"
     return str(path)
+
+
+def local_run_files(config: Any, manifest: dict[str, Any]) -> dict[str, Path]:
+    """The training run's own folder on this machine (`.edgekit/runs/<run_id>/`), when it is here."""
+    from edge_kit.train import FINAL_CHECKPOINT, ONNX_FILE, run_folder
+
+    _, run_id = run_location(manifest)
+    if not run_id:
+        return {}
+    folder = run_folder(config, run_id)
+    found = {"onnx": folder / ONNX_FILE, "checkpoint": folder / FINAL_CHECKPOINT}
+    return {k: v for k, v in found.items() if v.is_file()}
 
 
 def run_artifacts(manifest: dict[str, Any], dest: Path) -> tuple[dict[str, Path], str | None]:
@@ -107,7 +127,7 @@ def run_artifacts(manifest: dict[str, Any], dest: Path) -> tuple[dict[str, Path]
         artifacts = _list_files(client, run_id, "")
         found: dict[str, Path] = {}
         for kind, suffixes in (("onnx", (".onnx",)), ("checkpoint", (".pt", ".pth"))):
-            chosen = _pick(artifacts, suffixes)
+            chosen = _pick(artifacts, suffixes, PIPELINE_ARTIFACTS[kind])
             if chosen is not None:
                 dest.mkdir(parents=True, exist_ok=True)
                 found[kind] = Path(client.download_artifacts(run_id, chosen, str(dest)))
@@ -124,8 +144,11 @@ def _list_files(client: Any, run_id: str, path: str) -> list[str]:
     return files
 
 
-def _pick(artifacts: list[str], suffixes: tuple[str, ...]) -> str | None:
-    """The model file among a run's artifacts: prefer ones named like the final model, else the shortest path."""
+def _pick(artifacts: list[str], suffixes: tuple[str, ...], known: str) -> str | None:
+    """The model file among a run's artifacts: the training pipeline's own name, else one named like a final
+    model, else the shortest path."""
+    if known in artifacts:
+        return known
     candidates = [a for a in artifacts if a.endswith(suffixes)]
     if not candidates:
         return None
@@ -133,17 +156,21 @@ def _pick(artifacts: list[str], suffixes: tuple[str, ...]) -> str | None:
     return sorted(preferred or candidates, key=lambda a: (len(Path(a).parts), a))[0]
 
 
-def held_out_split(config: Any, manifest: dict[str, Any]) -> EvalData:
-    """The config's held-out test split, preprocessed as the model expects (the training pipeline's code)."""
-    try:
-        from edge_kit.data import load_dataset
-    except ImportError as exc:
-        raise UsageError(f"--config needs the training pipeline's data module: {exc}") from exc
+def held_out_split(config: Any, manifest: dict[str, Any]) -> tuple[EvalData, str | None]:
+    """The config's held-out test split, preprocessed as the model expects (the training pipeline's code),
+    and a warning when its data snapshot is not the one the bundle was built from."""
+    from edge_kit.data import load_dataset
+
     dataset = load_dataset(config)
-    x_raw = np.asarray(dataset.X_test)
-    x = np.asarray(dataset.preprocess(x_raw), dtype=np.float32)
+    x = np.asarray(dataset.preprocess(np.asarray(dataset.X_test)), dtype=np.float32)
     y = class_indices(np.asarray(dataset.y_test), manifest)
-    return EvalData(np.ascontiguousarray(x), y, f"held-out split of {config.data.source}, {len(x)} samples")
+    data = EvalData(np.ascontiguousarray(x), y, f"held-out split of {config.data.source}, {len(x)} samples")
+    built_from = ((manifest.get("provenance") or {}).get("data") or {}).get("dvc_md5")
+    current = dataset.snapshot.dvc_md5
+    if built_from and current and built_from != current:
+        return data, (f"the config's data snapshot (DVC md5 {current}) is not the bundle's ({built_from}): "
+                      "accuracy is measured on different data than the build used")
+    return data, None
 
 
 def class_indices(y: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
