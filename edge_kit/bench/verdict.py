@@ -120,7 +120,8 @@ def int8_verdict(figures: dict[str, dict[str, Any]], host: dict[str, Any],
         flags.append(Flag(
             "warning", "int8_slower_than_fp32",
             f"INT8 IS SLOWER THAN FP32 ON THIS HOST in {len(slower)} of {measured} measured settings: "
-            + "; ".join(slower),
+            + "; ".join(slower)
+            + (f" (in the other {measured - len(slower)} it is not slower)" if measured > len(slower) else ""),
             tuple(likely_reasons(int8, fp32, host, manifest.get("quantization"))),
         ))
     gate = manifest.get("gate") or {}
