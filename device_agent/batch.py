@@ -1,0 +1,164 @@
+"""`edge-agent predict`: run a bundle over a file of inputs, streaming, so memory stays flat.
+
+Inputs are read in batches and outputs written to a memory-mapped .npy as they are computed, so a
+file larger than RAM goes through with memory bounded by one batch:
+- `.npy`: memory-mapped, sliced batch by batch;
+- `.npz`: the array `inputs` (or `X`, or the only one) is read from the zip member in chunks,
+  parsing the .npy header by hand (an .npz member cannot be memory-mapped);
+- `.csv`: rows of numbers (a non-numeric first row is taken as a header), read line by line.
+The output holds the model outputs (logits), one row per input row, float32.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from device_agent.errors import DataError, InputError, UsageError
+from device_agent.runtime import ModelRuntime
+
+NPZ_KEYS = ("inputs", "X", "x")
+
+
+def _npz_member(zf: zipfile.ZipFile, path: Path) -> str:
+    names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+    for key in NPZ_KEYS:
+        if key in names:
+            return key + ".npy"
+    if len(names) == 1:
+        return names[0] + ".npy"
+    raise DataError(f"{path}: holds {names}; name the inputs array one of {list(NPZ_KEYS)}")
+
+
+def _read_npy_header(f: IO[bytes], path: Path) -> tuple[tuple[int, ...], np.dtype[Any], bool]:
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a valid .npy array: {exc}") from exc
+    return tuple(shape), np.dtype(dtype), bool(fortran)
+
+
+def _npz_batches(path: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path}: not a readable .npz: {exc}") from exc
+    member = _npz_member(zf, path)
+    f = zf.open(member)
+    shape, dtype, fortran = _read_npy_header(f, path)
+    if fortran or dtype.hasobject or not shape:
+        raise DataError(f"{path}:{member}: need a C-ordered numeric array with a batch dimension")
+    row_shape, row_bytes = shape[1:], int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def gen() -> Iterator[np.ndarray]:
+        try:
+            remaining = shape[0]
+            while remaining:
+                k = min(batch_size, remaining)
+                buf = f.read(k * row_bytes)
+                if len(buf) != k * row_bytes:
+                    raise DataError(f"{path}:{member} is truncated")
+                yield np.frombuffer(buf, dtype=dtype).reshape((k, *row_shape))
+                remaining -= k
+        finally:
+            f.close()
+            zf.close()
+
+    return shape[0], gen()
+
+
+def _npy_batches(path: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a valid .npy array: {exc}") from exc
+    if arr.ndim == 0:
+        raise DataError(f"{path}: a scalar, not a batch of inputs")
+    return len(arr), (np.asarray(arr[i : i + batch_size]) for i in range(0, len(arr), batch_size))
+
+
+def _csv_rows(path: Path) -> Iterator[list[float]]:
+    with path.open(newline="") as f:
+        for line_no, row in enumerate(csv.reader(f), start=1):
+            if not row or all(not c.strip() for c in row):
+                continue
+            try:
+                yield [float(c) for c in row]
+            except ValueError as exc:
+                if line_no == 1:
+                    continue  # a header row
+                raise DataError(f"{path}:{line_no}: not a row of numbers: {exc}") from exc
+
+
+def _csv_batches(path: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
+    # One cheap counting pass first, so the output can be preallocated on disk.
+    n = sum(1 for _ in _csv_rows(path))
+
+    def gen() -> Iterator[np.ndarray]:
+        batch: list[list[float]] = []
+        for row in _csv_rows(path):
+            batch.append(row)
+            if len(batch) == batch_size:
+                yield np.asarray(batch, dtype=np.float32)
+                batch = []
+        if batch:
+            yield np.asarray(batch, dtype=np.float32)
+
+    return n, gen()
+
+
+def open_batches(path: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
+    """(number of rows, iterator over batches) for a .npy, .npz or .csv input file."""
+    if not path.is_file():
+        raise UsageError(f"input file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return _npy_batches(path, batch_size)
+    if suffix == ".npz":
+        return _npz_batches(path, batch_size)
+    if suffix == ".csv":
+        return _csv_batches(path, batch_size)
+    raise UsageError(f"--input {path}: expected a .npy, .npz or .csv file")
+
+
+def predict_file(
+    runtime: ModelRuntime, input_path: Path, output_path: Path, *, batch_size: int = 256
+) -> dict[str, Any]:
+    """Write the model outputs for every input row to `output_path` (.npy); returns what was done."""
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if output_path.suffix.lower() != ".npy":
+        raise UsageError(f"--output {output_path}: the output is a .npy file")
+    n, batches = open_batches(input_path, batch_size)
+    tmp = output_path.with_name(f".{output_path.name}.partial")
+    t0 = time.perf_counter()
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, runtime.n_classes))
+    done = 0
+    try:
+        for batch in batches:
+            try:
+                x = runtime.as_batch(batch)
+            except InputError as exc:
+                raise DataError(f"{input_path}: rows {done}..{done + len(batch) - 1}: {exc}") from exc
+            out[done : done + len(x)] = runtime.run(x)
+            done += len(x)
+        if done != n:
+            raise DataError(f"{input_path}: expected {n} rows, read {done}")
+        out.flush()
+        del out
+        tmp.replace(output_path)  # never leave a half-written output under the real name
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    seconds = time.perf_counter() - t0
+    return {"output": str(output_path), "rows": n, "batch_size": batch_size, "seconds": round(seconds, 4),
+            "rows_per_second": round(n / seconds, 1) if seconds > 0 else None,
+            "model": runtime.info.as_dict()}

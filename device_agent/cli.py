@@ -1,0 +1,183 @@
+"""`edge-agent` command line: run | predict | verify (DESIGN.md section 3).
+
+Exit codes: 0 ok, 1 unexpected, 2 bad usage or config, 4 verification failed. Errors are one line
+on stderr (a traceback only with --debug); with --json, stdout holds exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import EXIT_UNEXPECTED, EXIT_USAGE, EdgeKitError, VerificationError
+
+log = logging.getLogger("device_agent")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object describing the result on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="edge-kit device agent")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="serve a bundle: summaries over MQTT, optional HTTP API, hot updates")
+    p.add_argument("--config", help="agent config (TOML); flags override it")
+    p.add_argument("--bundle", help="bundle file, or a directory whose newest *.edgebundle is served (watched)")
+    p.add_argument("--broker", help="mqtt://HOST:PORT, or mqtts:// for TLS")
+    p.add_argument("--device-id", dest="device_id", help="this device's id (an MQTT topic level)")
+    p.add_argument("--fleet", help="fleet name (MQTT topic level, default 'default')")
+    p.add_argument("--spool", help="spool database path (default $STATE_DIRECTORY/spool.db or ./edge-agent-spool.db)")
+    p.add_argument("--http", help="HOST:PORT for POST /predict, POST /labels, GET /healthz, GET /status")
+    p.add_argument("--window-seconds", dest="window_seconds", type=float, help="summary window length (default 60)")
+    p.add_argument("--pubkey", help="Ed25519 public key (PEM): bundles must be signed by it")
+    _common(p)
+
+    p = sub.add_parser("predict", help="run a bundle over a .npy/.npz/.csv file, streaming, into a .npy")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--input", required=True, help="FILE.npy, FILE.npz or FILE.csv of raw inputs")
+    p.add_argument("--output", required=True, help="FILE.npy for the model outputs")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
+    p.add_argument("--pubkey", help="Ed25519 public key (PEM) the bundle must be signed by")
+    _common(p)
+
+    p = sub.add_parser("verify", help="check a bundle's signature, every hash, and its self-test")
+    p.add_argument("bundle")
+    p.add_argument("--pubkey", help="Ed25519 public key (PEM); without it only hashes are checked")
+    _common(p)
+    return parser
+
+
+def configure_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not debug:
+        logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def _public_key(path: str | Path | None) -> Any:
+    if not path:
+        return None
+    from device_agent.signing import load_public_key
+
+    return load_public_key(path)
+
+
+def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from device_agent.agent import load_model
+
+    loaded = load_model(args.bundle, public_key=_public_key(args.pubkey), require_signature=bool(args.pubkey))
+    info = loaded.runtime.info
+    log.info("%s %s verified (signed by %s), self-test %s", info.name, info.version, loaded.signed_by, loaded.selftest)
+    return {"ok": True, "member": None, "bundle": str(loaded.path), "model": info.as_dict(),
+            "signed": loaded.signed_by is not None, "signed_by": loaded.signed_by, "selftest": loaded.selftest}
+
+
+def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    from device_agent.agent import load_model
+    from device_agent.batch import predict_file
+
+    loaded = load_model(args.bundle, public_key=_public_key(args.pubkey), require_signature=bool(args.pubkey))
+    result = predict_file(loaded.runtime, Path(args.input), Path(args.output), batch_size=args.batch_size)
+    log.info("wrote %d rows to %s in %.2fs", result["rows"], result["output"], result["seconds"])
+    return result
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    from device_agent.agent import Agent
+    from device_agent.forwarder import Forwarder
+    from device_agent.http_server import AgentHTTPServer, parse_listen
+    from device_agent.settings import apply_flags, load_settings
+    from device_agent.spool import Spool
+    from device_agent.transport import Message, MqttPublisher
+    from device_agent.watcher import BundleWatcher
+
+    settings = apply_flags(load_settings(args.config), args)
+    broker = settings.broker_config()
+    assert settings.bundle is not None and settings.device_id is not None  # apply_flags checked
+    listen = parse_listen(settings.http) if settings.http else None
+    spool = Spool(settings.spool_path(), max_windows=settings.spool_max_windows)
+    status_topic = f"edgekit/{settings.fleet}/{settings.device_id}/status"
+    will = Message(status_topic, json.dumps({"state": "offline", "device": settings.device_id,
+                                             "fleet": settings.fleet, "reason": "connection lost"}).encode(),
+                   qos=1, retain=True)
+    publisher = MqttPublisher(broker, client_id=f"edgekit-{settings.fleet}-{settings.device_id}", will=will)
+    agent = Agent(
+        settings.bundle, public_key=_public_key(settings.pubkey), require_signature=settings.require_signature,
+        fleet=settings.fleet, device_id=settings.device_id, window_seconds=settings.window_seconds,
+        forwarder=Forwarder(spool, publisher), compress=settings.mqtt.compress, intra_op_threads=settings.threads,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.start()
+    watcher = BundleWatcher(settings.bundle, agent.update, interval=settings.watch_interval)
+    watcher.start()
+    server = None
+    if listen is not None:
+        try:
+            server = AgentHTTPServer(listen, agent)
+        except OSError as exc:
+            agent.stop()
+            from device_agent.errors import UsageError
+
+            raise UsageError(f"cannot listen on {settings.http}: {exc}") from exc
+        server.start()
+        log.info("HTTP API on %s", server.url)
+    log.info("agent %s/%s running; windows every %ss to %s:%d, spool %s", settings.fleet, settings.device_id,
+             settings.window_seconds, broker.host, broker.port, spool.path)
+    try:
+        stop.wait()
+    finally:
+        log.info("stopping")
+        watcher.stop()
+        if server is not None:
+            server.stop()
+        final = agent.stop()
+    return {"stopped": True, "counters": final["counters"], "spool": final.get("spool")}
+
+
+COMMANDS = {"run": cmd_run, "predict": cmd_predict, "verify": cmd_verify}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    configure_logging(args.debug, args.quiet)
+    try:
+        result = COMMANDS[args.command](args)
+    except EdgeKitError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        if args.json:
+            extra = {"member": exc.member} if isinstance(exc, VerificationError) else {}
+            print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code, **extra}))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edge-agent: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place that turns surprises into exit 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"edge-agent: unexpected error: {exc!r} (run again with --debug for the traceback)", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"ok": False, "error": repr(exc), "exit_code": EXIT_UNEXPECTED}))
+        return EXIT_UNEXPECTED
+    if args.json:
+        print(json.dumps({"ok": True, **result} if "ok" not in result else result, default=str))
+    return 0

@@ -1,0 +1,175 @@
+"""The model of a verified bundle as an ONNX Runtime session: preprocessing, input checks, inference.
+
+The bundle's model takes PREPROCESSED float32 input, `(raw - mean) / std` with mean/std from the
+manifest (`model.preprocessing`), so the agent applies exactly the arithmetic the build used.
+Requests are checked before they reach the session (shape, dtype, NaN/inf) and refused with an
+`InputError` that says what was expected; the session itself is never handed garbage.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from device_agent.bundle import SELFTEST, Bundle
+from device_agent.channels import MonitorPlan
+from device_agent.errors import InputError, VerificationError
+
+# Self-test tolerance: int8 kernels differ slightly between instruction sets (VNNI, AVX2, Arm dot
+# product), so the recorded logits are matched within a fraction of their range, and every
+# predicted class must match exactly.
+SELFTEST_RTOL = 1e-2
+SELFTEST_ATOL = 1e-3
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    sha256: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """Options for a small device: full graph optimisation, one sequential executor, no thread spinning.
+
+    Spinning worker threads burn a core while idle, which on a device competes with the
+    application; requests here are small, so the wake-up latency costs less than the spin.
+    """
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = intra_op_threads if intra_op_threads > 0 else min(4, os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+def _broadcast_stat(value: Any, sample_shape: tuple[int, ...], key: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float32)
+    try:
+        np.broadcast_shapes(arr.shape, sample_shape)
+    except ValueError as exc:
+        raise VerificationError(
+            "manifest.json", f"model.preprocessing.{key} has shape {arr.shape}, not broadcastable to {sample_shape}"
+        ) from exc
+    return arr
+
+
+class ModelRuntime:
+    """One bundle's model, ready to run. Thread-safe: ORT sessions may be run from several threads."""
+
+    def __init__(self, bundle: Bundle, *, intra_op_threads: int = 0) -> None:
+        manifest = bundle.manifest
+        model = manifest.get("model", {})
+        self.info = ModelInfo(bundle.name, bundle.version, bundle.model_sha256)
+        try:
+            self.plan = MonitorPlan.from_manifest(manifest["monitoring"])
+        except (KeyError, ValueError) as exc:
+            raise VerificationError("manifest.json", f"monitoring entry missing or malformed: {exc}") from exc
+        self.sample_shape = self.plan.input_shape
+        self.labels = list(manifest.get("labels") or self.plan.labels)
+        try:
+            self.session = ort.InferenceSession(
+                bundle.model_bytes, sess_options=session_options(intra_op_threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own exception types for a bad graph
+            raise VerificationError("model.onnx", f"ONNX Runtime cannot load the model: {exc}") from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise VerificationError("model.onnx", f"expected one input, the model has {len(inputs)}")
+        self.input_name = inputs[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        pre = model.get("preprocessing") or {}
+        self.mean = _broadcast_stat(pre.get("mean", 0.0), self.sample_shape, "mean")
+        self.std = _broadcast_stat(pre.get("std", 1.0), self.sample_shape, "std")
+        if np.any(self.std == 0):
+            raise VerificationError("manifest.json", "model.preprocessing.std contains zeros")
+        self._sample_size = int(np.prod(self.sample_shape))
+        self.selftest = _read_selftest(bundle)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.plan.labels)
+
+    def as_batch(self, raw: Any) -> np.ndarray:
+        """A request as a float32 (n, *sample_shape) batch; raises InputError for anything else.
+
+        Accepted: one sample in the model's input shape, a batch of them, or flat rows of the same
+        size (CSV rows). Integer inputs are converted; anything non-numeric is refused.
+        """
+        x = np.asarray(raw)
+        if x.dtype.kind not in "fiub":
+            raise InputError(f"inputs must be numeric, got dtype {x.dtype}")
+        if x.dtype.kind == "b":
+            raise InputError("inputs must be numeric, got booleans")
+        shape = self.sample_shape
+        if x.shape == shape:
+            x = x.reshape((1, *shape))
+        elif x.ndim == len(shape) + 1 and x.shape[1:] == shape:
+            pass
+        elif x.ndim == 2 and x.shape[1] == self._sample_size:
+            x = x.reshape((len(x), *shape))
+        elif x.ndim == 1 and x.size == self._sample_size:
+            x = x.reshape((1, *shape))
+        else:
+            raise InputError(
+                f"input shape {tuple(x.shape)} does not fit the model: expected {shape} for one sample, "
+                f"(n, {', '.join(map(str, shape))}) for a batch, or (n, {self._sample_size}) flat rows"
+            )
+        if len(x) == 0:
+            raise InputError("the batch is empty")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise InputError("inputs contain NaN or infinite values")
+        return x
+
+    def preprocess(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray((batch - self.mean) / self.std, dtype=np.float32)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for an already checked raw batch (see `as_batch`)."""
+        out = self.session.run(self.output_names[:1], {self.input_name: self.preprocess(batch)})[0]
+        return np.asarray(out)
+
+    def self_test(self) -> dict[str, Any]:
+        """Run the bundle's recorded inputs and compare with the recorded outputs; raises if they differ."""
+        if self.selftest is None:
+            return {"ran": False, "reason": f"bundle has no {SELFTEST}"}
+        inputs, expected = self.selftest
+        try:
+            got = self.run(self.as_batch(inputs))
+        except InputError as exc:
+            raise VerificationError(SELFTEST, f"recorded inputs do not fit the model: {exc}") from exc
+        expected = expected.reshape(got.shape) if expected.size == got.size else expected
+        if got.shape != expected.shape:
+            raise VerificationError(SELFTEST, f"model gave outputs of shape {got.shape}, recorded {expected.shape}")
+        scale = float(np.max(np.abs(expected))) if expected.size else 1.0
+        max_diff = float(np.max(np.abs(got - expected))) if expected.size else 0.0
+        same_class = bool(np.array_equal(got.argmax(axis=1), expected.argmax(axis=1)))
+        if not same_class or max_diff > SELFTEST_ATOL + SELFTEST_RTOL * scale:
+            raise VerificationError(
+                SELFTEST,
+                f"model outputs differ from the recorded ones on this device (max abs diff {max_diff:.4g}, "
+                f"classes {'match' if same_class else 'differ'})",
+            )
+        return {"ran": True, "samples": len(inputs), "max_abs_diff": max_diff}
+
+
+def _read_selftest(bundle: Bundle) -> tuple[np.ndarray, np.ndarray] | None:
+    data = bundle.members.get(SELFTEST)
+    if data is None:
+        return None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return np.asarray(npz["inputs"]), np.asarray(npz["outputs"], dtype=np.float32)
+    except (KeyError, ValueError, OSError) as exc:
+        raise VerificationError(SELFTEST, f"not an npz with 'inputs' and 'outputs': {exc}") from exc

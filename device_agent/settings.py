@@ -1,0 +1,181 @@
+"""`edge-agent run` settings: a TOML file (`--config`), overridden by command-line flags.
+
+    [agent]                                  [mqtt]
+    bundle = "/var/lib/edge-agent/bundles"   broker = "mqtts://broker.example:8883"
+    device_id = "cam-7"                      username = "cam-7"
+    fleet = "default"                        password_file = "/etc/edge-agent/mqtt-password"
+    spool = "/var/lib/edge-agent/spool.db"   ca_certs = "/etc/edge-agent/ca.pem"
+    http = "127.0.0.1:8081"                  certfile = "..."   keyfile = "..."
+    window_seconds = 60                      keepalive = 30
+    pubkey = "/etc/edge-agent/edgekit.pub"   session_expiry = 604800
+    require_signature = true                 reconnect_min = 0.5
+    spool_max_windows = 10000                reconnect_max = 60
+    watch_interval = 2.0                     compress = true
+    threads = 0
+
+Strict like the project config: an unknown key or a wrong type is exit 2 naming the dotted key.
+Relative paths are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import ConfigError, UsageError
+from device_agent.transport import BrokerConfig
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    broker: str | None = None
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+    ca_certs: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    tls_insecure: bool = False
+    keepalive: int = 30
+    session_expiry: int = 7 * 24 * 3600
+    reconnect_min: float = 0.5
+    reconnect_max: float = 60.0
+    compress: bool = True
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    bundle: Path | None = None
+    device_id: str | None = None
+    fleet: str = "default"
+    spool: Path | None = None
+    spool_max_windows: int = 10_000
+    http: str | None = None
+    window_seconds: float = 60.0
+    pubkey: Path | None = None
+    require_signature: bool = False
+    watch_interval: float = 2.0
+    threads: int = 0
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+
+    def spool_path(self) -> Path:
+        if self.spool is not None:
+            return self.spool
+        # systemd's StateDirectory= sets this; elsewhere the spool lives next to where we run.
+        state = os.environ.get("STATE_DIRECTORY")
+        return Path(state.split(":")[0]) / "spool.db" if state else Path("edge-agent-spool.db")
+
+    def broker_config(self) -> BrokerConfig:
+        m = self.mqtt
+        if not m.broker:
+            raise ConfigError("mqtt.broker", "required: pass --broker mqtt://HOST:PORT or set it in the config")
+        password = m.password
+        if m.password_file is not None:
+            try:
+                password = m.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError("mqtt.password_file", f"cannot read {m.password_file}: {exc}") from exc
+        options: dict[str, Any] = {
+            "ca_certs": _str(m.ca_certs), "certfile": _str(m.certfile), "keyfile": _str(m.keyfile),
+            "insecure": m.tls_insecure, "keepalive": m.keepalive, "session_expiry": m.session_expiry,
+            "reconnect_min": m.reconnect_min, "reconnect_max": m.reconnect_max,
+        }
+        if m.username:
+            options.update(username=m.username, password=password)
+        for key in ("ca_certs", "certfile", "keyfile"):
+            if options[key] is not None and not Path(options[key]).is_file():
+                raise ConfigError(f"mqtt.{key}", f"file not found: {options[key]}")
+        return BrokerConfig.from_url(m.broker, **options)
+
+
+def _str(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
+_PATH_KEYS = {"bundle", "spool", "pubkey", "password_file", "ca_certs", "certfile", "keyfile"}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any, annotation: str, base: Path) -> Any:
+    dotted = f"{section}.{key}"
+    if key in _PATH_KEYS:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(dotted, "must be a non-empty path string")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    if "bool" in annotation:
+        if not isinstance(value, bool):
+            raise ConfigError(dotted, f"must be true or false, got {value!r}")
+        return value
+    if annotation.startswith("int"):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(dotted, f"must be a non-negative integer, got {value!r}")
+        return value
+    if annotation.startswith("float"):
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(dotted, f"must be a positive number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(dotted, f"must be a string, got {value!r}")
+    return value
+
+
+def _section(cls: type[Any], name: str, data: Any, base: Path) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(name, "must be a table")
+    known = {f.name: f for f in fields(cls) if f.name != "mqtt"}
+    out = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}", f"unknown key; allowed: {', '.join(sorted(known))}")
+        f = known[key]
+        out[key] = _coerce(name, key, value, f.default, str(f.type), base)
+    return out
+
+
+def load_settings(path: str | Path | None) -> AgentSettings:
+    """Settings from a TOML file (or the defaults when `path` is None)."""
+    if path is None:
+        return AgentSettings()
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise UsageError(f"config file not found: {p}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), f"not valid TOML: {exc}") from exc
+    unknown = set(data) - {"agent", "mqtt"}
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown section; allowed: agent, mqtt")
+    base = p.resolve().parent
+    agent = _section(AgentSettings, "agent", data.get("agent", {}), base)
+    mqtt = _section(MqttSettings, "mqtt", data.get("mqtt", {}), base)
+    return AgentSettings(**agent, mqtt=MqttSettings(**mqtt))
+
+
+def apply_flags(settings: AgentSettings, args: argparse.Namespace) -> AgentSettings:
+    """Flags given on the command line win over the config file."""
+    agent: dict[str, Any] = {}
+    for flag, key in (("bundle", "bundle"), ("spool", "spool"), ("pubkey", "pubkey")):
+        if getattr(args, flag, None):
+            agent[key] = Path(getattr(args, flag))
+    for flag in ("device_id", "fleet", "http"):
+        if getattr(args, flag, None):
+            agent[flag] = getattr(args, flag)
+    if getattr(args, "window_seconds", None) is not None:
+        if args.window_seconds <= 0:
+            raise ConfigError("window_seconds", "must be a positive number of seconds")
+        agent["window_seconds"] = float(args.window_seconds)
+    mqtt = replace(settings.mqtt, broker=args.broker) if getattr(args, "broker", None) else settings.mqtt
+    merged = replace(settings, **agent, mqtt=mqtt)
+    if merged.bundle is None:
+        raise ConfigError("agent.bundle", "required: pass --bundle PATH or set it in the config")
+    if not merged.device_id:
+        raise ConfigError("agent.device_id", "required: pass --device-id ID or set it in the config")
+    for key, value in (("device_id", merged.device_id), ("fleet", merged.fleet)):
+        if any(c in value for c in "/+#") or not value.strip():
+            raise ConfigError(f"agent.{key}", f"{value!r} cannot be an MQTT topic level (no '/', '+', '#')")
+    return merged

@@ -1,0 +1,88 @@
+"""Hot update: notice when the bundle on disk changed and hand it to the agent.
+
+`--bundle` may name a bundle file or a directory; for a directory the current bundle is the newest
+`*.edgebundle` in it (by modification time, then name), so a deployment tool can drop a new file
+next to the old one, or replace the file in place with an atomic rename. The watcher polls the
+file's identity (inode, size, mtime) every few seconds: polling needs no extra dependency and a
+device sees a handful of updates a year, so a couple of seconds of latency costs nothing.
+
+A candidate that fails to load is remembered by identity and not retried until it changes again,
+so a garbage file logs one error, not one per poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from device_agent.bundle import SUFFIX
+from device_agent.errors import EdgeKitError, UsageError
+
+log = logging.getLogger(__name__)
+
+Identity = tuple[str, int, int, int]
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """The bundle file `path` stands for: itself, or the newest *.edgebundle in a directory."""
+    p = Path(path)
+    if p.is_dir():
+        candidates = [c for c in p.glob(f"*{SUFFIX}") if c.is_file()]
+        if not candidates:
+            raise UsageError(f"no *{SUFFIX} file in {p}")
+        return max(candidates, key=lambda c: (c.stat().st_mtime_ns, c.name))
+    return p
+
+
+def bundle_identity(path: str | Path) -> Identity | None:
+    try:
+        target = resolve_bundle(path)
+        st = os.stat(target)
+    except (OSError, UsageError):
+        return None
+    return (str(target), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class BundleWatcher:
+    """Polls a bundle path and calls `on_change(path)` when what it points at changed."""
+
+    def __init__(self, path: str | Path, on_change: Callable[[Path], Any], *, interval: float = 2.0) -> None:
+        self.path = Path(path)
+        self.on_change = on_change
+        self.interval = interval
+        self._seen = bundle_identity(self.path)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> bool:
+        """One poll; True if a change was handed to `on_change` (whatever its outcome)."""
+        identity = bundle_identity(self.path)
+        if identity is None or identity == self._seen:
+            return False
+        self._seen = identity
+        target = Path(identity[0])
+        log.info("bundle changed: %s", target)
+        try:
+            self.on_change(target)
+        except EdgeKitError:
+            pass  # the agent logged and reported it; wait for the next change
+        except Exception:
+            log.exception("loading %s failed unexpectedly; still serving the previous bundle", target)
+        return True
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stopping.wait(self.interval):
+                self.check()
+
+        self._thread = threading.Thread(target=loop, name="bundle-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

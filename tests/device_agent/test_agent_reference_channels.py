@@ -1,0 +1,59 @@
+"""Channels and reference histograms: the binning rule and the vectorised Histogrammer agree."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from device_agent.channels import MonitorPlan, softmax
+from device_agent.reference import Reference, bin_counts, build_reference, class_edges
+from device_agent.summary import Histogrammer
+
+
+def test_image_channels_are_row_and_column_means_plus_outputs() -> None:
+    plan = MonitorPlan.for_image((1, 4, 3), ["a", "b"])
+    assert plan.channel_names == [
+        "in.row0", "in.row1", "in.row2", "in.row3", "in.col0", "in.col1", "in.col2", "in.mean", "in.std",
+        "out.p.a", "out.p.b", "out.confidence", "out.pred",
+    ]
+    x = np.arange(24, dtype=np.float32).reshape(2, 1, 4, 3)
+    logits = np.array([[0.0, 2.0], [3.0, 1.0]])
+    v = plan.values(x, logits)
+    assert v.shape == (2, 13)
+    np.testing.assert_allclose(v[0, :4], x[0, 0].mean(axis=1))
+    np.testing.assert_allclose(v[1, 4:7], x[1, 0].mean(axis=0))
+    np.testing.assert_allclose(v[:, 9:11], softmax(logits))
+    assert v[:, 12].tolist() == [1.0, 0.0]
+    assert MonitorPlan.from_manifest(plan.to_manifest()) == plan
+
+
+def test_binning_rule_puts_outliers_in_the_outer_bins() -> None:
+    edges = np.array([0.0, 1.0, 2.0, 3.0])
+    assert bin_counts(np.array([-5.0, 0.0, 0.99, 1.0, 2.5, 3.0, 99.0]), edges).tolist() == [3, 1, 3]
+    assert class_edges(3).tolist() == [-0.5, 0.5, 1.5, 2.5]
+
+
+def test_histogrammer_matches_the_per_channel_rule_and_reference_roundtrips() -> None:
+    plan = MonitorPlan.for_features(["a", "b"], ["x", "y", "z"])
+    rng = np.random.default_rng(0)
+    values = plan.values(rng.normal(size=(300, 2)), rng.normal(size=(300, 3)))
+    ref = build_reference(plan, values, bins=10)
+    assert ref.channels["out.pred"].bins == 3  # one bin per class
+    again = Reference.from_json(json.loads(json.dumps(ref.to_json())))
+    h = Histogrammer(again)
+    fresh = plan.values(rng.normal(1.0, size=(50, 2)), rng.normal(size=(50, 3)))
+    counts = h.counts(fresh)
+    for j, name in enumerate(plan.channel_names):
+        c = again.channels[name]
+        assert counts[j, : c.bins].tolist() == bin_counts(fresh[:, j], c.edges).tolist()
+        assert counts[j, c.bins :].sum() == 0
+
+
+def test_malformed_reference_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Reference.from_json({"schema": "edgekit.reference/1", "channels": {
+            "a": {"kind": "numeric", "edges": [0.0, 0.0, 1.0], "counts": [1, 1], "n": 2, "mean": 0.0, "std": 1.0}}})
+    with pytest.raises(ValueError):
+        Reference.from_json({"schema": "nope", "channels": {}})

@@ -1,0 +1,71 @@
+"""ONNX Runtime model: same preprocessing as the build, clear refusals for bad inputs, self-test."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from device_agent.agent import load_model
+from device_agent.bundle import SELFTEST
+from device_agent.errors import InputError, VerificationError
+from tests.helpers.bundles import MEAN, STD, digits_like_inputs, make_bundle, run_model
+
+
+def test_outputs_match_the_model_run_with_the_build_preprocessing(bundle_v1: Path) -> None:
+    loaded = load_model(bundle_v1)
+    x = digits_like_inputs(20, seed=5)
+    expected = run_model(_model_bytes(bundle_v1), x)
+    np.testing.assert_allclose(loaded.runtime.run(loaded.runtime.as_batch(x)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loaded.runtime.preprocess(x), (x - MEAN) / STD, rtol=1e-6)
+    assert loaded.selftest["ran"] and loaded.selftest["max_abs_diff"] < 1e-4
+
+
+def _model_bytes(bundle: Path) -> bytes:
+    with zipfile.ZipFile(bundle) as zf:
+        return zf.read("model.onnx")
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 1, 8, 8), (3, 64), (64,)])
+def test_accepted_input_layouts(bundle_v1: Path, shape: tuple[int, ...]) -> None:
+    runtime = load_model(bundle_v1).runtime
+    x = np.ones(shape, dtype=np.int64)  # integers are converted
+    batch = runtime.as_batch(x)
+    assert batch.dtype == np.float32 and batch.shape[1:] == (1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (np.ones((2, 8, 7)), "does not fit"),
+        (np.ones((2, 65)), "does not fit"),
+        (np.full((1, 8, 8), np.nan), "NaN"),
+        (np.full((1, 8, 8), np.inf), "NaN or infinite"),
+        (np.array([["a"] * 64]), "numeric"),
+        (np.ones((1, 8, 8), dtype=bool), "booleans"),
+        (np.ones((0, 1, 8, 8)), "empty"),
+    ],
+)
+def test_bad_inputs_are_refused_with_a_clear_message(bundle_v1: Path, value: np.ndarray, message: str) -> None:
+    runtime = load_model(bundle_v1).runtime
+    with pytest.raises(InputError, match=message):
+        runtime.as_batch(value)
+
+
+def test_int8_bundle_loads_and_self_tests(tmp_path: Path) -> None:
+    loaded = load_model(make_bundle(tmp_path, int8=True))
+    nodes = {n.op_type for n in onnx.load_from_string(_model_bytes(loaded.path)).graph.node}
+    assert "QuantizeLinear" in nodes and "DequantizeLinear" in nodes
+    assert loaded.selftest["ran"]
+
+
+def test_a_bundle_whose_outputs_differ_on_this_device_fails_its_self_test(tmp_path: Path) -> None:
+    wrong = np.zeros((8, 10), dtype=np.float32)
+    wrong[:, 3] = 5.0
+    path = make_bundle(tmp_path, selftest_outputs=wrong)
+    with pytest.raises(VerificationError) as err:
+        load_model(path)
+    assert err.value.member == SELFTEST
