@@ -1,0 +1,105 @@
+"""`edge-kit fleet serve`: MQTT consumers (one process each), drift evaluation, dashboard and API.
+
+Consumers run as separate processes (`--workers N`, spawned) so ingest does not share a GIL with the
+HTTP server and the drift evaluation; they share the database and the MQTT 5 shared subscription.
+A consumer that dies is restarted; SIGTERM or Ctrl-C stops everything cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import multiprocessing.synchronize
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from edge_kit.errors import UsageError
+from edge_kit.fleet.ingest import ConsumerConfig, parse_broker_url, run_consumer
+from edge_kit.fleet.references import ReferenceStore
+from edge_kit.fleet.server import make_server, serve_in_thread
+from edge_kit.fleet.service import FleetService
+from edge_kit.fleet.settings import load_settings
+from edge_kit.fleet.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UsageError(f"--http must be HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def _worker_main(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event, level: int) -> None:
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s worker{cfg.worker} %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    run_consumer(cfg, stop)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = load_settings(args.config)
+    parse_broker_url(args.broker)
+    host, port = _host_port(args.http)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if not args.bundle and not args.bundles:
+        raise UsageError("fleet serve needs the models' reference histograms: give --bundle B or --bundles DIR")
+    storage = Storage(args.db)  # creates the schema before any worker touches it
+    references = ReferenceStore(args.bundle, args.bundles)
+    service = FleetService(storage, references, settings)
+    try:
+        http = make_server(service, host, port)
+    except OSError as exc:
+        raise UsageError(f"--http {args.http}: cannot listen: {exc}") from exc
+
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    group = f"edgekit-fleet-{args.fleet}"
+    level = logging.getLogger().getEffectiveLevel()
+
+    def config(i: int) -> ConsumerConfig:
+        return ConsumerConfig(broker=args.broker, db=args.db, fleet=args.fleet, group=group, worker=i,
+                              bundles=tuple(args.bundle), bundles_dir=args.bundles, settings=settings,
+                              subscribe_status=(i == 0),
+                              client_id=f"{group}-{socket.gethostname()}-{i}")
+
+    def start_worker(i: int) -> multiprocessing.process.BaseProcess:
+        p = ctx.Process(target=_worker_main, args=(config(i), stop, level), name=f"fleet-consumer-{i}")
+        p.start()
+        return p
+
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    workers = [start_worker(i) for i in range(args.workers)]
+    serve_in_thread(http)
+    service.start()
+    log.info("fleet %s: %d consumer(s) on %s, dashboard http://%s:%d/, %d model(s) known",
+             args.fleet, args.workers, args.broker, host, port, len(references.all()))
+    restarts = 0
+    try:
+        while not stopping.wait(1.0):
+            for i, p in enumerate(workers):
+                if not p.is_alive():
+                    log.error("consumer %d exited (code %s); restarting it", i, p.exitcode)
+                    restarts += 1
+                    time.sleep(min(restarts, 10))  # back off if the broker is down
+                    workers[i] = start_worker(i)
+    finally:
+        stop.set()
+        for p in workers:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        service.stop()
+        http.shutdown()
+        http.server_close()
+        storage.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return {"stopped": True, "workers": args.workers, "restarts": restarts}

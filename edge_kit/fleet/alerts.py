@@ -1,0 +1,127 @@
+"""Alerts: stored, shown, exported, and optionally turned into a retraining run.
+
+Life of an alert: created `pending_approval` (approval mode "manual", the default: an operator
+approves it in the dashboard or with `POST /api/alerts/<id>/approve`) or approved at once ("auto").
+Approval runs the configured retraining command (`edge-kit build --config ...`, `dvc repro`, ...),
+at most once per `retrain_min_interval_seconds` across all alerts; a trigger inside that interval
+is recorded as `rate_limited` and the alert waits for another approval. Every trigger is stored
+with its outcome (`succeeded`, `failed`, `timeout`, `rate_limited`, `no_command`), exit code and
+the tail of its output. The command gets EDGEKIT_ALERT_ID, EDGEKIT_MODEL_SHA256 and
+EDGEKIT_ALERT_SCOPE in its environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edge_kit.fleet.settings import AlertSettings
+from edge_kit.fleet.storage import Storage
+
+log = logging.getLogger(__name__)
+OUTPUT_TAIL = 4000
+
+
+class AlertError(ValueError):
+    """An alert action that does not apply (unknown id, wrong state); `status` is the HTTP code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AlertManager:
+    def __init__(self, storage: Storage, settings: AlertSettings, clock: Callable[[], float] = time.time) -> None:
+        self.storage = storage
+        self.settings = settings
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def raise_alert(self, model_sha256: str, scope: str, kind: str, summary: str,
+                    detail: dict[str, Any]) -> tuple[int, bool]:
+        """Store an alert unless one stands for the same condition; returns (id, created)."""
+        existing = self.storage.open_alert(model_sha256, scope, kind)
+        if existing is not None:
+            return int(existing["id"]), False
+        auto = self.settings.approval == "auto"
+        alert_id = self.storage.create_alert(model_sha256, scope, kind, "approved" if auto else "pending_approval",
+                                             summary, detail)
+        log.warning("alert %d: %s", alert_id, summary)
+        if auto:
+            self._trigger(alert_id, model_sha256, scope)
+        return alert_id, True
+
+    def approve(self, alert_id: int, by: str = "operator") -> dict[str, Any]:
+        with self._lock:
+            alert = self.storage.alert(alert_id)
+            if alert is None:
+                raise AlertError(404, f"no alert {alert_id}")
+            if alert["state"] not in ("pending_approval", "rate_limited"):
+                raise AlertError(409, f"alert {alert_id} is {alert['state']}, not waiting for approval")
+            self.storage.set_alert_state(alert_id, "approved", approved_by=by)
+        self._trigger(alert_id, str(alert["model_sha256"]), str(alert["scope"]))
+        found = self.storage.alert(alert_id)
+        assert found is not None
+        return found
+
+    def dismiss(self, alert_id: int) -> dict[str, Any]:
+        alert = self.storage.alert(alert_id)
+        if alert is None:
+            raise AlertError(404, f"no alert {alert_id}")
+        if alert["state"] == "retraining":
+            raise AlertError(409, f"alert {alert_id} is retraining; wait for the outcome")
+        self.storage.set_alert_state(alert_id, "dismissed")
+        found = self.storage.alert(alert_id)
+        assert found is not None
+        return found
+
+    def _trigger(self, alert_id: int, model_sha256: str, scope: str) -> None:
+        command = list(self.settings.retrain_command)
+        with self._lock:
+            if not command:
+                self.storage.add_trigger(alert_id, [], "no_command", finished=True,
+                                         output="no alerts.retrain_command configured")
+                self.storage.set_alert_state(alert_id, "approved")
+                return
+            last = self.storage.last_run_trigger_at()
+            now = self.clock()
+            if last is not None and now - last < self.settings.retrain_min_interval_seconds:
+                wait = self.settings.retrain_min_interval_seconds - (now - last)
+                note = f"a retraining ran {now - last:.0f} s ago; next allowed in {wait:.0f} s"
+                self.storage.add_trigger(alert_id, command, "rate_limited", finished=True, output=note)
+                self.storage.set_alert_state(alert_id, "rate_limited")
+                return
+            trigger_id = self.storage.add_trigger(alert_id, command, "running")
+            self.storage.set_alert_state(alert_id, "retraining")
+        env = dict(os.environ, EDGEKIT_ALERT_ID=str(alert_id), EDGEKIT_MODEL_SHA256=model_sha256,
+                   EDGEKIT_ALERT_SCOPE=scope)
+        thread = threading.Thread(target=self._run, args=(alert_id, trigger_id, command, env),
+                                  name=f"retrain-{alert_id}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _run(self, alert_id: int, trigger_id: int, command: list[str], env: dict[str, str]) -> None:
+        try:
+            proc = subprocess.run(command, env=env, capture_output=True, text=True,
+                                  timeout=self.settings.retrain_timeout_seconds)
+            outcome = "succeeded" if proc.returncode == 0 else "failed"
+            output, code = (proc.stdout + proc.stderr)[-OUTPUT_TAIL:], proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            outcome, code = "timeout", None
+            output = f"killed after {self.settings.retrain_timeout_seconds} s: {exc}"[-OUTPUT_TAIL:]
+        except OSError as exc:  # command not found, not executable
+            outcome, code, output = "failed", None, f"could not start {command[0]!r}: {exc}"
+        self.storage.finish_trigger(trigger_id, outcome, code, output)
+        self.storage.set_alert_state(alert_id, "retrained" if outcome == "succeeded" else "retrain_failed")
+        log.warning("alert %d: retraining %s (exit %s)", alert_id, outcome, code)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Wait for running retraining commands (tests, shutdown)."""
+        for t in list(self._threads):
+            t.join(timeout)

@@ -1,0 +1,284 @@
+"""Drift decisions per model version, for the whole fleet (windows pooled) and for each device.
+
+Tests per channel, against the bundle's reference histogram:
+- numeric channels (inputs, each softmax output, confidence): binned two-sample KS, and chi-square
+  on the same bins (it catches spread changes KS misses), Bonferroni over the two;
+- the predicted class: chi-square on the class counts.
+Testing every softmax output with KS under Bonferroni plus chi-square on the predicted class is the
+black-box shift detector that did best in Rabanser, Günnemann and Lipton, "Failing Loudly"
+(NeurIPS 2019); the input channels add a direct view of what changed.
+
+Multiple testing and practical relevance:
+- Bonferroni across one model's channels: a window's channel p-values are multiplied by the number
+  of channels, so a window has at most alpha chance of any false flag.
+- Benjamini-Hochberg across devices: the device windows' p-values (min over channels, Bonferroni'd)
+  go through BH at alpha; its step-up cutoff then decides which channels of which device flag.
+- A window with fewer than `min_n` inferences is not tested; a flag needs the corrected p-value at
+  or below the cutoff and an effect above the practical threshold (Wasserstein distance in reference
+  standard deviations for numeric channels, total variation for the predicted class), and an alert
+  needs k flagged windows among the last m tested ones. Big fleets make tiny, harmless differences
+  significant; the effect threshold and the k-of-m rule keep those from paging anyone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_kit.fleet import stats
+from edge_kit.fleet.references import ModelReference
+from edge_kit.fleet.settings import DriftSettings
+from edge_kit.fleet.storage import Storage
+
+CHUNK = 1024  # windows tested at once: bounds memory at 10,000s of devices x 100s of channels
+
+
+@dataclass
+class ChannelResults:
+    """Per-channel test results for a stack of windows: every array is (W, C)."""
+
+    n: np.ndarray  # (W,)
+    ks: np.ndarray
+    ks_p: np.ndarray
+    chi2: np.ndarray
+    chi2_p: np.ndarray
+    chi2_valid: np.ndarray
+    wasserstein: np.ndarray
+    tvd: np.ndarray
+    p_channel: np.ndarray  # each channel's tests combined (Bonferroni over its own tests)
+    p_adjusted: np.ndarray  # Bonferroni across the model's channels
+    effect: np.ndarray  # the effect the practical threshold applies to
+    effect_ok: np.ndarray
+    psi: np.ndarray | None = None
+    ks_bound: np.ndarray | None = None
+
+
+def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSettings,
+                 *, details: bool = False) -> ChannelResults:
+    """Run every channel's tests on (W, C, B) counts."""
+    counts = np.asarray(counts)
+    n = counts[:, 0, :].sum(axis=-1)
+    is_class = ref.is_class
+    ks = stats.ks_statistic(ref.counts, counts)
+    ks_p = stats.ks_pvalue(ks, ref.n[None, :], n[:, None])
+    chi2, chi2_p, chi2_valid = stats.chi_square(ref.counts, counts)
+    # Numeric: KS and chi-square, Bonferroni over the two (chi-square counts only when valid).
+    numeric_p = np.where(chi2_valid, np.minimum(2.0 * np.minimum(ks_p, chi2_p), 1.0), ks_p)
+    p_channel = np.where(is_class[None, :], chi2_p, numeric_p)
+    p_adjusted = stats.bonferroni(p_channel, len(ref.channel_names))
+    w = stats.wasserstein(ref.counts, counts, ref.edges, ref.std)
+    tvd = stats.total_variation(ref.counts, counts)
+    effect = np.where(is_class[None, :], tvd, w)
+    threshold = np.where(is_class, settings.effect_class_tvd, settings.effect_wasserstein)
+    result = ChannelResults(n, ks, ks_p, chi2, chi2_p, chi2_valid, w, tvd, p_channel, p_adjusted, effect,
+                            effect >= threshold[None, :])
+    if details:
+        result.psi = stats.psi(ref.counts, counts, ref.bins[None, :])
+        result.ks_bound = stats.ks_binning_bound(ref.counts, counts)
+    return result
+
+
+@dataclass
+class Evaluation:
+    model: str
+    evaluated_at: float
+    cutoff: float  # BH step-up cutoff across device windows (0: nothing discovered)
+    fleet_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    device_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    fleet_flags: list[bool] = field(default_factory=list)  # last m tested fleet buckets, oldest first
+    fleet_alert: bool = False
+    fleet_channels: list[str] = field(default_factory=list)
+    device_alerts: dict[str, list[str]] = field(default_factory=dict)  # device -> drifted channels
+    tested_device_windows: int = 0
+    untested_small_windows: int = 0
+    seconds: float = 0.0
+
+    def detail(self) -> dict[str, Any]:
+        return {
+            "cutoff": self.cutoff,
+            "fleet_flags": self.fleet_flags,
+            "fleet_alert": self.fleet_alert,
+            "fleet_channels": self.fleet_channels,
+            "device_alerts": self.device_alerts,
+            "tested_device_windows": self.tested_device_windows,
+            "untested_small_windows": self.untested_small_windows,
+            "seconds": self.seconds,
+        }
+
+
+def k_of_m(flags: list[bool], k: int, m: int) -> bool:
+    return sum(flags[-m:]) >= k
+
+
+def _fleet_rows(ref: ModelReference, bucket: float, r: ChannelResults, i: int,
+                drifted: np.ndarray) -> list[tuple[Any, ...]]:
+    rows = []
+    for c, name in enumerate(ref.channel_names):
+        is_class = ref.kinds[c] == "class"
+        psi_value = None if r.psi is None or not np.isfinite(r.psi[i, c]) else float(r.psi[i, c])
+        detail = {
+            "ks_p": float(r.ks_p[i, c]), "chi2": float(r.chi2[i, c]), "chi2_p": float(r.chi2_p[i, c]),
+            "chi2_valid": bool(r.chi2_valid[i, c]), "wasserstein_sd": float(r.wasserstein[i, c]),
+            "tvd": float(r.tvd[i, c]), "psi": psi_value, "psi_band": stats.psi_band(psi_value),
+            "p_raw": float(r.p_channel[i, c]),
+            "ks_binning_bound": None if r.ks_bound is None else float(r.ks_bound[i, c]),
+            "effect_name": "tvd" if is_class else "wasserstein_sd",
+        }
+        rows.append((ref.sha256, bucket, name, int(r.n[i]), "chi2" if is_class else "ks+chi2",
+                     float(r.chi2[i, c] if is_class else r.ks[i, c]), float(r.p_adjusted[i, c]),
+                     float(r.effect[i, c]), int(drifted[i, c]), _json(detail)))
+    return rows
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj)
+
+
+def evaluate_counts(ref: ModelReference, devices: np.ndarray, starts: np.ndarray, flat_counts: np.ndarray,
+                    settings: DriftSettings, now: float | None = None) -> Evaluation:
+    """Fleet and per-device decisions from stored windows (arrays, one entry per window).
+
+    `flat_counts` is (W, sum(bins)) as stored; windows must be sorted by start time.
+    """
+    t0 = time.perf_counter()
+    ev = Evaluation(model=ref.sha256, evaluated_at=time.time() if now is None else now, cutoff=0.0)
+    w_total = len(starts)
+    n_window = flat_counts[:, : int(ref.bins[0])].sum(axis=1) if w_total else np.zeros(0, dtype=np.int64)
+
+    # Fleet level: pool the windows of each time bucket.
+    buckets = np.floor(starts / settings.fleet_window_seconds) * settings.fleet_window_seconds
+    bucket_ids, inverse = np.unique(buckets, return_inverse=True)
+    pooled = np.zeros((len(bucket_ids), flat_counts.shape[1] if w_total else 0), dtype=np.int64)
+    np.add.at(pooled, inverse, flat_counts)
+    bucket_n = pooled[:, : int(ref.bins[0])].sum(axis=1) if len(bucket_ids) else np.zeros(0)
+    tested = np.nonzero(bucket_n >= settings.min_n)[0][-settings.m :]
+    if tested.size:
+        r = test_windows(ref, ref.unflatten(pooled[tested]), settings, details=True)
+        drifted = (r.p_adjusted <= settings.alpha) & r.effect_ok
+        for i, b in enumerate(tested):
+            ev.fleet_rows += _fleet_rows(ref, float(bucket_ids[b]), r, i, drifted)
+        ev.fleet_flags = [bool(x) for x in drifted.any(axis=1)]
+        ev.fleet_alert = k_of_m(ev.fleet_flags, settings.k, settings.m)
+        if ev.fleet_alert:
+            hit = drifted.any(axis=0)
+            ev.fleet_channels = [ref.channel_names[c] for c in np.nonzero(hit)[0]]
+
+    # Device level: each device's last m windows with enough inferences.
+    big = n_window >= settings.min_n
+    ev.untested_small_windows = int((~big).sum())
+    order = np.lexsort((starts, devices))
+    order = order[big[order]]
+    dev_sorted = devices[order]
+    # Keep the last m per device: position from the end within each device's run.
+    if order.size:
+        run_end = np.r_[np.nonzero(dev_sorted[1:] != dev_sorted[:-1])[0], len(order) - 1]
+        run_id = np.r_[0, np.cumsum(dev_sorted[1:] != dev_sorted[:-1])]
+        from_end = run_end[run_id] - np.arange(len(order))
+        order = order[from_end < settings.m]
+    ev.tested_device_windows = int(order.size)
+    p_dev = np.ones(order.size)
+    p_adj_chunks: list[np.ndarray] = []
+    eff_chunks: list[np.ndarray] = []
+    ok_chunks: list[np.ndarray] = []
+    for lo in range(0, order.size, CHUNK):
+        idx = order[lo : lo + CHUNK]
+        r = test_windows(ref, ref.unflatten(flat_counts[idx]), settings)
+        p_dev[lo : lo + len(idx)] = r.p_adjusted.min(axis=1)
+        # Keep only what the decision needs, as float32, to bound memory at large fleets.
+        p_adj_chunks.append(r.p_adjusted.astype(np.float32))
+        eff_chunks.append(r.effect.astype(np.float32))
+        ok_chunks.append(r.effect_ok)
+    q_dev, ev.cutoff = stats.benjamini_hochberg(p_dev, settings.alpha)
+    flags_by_device: dict[str, list[bool]] = {}
+    channels_by_device: dict[str, set[str]] = {}
+    for lo, p_adj, eff, ok in zip(range(0, order.size, CHUNK), p_adj_chunks, eff_chunks, ok_chunks, strict=True):
+        drifted = (p_adj <= ev.cutoff) & ok
+        any_drift = drifted.any(axis=1)
+        for j in range(len(p_adj)):
+            w = order[lo + j]
+            device = str(devices[w])
+            names = [ref.channel_names[c] for c in np.nonzero(drifted[j])[0]]
+            flags_by_device.setdefault(device, []).append(bool(any_drift[j]))
+            if any_drift[j]:
+                channels_by_device.setdefault(device, set()).update(names)
+            ev.device_rows.append((ref.sha256, device, float(starts[w]), int(n_window[w]), float(p_dev[lo + j]),
+                                   float(q_dev[lo + j]), float(eff[j].max()), int(any_drift[j]),
+                                   _json(names)))
+    for device, flags in flags_by_device.items():
+        if k_of_m(flags, settings.k, settings.m):
+            ev.device_alerts[device] = sorted(channels_by_device.get(device, set()))
+    ev.seconds = time.perf_counter() - t0
+    return ev
+
+
+def load_windows(storage: Storage, ref: ModelReference, since: float,
+                 device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(devices, starts, flat counts) of stored windows, oldest first."""
+    rows = storage.windows(ref.sha256, since, device)
+    total = int(ref.bins.sum())
+    if not rows:
+        return np.array([], dtype=object), np.zeros(0), np.zeros((0, total), dtype=np.int64)
+    devices = np.array([r[0] for r in rows], dtype=object)
+    starts = np.array([r[1] for r in rows], dtype=np.float64)
+    flat = np.frombuffer(b"".join(bytes(r[4]) for r in rows), dtype=np.int64).reshape(len(rows), total)
+    return devices, starts, flat
+
+
+def evaluate_model(storage: Storage, ref: ModelReference, settings: DriftSettings,
+                   now: float | None = None) -> Evaluation:
+    """Evaluate one model version from the database and store the results."""
+    now = time.time() if now is None else now
+    devices, starts, flat = load_windows(storage, ref, now - settings.lookback_seconds)
+    ev = evaluate_counts(ref, devices, starts, flat, settings, now)
+    storage.save_evaluation(ref.sha256, ev.evaluated_at, ev.detail(), ev.fleet_rows, ev.device_rows)
+    return ev
+
+
+def device_channels(storage: Storage, ref: ModelReference, device: str, settings: DriftSettings,
+                    cutoff: float, now: float | None = None) -> list[dict[str, Any]]:
+    """Per-channel results of one device's last m tested windows, flagged with the fleet's BH cutoff."""
+    now = time.time() if now is None else now
+    _, starts, flat = load_windows(storage, ref, now - settings.lookback_seconds, device)
+    n = flat[:, : int(ref.bins[0])].sum(axis=1) if len(starts) else np.zeros(0)
+    keep = np.nonzero(n >= settings.min_n)[0][-settings.m :]
+    if not keep.size:
+        return []
+    r = test_windows(ref, ref.unflatten(flat[keep]), settings, details=True)
+    drifted = (r.p_adjusted <= cutoff) & r.effect_ok
+    out = []
+    for i, w in enumerate(keep):
+        for c, name in enumerate(ref.channel_names):
+            is_class = ref.kinds[c] == "class"
+            out.append({
+                "model": ref.sha256, "scope": "device", "device": device, "window_start": float(starts[w]),
+                "n": int(r.n[i]), "channel": name, "test": "chi2" if is_class else "ks+chi2",
+                "statistic": float(r.chi2[i, c] if is_class else r.ks[i, c]), "p_value": float(r.p_adjusted[i, c]),
+                "effect": float(r.effect[i, c]), "effect_name": "tvd" if is_class else "wasserstein_sd",
+                "drifted": bool(drifted[i, c]),
+            })
+    return out
+
+
+def pooled_histogram(storage: Storage, ref: ModelReference, channel: str, since: float,
+                     device: str | None = None) -> dict[str, Any]:
+    """Reference vs current fractions of one channel (current = windows since `since`, pooled)."""
+    c = ref.channel_names.index(channel)
+    _, _, flat = load_windows(storage, ref, since, device)
+    offset = int(ref.bins[:c].sum())
+    bins = int(ref.bins[c])
+    current = flat[:, offset : offset + bins].sum(axis=0) if len(flat) else np.zeros(bins, dtype=np.int64)
+    ref_counts = ref.counts[c, :bins]
+    return {
+        "channel": channel,
+        "kind": ref.kinds[c],
+        "edges": [float(e) for e in ref.edges[c, : bins + 1]],
+        "reference": (ref_counts / max(int(ref_counts.sum()), 1)).tolist(),
+        "current": (current / max(int(current.sum()), 1)).tolist(),
+        "n_reference": int(ref_counts.sum()),
+        "n_current": int(current.sum()),
+    }

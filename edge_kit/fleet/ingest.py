@@ -1,0 +1,296 @@
+"""MQTT ingest: validate each summary against its model's reference, drop duplicates, store in batches.
+
+Delivery is at-least-once end to end. The consumer acknowledges a QoS-1 message (paho `manual_ack`)
+only after the transaction holding it has committed, so a consumer killed at any point loses
+nothing: the broker redelivers what was not acknowledged (persistent session: `clean_start=False`
+and a session expiry), and the database drops what it already has by the idempotency key
+`(device, model.sha256, window.start)`.
+
+Scale-out: every consumer subscribes through the MQTT 5 shared subscription
+`$share/<group>/edgekit/<fleet>/+/summary`, so the broker spreads summaries over all consumers of
+the group, whether they are processes of one `--workers N` server or servers on several machines.
+Status messages are retained, and retained messages are not delivered on shared subscriptions, so
+one consumer per server also subscribes to `edgekit/<fleet>/+/status` directly (upserts, so
+several servers doing it is harmless).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing.synchronize
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from device_agent.summary import PayloadError, WindowSummary
+from edge_kit.errors import UsageError
+from edge_kit.fleet.references import ModelReference, ReferenceStore
+from edge_kit.fleet.settings import FleetSettings, IngestSettings
+from edge_kit.fleet.storage import Storage, WindowRow
+
+log = logging.getLogger(__name__)
+
+# Window starts before this are a broken device clock (2020-01-01), not data.
+EARLIEST_WINDOW = 1_577_836_800.0
+# More inferences than this in one window is a corrupt or hostile count (and would overflow pooling).
+MAX_WINDOW_N = 10**12
+SESSION_EXPIRY_SECONDS = 24 * 3600
+
+
+def summary_topic(fleet: str, device: str = "+") -> str:
+    return f"edgekit/{fleet}/{device}/summary"
+
+
+def status_topic(fleet: str, device: str = "+") -> str:
+    return f"edgekit/{fleet}/{device}/status"
+
+
+def shared_topic(group: str, topic: str) -> str:
+    return f"$share/{group}/{topic}"
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    """mqtt://HOST:PORT or mqtts://HOST:PORT -> (host, port, tls)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise UsageError(f"--broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}")
+    tls = parsed.scheme == "mqtts"
+    try:
+        port = parsed.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise UsageError(f"--broker has a bad port: {url!r}") from exc
+    return parsed.hostname, port, tls
+
+
+def _topic_parts(topic: str) -> tuple[str, str, str]:
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != "edgekit":
+        raise PayloadError("topic", f"unexpected topic {topic!r}")
+    return parts[1], parts[2], parts[3]
+
+
+class Validator:
+    """Turns one MQTT message into a stored row, or raises PayloadError with a kind for /metrics."""
+
+    def __init__(self, references: ReferenceStore, settings: IngestSettings) -> None:
+        self.references = references
+        self.settings = settings
+        self._orders: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+
+    def summary(self, topic: str, data: bytes, content_type: str | None, now: float | None = None) -> WindowRow:
+        now = time.time() if now is None else now
+        if len(data) > self.settings.max_payload_bytes:
+            raise PayloadError("too_large", f"{len(data)} bytes > limit {self.settings.max_payload_bytes}")
+        fleet, device, _ = _topic_parts(topic)
+        s = WindowSummary.from_bytes(data, content_type)
+        if s.fleet != fleet or s.device != device:
+            raise PayloadError("topic_mismatch", f"payload says {s.fleet}/{s.device}, topic {topic!r}")
+        ref = self.references.get(s.model["sha256"])
+        if ref is None:
+            raise PayloadError("unknown_model", f"no bundle for model sha256 {s.model['sha256'][:16]}...")
+        order = self._order(ref, s.channel_names)
+        bins = s.bins[order]
+        if not np.array_equal(bins, ref.bins):
+            bad = ref.channel_names[int(np.argmax(bins != ref.bins))]
+            raise PayloadError("bins", f"channel {bad!r} counts are not aligned with the reference edges")
+        if s.n > MAX_WINDOW_N:
+            raise PayloadError("counts", f"n = {s.n} is not a plausible window size")
+        if s.window_end > now + self.settings.max_clock_skew_seconds:
+            raise PayloadError("future_window", f"window ends {s.window_end - now:.0f} s in the future")
+        if s.window_start < EARLIEST_WINDOW or s.window_end - s.window_start > self.settings.max_window_seconds:
+            raise PayloadError("window", f"implausible window [{s.window_start}, {s.window_end}]")
+        confusion = None
+        if s.confusion is not None:
+            if s.label_names != ref.labels:
+                raise PayloadError("labels", "label classes differ from the model's labels")
+            confusion = s.confusion.astype(np.int64).tobytes()
+        flat = s.counts[order].reshape(-1)[ref.flat_index()]
+        return WindowRow(
+            device=device, model_sha256=ref.sha256, window_start=s.window_start, window_end=s.window_end,
+            seq=s.seq, n=s.n, fleet=fleet, model_name=s.model["name"], model_version=s.model["version"],
+            received_at=now, counts=flat.astype(np.int64).tobytes(), confusion=confusion,
+        )
+
+    def _order(self, ref: ModelReference, names: list[str]) -> np.ndarray:
+        """Payload channel positions in reference order (channels are matched by name, not position)."""
+        key = (ref.sha256, tuple(names))
+        order = self._orders.get(key)
+        if order is None:
+            if sorted(names) != sorted(ref.channel_names):
+                missing = sorted(set(ref.channel_names) - set(names))[:3]
+                extra = sorted(set(names) - set(ref.channel_names))[:3]
+                raise PayloadError("channels", f"channels differ from the reference of {ref.name} {ref.version}: "
+                                               f"missing {missing}, unknown {extra}")
+            position = {n: i for i, n in enumerate(names)}
+            order = np.array([position[n] for n in ref.channel_names], dtype=np.int64)
+            if len(self._orders) < 1024:
+                self._orders[key] = order
+        return order
+
+    @staticmethod
+    def status(topic: str, data: bytes, now: float | None = None) -> dict[str, Any]:
+        fleet, device, _ = _topic_parts(topic)
+        if len(data) > 64 * 1024:
+            raise PayloadError("too_large", "status message over 64 KiB")
+        try:
+            status = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PayloadError("malformed_json", str(exc)) from exc
+        if not isinstance(status, dict) or status.get("state") not in ("online", "offline"):
+            raise PayloadError("status", "status needs state 'online' or 'offline'")
+        return {"device": device, "fleet": fleet, "state": status["state"],
+                "at": time.time() if now is None else now, "status": status}
+
+
+@dataclass
+class IngestBatch:
+    """Messages received but not yet committed; their MQTT ids are acknowledged after the commit."""
+
+    windows: list[WindowRow] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    mids: list[tuple[int, int]] = field(default_factory=list)  # (mid, qos)
+    first_at: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.mids)
+
+    def count(self, name: str, k: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + k
+
+
+class Ingestor:
+    """Validation + batching + storage, independent of MQTT (the consumer below feeds it)."""
+
+    def __init__(self, storage: Storage, references: ReferenceStore, settings: IngestSettings) -> None:
+        self.storage = storage
+        self.validator = Validator(references, settings)
+        self.batch = IngestBatch()
+        self._logged_kinds: set[str] = set()
+        self.totals: dict[str, int] = {}
+
+    def receive(self, topic: str, data: bytes, content_type: str | None, mid: int = 0, qos: int = 0) -> None:
+        if not self.batch.mids:
+            self.batch.first_at = time.monotonic()
+        self.batch.mids.append((mid, qos))
+        try:
+            if topic.endswith("/status"):
+                self.batch.statuses.append(self.validator.status(topic, data))
+            else:
+                self.batch.windows.append(self.validator.summary(topic, data, content_type))
+                self.batch.count("received")
+        except PayloadError as exc:
+            self.batch.count(f"rejected:{exc.kind}")
+            if exc.kind not in self._logged_kinds:  # once per kind: a bad device must not flood the log
+                self._logged_kinds.add(exc.kind)
+                log.warning("rejected a message on %s (%s); further '%s' rejections are only counted in /metrics",
+                            topic, exc, exc.kind)
+
+    def flush(self) -> list[tuple[int, int]]:
+        """Commit the batch; returns the (mid, qos) pairs that may now be acknowledged."""
+        batch = self.batch
+        if not batch.mids:
+            return []
+        new = self.storage.ingest(batch.windows, batch.statuses, batch.counters)
+        counters = dict(batch.counters)
+        counters["accepted"] = new
+        counters["duplicate"] = len(batch.windows) - new
+        for k, v in counters.items():
+            self.totals[k] = self.totals.get(k, 0) + v
+        self.batch = IngestBatch()
+        return batch.mids
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    broker: str
+    db: str
+    fleet: str
+    group: str
+    worker: int
+    bundles: tuple[str, ...]
+    bundles_dir: str | None
+    settings: FleetSettings
+    subscribe_status: bool = True
+    client_id: str | None = None
+
+
+def run_consumer(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event | None = None,
+                 ready: multiprocessing.synchronize.Event | None = None) -> dict[str, int]:
+    """Consume until `stop` is set (or forever). Runs in its own process under `--workers N`."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    host, port, tls = parse_broker_url(cfg.broker)
+    storage = Storage(cfg.db)
+    references = ReferenceStore(list(cfg.bundles), cfg.bundles_dir)
+    ingestor = Ingestor(storage, references, cfg.settings.ingest)
+    client_id = cfg.client_id or f"edgekit-fleet-{cfg.fleet}-{cfg.group}-{cfg.worker}"
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5, manual_ack=True)
+    if tls:
+        client.tls_set_context(ssl.create_default_context())
+    subscribed = {"done": False}
+
+    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused the connection: %s", reason)
+            return
+        subs = [(shared_topic(cfg.group, summary_topic(cfg.fleet)), 1)]
+        if cfg.subscribe_status:
+            subs.append((status_topic(cfg.fleet), 1))
+        c.subscribe(subs)
+
+    def on_subscribe(c: Any, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        failed = [r for r in reasons if r.is_failure]
+        if failed:
+            log.error("subscription refused by the broker: %s (does it support MQTT 5 shared subscriptions?)",
+                      failed)
+        subscribed["done"] = True
+        if ready is not None:
+            ready.set()
+
+    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        content_type = getattr(msg.properties, "ContentType", None) if msg.properties else None
+        ingestor.receive(msg.topic, msg.payload, content_type, msg.mid, msg.qos)
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+    client.connect(host, port, keepalive=30, clean_start=False, properties=props)
+    batch_size = cfg.settings.ingest.batch_size
+    try:
+        while stop is None or not stop.is_set():
+            before = len(ingestor.batch)
+            client.loop(timeout=0.01)
+            idle = len(ingestor.batch) == before
+            if ingestor.batch.mids and (idle or len(ingestor.batch) >= batch_size
+                                        or time.monotonic() - ingestor.batch.first_at > 0.05):
+                _flush_and_ack(client, ingestor)
+        _flush_and_ack(client, ingestor)
+        client.loop(timeout=0.05)  # send the last acknowledgements
+    finally:
+        client.disconnect()
+        storage.close()
+    return ingestor.totals
+
+
+def _flush_and_ack(client: Any, ingestor: Ingestor) -> None:
+    try:
+        mids = ingestor.flush()
+    except Exception:  # the batch stays unacknowledged: the broker redelivers it after a reconnect
+        log.exception("storing a batch failed; reconnecting so the broker redelivers it")
+        ingestor.batch = IngestBatch()
+        client.reconnect()
+        return
+    for mid, qos in mids:
+        if qos > 0:
+            client.ack(mid, qos)

@@ -1,0 +1,208 @@
+// edge-kit fleet dashboard: polls the JSON API and updates the charts in place (no page reloads).
+"use strict";
+
+const REFRESH_MS = 5000;
+const state = { model: "", channel: "", device: "", models: [], refs: {} };
+const $ = (id) => document.getElementById(id);
+const fmtTime = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "");
+const fmtNum = (x, d = 3) => (x === null || x === undefined ? "" : Number(x).toPrecision(d));
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+
+async function api(path, options) {
+  const res = await fetch(path, options);
+  if (!res.ok) throw new Error(`${path}: ${res.status} ${await res.text()}`);
+  return res.json();
+}
+
+function lineChart(id, yTitle) {
+  return new Chart($(id), {
+    type: "line",
+    data: { labels: [], datasets: [] },
+    options: {
+      animation: false, responsive: true, interaction: { mode: "nearest", intersect: false },
+      scales: { y: { beginAtZero: true, title: { display: true, text: yTitle } } },
+      plugins: { legend: { position: "bottom", labels: { boxWidth: 10 } } },
+    },
+  });
+}
+
+const charts = {
+  fleet: lineChart("chart-fleet", "effect (Wasserstein sd / TVD)"),
+  device: lineChart("chart-device", "effect (Wasserstein sd / TVD)"),
+  histogram: new Chart($("chart-histogram"), {
+    type: "bar",
+    data: { labels: [], datasets: [
+      { label: "reference", data: [], backgroundColor: "rgba(31,119,180,0.6)" },
+      { label: "current", data: [], backgroundColor: "rgba(214,39,40,0.6)" },
+    ] },
+    options: { animation: false, responsive: true, scales: { y: { beginAtZero: true, title: { display: true, text: "fraction" } } } },
+  }),
+};
+window.edgekitCharts = charts; // for tests and for poking at the page from the console
+
+// Lines per channel over time; the channels shown are the selected one plus those that drifted or moved most.
+function setLines(chart, rows, selected) {
+  const times = [...new Set(rows.map((r) => r.window_start))].sort((a, b) => a - b);
+  const byChannel = new Map();
+  for (const r of rows) {
+    if (!byChannel.has(r.channel)) byChannel.set(r.channel, new Map());
+    byChannel.get(r.channel).set(r.window_start, r);
+  }
+  const score = (ch) => Math.max(...[...byChannel.get(ch).values()].map((r) => (r.drifted ? 10 : 0) + r.effect));
+  let channels = [...byChannel.keys()].sort((a, b) => score(b) - score(a)).slice(0, 6);
+  if (selected && byChannel.has(selected) && !channels.includes(selected)) channels = [selected, ...channels.slice(0, 5)];
+  chart.data.labels = times.map(fmtTime);
+  chart.data.datasets = channels.map((ch, i) => ({
+    label: ch,
+    data: times.map((t) => (byChannel.get(ch).get(t) || {}).effect ?? null),
+    borderColor: PALETTE[i % PALETTE.length], backgroundColor: PALETTE[i % PALETTE.length],
+    borderWidth: ch === selected ? 3 : 1.5, pointRadius: times.map((t) => ((byChannel.get(ch).get(t) || {}).drifted ? 5 : 2)),
+    spanGaps: true,
+  }));
+  chart.update();
+}
+
+function fillSelect(select, values, current, labelOf = (v) => v) {
+  const keep = select.dataset.fixed ? select.querySelector("option") : null;
+  const html = values.map((v) => `<option value="${esc(v)}"${v === current ? " selected" : ""}>${esc(labelOf(v))}</option>`).join("");
+  select.innerHTML = (keep ? keep.outerHTML : "") + html;
+  if (current !== undefined) select.value = current;
+}
+
+async function refreshDevices() {
+  const d = await api("/api/devices");
+  $("n-online").textContent = d.online;
+  $("n-offline").textContent = d.offline;
+  $("n-models").textContent = d.models.length;
+  state.models = d.models;
+  for (const m of d.models) state.refs[m.sha256] = m;
+  if (!state.model && d.models.length) {
+    const withData = d.models.find((m) => m.windows > 0) || d.models[0];
+    state.model = withData.sha256;
+  }
+  fillSelect($("model"), d.models.map((m) => m.sha256), state.model,
+    (sha) => `${state.refs[sha].name} ${state.refs[sha].version} (${sha.slice(0, 8)}, ${state.refs[sha].devices} devices)`);
+  $("device").dataset.fixed = "1";
+  fillSelect($("device"), d.devices.filter((x) => x.model_sha256 === state.model).map((x) => x.device), state.device);
+  return d.devices;
+}
+
+async function refreshDrift(devices) {
+  if (!state.model) return;
+  const hist = await api(`/api/drift?model=${state.model}&history=1`);
+  const fleetRows = hist.results;
+  const channels = [...new Set(fleetRows.map((r) => r.channel))];
+  if (!state.channel && channels.length) {
+    const drifted = fleetRows.filter((r) => r.drifted).sort((a, b) => b.effect - a.effect);
+    state.channel = drifted.length ? drifted[0].channel : channels[0];
+  }
+  fillSelect($("channel"), channels, state.channel);
+  setLines(charts.fleet, fleetRows, state.channel);
+  const ev = hist.evaluations[state.model];
+  $("fleet-note").textContent = ev ? `(alpha ${hist.alpha}, evaluated ${fmtTime(ev.evaluated_at)}, big dots = drifted)` : "";
+
+  const latest = Math.max(...fleetRows.map((r) => r.window_start));
+  const rows = fleetRows.filter((r) => r.window_start === latest).sort((a, b) => (b.drifted - a.drifted) || (b.effect - a.effect));
+  $("tests").querySelector("tbody").innerHTML = rows.slice(0, 12).map((r) =>
+    `<tr><td>${esc(r.channel)}</td><td>${esc(r.test)}</td><td>${fmtNum(r.statistic)}</td><td>${fmtNum(r.p_value)}</td>` +
+    `<td>${fmtNum(r.effect)} ${esc(r.effect_name || "")}${r.psi_band ? ` (PSI ${fmtNum(r.psi, 2)} ${esc(r.psi_band)})` : ""}</td>` +
+    `<td class="${r.drifted ? "yes" : "no"}">${r.drifted ? "yes" : "no"}</td></tr>`).join("");
+
+  // Per-device table (latest window flag per device).
+  const latestByDevice = new Map(hist.devices.map((r) => [r.device, r]));
+  $("devices").querySelector("tbody").innerHTML = devices.map((d) => {
+    const dr = latestByDevice.get(d.device);
+    const flag = dr ? (dr.drifted ? `<span class="yes">yes: ${esc(dr.channels.slice(0, 3).join(", "))}</span>` : `<span class="no">no</span>`) : "";
+    const ref = state.refs[d.model_sha256];
+    return `<tr class="clickable" data-device="${esc(d.device)}"><td>${esc(d.device)}</td>` +
+      `<td class="state-${d.online ? "online" : "offline"}">${d.online ? "online" : "offline"}</td>` +
+      `<td>${fmtTime(d.last_seen)}</td><td>${esc(ref ? `${ref.name} ${ref.version}` : d.model_version || "")}</td><td>${flag}</td></tr>`;
+  }).join("");
+
+  if (state.device) {
+    const dev = await api(`/api/drift?model=${state.model}&device=${encodeURIComponent(state.device)}`);
+    $("device-title").textContent = state.device;
+    setLines(charts.device, dev.results, state.channel);
+  } else {
+    $("device-title").textContent = "pick a device";
+    charts.device.data.labels = []; charts.device.data.datasets = []; charts.device.update();
+  }
+
+  if (state.channel) {
+    const dq = state.device ? `&device=${encodeURIComponent(state.device)}` : "";
+    const h = await api(`/api/histogram?model=${state.model}&channel=${encodeURIComponent(state.channel)}${dq}`);
+    const labels = h.kind === "class" ? h.reference.map((_, i) => (state.refs[state.model].labels || [])[i] ?? i)
+      : h.edges.slice(0, -1).map((e, i) => `${fmtNum(e, 2)}..${fmtNum(h.edges[i + 1], 2)}`);
+    charts.histogram.data.labels = labels;
+    charts.histogram.data.datasets[0].data = h.reference;
+    charts.histogram.data.datasets[1].data = h.current;
+    charts.histogram.data.datasets[1].label = `current (n=${h.n_current})`;
+    charts.histogram.update();
+    $("hist-title").textContent = `${state.channel}${state.device ? ` on ${state.device}` : " (fleet)"}`;
+  }
+}
+
+async function refreshConcept() {
+  if (!state.model) return;
+  const c = await api(`/api/concept?model=${state.model}${state.device ? `&device=${encodeURIComponent(state.device)}` : ""}`);
+  const m = c.models[0];
+  if (!m) return;
+  const parts = [];
+  if (m.labelled) parts.push(`<div>Labelled accuracy <b>${fmtNum(m.labelled.accuracy)}</b> over ${m.labelled.n} labels ` +
+    `(gate ${fmtNum(m.labelled.gate_accuracy)}) <span class="${m.labelled.drifted ? "yes" : "no"}">${m.labelled.drifted ? "below the gate" : "ok"}</span></div>`);
+  if (m.estimated) parts.push(`<div class="estimate">Estimated accuracy <b>${fmtNum(m.estimated.accuracy)}</b> ` +
+    `(ESTIMATE: ${esc(m.estimated.caveat)})</div>`);
+  $("concept").innerHTML = parts.join("") || '<span class="muted">no labels or confidence data yet</span>';
+}
+
+async function refreshAlerts() {
+  const a = await api("/api/alerts");
+  $("approval-mode").textContent = `(approval: ${a.approval})`;
+  $("n-pending").textContent = a.alerts.filter((x) => x.state === "pending_approval").length;
+  $("alerts").querySelector("tbody").innerHTML = a.alerts.map((x) => {
+    const t = x.triggers[x.triggers.length - 1];
+    const waiting = x.state === "pending_approval" || x.state === "rate_limited";
+    const buttons = (waiting ? `<button class="approve" data-id="${x.id}" data-action="approve">Approve retraining</button> ` : "") +
+      (["dismissed", "retraining"].includes(x.state) ? "" : `<button data-id="${x.id}" data-action="dismiss">Dismiss</button>`);
+    return `<tr id="alert-${x.id}"><td>${x.id}</td><td>${fmtTime(x.created_at)}</td><td>${esc(x.scope)}</td><td>${esc(x.kind)}</td>` +
+      `<td>${esc(x.summary)}</td><td class="state state-${esc(x.state)}">${esc(x.state)}</td>` +
+      `<td>${t ? `${esc(t.outcome)}${t.returncode !== null ? ` (exit ${t.returncode})` : ""}` : ""}</td><td>${buttons}</td></tr>`;
+  }).join("");
+}
+
+async function refresh() {
+  try {
+    const devices = await refreshDevices();
+    await Promise.all([refreshDrift(devices), refreshAlerts(), refreshConcept()]);
+    $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (err) {
+    $("updated").textContent = `update failed: ${err.message}`;
+  }
+}
+
+document.addEventListener("click", async (ev) => {
+  const btn = ev.target.closest("button[data-action]");
+  if (btn) {
+    btn.disabled = true;
+    try {
+      await api(`/api/alerts/${btn.dataset.id}/${btn.dataset.action}`, { method: "POST",
+        headers: { "Content-Type": "application/json" }, body: JSON.stringify({ by: "dashboard" }) });
+    } catch (err) {
+      alert(err.message);
+    }
+    await refreshAlerts();
+    return;
+  }
+  const row = ev.target.closest("tr[data-device]");
+  if (row) {
+    state.device = row.dataset.device;
+    await refresh();
+  }
+});
+$("model").addEventListener("change", (e) => { state.model = e.target.value; state.channel = ""; state.device = ""; refresh(); });
+$("channel").addEventListener("change", (e) => { state.channel = e.target.value; refresh(); });
+$("device").addEventListener("change", (e) => { state.device = e.target.value; refresh(); });
+
+refresh();
+setInterval(refresh, REFRESH_MS);

@@ -1,0 +1,155 @@
+"""Two-sample tests and effect sizes computed from binned counts, vectorised over devices x channels.
+
+Every function takes the reference counts `ref` with shape (C, B) and current counts `cur` with
+shape (..., C, B) (any leading axes: windows, devices), channels padded with empty bins to a common
+B. Empty padding bins change nothing: CDFs stay flat across them and chi-square ignores them.
+
+Binning error of the KS statistic. The CDFs are known exactly at the bin edges, so the binned
+statistic D_b = max_i |F_ref(e_i) - F_cur(e_i)| over edges e_i never exceeds the raw-sample
+statistic D, and inside bin i each CDF moves by at most its own bin mass, so
+
+    D_b <= D <= D_b + max_i max(r_i, c_i)
+
+where r_i and c_i are the reference and current fractions in bin i (about 1/B for quantile bins).
+Because D_b <= D, its p-value is never smaller than the raw test's: the binned KS is conservative,
+its false alarm rate stays at or below alpha, and the price is a little power (benchmarks/bench_drift.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import special
+
+
+def _fractions(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = counts / n[..., None]
+    return np.nan_to_num(frac), n
+
+
+def ks_statistic(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    """Binned KS statistic D_b (..., C): largest CDF gap at the bin edges."""
+    r, _ = _fractions(ref)
+    c, _ = _fractions(cur)
+    gap = np.abs(np.cumsum(c, axis=-1) - np.cumsum(r, axis=-1))
+    return np.asarray(gap.max(axis=-1))
+
+
+def ks_binning_bound(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    """Upper bound of D - D_b (see the module docstring): the largest bin mass of either sample."""
+    r, _ = _fractions(ref)
+    c, _ = _fractions(cur)
+    return np.asarray(np.maximum(r, c).max(axis=-1))
+
+
+def ks_pvalue(d: np.ndarray, n_ref: np.ndarray, n_cur: np.ndarray) -> np.ndarray:
+    """Asymptotic two-sample KS p-value with Stephens' small-sample correction."""
+    n_ref = np.asarray(n_ref, dtype=np.float64)
+    n_cur = np.asarray(n_cur, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        en = np.sqrt(n_ref * n_cur / (n_ref + n_cur))
+        lam = (en + 0.12 + 0.11 / en) * d
+    p = special.kolmogorov(np.nan_to_num(lam))
+    return np.where((n_cur > 0) & (n_ref > 0), np.clip(p, 0.0, 1.0), 1.0)
+
+
+def chi_square(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chi-square test of homogeneity on the 2 x B table (reference row, current row).
+
+    Returns (statistic, p_value, valid). `valid` follows Cochran's rule for the current row
+    (every non-empty bin expects at least 1, and 80% of them at least 5); where it fails the
+    p-value is 1, so an underpowered test never raises an alarm on its own.
+    """
+    ref = np.asarray(ref, dtype=np.float64)
+    cur = np.asarray(cur, dtype=np.float64)
+    ref_b = np.broadcast_to(ref, cur.shape)
+    n_ref = ref_b.sum(axis=-1, keepdims=True)
+    n_cur = cur.sum(axis=-1, keepdims=True)
+    total = n_ref + n_cur
+    col = ref_b + cur
+    used = col > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e_ref = col * n_ref / total
+        e_cur = col * n_cur / total
+        term = np.where(used, (ref_b - e_ref) ** 2 / e_ref + (cur - e_cur) ** 2 / e_cur, 0.0)
+    stat = np.nan_to_num(term).sum(axis=-1)
+    df = used.sum(axis=-1) - 1
+    n_used = np.maximum(used.sum(axis=-1), 1)
+    e_cur_used = np.where(used, e_cur, np.inf)
+    valid = (
+        (np.nan_to_num(e_cur_used, nan=np.inf).min(axis=-1) >= 1.0)
+        & ((np.where(used, e_cur >= 5.0, False).sum(axis=-1) / n_used) >= 0.8)
+        & (df > 0)
+        & (n_cur[..., 0] > 0)
+    )
+    p = np.where(valid, special.chdtrc(np.maximum(df, 1), stat), 1.0)
+    return stat, p, valid
+
+
+def wasserstein(ref: np.ndarray, cur: np.ndarray, edges: np.ndarray, ref_std: np.ndarray) -> np.ndarray:
+    """Wasserstein-1 distance in units of the reference standard deviation.
+
+    Integrates |F_ref - F_cur| over [first edge, last edge] with both CDFs linear inside each bin
+    (trapezoid on the absolute gap). `edges` is (C, B + 1), padded by repeating the last edge.
+    """
+    r, _ = _fractions(ref)
+    c, _ = _fractions(cur)
+    zero = np.zeros((*c.shape[:-1], 1))
+    gap = np.abs(np.concatenate([zero, np.cumsum(c, axis=-1) - np.cumsum(r, axis=-1)], axis=-1))
+    widths = np.diff(edges, axis=-1)
+    w = ((gap[..., 1:] + gap[..., :-1]) * 0.5 * widths).sum(axis=-1)
+    scale = np.where(np.asarray(ref_std) > 0, ref_std, 1.0)
+    return np.asarray(w / scale)
+
+
+def total_variation(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    """Half the L1 distance of the bin fractions: the effect size for the predicted class."""
+    r, _ = _fractions(ref)
+    c, _ = _fractions(cur)
+    return np.asarray(0.5 * np.abs(c - r).sum(axis=-1))
+
+
+def psi(ref: np.ndarray, cur: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """Population stability index; NaN where n < 20 x bins (too few samples for PSI to mean much).
+
+    Read it with the usual bands: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 major shift.
+    """
+    r, _ = _fractions(ref)
+    c, n = _fractions(cur)
+    eps = 1e-4  # keeps empty bins finite without dominating the sum
+    rr, cc = np.maximum(r, eps), np.maximum(c, eps)
+    used = (np.broadcast_to(r, c.shape) > 0) | (c > 0)
+    value = np.where(used, (cc - rr) * np.log(cc / rr), 0.0).sum(axis=-1)
+    return np.where(n >= 20 * np.asarray(bins), value, np.nan)
+
+
+def psi_band(value: float | None) -> str | None:
+    if value is None or not np.isfinite(value):
+        return None
+    return "stable" if value < 0.1 else "moderate" if value < 0.25 else "major"
+
+
+def bonferroni(p: np.ndarray, tests: int) -> np.ndarray:
+    return np.asarray(np.minimum(np.asarray(p, dtype=np.float64) * tests, 1.0))
+
+
+def benjamini_hochberg(p: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """BH-adjusted q-values (same shape) and the step-up cutoff: p <= cutoff are the discoveries.
+
+    The cutoff is alpha * R / M for the largest R with p_(R) <= alpha * R / M, or 0 when none.
+    """
+    flat = np.asarray(p, dtype=np.float64).ravel()
+    m = flat.size
+    if m == 0:
+        return np.asarray(p, dtype=np.float64), 0.0
+    order = np.argsort(flat)
+    ranked = flat[order]
+    ranks = np.arange(1, m + 1)
+    q_sorted = np.minimum.accumulate((ranked * m / ranks)[::-1])[::-1]
+    q = np.empty(m)
+    q[order] = np.minimum(q_sorted, 1.0)
+    passing = np.nonzero(ranked <= alpha * ranks / m)[0]
+    cutoff = float(alpha * (passing[-1] + 1) / m) if passing.size else 0.0
+    return q.reshape(np.shape(p)), cutoff

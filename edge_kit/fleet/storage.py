@@ -1,0 +1,398 @@
+"""One storage layer for the fleet service: SQLite (one file, WAL) by default, PostgreSQL by URL.
+
+`sqlite:///PATH` opens a SQLite file in WAL mode (readers never block the writer, several consumer
+processes can share it); `postgresql://...` uses psycopg (installed separately: `pip install
+"psycopg[binary]"`). Both speak the same SQL here: `?` placeholders are translated for psycopg, and
+upserts use `ON CONFLICT`, which both understand.
+
+Windows are keyed by the idempotency key `(device, model_sha256, window_start)`: a QoS-1 duplicate
+is an `ON CONFLICT DO NOTHING`, so it is dropped by the database itself, also across processes.
+Every write is a transaction that commits before the MQTT message is acknowledged; SQLite runs
+with `synchronous=FULL`, so an acknowledged window survives a crash of the process or the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_kit.errors import UsageError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS windows (
+    device TEXT NOT NULL, model_sha256 TEXT NOT NULL, window_start DOUBLE PRECISION NOT NULL,
+    window_end DOUBLE PRECISION NOT NULL, seq BIGINT NOT NULL, n BIGINT NOT NULL, fleet TEXT NOT NULL,
+    model_name TEXT NOT NULL, model_version TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL,
+    counts BYTES NOT NULL, confusion BYTES,
+    PRIMARY KEY (device, model_sha256, window_start));
+CREATE INDEX IF NOT EXISTS windows_by_model_time ON windows (model_sha256, window_start);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY, fleet TEXT NOT NULL, state TEXT NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
+    status_at DOUBLE PRECISION, model_sha256 TEXT, model_name TEXT, model_version TEXT, status TEXT);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS labels (
+    id SERIAL_PK, device TEXT NOT NULL, model_sha256 TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL,
+    confusion BYTES NOT NULL);
+CREATE TABLE IF NOT EXISTS drift_fleet (
+    model_sha256 TEXT NOT NULL, bucket_start DOUBLE PRECISION NOT NULL, channel TEXT NOT NULL,
+    n BIGINT NOT NULL, test TEXT NOT NULL, statistic DOUBLE PRECISION, p_value DOUBLE PRECISION,
+    effect DOUBLE PRECISION, drifted INTEGER NOT NULL, detail TEXT NOT NULL,
+    PRIMARY KEY (model_sha256, bucket_start, channel));
+CREATE TABLE IF NOT EXISTS drift_device (
+    model_sha256 TEXT NOT NULL, device TEXT NOT NULL, window_start DOUBLE PRECISION NOT NULL,
+    n BIGINT NOT NULL, p_value DOUBLE PRECISION, q_value DOUBLE PRECISION, effect DOUBLE PRECISION,
+    drifted INTEGER NOT NULL, channels TEXT NOT NULL,
+    PRIMARY KEY (model_sha256, device, window_start));
+CREATE TABLE IF NOT EXISTS evaluations (
+    model_sha256 TEXT PRIMARY KEY, evaluated_at DOUBLE PRECISION NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alerts (
+    id SERIAL_PK, created_at DOUBLE PRECISION NOT NULL, model_sha256 TEXT NOT NULL, scope TEXT NOT NULL,
+    kind TEXT NOT NULL, state TEXT NOT NULL, summary TEXT NOT NULL, detail TEXT NOT NULL,
+    approved_at DOUBLE PRECISION, approved_by TEXT);
+CREATE TABLE IF NOT EXISTS triggers (
+    id SERIAL_PK, alert_id BIGINT NOT NULL, at DOUBLE PRECISION NOT NULL, command TEXT NOT NULL,
+    outcome TEXT NOT NULL, returncode INTEGER, finished_at DOUBLE PRECISION, output TEXT);
+"""
+
+
+Rows = Sequence[Sequence[Any]] | Callable[[list[int]], Sequence[Sequence[Any]]]
+
+
+@dataclass(frozen=True)
+class WindowRow:
+    device: str
+    model_sha256: str
+    window_start: float
+    window_end: float
+    seq: int
+    n: int
+    fleet: str
+    model_name: str
+    model_version: str
+    received_at: float
+    counts: bytes  # int64, the payload's counts concatenated in reference channel order
+    confusion: bytes | None  # int64 (classes x classes), or None without labels
+
+    def as_params(self) -> tuple[Any, ...]:
+        return (self.device, self.model_sha256, self.window_start, self.window_end, self.seq, self.n, self.fleet,
+                self.model_name, self.model_version, self.received_at, self.counts, self.confusion)
+
+
+class Storage:
+    """A connection to the fleet database. Thread-safe (one connection behind a lock)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._lock = threading.RLock()
+        if url.startswith("sqlite:///") or url == "sqlite://:memory:":
+            path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ":memory:"
+            if path != ":memory:":
+                parent = Path(path).parent
+                if not parent.is_dir():
+                    raise UsageError(f"--db: folder {parent} does not exist")
+            self.dialect = "sqlite"
+            self._conn: Any = sqlite3.connect(path, timeout=30.0, check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            schema = _SCHEMA.replace("BYTES", "BLOB").replace("SERIAL_PK", "INTEGER PRIMARY KEY AUTOINCREMENT")
+            with self._lock:
+                self._conn.executescript(schema)
+        elif url.startswith(("postgresql://", "postgres://")):
+            try:
+                import psycopg  # optional: only PostgreSQL deployments need it
+            except ImportError as exc:
+                raise UsageError("--db postgresql:// needs psycopg: pip install 'psycopg[binary]'") from exc
+            self.dialect = "postgresql"
+            try:
+                self._conn = psycopg.connect(url, autocommit=True)
+            except psycopg.Error as exc:
+                raise UsageError(f"--db: cannot connect to PostgreSQL: {exc}") from exc
+            schema = _SCHEMA.replace("BYTES", "BYTEA").replace("SERIAL_PK", "BIGSERIAL PRIMARY KEY")
+            for statement in filter(str.strip, schema.split(";")):
+                self._conn.execute(statement)
+        else:
+            raise UsageError(f"--db must be sqlite:///PATH or postgresql://..., got {url!r}")
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._conn.execute(self._sql(sql), params).fetchall())
+
+    def _execute_many(self, statements: Iterable[tuple[str, Rows]]) -> list[int]:
+        """Run statements in one transaction; returns the row count of each (for dedup accounting).
+
+        A statement's rows may be a function of the row counts so far, so a counter update can
+        depend on how many inserts were new, inside the same transaction.
+        """
+        counts: list[int] = []
+        with self._lock:
+            if self.dialect == "sqlite":
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, rows in statements:
+                        rows = rows(counts) if callable(rows) else rows
+                        before = self._conn.total_changes
+                        self._conn.executemany(sql, rows)
+                        counts.append(self._conn.total_changes - before)
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            else:
+                with self._conn.transaction(), self._conn.cursor() as cur:
+                    for sql, rows in statements:
+                        rows = rows(counts) if callable(rows) else rows
+                        total = 0
+                        for row in rows:  # per row: psycopg's executemany does not sum rowcounts
+                            cur.execute(self._sql(sql), row)
+                            total += max(cur.rowcount, 0)
+                        counts.append(total)
+        return counts
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- ingest ------------------------------------------------------------------------------
+
+    def ingest(self, windows: Sequence[WindowRow], statuses: Sequence[dict[str, Any]],
+               counters: dict[str, int]) -> int:
+        """Store windows, device statuses and counter increments in one transaction.
+
+        Returns how many windows were new; the rest were duplicates of stored ones. The counters
+        `accepted` and `duplicate` are added in the same transaction, so they never disagree with
+        what is stored.
+        """
+        latest: dict[str, WindowRow] = {}
+        for w in windows:
+            if w.device not in latest or w.window_end > latest[w.device].window_end:
+                latest[w.device] = w
+        seen = [(w.device, w.fleet, "online", w.received_at, w.model_sha256, w.model_name, w.model_version)
+                for w in latest.values()]
+        status_rows = [(s["device"], s["fleet"], s["state"], s["at"], s["at"], json.dumps(s["status"]))
+                       for s in statuses]
+
+        def counter_rows(done: list[int]) -> list[tuple[str, int]]:
+            totals = dict(counters)
+            if windows:
+                totals["accepted"] = totals.get("accepted", 0) + done[0]
+                totals["duplicate"] = totals.get("duplicate", 0) + len(windows) - done[0]
+            return sorted((k, v) for k, v in totals.items() if v)
+
+        statements: list[tuple[str, Rows]] = []
+        if windows:
+            statements.append(("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                               [w.as_params() for w in windows]))
+        if seen:
+            statements.append((
+                "INSERT INTO devices (device, fleet, state, last_seen, model_sha256, model_name, model_version) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT (device) DO UPDATE SET last_seen = excluded.last_seen, "
+                "model_sha256 = excluded.model_sha256, model_name = excluded.model_name, "
+                "model_version = excluded.model_version, "
+                "state = CASE WHEN devices.status_at IS NULL OR devices.status_at < excluded.last_seen "
+                "THEN 'online' ELSE devices.state END", seen))
+        if status_rows:
+            statements.append((
+                "INSERT INTO devices (device, fleet, state, last_seen, status_at, status) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT (device) DO UPDATE SET state = excluded.state, status_at = excluded.status_at, "
+                "status = excluded.status, last_seen = CASE WHEN devices.last_seen > excluded.last_seen "
+                "THEN devices.last_seen ELSE excluded.last_seen END", status_rows))
+        statements.append(("INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+                           "value = counters.value + excluded.value", counter_rows))
+        counts = self._execute_many([(self._sql(sql), rows) for sql, rows in statements])
+        return counts[0] if windows else 0
+
+    def add_counters(self, counters: dict[str, int]) -> None:
+        self.ingest([], [], counters)
+
+    def counters(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self._query("SELECT name, value FROM counters")}
+
+    def window_count(self, model_sha256: str | None = None) -> int:
+        if model_sha256 is None:
+            return int(self._query("SELECT COUNT(*) FROM windows")[0][0])
+        return int(self._query("SELECT COUNT(*) FROM windows WHERE model_sha256 = ?", (model_sha256,))[0][0])
+
+    def windows(self, model_sha256: str, since: float, device: str | None = None) -> list[tuple[Any, ...]]:
+        """(device, window_start, window_end, n, counts, confusion) rows, oldest first."""
+        sql = ("SELECT device, window_start, window_end, n, counts, confusion FROM windows "
+               "WHERE model_sha256 = ? AND window_start >= ?")
+        params: list[Any] = [model_sha256, since]
+        if device is not None:
+            sql += " AND device = ?"
+            params.append(device)
+        return self._query(sql + " ORDER BY window_start, device", params)
+
+    def models_with_windows(self, since: float) -> list[str]:
+        return [str(r[0]) for r in self._query(
+            "SELECT DISTINCT model_sha256 FROM windows WHERE window_start >= ?", (since,))]
+
+    def devices(self) -> list[dict[str, Any]]:
+        cols = ("device", "fleet", "state", "last_seen", "status_at", "model_sha256", "model_name",
+                "model_version", "status")
+        rows = self._query(f"SELECT {', '.join(cols)} FROM devices ORDER BY device")
+        out = []
+        for r in rows:
+            d = dict(zip(cols, r, strict=True))
+            d["status"] = json.loads(d["status"]) if d["status"] else None
+            out.append(d)
+        return out
+
+    # -- labels ------------------------------------------------------------------------------
+
+    def add_labels(self, device: str, model_sha256: str, confusion: bytes, at: float | None = None) -> None:
+        self._execute_many([(self._sql(
+            "INSERT INTO labels (device, model_sha256, received_at, confusion) VALUES (?,?,?,?)"),
+            [(device, model_sha256, time.time() if at is None else at, confusion)])])
+
+    def labels(self, model_sha256: str, since: float) -> list[tuple[str, bytes]]:
+        """(device, confusion) from POST /api/labels and from windows that carried labels."""
+        posted = self._query("SELECT device, confusion FROM labels WHERE model_sha256 = ? AND received_at >= ?",
+                             (model_sha256, since))
+        carried = self._query("SELECT device, confusion FROM windows WHERE model_sha256 = ? AND window_start >= ? "
+                              "AND confusion IS NOT NULL", (model_sha256, since))
+        return [(str(d), bytes(c)) for d, c in posted + carried]
+
+    # -- drift results -----------------------------------------------------------------------
+
+    def save_evaluation(self, model_sha256: str, at: float, detail: dict[str, Any],
+                        fleet_rows: Sequence[Sequence[Any]], device_rows: Sequence[Sequence[Any]]) -> None:
+        statements: list[tuple[str, Rows]] = [
+            ("INSERT INTO evaluations VALUES (?,?,?) ON CONFLICT (model_sha256) DO UPDATE SET "
+             "evaluated_at = excluded.evaluated_at, detail = excluded.detail",
+             [(model_sha256, at, json.dumps(detail))]),
+            ("INSERT INTO drift_fleet VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (model_sha256, bucket_start, channel) "
+             "DO UPDATE SET n = excluded.n, test = excluded.test, statistic = excluded.statistic, "
+             "p_value = excluded.p_value, effect = excluded.effect, drifted = excluded.drifted, "
+             "detail = excluded.detail", fleet_rows),
+            ("INSERT INTO drift_device VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (model_sha256, device, window_start) "
+             "DO UPDATE SET n = excluded.n, p_value = excluded.p_value, q_value = excluded.q_value, "
+             "effect = excluded.effect, drifted = excluded.drifted, channels = excluded.channels", device_rows),
+        ]
+        self._execute_many([(self._sql(s), rows) for s, rows in statements if rows])
+
+    def evaluation(self, model_sha256: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT evaluated_at, detail FROM evaluations WHERE model_sha256 = ?", (model_sha256,))
+        return {"evaluated_at": rows[0][0], **json.loads(rows[0][1])} if rows else None
+
+    def fleet_drift(self, model_sha256: str, channel: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
+        sql = ("SELECT bucket_start, channel, n, test, statistic, p_value, effect, drifted, detail FROM drift_fleet "
+               "WHERE model_sha256 = ? AND bucket_start >= ?")
+        params: list[Any] = [model_sha256, since]
+        if channel is not None:
+            sql += " AND channel = ?"
+            params.append(channel)
+        out = []
+        for b, ch, n, test, stat, p, eff, drifted, detail in self._query(sql + " ORDER BY bucket_start", params):
+            out.append({"window_start": b, "channel": ch, "n": n, "test": test, "statistic": stat, "p_value": p,
+                        "effect": eff, "drifted": bool(drifted), **json.loads(detail)})
+        return out
+
+    def device_drift(self, model_sha256: str, device: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
+        sql = ("SELECT device, window_start, n, p_value, q_value, effect, drifted, channels FROM drift_device "
+               "WHERE model_sha256 = ? AND window_start >= ?")
+        params: list[Any] = [model_sha256, since]
+        if device is not None:
+            sql += " AND device = ?"
+            params.append(device)
+        cols = ("device", "window_start", "n", "p_value", "q_value", "effect", "drifted", "channels")
+        out = []
+        for r in self._query(sql + " ORDER BY device, window_start", params):
+            d = dict(zip(cols, r, strict=True))
+            d["drifted"] = bool(d["drifted"])
+            d["channels"] = json.loads(d["channels"])
+            out.append(d)
+        return out
+
+    # -- alerts and triggers -----------------------------------------------------------------
+
+    def open_alert(self, model_sha256: str, scope: str, kind: str) -> dict[str, Any] | None:
+        """The alert already standing for this model/scope/kind, if any (so one condition raises one alert).
+
+        Every state but `retrain_failed` stands: a dismissed or retrained condition of this model
+        version does not come back; a failed retraining may be raised again.
+        """
+        rows = self._query("SELECT id FROM alerts WHERE model_sha256 = ? AND scope = ? AND kind = ? "
+                           "AND state <> 'retrain_failed' ORDER BY id DESC",
+                           (model_sha256, scope, kind))
+        return self.alert(int(rows[0][0])) if rows else None
+
+    def create_alert(self, model_sha256: str, scope: str, kind: str, state: str, summary: str,
+                     detail: dict[str, Any]) -> int:
+        with self._lock:
+            self._execute_many([(self._sql(
+                "INSERT INTO alerts (created_at, model_sha256, scope, kind, state, summary, detail) "
+                "VALUES (?,?,?,?,?,?,?)"), [(time.time(), model_sha256, scope, kind, state, summary,
+                                             json.dumps(detail))])])
+            return int(self._query("SELECT MAX(id) FROM alerts")[0][0])
+
+    def set_alert_state(self, alert_id: int, state: str, approved_by: str | None = None) -> None:
+        if approved_by is not None:
+            sql = "UPDATE alerts SET state = ?, approved_at = ?, approved_by = ? WHERE id = ?"
+            params: tuple[Any, ...] = (state, time.time(), approved_by, alert_id)
+        else:
+            sql, params = "UPDATE alerts SET state = ? WHERE id = ?", (state, alert_id)
+        self._execute_many([(self._sql(sql), [params])])
+
+    def alert(self, alert_id: int) -> dict[str, Any] | None:
+        found = self.alerts(alert_id=alert_id)
+        return found[0] if found else None
+
+    def alerts(self, alert_id: int | None = None) -> list[dict[str, Any]]:
+        cols = ("id", "created_at", "model_sha256", "scope", "kind", "state", "summary", "detail",
+                "approved_at", "approved_by")
+        sql = f"SELECT {', '.join(cols)} FROM alerts"
+        params: tuple[Any, ...] = ()
+        if alert_id is not None:
+            sql, params = sql + " WHERE id = ?", (alert_id,)
+        out = []
+        for r in self._query(sql + " ORDER BY id DESC", params):
+            a = dict(zip(cols, r, strict=True))
+            a["detail"] = json.loads(a["detail"])
+            a["triggers"] = self.triggers(int(a["id"]))
+            out.append(a)
+        return out
+
+    def add_trigger(self, alert_id: int, command: list[str], outcome: str, returncode: int | None = None,
+                    output: str | None = None, finished: bool = False) -> int:
+        now = time.time()
+        with self._lock:
+            self._execute_many([(self._sql(
+                "INSERT INTO triggers (alert_id, at, command, outcome, returncode, finished_at, output) "
+                "VALUES (?,?,?,?,?,?,?)"),
+                [(alert_id, now, json.dumps(command), outcome, returncode, now if finished else None, output)])])
+            return int(self._query("SELECT MAX(id) FROM triggers")[0][0])
+
+    def finish_trigger(self, trigger_id: int, outcome: str, returncode: int | None, output: str) -> None:
+        self._execute_many([(self._sql(
+            "UPDATE triggers SET outcome = ?, returncode = ?, finished_at = ?, output = ? WHERE id = ?"),
+            [(outcome, returncode, time.time(), output, trigger_id)])])
+
+    def triggers(self, alert_id: int | None = None) -> list[dict[str, Any]]:
+        cols = ("id", "alert_id", "at", "command", "outcome", "returncode", "finished_at", "output")
+        sql = f"SELECT {', '.join(cols)} FROM triggers"
+        params: tuple[Any, ...] = ()
+        if alert_id is not None:
+            sql, params = sql + " WHERE alert_id = ?", (alert_id,)
+        out = []
+        for r in self._query(sql + " ORDER BY id", params):
+            t = dict(zip(cols, r, strict=True))
+            t["command"] = json.loads(t["command"])
+            out.append(t)
+        return out
+
+    def last_run_trigger_at(self) -> float | None:
+        """When a retraining command was last started (rate-limited or refused ones do not count)."""
+        rows = self._query("SELECT MAX(at) FROM triggers WHERE outcome IN ('running', 'succeeded', 'failed')")
+        return None if rows[0][0] is None else float(rows[0][0])

@@ -1,0 +1,147 @@
+"""Payload validation against the model's reference, dedup, counters (no broker: the Ingestor directly)."""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fleetkit import DigitsBundle, sample_images, summary
+
+from device_agent.summary import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB
+from edge_kit.fleet.ingest import Ingestor
+from edge_kit.fleet.references import ReferenceStore
+from edge_kit.fleet.settings import IngestSettings
+from edge_kit.fleet.storage import Storage
+
+TOPIC = "edgekit/test/dev1/summary"
+
+
+@pytest.fixture
+def ingestor(tmp_path: Path, digits_bundle: DigitsBundle) -> Ingestor:
+    storage = Storage(f"sqlite:///{tmp_path}/fleet.db")
+    return Ingestor(storage, ReferenceStore([digits_bundle.path]), IngestSettings(max_payload_bytes=64 * 1024))
+
+
+def _payload(bundle: DigitsBundle, device: str = "dev1", start: float | None = None) -> dict:
+    x, _ = sample_images(50, np.random.default_rng(0))
+    return summary(bundle, device, time.time() - 120 if start is None else start, x).to_payload()
+
+
+def _send(ing: Ingestor, payload: object, topic: str = TOPIC) -> None:
+    ing.receive(topic, json.dumps(payload).encode(), CONTENT_TYPE_JSON)
+
+
+def test_accepts_valid_summaries_and_drops_qos1_duplicates(ingestor: Ingestor, digits_bundle: DigitsBundle) -> None:
+    s = summary(digits_bundle, "dev1", time.time() - 120, sample_images(80, np.random.default_rng(1))[0])
+    data, ctype = s.to_bytes()
+    for _ in range(3):  # the same window delivered three times (QoS 1 redelivery)
+        ingestor.receive(TOPIC, data, ctype, mid=1, qos=1)
+    other = summary(digits_bundle, "dev1", time.time() - 60, sample_images(80, np.random.default_rng(2))[0])
+    ingestor.receive(TOPIC, *other.to_bytes())
+    acked = ingestor.flush()
+    assert len(acked) == 4
+    assert ingestor.storage.window_count() == 2
+    c = ingestor.storage.counters()
+    assert c["accepted"] == 2 and c["duplicate"] == 2
+    # And across batches (another process, a restart): still dropped by the key.
+    ingestor.receive(TOPIC, data, ctype)
+    ingestor.flush()
+    assert ingestor.storage.window_count() == 2 and ingestor.storage.counters()["duplicate"] == 3
+    stored = ingestor.storage.windows(digits_bundle.sha256, 0)
+    flat = np.frombuffer(bytes(stored[0][4]), dtype=np.int64)
+    assert flat.sum() == 80 * len(digits_bundle.plan.channel_names)  # every channel's counts add to n
+    dev = ingestor.storage.devices()[0]
+    assert dev["device"] == "dev1" and dev["state"] == "online" and dev["model_version"] == "1.0.0"
+
+
+def _mutations(bundle: DigitsBundle) -> dict[str, tuple[str, bytes | object, str]]:
+    """kind expected -> (topic, payload or raw bytes, content type)."""
+    good = _payload(bundle)
+    out: dict[str, tuple[str, bytes | object, str]] = {}
+    out["malformed_json"] = (TOPIC, b"{not json", CONTENT_TYPE_JSON)
+    out["bad_encoding"] = (TOPIC, b"not zlib at all", CONTENT_TYPE_ZLIB)
+    p = json.loads(json.dumps(good))
+    p["schema"] = "edgekit.summary/0"
+    out["schema"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    p = json.loads(json.dumps(good))
+    p["channels"]["in.mean"]["counts"] = p["channels"]["in.mean"]["counts"][:-1]
+    out["counts"] = (TOPIC, p, CONTENT_TYPE_JSON)  # wrong length also breaks sum == n; see the bins case below
+    p = json.loads(json.dumps(good))
+    counts = p["channels"]["in.mean"]["counts"]
+    counts[0] += counts[-1]
+    p["channels"]["in.mean"]["counts"] = counts[:-1]  # wrong length, right sum
+    out["bins"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    p = json.loads(json.dumps(good))
+    p["channels"]["in.std"]["counts"][0] = -1
+    out["negative"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    p = json.loads(json.dumps(good))
+    big = 10**13
+    for ch in p["channels"].values():
+        ch["counts"] = [big] + [0] * (len(ch["counts"]) - 1)
+    p["n"] = big
+    out["gigantic"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    p = json.loads(json.dumps(good))
+    p["window"]["start"], p["window"]["end"] = time.time() + 3600, time.time() + 3660
+    out["future_window"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    p = json.loads(json.dumps(good))
+    p["window"]["start"] = 1000.0
+    out["window"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    p = json.loads(json.dumps(good))
+    p["model"]["sha256"] = "0" * 64
+    out["unknown_model"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    out["topic_mismatch"] = ("edgekit/test/dev2/summary", good, CONTENT_TYPE_JSON)
+    p = json.loads(json.dumps(good))
+    p["channels"]["in.extra"] = p["channels"].pop("in.mean")
+    out["channels"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    out["too_large"] = (TOPIC, b"{" + b" " * 70_000 + b"}", CONTENT_TYPE_JSON)
+    bomb = zlib.compress(b" " * (8 * 1024 * 1024))  # small on the wire, 8 MiB inflated
+    out["zlib_bomb"] = (TOPIC, bomb, CONTENT_TYPE_ZLIB)
+    return out
+
+
+EXPECTED_KIND = {"negative": "counts", "gigantic": "counts", "zlib_bomb": "too_large"}
+
+
+def test_bad_payloads_are_rejected_counted_and_stored_data_kept(ingestor: Ingestor, digits_bundle: DigitsBundle,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    _send(ingestor, _payload(digits_bundle))
+    ingestor.flush()
+    cases = _mutations(digits_bundle)
+    for topic, payload, ctype in cases.values():
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        ingestor.receive(topic, data, ctype)
+        ingestor.receive(topic, data, ctype)  # twice: logged once per kind
+    acked = ingestor.flush()
+    assert len(acked) == 2 * len(cases)  # rejected messages are acknowledged too (redelivery cannot fix them)
+    counters = ingestor.storage.counters()
+    for case in cases:
+        kind = EXPECTED_KIND.get(case, case)
+        assert counters.get(f"rejected:{kind}", 0) >= 2, (case, counters)
+    assert ingestor.storage.window_count() == 1
+    assert counters["accepted"] == 1
+    # Logged once per kind, not once per message.
+    logged = [r.getMessage() for r in caplog.records if "rejected a message" in r.getMessage()]
+    assert len(logged) == len({EXPECTED_KIND.get(c, c) for c in cases})
+
+
+def test_labels_in_summary_are_stored(ingestor: Ingestor, digits_bundle: DigitsBundle) -> None:
+    x, y = sample_images(60, np.random.default_rng(3))
+    s = summary(digits_bundle, "dev1", time.time() - 100, x, y=y)
+    ingestor.receive(TOPIC, *s.to_bytes())
+    ingestor.flush()
+    labels = ingestor.storage.labels(digits_bundle.sha256, 0)
+    assert len(labels) == 1
+    assert np.frombuffer(labels[0][1], dtype=np.int64).sum() == 60
+
+
+def test_status_messages_update_devices(ingestor: Ingestor) -> None:
+    ingestor.receive("edgekit/test/dev9/status", b'{"state": "offline", "reason": "last will"}', None)
+    ingestor.receive("edgekit/test/dev8/status", b'{"state": "sleeping"}', None)
+    ingestor.flush()
+    devices = {d["device"]: d for d in ingestor.storage.devices()}
+    assert devices["dev9"]["state"] == "offline" and devices["dev9"]["status"]["reason"] == "last will"
+    assert "dev8" not in devices and ingestor.storage.counters()["rejected:status"] == 1
