@@ -24,7 +24,7 @@ from gather import load_results, render  # noqa: E402  (sibling module of this s
 
 REPO_ROOT = HERE.parent
 # The benchmarks the issues ask for; one missing from the folder is reported as missing.
-EXPECTED = ("bench_train", "bench_compile", "bench_agent", "bench_fleet_ingest", "bench_drift")
+EXPECTED = ("bench_train", "bench_compile", "bench_agent", "bench_fleet_ingest", "bench_drift", "bench_e2e")
 LOG_TAIL_LINES = 3
 
 
