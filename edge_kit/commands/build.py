@@ -1,0 +1,27 @@
+"""`edge-kit build --config C --out DIR (--key KEY | --unsigned) [--backend ort|inc]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from device_agent.signing import load_private_key
+    from edge_kit.build import build
+    from edge_kit.config import load_config
+
+    config = load_config(args.config)
+    # Load the key first: a wrong key path should fail in a second, not after training.
+    key = None if args.unsigned else load_private_key(args.key)
+    if args.unsigned:
+        log.warning("building an UNSIGNED bundle (--unsigned): agents that require signatures will refuse it")
+    result = build(config, args.out, signing_key=key, backend=args.backend, tracking_uri=args.tracking_uri)
+    if not getattr(args, "json", False):
+        g = result.gate
+        print(f"{result.bundle}\n  gate passed: {g.metric} fp32 {g.fp32:.4f} -> int8 {g.best.metric:.4f} "
+              f"(round {g.best.round}, {len(g.best.excluded_nodes)} node(s) kept in fp32)")
+    return result.to_json()

@@ -1,0 +1,55 @@
+"""`edge-kit inspect BUNDLE [--json]`: what a bundle holds and where it came from (hashes checked)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from device_agent.bundle import read_bundle
+
+    bundle = read_bundle(args.bundle)
+    m = bundle.manifest
+    info = {
+        "bundle": str(bundle.path),
+        "name": bundle.name,
+        "version": bundle.version,
+        "created_at": m.get("created_at"),
+        "signed": bundle.signed,
+        "model": m.get("model", {}),
+        "members": {name: len(data) for name, data in sorted(bundle.members.items())},
+        "quantization": m.get("quantization", {}),
+        "gate": m.get("gate", {}),
+        "provenance": m.get("provenance", {}),
+        "monitoring": {"channels": len(m.get("monitoring", {}).get("channels", []))},
+    }
+    if not getattr(args, "json", False):
+        print(render(info))
+    return info
+
+
+def render(info: dict[str, Any]) -> str:
+    model, q, g, p = info["model"], info["quantization"], info["gate"], info["provenance"]
+    git, env, data = p.get("git", {}), p.get("environment", {}), p.get("data", {})
+    calib, ml = p.get("calibration", {}), p.get("mlflow", {})
+    lines = [
+        f"{info['name']} {info['version']}  ({'signed' if info['signed'] else 'UNSIGNED'}, "
+        f"created {info['created_at']})",
+        f"  model     {model.get('precision')} sha256 {str(model.get('sha256'))[:16]}…  "
+        f"inputs {[(i['name'], i['shape']) for i in model.get('inputs', [])]}",
+        f"  labels    {model.get('labels')}",
+        f"  quantize  backend {q.get('backend')}, {q.get('format')}, target {q.get('target')}, "
+        f"per-channel {q.get('per_channel')}, fp32 nodes {q.get('excluded_nodes') or 'none'}",
+        f"  gate      {'PASSED' if g.get('passed') else 'FAILED'}: {g.get('metric')} fp32 {g.get('fp32', 0):.4f} "
+        f"int8 {g.get('int8', 0):.4f} drop {g.get('drop', 0):.4f} (max {g.get('max_drop')}), "
+        f"{len(g.get('rounds', []))} round(s)",
+        f"  git       {git.get('commit')} dirty={git.get('dirty')}",
+        f"  env       python {env.get('python')}, lock {str(env.get('lock_sha256'))[:16]}…",
+        f"  data      {data.get('path')} md5 {data.get('dvc_md5')}",
+        f"  calib     {calib.get('method')} x{calib.get('samples')} ids {str(calib.get('ids_sha256'))[:16]}…",
+        f"  mlflow    run {ml.get('run_id')} at {ml.get('tracking_uri')}",
+        f"  monitor   {info['monitoring']['channels']} channels",
+        "  members   " + ", ".join(f"{k} ({v} B)" for k, v in info["members"].items()),
+    ]
+    return "\n".join(lines)
