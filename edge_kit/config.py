@@ -52,6 +52,9 @@ class TrainSection:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     device: str = "auto"
+    # CPU threads for training (0 = torch's default, all cores). Part of what makes a run bitwise
+    # repeatable, and small models train fastest on one thread, above all on a shared machine.
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,8 @@ def _check_values(c: Config) -> None:
     for key, count in positive.items():
         if count < 1:
             raise ConfigError(key, f"must be at least 1, got {count}")
+    if c.train.threads < 0:
+        raise ConfigError("train.threads", f"must be 0 (all cores) or more, got {c.train.threads}")
     if not c.train.lr > 0:
         raise ConfigError("train.lr", f"must be positive, got {c.train.lr}")
     if c.train.device not in ("auto", "cpu", "cuda"):

@@ -135,8 +135,9 @@ def track_snapshot(path: Path) -> SnapshotInfo:
 
     log.info("recording data snapshot %s with DVC (repository %s)", path, root)
     try:
-        # DVC prints its git hints on stdout, which belongs to --json output: send them to stderr.
+        # DVC's "To track the changes with git" hint goes to stdout, which belongs to --json output.
         with Repo(str(root)) as repo, contextlib.redirect_stdout(sys.stderr):
+            repo.scm_context.quiet = True
             repo.add(str(path))
     except Exception as exc:  # DVC raises many unrelated types; the message is what the user needs
         raise DataError(f"`dvc add {path}` failed: {exc}") from exc

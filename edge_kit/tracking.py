@@ -65,8 +65,17 @@ def ensure_experiment(client: MlflowClient, config: Config, uri: str) -> str:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
         return str(found.experiment_id)
-    location = (config.workdir / "mlartifacts").resolve().as_uri() if is_default_store(config, uri) else None
-    return str(client.create_experiment(name, artifact_location=location))
+    return str(client.create_experiment(name, artifact_location=artifact_location(config, uri)))
+
+
+def artifact_location(config: Config, uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside the database (MLflow's default is ./mlruns in the cwd);
+    a tracking server decides for itself."""
+    if is_default_store(config, uri):
+        return (config.workdir / "mlartifacts").resolve().as_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def flatten_params(config: Config) -> dict[str, str]:
@@ -171,8 +180,8 @@ def artifact_local_path(client: MlflowClient, uri: str, run_id: str, artifact: s
 
 def find_reusable_runs(client: MlflowClient, experiment_id: str, *, fingerprint: str, commit: str,
                        data_md5: str) -> list[Any]:
-    """FINISHED runs of this exact config, clean commit and data snapshot, newest first."""
-    query = (f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and tags.`{TAG_COMMIT}` = '{commit}' "
+    """FINISHED runs of this training fingerprint, clean commit and data snapshot, newest first."""
+    query = (f"tags.`{TAG_TRAINING_FINGERPRINT}` = '{fingerprint}' and tags.`{TAG_COMMIT}` = '{commit}' "
              f"and tags.`{TAG_DIRTY}` = 'false' and tags.`{TAG_DATA_MD5}` = '{data_md5}' "
              f"and tags.`{TAG_COMPLETED}` = 'true' and attributes.status = 'FINISHED'")
     return list(client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],

@@ -87,11 +87,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA generators too
 
 
-def make_deterministic() -> None:
+@contextmanager
+def deterministic_algorithms(threads: int) -> Iterator[None]:
+    """Deterministic kernels and a fixed CPU thread count while training; the caller's settings come back after.
+
+    The thread count matters: CPU reductions split across a different number of threads add up in a
+    different order, so a resumed run must use the same count as the run it continues.
+    """
     # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads())
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+        torch.set_num_threads(previous[2])
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -130,6 +145,7 @@ def training_fingerprint(config: Config, dataset: Dataset, device: torch.device)
     Checkpoint interval and retention are left out: they change when state is saved, not what is computed.
     """
     train = {k: v for k, v in config.to_dict()["train"].items() if k not in ("checkpoint_every", "keep_checkpoints")}
+    train["threads"] = torch.get_num_threads()  # "0" means the machine's default, which differs between machines
     doc = {"data": config.to_dict()["data"], "model": config.to_dict()["model"], "train": train,
            "device": device.type, "data_md5": dataset.snapshot.dvc_md5, "split": dataset.split_sha256}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
@@ -232,7 +248,6 @@ class Trainer:
         self.dataset = dataset
         self.device = device
         seed_everything(config.train.seed)
-        make_deterministic()
         self.model = build_model(config, dataset.input_shape, dataset.num_classes).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr)
         self.steps_per_epoch = math.ceil(len(dataset.X_train) / config.train.batch_size)
@@ -365,6 +380,11 @@ def train(config: Config, *, resume: str = "auto", tracking_uri: str | None = No
     """
     if resume not in ("auto", "never"):
         raise UsageError(f"--resume must be 'auto' or 'never', got {resume!r}")
+    with deterministic_algorithms(config.train.threads):
+        return _train(config, resume=resume, tracking_uri=tracking_uri, reuse=reuse)
+
+
+def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool) -> TrainResult:
     resolve_factory(config)  # an unimportable factory fails before any work
     dataset = load_dataset(config)
     device = select_device(config.train.device)
@@ -447,7 +467,8 @@ def _finish(config: Config, dataset: Dataset, trainer: Trainer, run: tracking.Ru
         "steps": float(trainer.position.global_step),
         "epochs": float(config.train.epochs),
     }
-    run.log_metrics(metrics, step=config.train.epochs)
+    # test_accuracy is already in the per-epoch history (the last epoch's value is this one).
+    run.log_metrics({k: v for k, v in metrics.items() if k != "test_accuracy"}, step=config.train.epochs)
     resolved = folder / "config.json"
     resolved.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,65 @@
+"""Provenance: git commit and dirtiness, lock hash, versions, container digest, data md5."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+
+import pytest
+from training_helpers import commit_all, make_project
+
+from edge_kit.config import load_config
+from edge_kit.data import load_dataset
+from edge_kit.provenance import collect_provenance, container_image, git_state
+
+
+def test_git_commit_and_dirty(tmp_path: Path) -> None:
+    config_path = make_project(tmp_path, "[project]\nname = 'p'\n")
+    assert git_state(tmp_path)["commit"] is None  # no commit yet
+    commit = commit_all(tmp_path)
+    assert git_state(tmp_path) == {"commit": commit, "dirty": False, "root": str(tmp_path.resolve())}
+    config_path.write_text("[project]\nname = 'q'\n")
+    assert git_state(tmp_path)["dirty"] is True
+    (tmp_path / ".edgekit").mkdir()
+    (tmp_path / ".edgekit" / "x").write_text("ignored state does not make the tree dirty")
+    commit_all(tmp_path)
+    assert git_state(tmp_path)["dirty"] is False
+
+
+def test_not_a_repository(tmp_path: Path) -> None:
+    assert git_state(tmp_path) == {"commit": None, "dirty": None, "root": None}
+
+
+def test_environment_and_data_legs(tmp_path: Path) -> None:
+    (tmp_path / "requirements").mkdir()
+    lock = tmp_path / "requirements" / "lock.txt"
+    lock.write_text("numpy==2.0.0\n")
+    config = load_config(make_project(tmp_path, "[project]\nname = 'p'\n"))
+    dataset = load_dataset(config)
+    prov = collect_provenance(config, dataset)
+    env = prov["environment"]
+    assert env["lock_sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert env["python"] == platform.python_version()
+    assert {"torch", "onnxruntime", "numpy"} <= set(env["packages"])
+    import torch
+
+    assert env["cuda"] is None if torch.version.cuda is None else env["cuda"]["version"] == torch.version.cuda
+    assert prov["data"]["dvc_md5"] == dataset.snapshot.dvc_md5 and prov["data"]["path"] == "data/digits.npz"
+    assert set(prov["git"]) == {"commit", "dirty"}
+
+
+def test_lock_falls_back_to_edge_kits_own(tmp_path: Path) -> None:
+    config = load_config(make_project(tmp_path, "[project]\nname = 'p'\n"))
+    own = Path(__file__).resolve().parents[2] / "requirements" / "lock.txt"
+    assert collect_provenance(config)["environment"]["lock_sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
+
+
+def test_container_digest_when_exposed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEKIT_IMAGE_DIGEST", "sha256:" + "ab" * 32)
+    found = container_image()
+    assert found is not None and found["digest"] == "sha256:" + "ab" * 32
+    monkeypatch.delenv("EDGEKIT_IMAGE_DIGEST")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    if not Path("/.dockerenv").exists() and not Path("/run/.containerenv").exists():
+        assert container_image() is None
