@@ -158,7 +158,9 @@ class Agent:
         classes = outputs.argmax(axis=1)
         if self.monitoring:
             monitor.record(batch, outputs, classes, request_id)
-        self._count(predictions=len(batch), requests=1)
+        with self._counter_lock:
+            self._counters["predictions"] += len(batch)
+            self._counters["requests"] += 1
         labels = active.runtime.labels
         return Prediction(outputs, classes, [labels[i] for i in classes.tolist()], request_id)
 

@@ -96,19 +96,54 @@ class MonitorPlan:
 
     def values(self, inputs: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         """(n, channels) float64 matrix of channel values for a batch; vectorised, no per-value loop."""
+        return self.values_by_channel(inputs, outputs).T
+
+    def values_by_channel(
+        self, inputs: np.ndarray, outputs: np.ndarray, predicted: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The same values channel-major, (channels, n) and contiguous.
+
+        Channel-major because every reduction here then runs along a long contiguous batch axis
+        (numpy vectorises those well) instead of along a short axis per sample (one slow inner loop
+        per sample): about 3x faster, which is what keeps monitoring cheap next to the model. No
+        BLAS either: numpy's matmul goes to multithreaded OpenBLAS, which on a busy 2-core device
+        took 10+ ms for what is 50 us single-threaded. `predicted` (the argmax of `outputs`, which
+        the caller usually has already) saves recomputing it.
+        """
         n = len(inputs)
-        x = np.asarray(inputs, dtype=np.float64).reshape((n, *self.input_shape))
         if self.input_kind == "features":
-            input_values = x.reshape(n, -1)
+            x = np.asarray(inputs).reshape(n, -1).T.astype(np.float64)
+            n_inputs = x.shape[0]
         else:
-            # Average over leading (colour) channels, keep the last two (height, width).
-            img = x.reshape(n, -1, self.input_shape[-2], self.input_shape[-1]).mean(axis=1)
-            flat = img.reshape(n, -1)
-            input_values = np.concatenate(
-                [img.mean(axis=2), img.mean(axis=1), flat.mean(axis=1, keepdims=True), flat.std(axis=1, keepdims=True)],
-                axis=1,
-            )
-        probs = self.probabilities(outputs)
-        confidence = probs.max(axis=1, keepdims=True)
-        predicted = probs.argmax(axis=1).astype(np.float64)[:, None]
-        return np.concatenate([input_values, probs, confidence, predicted], axis=1)
+            rows, cols = self.input_shape[-2], self.input_shape[-1]
+            planes = np.asarray(inputs).reshape(n, -1, rows * cols)
+            img = planes[:, 0, :] if planes.shape[1] == 1 else planes.mean(axis=1, dtype=np.float64)
+            x = img.T.astype(np.float64)  # (H*W, n)
+            n_inputs = rows + cols + 2
+        k = len(self.labels)
+        out = np.empty((n_inputs + k + 2, n), dtype=np.float64)
+        if self.input_kind == "features":
+            out[:n_inputs] = x
+        else:
+            grid = x.reshape(rows, cols, n)
+            out[:rows] = np.einsum("ijn->in", grid) / cols
+            out[rows : rows + cols] = np.einsum("ijn->jn", grid) / rows
+            mean = out[:rows].sum(axis=0) / rows
+            # std from E[x^2] - E[x]^2 in float64: within 1e-12 of the two-pass value for pixel data.
+            var = np.einsum("pn,pn->n", x, x) / (rows * cols) - mean * mean
+            out[rows + cols] = mean
+            out[rows + cols + 1] = np.sqrt(np.maximum(var, 0.0))
+        probs = out[n_inputs : n_inputs + k]
+        if self.output_kind == "logits":
+            # Softmax in float32, what the model outputs anyway: float32 exp is 5x faster than
+            # float64 and probabilities need no more than 1e-7 for 32-bin histograms.
+            logits = np.ascontiguousarray(np.asarray(outputs, dtype=np.float32).reshape(n, -1).T)
+            shifted = logits - logits.max(axis=0)
+            np.exp(shifted, out=shifted)
+            shifted /= shifted.sum(axis=0)
+            probs[:] = shifted
+        else:
+            probs[:] = np.asarray(outputs, dtype=np.float64).reshape(n, -1).T
+        out[n_inputs + k] = probs.max(axis=0)
+        out[n_inputs + k + 1] = probs.argmax(axis=0) if predicted is None else predicted
+        return out

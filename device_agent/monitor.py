@@ -24,7 +24,10 @@ from device_agent.errors import InputError, VerificationError
 from device_agent.reference import Reference
 from device_agent.summary import Histogrammer, WindowSummary
 
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 2048
+# The buffer holds at most this many bytes of raw inputs: 2048 digits images are 0.5 MB, while a
+# 224x224x3 camera model gets a chunk of a few images instead of gigabytes.
+CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_LABEL_MEMORY = 4096
 DEFAULT_REQUEST_MEMORY = 1024
 
@@ -63,9 +66,11 @@ class WindowMonitor:
         self.plan = plan
         self.histogrammer = histogrammer
         self.fleet, self.device, self.model = fleet, device, dict(model)
-        self._chunk = chunk
-        self._inputs = np.empty((chunk, *plan.input_shape), dtype=np.float32)
-        self._outputs = np.empty((chunk, n_outputs or len(plan.labels)), dtype=np.float32)
+        sample_bytes = 4 * int(np.prod(plan.input_shape))
+        self._chunk = max(1, min(chunk, CHUNK_BYTES // max(1, sample_bytes)))
+        self._inputs = np.empty((self._chunk, *plan.input_shape), dtype=np.float32)
+        self._outputs = np.empty((self._chunk, n_outputs or len(plan.labels)), dtype=np.float32)
+        self._predicted = np.empty(self._chunk, dtype=np.int64)
         self._fill = 0
         self._lock = threading.Lock()
         self._recent = np.zeros(label_memory, dtype=np.int64)  # ring of predicted classes
@@ -92,25 +97,32 @@ class WindowMonitor:
             if self._fill + n > self._chunk:
                 self._flush()
             if n >= self._chunk:
-                self.summary.update(self.histogrammer, self.plan.values(raw, outputs))
+                self.summary.update_by_channel(self.histogrammer, self.plan.values_by_channel(raw, outputs, predicted))
             else:
                 self._inputs[self._fill : self._fill + n] = raw
                 self._outputs[self._fill : self._fill + n] = outputs
+                self._predicted[self._fill : self._fill + n] = predicted
                 self._fill += n
             self._remember(predicted, request_id)
 
     def _flush(self) -> None:
         if self._fill:
             k = self._fill
-            self.summary.update(self.histogrammer, self.plan.values(self._inputs[:k], self._outputs[:k]))
+            self.summary.update_by_channel(
+                self.histogrammer,
+                self.plan.values_by_channel(self._inputs[:k], self._outputs[:k], self._predicted[:k]),
+            )
             self._fill = 0
 
     def _remember(self, predicted: np.ndarray, request_id: str | None) -> None:
         size = len(self._recent)
         p = predicted[-size:]
-        idx = (self._recent_next + np.arange(len(p))) % size
-        self._recent[idx] = p
-        self._recent_next = int((self._recent_next + len(p)) % size)
+        start = self._recent_next
+        if start + len(p) <= size:  # the usual case: one slice, no index arithmetic
+            self._recent[start : start + len(p)] = p
+        else:
+            self._recent[(start + np.arange(len(p))) % size] = p
+        self._recent_next = (start + len(p)) % size
         self._recent_count = min(size, self._recent_count + len(p))
         if request_id is not None:
             self._requests[request_id] = predicted.copy()

@@ -142,3 +142,11 @@ def test_run_refuses_bad_usage_with_exit_2(edge_agent_cli, bundle_v1: Path, tmp_
     res = edge_agent_cli("run", "--bundle", str(copy), "--device-id", "d", "--broker", "mqtt://127.0.0.1:1",
                          "--pubkey", str(tmp_path / "missing.pub"), "--spool", str(tmp_path / "s.db"))
     assert res.returncode == 2 and "public key not found" in res.stderr
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    settings = load_settings(Path(__file__).resolve().parents[2] / "deploy" / "agent.toml")
+    assert settings.require_signature and settings.mqtt.broker and settings.mqtt.broker.startswith("mqtts://")
+    assert settings.spool == Path("/var/lib/edge-agent/spool.db")
+    unit = (Path(__file__).resolve().parents[2] / "deploy" / "edge-agent.service").read_text()
+    assert "StateDirectory=edge-agent" in unit and "edge-agent run --config /etc/edge-agent/agent.toml" in unit

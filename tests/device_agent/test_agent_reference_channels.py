@@ -26,7 +26,20 @@ def test_image_channels_are_row_and_column_means_plus_outputs() -> None:
     np.testing.assert_allclose(v[1, 4:7], x[1, 0].mean(axis=0))
     np.testing.assert_allclose(v[:, 9:11], softmax(logits))
     assert v[:, 12].tolist() == [1.0, 0.0]
+    np.testing.assert_allclose(v[:, 7], x.reshape(2, -1).mean(axis=1))
+    np.testing.assert_allclose(v[:, 8], x.reshape(2, -1).astype(np.float64).std(axis=1), rtol=1e-12)
     assert MonitorPlan.from_manifest(plan.to_manifest()) == plan
+
+
+def test_colour_images_are_averaged_over_planes_first() -> None:
+    plan = MonitorPlan.for_image((3, 5, 4), ["a", "b"])
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 255, size=(6, 3, 5, 4))
+    v = plan.values(x, rng.normal(size=(6, 2)))
+    gray = x.mean(axis=1)
+    expected = np.concatenate([gray.mean(axis=2), gray.mean(axis=1), gray.reshape(6, -1).mean(axis=1, keepdims=True),
+                               gray.reshape(6, -1).std(axis=1, keepdims=True)], axis=1)
+    np.testing.assert_allclose(v[:, :11], expected, rtol=1e-10)
 
 
 def test_binning_rule_puts_outliers_in_the_outer_bins() -> None:

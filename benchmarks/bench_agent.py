@@ -1,0 +1,268 @@
+"""Device agent benchmark: what monitoring costs, memory, payload size, cold start. One run, side by side.
+
+    python benchmarks/bench_agent.py [--quick] [--bundle PATH]
+
+Measured on the same int8 bundle (the real digits bundle from dist/ if present, else a digits-shaped
+int8 CNN made here with ONNX Runtime's quantizer):
+- throughput at batch 1 and 32: a bare ONNX Runtime session (`session.run` on already preprocessed
+  input, same session options), the same plus the `(x - mean) / std` preprocessing every caller must
+  do, `Agent.predict` with monitoring off, and `Agent.predict` with summaries on. The variants run
+  interleaved in rounds and the median round is reported, so load from other processes hits all
+  of them alike;
+- the cost of closing a window (flush, encode, compress);
+- payload bytes per window (zlib JSON, as sent; plain JSON for reference);
+- resident memory of `edge-agent run` while serving HTTP requests and publishing to Mosquitto;
+- time from process start to the first answered prediction (`edge-agent run` over HTTP, and the
+  Python API in a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import print_table, write_result  # noqa: E402
+from device_agent.agent import Agent, load_model  # noqa: E402
+from device_agent.runtime import session_options  # noqa: E402
+
+
+def find_bundle(tmp: Path, explicit: str | None) -> tuple[Path, str]:
+    if explicit:
+        return Path(explicit), "given"
+    found = sorted((REPO / "dist").glob("digits-*.edgebundle"))
+    if found:
+        return found[-1], "dist (real digits bundle)"
+    from tests.helpers.bundles import make_bundle
+
+    return make_bundle(tmp, int8=True), "digits-shaped int8 CNN made by the benchmark"
+
+
+def raw_inputs(shape: tuple[int, ...], n: int, seed: int = 0) -> np.ndarray:
+    """Digits-range raw inputs (0..16) of the bundle's sample shape."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.gamma(1.2, 4.0, size=(n, *shape)), 0, 16).astype(np.float32)
+
+
+def per_call_seconds(fn: Callable[[], Any], calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def throughput(bundle: Path, quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    import onnxruntime as ort
+
+    loaded = load_model(bundle)
+    runtime = loaded.runtime
+    model_bytes = zipfile.ZipFile(bundle).read("model.onnx")
+    session = ort.InferenceSession(model_bytes, sess_options=session_options(), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    agent_on = Agent(loaded, window_seconds=1e9)
+    agent_off = Agent(loaded, window_seconds=1e9, monitoring=False)
+    mean, std = runtime.mean, runtime.std
+    rows, figures = [], {}
+    rounds = 5 if quick else 25
+    for batch in (1, 32):
+        x = raw_inputs(runtime.sample_shape, batch, seed=batch)
+        pre = ((x - mean) / std).astype(np.float32)
+        variants: dict[str, Callable[[], Any]] = {
+            "ort_session": lambda pre=pre: session.run(None, {input_name: pre}),
+            "ort_session+preprocess": lambda x=x: session.run(
+                None, {input_name: ((x - mean) / std).astype(np.float32)}),
+            "agent_monitoring_off": lambda x=x: agent_off.predict(x),
+            "agent_summaries_on": lambda x=x: agent_on.predict(x),
+        }
+        # Enough calls per round that every round crosses several monitoring flushes (2048 samples).
+        calls = max(100, 4096 // batch)
+        samples: dict[str, list[float]] = {k: [] for k in variants}
+        for fn in variants.values():
+            per_call_seconds(fn, 50)
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                samples[name].append(per_call_seconds(fn, calls))
+        base = statistics.median(samples["ort_session"])
+        base_pre = statistics.median(samples["ort_session+preprocess"])
+        for name, s in samples.items():
+            med = statistics.median(s)
+            rows.append({
+                "batch": batch, "variant": name, "us_per_call": med * 1e6, "samples_per_s": batch / med,
+                "vs_ort_session_pct": (med / base - 1) * 100, "vs_ort+preprocess_pct": (med / base_pre - 1) * 100,
+            })
+            figures[f"b{batch}_{name}_samples_per_s"] = round(batch / med, 1)
+        on = statistics.median(samples["agent_summaries_on"])
+        figures[f"b{batch}_summaries_overhead_vs_ort_session_pct"] = round((on / base - 1) * 100, 2)
+        figures[f"b{batch}_summaries_overhead_vs_ort_plus_preprocess_pct"] = round((on / base_pre - 1) * 100, 2)
+        figures[f"b{batch}_monitoring_cost_vs_agent_off_pct"] = round(
+            (on / statistics.median(samples["agent_monitoring_off"]) - 1) * 100, 2)
+        # Best rounds: the least disturbed by other processes on a shared machine.
+        figures[f"b{batch}_summaries_overhead_vs_ort_session_best_rounds_pct"] = round(
+            (min(samples["agent_summaries_on"]) / min(samples["ort_session"]) - 1) * 100, 2)
+    return rows, figures
+
+
+def window_payload(bundle: Path) -> dict[str, Any]:
+    loaded = load_model(bundle)
+    out: dict[str, Any] = {}
+    for n in (100, 1000, 10000):
+        agent = Agent(loaded, window_seconds=60)
+        x = raw_inputs(loaded.runtime.sample_shape, n, seed=7)
+        for i in range(0, n, 32):
+            agent.predict(x[i : i + 32])
+        t0 = time.perf_counter()
+        closed = agent.close_window()
+        close_s = time.perf_counter() - t0
+        assert closed is not None
+        t0 = time.perf_counter()
+        compressed, _ = closed.to_bytes(compress=True)
+        encode_s = time.perf_counter() - t0
+        plain, _ = closed.to_bytes(compress=False)
+        out[f"payload_bytes_zlib_n{n}"] = len(compressed)
+        out[f"payload_bytes_json_n{n}"] = len(plain)
+        out[f"window_close_ms_n{n}"] = round(close_s * 1e3, 3)
+        out[f"window_encode_ms_n{n}"] = round(encode_s * 1e3, 3)
+    # With ground truth fed back: the confusion matrix rides along.
+    agent = Agent(loaded, window_seconds=60)
+    result = agent.predict(raw_inputs(loaded.runtime.sample_shape, 500, seed=8))
+    agent.feed_labels([int(c) for c in result.classes])
+    closed = agent.close_window()
+    assert closed is not None
+    out["payload_bytes_zlib_n500_with_labels"] = len(closed.to_bytes(compress=True)[0])
+    out["channels"] = len(loaded.histogrammer.names)
+    out["bins_max"] = loaded.histogrammer.max_bins
+    return out
+
+
+def _post(url: str, body: bytes, timeout: float = 5.0) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def _rss_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def serving_process(bundle: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    """RSS of `edge-agent run` under HTTP load with a real broker, and start -> first prediction."""
+    from tests.conftest import MosquittoBroker, cli_env, free_port
+
+    broker_dir = tmp / "broker"
+    broker_dir.mkdir()
+    broker = MosquittoBroker(broker_dir, extra_config="user root" if os.geteuid() == 0 else "")
+    broker.start()
+    out: dict[str, Any] = {}
+    x1 = json.dumps({"inputs": raw_inputs(load_model(bundle).runtime.sample_shape, 1).tolist()}).encode()
+    starts = []
+    try:
+        for attempt in range(2 if quick else 3):
+            port = free_port()
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "device_agent", "run", "--bundle", str(bundle), "--broker", broker.url,
+                 "--device-id", f"bench-{attempt}", "--spool", str(tmp / f"spool-{attempt}.db"),
+                 "--http", f"127.0.0.1:{port}", "--window-seconds", "1", "-q"],
+                env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            try:
+                while True:
+                    try:
+                        _post(f"http://127.0.0.1:{port}/predict", x1, timeout=1)
+                        break
+                    except OSError:
+                        if proc.poll() is not None or time.perf_counter() - t0 > 30:
+                            raise RuntimeError("edge-agent did not start") from None
+                        time.sleep(0.005)
+                starts.append(time.perf_counter() - t0)
+                if attempt == 0:
+                    xb = json.dumps({"inputs": raw_inputs(load_model(bundle).runtime.sample_shape, 32).tolist()})
+                    n_requests = 300 if quick else 2000
+                    t1 = time.perf_counter()
+                    for i in range(n_requests):
+                        _post(f"http://127.0.0.1:{port}/predict", xb.encode() if i % 2 else x1)
+                    http_s = time.perf_counter() - t1
+                    time.sleep(1.5)  # let a window close and publish
+                    mem = _rss_kib(proc.pid)
+                    out["serving_rss_mb"] = round(mem["VmRSS"] / 1024, 1)
+                    out["serving_peak_rss_mb"] = round(mem["VmHWM"] / 1024, 1)
+                    out["http_requests_per_s_mixed_b1_b32"] = round(n_requests / http_s, 1)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=15)
+    finally:
+        broker.stop()
+    out["run_start_to_first_http_prediction_s"] = round(statistics.median(starts), 3)
+
+    code = (
+        "import time; t0 = time.perf_counter()\n"
+        "import numpy as np\n"
+        "from device_agent.agent import Agent\n"
+        f"a = Agent({str(bundle)!r})\n"
+        "a.predict(np.zeros((1, *a.model.runtime.sample_shape), dtype=np.float32))\n"
+        "print(time.perf_counter() - t0)\n"
+    )
+    walls, inside = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, check=True)
+        walls.append(time.perf_counter() - t0)
+        inside.append(float(res.stdout.strip().splitlines()[-1]))
+    out["python_api_process_start_to_first_prediction_s"] = round(statistics.median(walls), 3)
+    out["python_api_import_load_verify_selftest_predict_s"] = round(statistics.median(inside), 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and requests")
+    parser.add_argument("--bundle", help="bundle to measure (default: dist/digits-*.edgebundle or a generated one)")
+    parser.add_argument("--skip-serving", action="store_true",
+                        help="skip the edge-agent process figures (RSS, cold start), e.g. where Mosquitto is missing")
+    parser.add_argument("--name", default="agent", help="result name (benchmarks/results/NAME.json)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        bundle, source = find_bundle(tmp, args.bundle)
+        print(f"bundle: {bundle} ({source})")
+        rows, figures = throughput(bundle, args.quick)
+        print_table(rows)
+        payload = window_payload(bundle)
+        serving = {} if args.skip_serving else serving_process(bundle, tmp, args.quick)
+    figures.update(payload)
+    figures.update(serving)
+    print_table([{"figure": k, "value": v} for k, v in {**payload, **serving}.items()])
+    path = write_result(
+        args.name, figures, rows=rows, bundle_source=source,
+        conditions=("2-core shared VM with other engineers' jobs running; variants interleaved in rounds, "
+                    "median round; ORT intra-op threads = min(4, cores), no spinning"),
+        quick=args.quick, load_average_1_5_15=[round(v, 2) for v in os.getloadavg()],
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
