@@ -94,10 +94,10 @@ class AlertManager:
             if last is not None and now - last < self.settings.retrain_min_interval_seconds:
                 wait = self.settings.retrain_min_interval_seconds - (now - last)
                 note = f"a retraining ran {now - last:.0f} s ago; next allowed in {wait:.0f} s"
-                self.storage.add_trigger(alert_id, command, "rate_limited", finished=True, output=note)
+                self.storage.add_trigger(alert_id, command, "rate_limited", finished=True, output=note, at=now)
                 self.storage.set_alert_state(alert_id, "rate_limited")
                 return
-            trigger_id = self.storage.add_trigger(alert_id, command, "running")
+            trigger_id = self.storage.add_trigger(alert_id, command, "running", at=now)
             self.storage.set_alert_state(alert_id, "retraining")
         env = dict(os.environ, EDGEKIT_ALERT_ID=str(alert_id), EDGEKIT_MODEL_SHA256=model_sha256,
                    EDGEKIT_ALERT_SCOPE=scope)

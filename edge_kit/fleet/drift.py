@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import special
 
 from edge_kit.fleet import stats
 from edge_kit.fleet.references import ModelReference
@@ -56,25 +57,98 @@ class ChannelResults:
     ks_bound: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class PreparedReference:
+    """What the tests need from a reference, computed once per model version."""
+
+    cdf: np.ndarray  # (C, B) reference CDF at the upper edge of each bin
+    fractions: np.ndarray  # (C, B)
+    w1_weights: np.ndarray  # (C, B) trapezoid weights / reference sd: W1 = sum |gap| * weights
+    chi_denominator_floor: np.ndarray  # (C, B): reference counts, empty bins a tiny positive number
+    chi_min_n: np.ndarray  # (C,)
+    ref_bins_used: np.ndarray  # (C,)
+    empty_ref_bins: np.ndarray  # (C, B) bool: real bins the reference never hit
+    class_idx: np.ndarray
+    thresholds: np.ndarray  # (C,) practical effect thresholds
+
+
+_PREPARED: dict[tuple[str, float, float], PreparedReference] = {}
+
+
+def prepare(ref: ModelReference, settings: DriftSettings) -> PreparedReference:
+    key = (ref.sha256 + str(id(ref)), settings.effect_wasserstein, settings.effect_class_tvd)
+    found = _PREPARED.get(key)
+    if found is not None:
+        return found
+    counts = ref.counts.astype(np.float64)
+    fractions = counts / counts.sum(axis=1, keepdims=True)
+    widths = np.diff(ref.edges, axis=1)  # (C, B)
+    # |gap| is linear inside a bin between its values at the two edges (gap = 0 at the first edge),
+    # so the trapezoid rule weights the gap at edge i by the mean width of the bins on either side.
+    weights = (widths + np.concatenate([widths[:, 1:], np.zeros((len(widths), 1))], axis=1)) / 2
+    weights /= np.where(ref.std > 0, ref.std, 1.0)[:, None]
+    real = np.arange(ref.width)[None, :] < ref.bins[:, None]
+    is_class = ref.is_class
+    prepared = PreparedReference(
+        cdf=np.cumsum(fractions, axis=1).astype(np.float32),
+        fractions=fractions.astype(np.float32),
+        w1_weights=weights.astype(np.float32),
+        chi_denominator_floor=np.where(counts > 0, counts, 1e-30).astype(np.float32),
+        chi_min_n=stats.chi_square_min_n(ref.counts),
+        ref_bins_used=(counts > 0).sum(axis=1),
+        empty_ref_bins=real & (counts == 0),
+        class_idx=np.nonzero(is_class)[0],
+        thresholds=np.where(is_class, settings.effect_class_tvd, settings.effect_wasserstein),
+    )
+    if len(_PREPARED) > 64:
+        _PREPARED.clear()
+    _PREPARED[key] = prepared
+    return prepared
+
+
 def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSettings,
                  *, details: bool = False) -> ChannelResults:
-    """Run every channel's tests on (W, C, B) counts."""
+    """Run every channel's tests on (W, C, B) counts.
+
+    The same statistics as `stats.ks_statistic`, `stats.chi_square`, `stats.wasserstein` and
+    `stats.total_variation` (tests check they agree), fused into a few float32 passes over the
+    counts: 10,000 devices x 100 channels x 32 bins is 32 million cells per evaluation.
+    """
+    prep = prepare(ref, settings)
     counts = np.asarray(counts)
-    n = counts[:, 0, :].sum(axis=-1)
+    n = counts[:, 0, :].sum(axis=-1, dtype=np.float64)
+    n_ref = ref.n.astype(np.float64)
+    q = counts * (1.0 / np.maximum(n, 1.0)).astype(np.float32)[:, None, None]
+    q = q.astype(np.float32, copy=False)
+    tvd = np.zeros(q.shape[:2])
+    if prep.class_idx.size:
+        tvd[:, prep.class_idx] = 0.5 * np.abs(q[:, prep.class_idx] - prep.fractions[prep.class_idx]).sum(axis=-1)
+    gap = np.cumsum(q, axis=-1)
+    gap -= prep.cdf
+    np.abs(gap, out=gap)
+    ks = gap.max(axis=-1).astype(np.float64)
+    w = np.einsum("wcb,cb->wc", gap, prep.w1_weights).astype(np.float64)
+    del gap
+    ks_p = stats.ks_pvalue(ks, n_ref[None, :], n[:, None])
+    # Chi-square, closed form for 2 x B: N n sum (p - q)^2 / (R + C).
+    q -= prep.fractions
+    np.square(q, out=q)
+    q /= counts + prep.chi_denominator_floor
+    chi2 = q.sum(axis=-1).astype(np.float64) * (n_ref[None, :] * n[:, None])
+    del q
+    df = np.broadcast_to(prep.ref_bins_used - 1, chi2.shape).copy()
+    if prep.empty_ref_bins.any():  # bins only the window hit add a degree of freedom
+        df += ((counts > 0) & prep.empty_ref_bins).sum(axis=-1)
+    chi2_valid = (n[:, None] >= prep.chi_min_n[None, :]) & (df > 0) & (n[:, None] > 0)
+    chi2_p = np.where(chi2_valid, special.chdtrc(np.maximum(df, 1), chi2), 1.0)
     is_class = ref.is_class
-    ks = stats.ks_statistic(ref.counts, counts)
-    ks_p = stats.ks_pvalue(ks, ref.n[None, :], n[:, None])
-    chi2, chi2_p, chi2_valid = stats.chi_square(ref.counts, counts)
     # Numeric: KS and chi-square, Bonferroni over the two (chi-square counts only when valid).
     numeric_p = np.where(chi2_valid, np.minimum(2.0 * np.minimum(ks_p, chi2_p), 1.0), ks_p)
     p_channel = np.where(is_class[None, :], chi2_p, numeric_p)
     p_adjusted = stats.bonferroni(p_channel, len(ref.channel_names))
-    w = stats.wasserstein(ref.counts, counts, ref.edges, ref.std)
-    tvd = stats.total_variation(ref.counts, counts)
     effect = np.where(is_class[None, :], tvd, w)
-    threshold = np.where(is_class, settings.effect_class_tvd, settings.effect_wasserstein)
     result = ChannelResults(n, ks, ks_p, chi2, chi2_p, chi2_valid, w, tvd, p_channel, p_adjusted, effect,
-                            effect >= threshold[None, :])
+                            effect >= prep.thresholds[None, :])
     if details:
         result.psi = stats.psi(ref.counts, counts, ref.bins[None, :])
         result.ks_bound = stats.ks_binning_bound(ref.counts, counts)
@@ -153,8 +227,13 @@ def evaluate_counts(ref: ModelReference, devices: np.ndarray, starts: np.ndarray
     # Fleet level: pool the windows of each time bucket.
     buckets = np.floor(starts / settings.fleet_window_seconds) * settings.fleet_window_seconds
     bucket_ids, inverse = np.unique(buckets, return_inverse=True)
-    pooled = np.zeros((len(bucket_ids), flat_counts.shape[1] if w_total else 0), dtype=np.int64)
-    np.add.at(pooled, inverse, flat_counts)
+    pooled = np.zeros((len(bucket_ids), flat_counts.shape[1]), dtype=np.int64)
+    if w_total and np.all(np.diff(starts) >= 0):  # sorted by start: each bucket is one contiguous block
+        bounds = np.r_[np.searchsorted(buckets, bucket_ids), w_total]
+        for b in range(len(bucket_ids)):
+            pooled[b] = flat_counts[bounds[b] : bounds[b + 1]].sum(axis=0)
+    else:
+        np.add.at(pooled, inverse, flat_counts)
     bucket_n = pooled[:, : int(ref.bins[0])].sum(axis=1) if len(bucket_ids) else np.zeros(0)
     tested = np.nonzero(bucket_n >= settings.min_n)[0][-settings.m :]
     if tested.size:
@@ -187,28 +266,30 @@ def evaluate_counts(ref: ModelReference, devices: np.ndarray, starts: np.ndarray
     ok_chunks: list[np.ndarray] = []
     for lo in range(0, order.size, CHUNK):
         idx = order[lo : lo + CHUNK]
-        r = test_windows(ref, ref.unflatten(flat_counts[idx]), settings)
+        r = test_windows(ref, ref.unflatten(flat_counts[idx], np.float32), settings)
         p_dev[lo : lo + len(idx)] = r.p_adjusted.min(axis=1)
         # Keep only what the decision needs, as float32, to bound memory at large fleets.
-        p_adj_chunks.append(r.p_adjusted.astype(np.float32))
-        eff_chunks.append(r.effect.astype(np.float32))
+        p_adj_chunks.append(r.p_adjusted)
+        eff_chunks.append(r.effect.max(axis=1))
         ok_chunks.append(r.effect_ok)
     q_dev, ev.cutoff = stats.benjamini_hochberg(p_dev, settings.alpha)
     flags_by_device: dict[str, list[bool]] = {}
     channels_by_device: dict[str, set[str]] = {}
     for lo, p_adj, eff, ok in zip(range(0, order.size, CHUNK), p_adj_chunks, eff_chunks, ok_chunks, strict=True):
         drifted = (p_adj <= ev.cutoff) & ok
-        any_drift = drifted.any(axis=1)
-        for j in range(len(p_adj)):
-            w = order[lo + j]
-            device = str(devices[w])
-            names = [ref.channel_names[c] for c in np.nonzero(drifted[j])[0]]
-            flags_by_device.setdefault(device, []).append(bool(any_drift[j]))
+        any_drift = drifted.any(axis=1).tolist()
+        idx = order[lo : lo + len(p_adj)]
+        for j, (device, start, nw, p, q, e) in enumerate(zip(
+                devices[idx].tolist(), starts[idx].tolist(), n_window[idx].tolist(),
+                p_dev[lo : lo + len(p_adj)].tolist(), q_dev[lo : lo + len(p_adj)].tolist(), eff.tolist(),
+                strict=True)):
+            flags_by_device.setdefault(device, []).append(any_drift[j])
+            names = "[]"
             if any_drift[j]:
-                channels_by_device.setdefault(device, set()).update(names)
-            ev.device_rows.append((ref.sha256, device, float(starts[w]), int(n_window[w]), float(p_dev[lo + j]),
-                                   float(q_dev[lo + j]), float(eff[j].max()), int(any_drift[j]),
-                                   _json(names)))
+                drifted_names = [ref.channel_names[c] for c in np.nonzero(drifted[j])[0]]
+                channels_by_device.setdefault(device, set()).update(drifted_names)
+                names = _json(drifted_names)
+            ev.device_rows.append((ref.sha256, device, start, nw, p, q, e, int(any_drift[j]), names))
     for device, flags in flags_by_device.items():
         if k_of_m(flags, settings.k, settings.m):
             ev.device_alerts[device] = sorted(channels_by_device.get(device, set()))

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing.synchronize
+import os
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import numpy as np
@@ -54,8 +54,18 @@ def shared_topic(group: str, topic: str) -> str:
     return f"$share/{group}/{topic}"
 
 
-def parse_broker_url(url: str) -> tuple[str, int, bool]:
-    """mqtt://HOST:PORT or mqtts://HOST:PORT -> (host, port, tls)."""
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """mqtt[s]://[USER[:PASSWORD]@]HOST:PORT; the password may come from EDGEKIT_MQTT_PASSWORD instead
+    (so it does not show in `ps`)."""
     parsed = urlparse(url)
     if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
         raise UsageError(f"--broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}")
@@ -64,7 +74,8 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
         port = parsed.port or (8883 if tls else 1883)
     except ValueError as exc:
         raise UsageError(f"--broker has a bad port: {url!r}") from exc
-    return parsed.hostname, port, tls
+    password = parsed.password or os.environ.get("EDGEKIT_MQTT_PASSWORD")
+    return BrokerAddress(parsed.hostname, port, tls, parsed.username, password if parsed.username else None)
 
 
 def _topic_parts(topic: str) -> tuple[str, str, str]:
@@ -220,22 +231,31 @@ class ConsumerConfig:
     client_id: str | None = None
 
 
-def run_consumer(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event | None = None,
-                 ready: multiprocessing.synchronize.Event | None = None) -> dict[str, int]:
+class Flag(Protocol):
+    """A threading or multiprocessing Event."""
+
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
+
+def run_consumer(cfg: ConsumerConfig, stop: Flag | None = None, ready: Flag | None = None) -> dict[str, int]:
     """Consume until `stop` is set (or forever). Runs in its own process under `--workers N`."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    host, port, tls = parse_broker_url(cfg.broker)
+    broker = parse_broker_url(cfg.broker)
     storage = Storage(cfg.db)
     references = ReferenceStore(list(cfg.bundles), cfg.bundles_dir)
     ingestor = Ingestor(storage, references, cfg.settings.ingest)
     client_id = cfg.client_id or f"edgekit-fleet-{cfg.fleet}-{cfg.group}-{cfg.worker}"
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5, manual_ack=True)
-    if tls:
+    if broker.tls:
         client.tls_set_context(ssl.create_default_context())
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
     subscribed = {"done": False}
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -265,7 +285,7 @@ def run_consumer(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event | 
     client.on_message = on_message
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
-    client.connect(host, port, keepalive=30, clean_start=False, properties=props)
+    client.connect(broker.host, broker.port, keepalive=30, clean_start=False, properties=props)
     batch_size = cfg.settings.ingest.batch_size
     try:
         while stop is None or not stop.is_set():

@@ -93,12 +93,15 @@ class ModelReference:
         """Positions in the flattened (C * B) padded layout of the payload's concatenated counts."""
         return np.concatenate([i * self.width + np.arange(b) for i, b in enumerate(self.bins)])
 
-    def unflatten(self, flat: np.ndarray) -> np.ndarray:
-        """(W, sum(bins)) concatenated counts -> (W, C, B) padded counts."""
+    def unflatten(self, flat: np.ndarray, dtype: type = np.int64) -> np.ndarray:
+        """(W, sum(bins)) concatenated counts -> (W, C, B) counts, zero-padded (one slice copy per channel)."""
         flat = np.atleast_2d(flat)
-        out = np.zeros((flat.shape[0], len(self.bins) * self.width), dtype=np.int64)
-        out[:, self.flat_index()] = flat
-        return out.reshape(flat.shape[0], len(self.bins), self.width)
+        out: np.ndarray = np.zeros((flat.shape[0], len(self.bins), self.width), dtype=dtype)
+        offset = 0
+        for c, b in enumerate(self.bins):
+            out[:, c, :b] = flat[:, offset : offset + b]
+            offset += int(b)
+        return out
 
     def describe(self) -> dict[str, object]:
         return {

@@ -55,35 +55,42 @@ def ks_pvalue(d: np.ndarray, n_ref: np.ndarray, n_cur: np.ndarray) -> np.ndarray
     return np.where((n_cur > 0) & (n_ref > 0), np.clip(p, 0.0, 1.0), 1.0)
 
 
+def chi_square_min_n(ref: np.ndarray) -> np.ndarray:
+    """Smallest window n for which chi-square's approximation holds, per channel (C,).
+
+    Cochran's rule on the counts expected under the null (n x reference fraction): every bin the
+    reference uses expects at least 1, and 80% of them at least 5.
+    """
+    r, _ = _fractions(ref)
+    out = np.empty(r.shape[0])
+    for c, row in enumerate(r):
+        p = np.sort(row[row > 0])[::-1]
+        if p.size < 2:
+            out[c] = np.inf
+            continue
+        k = int(np.ceil(0.8 * p.size))
+        out[c] = max(1.0 / p[-1], 5.0 / p[k - 1])
+    return out
+
+
 def chi_square(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Chi-square test of homogeneity on the 2 x B table (reference row, current row).
 
-    Returns (statistic, p_value, valid). `valid` follows Cochran's rule for the current row
-    (every non-empty bin expects at least 1, and 80% of them at least 5); where it fails the
-    p-value is 1, so an underpowered test never raises an alarm on its own.
+    Returns (statistic, p_value, valid). Where the window is too small for the approximation
+    (`chi_square_min_n`) the p-value is 1, so an underpowered test never raises an alarm on its own.
+    Uses the closed form for 2 x B tables: N n sum_i (p_i - q_i)^2 / (R_i + C_i).
     """
     ref = np.asarray(ref, dtype=np.float64)
     cur = np.asarray(cur, dtype=np.float64)
-    ref_b = np.broadcast_to(ref, cur.shape)
-    n_ref = ref_b.sum(axis=-1, keepdims=True)
-    n_cur = cur.sum(axis=-1, keepdims=True)
-    total = n_ref + n_cur
-    col = ref_b + cur
+    r, n_ref = _fractions(ref)
+    c, n_cur = _fractions(cur)
+    col = ref + cur
     used = col > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        e_ref = col * n_ref / total
-        e_cur = col * n_cur / total
-        term = np.where(used, (ref_b - e_ref) ** 2 / e_ref + (cur - e_cur) ** 2 / e_cur, 0.0)
-    stat = np.nan_to_num(term).sum(axis=-1)
+        term = np.where(used, (r - c) ** 2 / np.where(used, col, 1.0), 0.0)
+    stat = n_ref * n_cur * term.sum(axis=-1)
     df = used.sum(axis=-1) - 1
-    n_used = np.maximum(used.sum(axis=-1), 1)
-    e_cur_used = np.where(used, e_cur, np.inf)
-    valid = (
-        (np.nan_to_num(e_cur_used, nan=np.inf).min(axis=-1) >= 1.0)
-        & ((np.where(used, e_cur >= 5.0, False).sum(axis=-1) / n_used) >= 0.8)
-        & (df > 0)
-        & (n_cur[..., 0] > 0)
-    )
+    valid = (n_cur >= chi_square_min_n(ref)) & (df > 0) & (n_cur > 0)
     p = np.where(valid, special.chdtrc(np.maximum(df, 1), stat), 1.0)
     return stat, p, valid
 

@@ -365,8 +365,8 @@ class Storage:
         return out
 
     def add_trigger(self, alert_id: int, command: list[str], outcome: str, returncode: int | None = None,
-                    output: str | None = None, finished: bool = False) -> int:
-        now = time.time()
+                    output: str | None = None, finished: bool = False, at: float | None = None) -> int:
+        now = time.time() if at is None else at
         with self._lock:
             self._execute_many([(self._sql(
                 "INSERT INTO triggers (alert_id, at, command, outcome, returncode, finished_at, output) "

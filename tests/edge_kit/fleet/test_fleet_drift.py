@@ -135,3 +135,25 @@ def test_k_of_m_rule() -> None:
     assert drift.k_of_m([True, False, True], 2, 3)
     assert not drift.k_of_m([True, True, False, False, True], 2, 3)
     assert dataclasses.asdict(DriftSettings())["k"] == 2
+
+
+def test_fused_window_tests_agree_with_the_reference_implementations(world: World) -> None:
+    from edge_kit.fleet import stats
+
+    rng = np.random.default_rng(12)
+    flat = np.stack([world.counts(rng, n, shift=s) for n, s in [(80, 0.0), (500, 0.3), (3000, 0.0), (2000, 1.0)]])
+    counts = world.ref.unflatten(flat)
+    r = drift.test_windows(world.ref, world.ref.unflatten(flat, np.float32), DriftSettings())
+    ref = world.ref
+    np.testing.assert_allclose(r.ks, stats.ks_statistic(ref.counts, counts), atol=1e-5)
+    np.testing.assert_allclose(r.wasserstein, stats.wasserstein(ref.counts, counts, ref.edges, ref.std),
+                               rtol=1e-4, atol=1e-5)
+    chi2, chi2_p, valid = stats.chi_square(ref.counts, counts)
+    np.testing.assert_array_equal(r.chi2_valid, valid)
+    np.testing.assert_allclose(r.chi2, chi2, rtol=1e-4)
+    np.testing.assert_allclose(r.chi2_p, chi2_p, rtol=1e-3, atol=1e-12)
+    c = ref.channel_names.index("out.pred")
+    np.testing.assert_allclose(r.tvd[:, c], stats.total_variation(ref.counts, counts)[:, c], atol=1e-6)
+    numeric = ~ref.is_class
+    assert not valid[0, numeric].any() and valid[2].all()  # n = 80 is too small for 32-bin chi-square
+    assert valid[0, c]  # ... but not for the 3-class predicted-class test

@@ -1,0 +1,56 @@
+"""The dashboard in headless Chromium: charts drawn by the vendored Chart.js, an alert approved by a click."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_kit.fleet.service import FleetService
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+def test_dashboard_shows_charts_and_approves_an_alert(http: str, service: FleetService) -> None:
+    from playwright.sync_api import sync_playwright
+
+    pending = [a for a in service.storage.alerts() if a["state"] == "pending_approval"]
+    assert pending
+    target = pending[-1]["id"]
+    external: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: None if r.url.startswith(http) else external.append(r.url))
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(http + "/")
+            # Charts exist and hold data from the API (fleet history, histogram).
+            page.wait_for_function("() => window.Chart && Object.keys(Chart.instances).length === 3")
+            page.wait_for_function("() => window.edgekitCharts.fleet.data.datasets.length > 0")
+            page.wait_for_function("() => window.edgekitCharts.histogram.data.datasets[1].data.length > 0")
+            assert page.evaluate("window.edgekitCharts.fleet.data.labels.length") == 3  # three fleet windows
+            for canvas in ("chart-fleet", "chart-histogram"):
+                box = page.locator(f"#{canvas}").bounding_box()
+                assert box is not None and box["width"] > 100 and box["height"] > 50
+            assert page.locator("#n-online").inner_text() == "8"
+            # Picking a device draws its own drift history.
+            page.locator("tr[data-device='dev00']").click()
+            page.wait_for_function("() => window.edgekitCharts.device.data.datasets.length > 0")
+            assert "dev00" in page.locator("#device-title").inner_text()
+            # Approve the alert with a click; the retraining command runs and the row updates in place.
+            page.locator(f"#alert-{target} button[data-action='approve']").click()
+            page.wait_for_function(f"() => ['retraining', 'retrained'].includes("
+                                   f"document.querySelector('#alert-{target} td.state').textContent)")
+            service.alerts.wait()
+            page.wait_for_function(f"() => document.querySelector('#alert-{target} td.state').textContent"
+                                   f" === 'retrained'", timeout=15000)
+            assert not errors, errors
+        finally:
+            browser.close()
+    alert = service.storage.alert(target)
+    assert alert is not None and alert["approved_by"] == "dashboard"
+    assert alert["triggers"][-1]["outcome"] == "succeeded"
+    assert not external, f"the page fetched from outside the server: {external}"
