@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.bundle import read_bundle
+from device_agent.watcher import resolve_bundle
 from edge_kit.demo.broker import Broker
 from edge_kit.demo.feeder import DeviceFeeder
 from edge_kit.demo.processes import ManagedProcess, free_port, http_json, wait_for_port
@@ -95,6 +97,8 @@ class FleetDemo:
         self.started_at = 0.0
         self.retrain: dict[str, Any] = {}
         self.final_alerts: list[dict[str, Any]] = []
+        self.versions: dict[str, str] = {}  # model sha256 -> version, as the fleet server knows them
+        self.initial_version = ""
 
     @property
     def dashboard(self) -> str:
@@ -120,6 +124,7 @@ class FleetDemo:
             result = build_bundle(self.config, self.bundles, self.key, self.logs / "build.log")
             log.info("built %s", result.get("bundle"))
         self.data = held_out_digits(self.config)
+        self.initial_version = read_bundle(resolve_bundle(self.bundles)).version
 
     def fleet_config(self) -> Path:
         retrain = [sys.executable, "-m", "edge_kit.demo.retrain", "--config", str(self.config),
@@ -257,16 +262,22 @@ class FleetDemo:
         from device_agent.spool import Spool
 
         stored = self.stored_windows() if (self.workdir / "fleet.db").exists() else {}
-        alerts = self.final_alerts
-        flagged = sorted({str(a["scope"]).split(":", 1)[1] for a in alerts
-                          if str(a["scope"]).startswith("device:") and a["kind"] == "data_drift"})
+        alerts = [{**a, "version": self.versions.get(str(a["model_sha256"]), "?")} for a in self.final_alerts]
+        flagged_by_version: dict[str, list[str]] = {}
+        for a in alerts:
+            if str(a["scope"]).startswith("device:") and a["kind"] == "data_drift":
+                flagged_by_version.setdefault(a["version"], []).append(str(a["scope"]).split(":", 1)[1])
+        flagged_by_version = {v: sorted(set(ds)) for v, ds in sorted(flagged_by_version.items())}
+        # The check is on the model the shifts started under; a retrained version is judged afresh.
+        flagged = flagged_by_version.get(self.initial_version, [])
+        initial_alerts = [a for a in alerts if a["version"] == self.initial_version]
         devices = []
         for d in self.devices:
             spool = Spool(d.spool)
             pending = len(spool)
             spool.close()
             closed = int((d.final.get("counters") or {}).get("windows_closed", 0))
-            first_alert = min((float(a["created_at"]) for a in alerts if a["scope"] == f"device:{d.name}"),
+            first_alert = min((float(a["created_at"]) for a in initial_alerts if a["scope"] == f"device:{d.name}"),
                               default=None)
             stats = d.feeder.stats if d.feeder else None
             first_shift = stats.first_shifted_at if stats else None
@@ -294,12 +305,15 @@ class FleetDemo:
             "window_seconds": self.o.window_seconds,
             "devices": devices,
             "shifted": shifted,
+            "model_version": self.initial_version,
             "flagged": flagged,
+            "flagged_by_version": flagged_by_version,
             "exactly_shifted_flagged": flagged == shifted,
             "windows_closed": sum(d["windows_closed"] for d in devices),
             "windows_stored": sum(d["windows_stored"] for d in devices),
             "windows_lost": sum(d["windows_lost"] for d in devices),
-            "alerts": [{k: a[k] for k in ("id", "scope", "kind", "state", "summary", "created_at")} for a in alerts],
+            "alerts": [{k: a[k] for k in ("id", "version", "scope", "kind", "state", "summary", "created_at")}
+                       for a in alerts],
             "retrain": self.retrain,
         }
 
@@ -339,6 +353,8 @@ def run_demo(options: DemoOptions, stop: threading.Event | None = None) -> dict[
             if now >= deadline and (approved_id is None or demo.retrain_done(approved_id) or now >= hard_stop):
                 break
         demo.final_alerts = demo.alerts()
+        demo.versions = {str(m["sha256"]): str(m["version"])
+                         for m in http_json(f"{demo.dashboard}api/devices").get("models", [])}
         if approved_id is not None:
             demo.retrain.update(demo.retrain_outcome(approved_id))
     finally:
@@ -356,8 +372,15 @@ def print_summary(s: dict[str, Any]) -> None:
         print(f"{d['device']:8} {d['shift']:10} {'yes' if d['flagged'] else 'no':8} {d['samples']:>8} "
               f"{d['windows_closed']:>7} {d['windows_stored']:>7} {d['windows_in_spool']:>8} {d['windows_lost']:>5} "
               f"{after:>15}")
-    print(f"alerts: {len(s['alerts'])}; flagged devices: {', '.join(s['flagged']) or 'none'}; "
-          f"shifted devices: {', '.join(s['shifted'])}; "
+    for version, devices in s["flagged_by_version"].items():
+        if version != s["model_version"]:
+            print(f"after retraining, version {version}: flagged {', '.join(devices)}")
+    if s["retrain"]:
+        r = s["retrain"]
+        print(f"retraining (alert {r.get('alert')}): {r.get('state')}, outcome {r.get('outcome')}; versions served: "
+              + "; ".join(f"{k}: {', '.join(v)}" for k, v in (r.get("models_served") or {}).items()))
+    print(f"alerts: {len(s['alerts'])}; flagged devices (version {s['model_version']}): "
+          f"{', '.join(s['flagged']) or 'none'}; shifted devices: {', '.join(s['shifted'])}; "
           f"{'exactly the shifted devices were flagged' if s['exactly_shifted_flagged'] else 'MISMATCH'}; "
           f"windows lost: {s['windows_lost']}")
 

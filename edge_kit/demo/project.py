@@ -1,22 +1,20 @@
 """The demo's own copy of the digits project: config, DVC repository, signing keys, builds and retraining data.
 
 The demo works in its own folder (default `.edgekit/fleet-demo/`), so it never touches the example's files;
-the project config is the example's with the version (and, after a retraining, the data source) replaced.
+the project config is the example's, with the version and training seed replaced by each retraining.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from device_agent.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_keypair
 from edge_kit.demo.processes import child_env
-from edge_kit.demo.shifts import MAX_SHIFT_PIXELS, NOISE_SD
 from edge_kit.errors import EdgeKitError, UsageError
 
 CONFIG_NAME = "edgekit.toml"
@@ -51,8 +49,6 @@ def build_bundle(config: Path, out_dir: Path, key: Path, log: Path) -> dict[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     result = _run([sys.executable, "-m", "edge_kit", "build", "--config", str(config), "--out", str(out_dir),
                    "--key", str(key), "--json"], config.parent, "edge-kit build", log=log)
-    import json
-
     doc: dict[str, Any] = json.loads(result.strip().splitlines()[-1])
     return doc
 
@@ -64,11 +60,12 @@ def config_value(config: Path, section: str, key: str) -> str | None:
     return None if value is None else str(value)
 
 
-def set_config_value(config: Path, section: str, key: str, value: str) -> None:
-    """Replace `key = "..."` inside `[section]` of the config text (keeps the user's comments and layout)."""
+def set_config_value(config: Path, section: str, key: str, value: str | int) -> None:
+    """Replace the value of `key` inside `[section]` of the config text (keeps the user's comments and layout)."""
     text = config.read_text()
-    pattern = re.compile(rf"(\[{re.escape(section)}\][^\[]*?^{re.escape(key)}\s*=\s*)\"[^\"]*\"", re.M | re.S)
-    new, count = pattern.subn(lambda m: f'{m.group(1)}"{value}"', text, count=1)
+    literal = json.dumps(value)  # a TOML basic string or integer is written the same way
+    pattern = re.compile(rf"(\[{re.escape(section)}\][^\[]*?^{re.escape(key)}\s*=\s*)(\"[^\"]*\"|[^\s#]+)", re.M | re.S)
+    new, count = pattern.subn(lambda m: f"{m.group(1)}{literal}", text, count=1)
     if count != 1:
         raise UsageError(f"{config}: cannot find {section}.{key} to update")
     config.write_text(new)
@@ -79,30 +76,6 @@ def next_version(version: str) -> str:
     if not parts[-1].isdigit():
         raise UsageError(f"cannot bump version {version!r}: the last part must be a number")
     return ".".join([*parts[:-1], str(int(parts[-1]) + 1)])
-
-
-def field_augmented_digits(out: Path, seed: int = 0) -> Path:
-    """Digits plus the kinds of field data that came back labelled: noisy and shifted copies of every image.
-
-    Retraining on it is what an operator would do after the alert: the new model (and its reference
-    histograms) cover the conditions the devices now see.
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = digits.data.reshape(-1, 1, 8, 8).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    rng = np.random.default_rng(seed)
-    noisy = np.clip(x + rng.normal(0.0, NOISE_SD * rng.uniform(0, 1, (len(x), 1, 1, 1)), x.shape), 0, 16)
-    shifted = np.zeros_like(x)
-    pixels = rng.integers(1, MAX_SHIFT_PIXELS + 1, len(x))
-    for p in np.unique(pixels):
-        rows = pixels == p
-        shifted[rows, ..., p:] = x[rows, ..., :-p]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, X=np.concatenate([x, noisy.astype(np.float32), shifted]), y=np.concatenate([y, y, y]),
-             labels=np.array([str(c) for c in digits.target_names]))
-    return out
 
 
 def _run(cmd: list[str], cwd: Path, what: str, log: Path | None = None) -> str:

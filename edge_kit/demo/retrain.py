@@ -2,9 +2,12 @@
 
     python -m edge_kit.demo.retrain --config PROJECT/edgekit.toml --bundles DIR --key KEY
 
-It adds the field data (noisy and shifted digits, labelled) to the training data, bumps the project's
-version and runs the real `edge-kit build`, which writes the signed bundle of the new version into the
-folder the agents and the fleet server watch: the agents verify, self-test and hot-swap it.
+It bumps the project's version (and the training seed, so the new version is a new model) and runs the
+real `edge-kit build` on the project's data snapshot, which writes the signed bundle of the new version
+into the folder the agents and the fleet server watch: the agents verify, self-test and hot-swap it.
+In a real project the labelled field data would be added to the snapshot first (`dvc add`, then
+`dvc repro` or this build); the demo keeps the snapshot, so the devices whose inputs are shifted stay
+flagged against the new version too: retraining on the same data does not move a camera back.
 """
 
 from __future__ import annotations
@@ -15,13 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from edge_kit.demo.project import (
-    build_bundle,
-    config_value,
-    field_augmented_digits,
-    next_version,
-    set_config_value,
-)
+from edge_kit.demo.project import build_bundle, config_value, next_version, set_config_value
 from edge_kit.errors import EdgeKitError
 
 
@@ -34,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s retrain: %(message)s")
     try:
         version = next_version(config_value(args.config, "project", "version") or "1.0.0")
-        data = field_augmented_digits(args.config.parent / "data" / f"field-{version}.npz")
-        set_config_value(args.config, "data", "source", f"npz:data/{data.name}")
+        seed = int(config_value(args.config, "train", "seed") or 0) + 1
         set_config_value(args.config, "project", "version", version)
-        logging.info("building version %s on %s", version, data.name)
+        set_config_value(args.config, "train", "seed", seed)
+        logging.info("building version %s (training seed %d)", version, seed)
         result = build_bundle(args.config, args.bundles, args.key, args.config.parent / "retrain.log")
     except EdgeKitError as exc:
         print(f"retrain: error: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_kit.demo.project import config_value, field_augmented_digits, next_version, set_config_value
+from edge_kit.demo.project import config_value, next_version, set_config_value
 from edge_kit.demo.shifts import CLASSMIX_FRACTION, Shift, sample_batch
 from edge_kit.errors import UsageError
 
@@ -67,27 +67,15 @@ def test_classmix_changes_the_class_mix_not_the_images() -> None:
 def test_config_edits_keep_the_rest_of_the_file(tmp_path: Path) -> None:
     config = tmp_path / "edgekit.toml"
     config.write_text('# mine\n[project]\nname = "digits"\nversion = "1.0.9"  # bumped by retraining\n'
-                      '[data]\nsource = "sklearn:digits"      # comment kept\nseed = 0\n')
+                      '[data]\nsource = "sklearn:digits"      # comment kept\nseed = 0\n'
+                      '[model]\nkwargs = { channels = [16, 32] }\n[train]\nepochs = 2\nseed = 0  # init\n')
     set_config_value(config, "project", "version", next_version("1.0.9"))
-    set_config_value(config, "data", "source", "npz:data/field.npz")
+    set_config_value(config, "train", "seed", 1)
     text = config.read_text()
     assert config_value(config, "project", "version") == "1.0.10"
-    assert config_value(config, "data", "source") == "npz:data/field.npz"
-    assert "# mine" in text and "# comment kept" in text and "# bumped by retraining" in text
+    assert config_value(config, "train", "seed") == "1" and config_value(config, "data", "seed") == "0"
+    assert "# mine" in text and "# comment kept" in text and "# bumped by retraining" in text and "# init" in text
     with pytest.raises(UsageError, match=r"train\.lr"):
         set_config_value(config, "train", "lr", "1")
     with pytest.raises(UsageError):
         next_version("1.0.x")
-
-
-def test_field_data_adds_noisy_and_shifted_copies_with_labels(tmp_path: Path) -> None:
-    x, y = _digits()
-    out = field_augmented_digits(tmp_path / "field.npz")
-    with np.load(out) as npz:
-        fx, fy, labels = npz["X"], npz["y"], list(npz["labels"])
-    assert fx.shape == (3 * len(x), 1, 8, 8) and fx.dtype == np.float32
-    np.testing.assert_array_equal(fx[: len(x)], x)
-    np.testing.assert_array_equal(fy, np.concatenate([y, y, y]))
-    assert labels == [str(i) for i in range(10)]
-    assert fx.min() >= 0 and fx.max() <= 16
-    assert not np.array_equal(fx[len(x) : 2 * len(x)], x) and not np.array_equal(fx[2 * len(x) :], x)
