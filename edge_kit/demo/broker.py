@@ -9,7 +9,10 @@ in; without Mosquitto the demo stops with a message saying how to install it.
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from edge_kit.demo.processes import ManagedProcess, free_port, wait_for_port
 from edge_kit.errors import UsageError
@@ -40,6 +43,7 @@ class Broker:
             f"persistence_location {workdir}/\n"
             "autosave_interval 5\n"
             "max_queued_messages 100000\n"
+            "sys_interval 1\n"  # $SYS figures every second: wait_for_subscriptions reads them
         )
         self.process = ManagedProcess("mosquitto", [binary, "-c", str(config)], workdir)
         wait_for_port(self.port, 15, self.process)
@@ -47,6 +51,39 @@ class Broker:
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
+
+    def wait_for_subscriptions(self, count: int, timeout: float) -> None:
+        """Until the broker holds `count` subscriptions (e.g. the fleet server's), read from Mosquitto's $SYS.
+
+        A QoS-1 message published to a topic nobody has subscribed to yet is dropped by the broker, so
+        devices must not publish before the fleet server's consumer has subscribed once (from then on its
+        persistent session queues them).
+        """
+        import paho.mqtt.client as mqtt
+
+        seen = threading.Event()
+
+        def on_message(client: Any, userdata: Any, msg: Any) -> None:
+            try:
+                if int(msg.payload) >= count:
+                    seen.set()
+            except ValueError:
+                pass
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edgekit-demo-probe",
+                             protocol=mqtt.MQTTv5)
+        client.on_connect = lambda c, *_: c.subscribe("$SYS/broker/subscriptions/count", 0)
+        client.on_message = on_message
+        client.connect("127.0.0.1", self.port)
+        client.loop_start()
+        try:
+            deadline = time.monotonic() + timeout
+            while not seen.wait(0.2):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the broker did not see {count} subscription(s) within {timeout:.0f} s")
+        finally:
+            client.loop_stop()
+            client.disconnect()
 
     def stop(self) -> None:
         self.process.stop(timeout=10)

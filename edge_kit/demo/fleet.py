@@ -153,6 +153,10 @@ class FleetDemo:
             "fleet", "serve", "--broker", self.broker.url, "--db", f"sqlite:///{db}",
             "--http", f"127.0.0.1:{self.fleet_port}", "--fleet", FLEET, "--bundles", str(self.bundles),
             "--config", str(self.fleet_config()), "--json"], self.logs)
+        # Devices may publish only once the fleet's consumer has subscribed, or their first windows go
+        # nowhere. It subscribes to summaries (shared) and statuses in one SUBSCRIBE; Mosquitto's count
+        # leaves shared subscriptions out, so: this check's own $SYS subscription + the status one.
+        self.broker.wait_for_subscriptions(2, timeout=60)
         for i in range(self.o.devices):
             name = f"dev-{i + 1}"
             port = free_port()
