@@ -74,14 +74,13 @@ def render(outcomes: dict[str, dict[str, Any]], docs: dict[str, dict[str, Any]])
     if len(machines) > 1:
         lines += ["> **The results below come from different machines**: compare figures only within one machine.",
                   ""]
-    lines += ["| benchmark | this run | measured at | seconds | machine |", "|---|---|---|---|---|"]
-    for name in sorted(set(outcomes) | set(docs)):
-        o = outcomes.get(name, {"status": "not run"})
-        d = docs.get(name, {})
+    refreshed = {r for o in outcomes.values() for r in o.get("results", [])}
+    lines += ["| script | this run | results | seconds |", "|---|---|---|---|"]
+    for name in sorted(outcomes):
+        o = outcomes[name]
         status = o["status"] + (f": {o['detail']}" if o.get("detail") else "")
         seconds = f"{o['seconds']:.0f}" if o.get("seconds") is not None else ""
-        machine = (d.get("machine") or {}).get("cpu", "")
-        lines.append(f"| {name} | {fmt(status)} | {d.get('measured_at', 'no result')} | {seconds} | {fmt(machine)} |")
+        lines.append(f"| {name} | {fmt(status)} | {', '.join(o.get('results', []))} | {seconds} |")
     lines.append("")
     for name in sorted(docs):
         d = docs[name]
@@ -89,10 +88,9 @@ def render(outcomes: dict[str, dict[str, Any]], docs: dict[str, dict[str, Any]])
         if "unreadable" in d:
             lines += [f"Result file unreadable: {d['unreadable']}", ""]
             continue
-        o = outcomes.get(name)
-        if o and o["status"] != "ok":
-            lines += [f"> These figures are **stale** (from {d.get('measured_at')}): this run's outcome was "
-                      f"'{o['status']}'.", ""]
+        if outcomes and name not in refreshed:
+            lines += [f"> These figures are **stale** (from {d.get('measured_at')}): no script wrote them in this "
+                      "run (see the table above).", ""]
         lines += [f"Measured {d.get('measured_at')} on {machine_line(d.get('machine'))}.", ""]
         if d.get("description"):
             lines += [str(d["description"]), ""]

@@ -32,11 +32,18 @@ def discover(bench_dir: Path) -> list[Path]:
     return sorted(bench_dir.glob("bench_*.py"))
 
 
+def _result_times(results: Path) -> dict[str, int]:
+    return {p.stem: p.stat().st_mtime_ns for p in results.glob("*.json")}
+
+
 def run_script(script: Path, results: Path, logs: Path, *, quick: bool, timeout: float) -> dict[str, Any]:
-    """Run one benchmark script; its outcome: ok, failed, timeout or no result (exit 0 but no JSON written)."""
+    """Run one benchmark script; its outcome: ok, failed, timeout or no result (exit 0 but no JSON written).
+
+    `results` lists the result files it wrote (usually `<script name>.json`, but a script may name its
+    result otherwise, or write several).
+    """
     name = script.stem
-    result_file = results / f"{name}.json"
-    before = result_file.stat().st_mtime_ns if result_file.exists() else None
+    before = _result_times(results)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["EDGEKIT_BENCH_RESULTS"] = str(results)
@@ -54,11 +61,11 @@ def run_script(script: Path, results: Path, logs: Path, *, quick: bool, timeout:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-LOG_TAIL_LINES:]
         return {"status": "failed", "detail": f"exit {proc.returncode}: " + " / ".join(tail), "seconds": seconds,
                 "log": str(log_path)}
-    after = result_file.stat().st_mtime_ns if result_file.exists() else None
-    if after is None or after == before:
-        return {"status": "no result", "detail": f"exit 0 but {result_file.name} was not written",
+    written = sorted(n for n, t in _result_times(results).items() if before.get(n) != t)
+    if not written:
+        return {"status": "no result", "detail": f"exit 0 but no result JSON was written (expected {name}.json)",
                 "seconds": seconds, "log": str(log_path)}
-    return {"status": "ok", "seconds": seconds, "log": str(log_path)}
+    return {"status": "ok", "seconds": seconds, "log": str(log_path), "results": written}
 
 
 def main(argv: list[str] | None = None) -> int:

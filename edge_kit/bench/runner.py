@@ -22,8 +22,8 @@ from edge_kit.errors import EdgeKitError
 
 log = logging.getLogger(__name__)
 
-# A worker that prints nothing for this long is considered hung.
-WORKER_TIMEOUT_S = 1800
+# A worker that closed its output but has not exited after this long is killed.
+WORKER_TIMEOUT_S = 60
 
 
 class WorkerFailed(EdgeKitError):

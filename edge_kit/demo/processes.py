@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,7 +29,26 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range: a port the kernel hands out (bind to 0) can be taken
+    by some outgoing connection (an agent's MQTT client) before the server that was meant to get it binds."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -85,7 +106,8 @@ class ManagedProcess:
             raise RuntimeError(f"{self.name} exited with status {self.proc.returncode}: " + " | ".join(tail))
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (the graceful path: agents close and spool their last window), then SIGKILL if it hangs."""
+        """SIGTERM (the graceful path: agents close and spool their last window), then SIGKILL if it hangs;
+        then whatever it started and left behind in its process group (e.g. a retraining build)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -93,6 +115,8 @@ class ManagedProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the group holds only its descendants
         return self.proc.returncode
 
     def final_json(self) -> dict[str, Any] | None:

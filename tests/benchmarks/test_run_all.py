@@ -50,14 +50,23 @@ def test_results_gathered_and_failures_reported(tmp_path: Path) -> None:
     doc = json.loads((results / "bench_good.json").read_text())
     assert doc["figures"]["quick"] is True and doc["machine"]["cpu"]
     readme = (results / "README.md").read_text()
-    assert "| bench_good | ok |" in readme
+    assert "| bench_good | ok | bench_good |" in readme
     assert "| bench_absent | missing: no bench_absent.py in benchmarks/ |" in readme
     assert "| bench_broken | failed: exit 1: loading model... / bench_broken: ONNX file not found |" in readme
-    assert "| bench_silent | no result: exit 0 but bench_silent.json was not written |" in readme
+    assert "| bench_silent | no result: exit 0 but no result JSON was written (expected bench_silent.json) |" in readme
     assert "| throughput.batch_1 | 1,234 |" in readme and "| throughput.batch_32 | 9,876 |" in readme
     assert "| case | items_per_s |" in readme and "| b | 2.5 |" in readme
     assert doc["machine"]["cpu"] in readme and doc["machine"]["int8_isa"] in readme
     assert "table printed" in (results / "tmp" / "bench_good.log").read_text()
+
+
+def test_a_result_named_otherwise_is_attributed_to_its_script(tmp_path: Path) -> None:
+    bench, results = _bench_dir(tmp_path), tmp_path / "results"
+    (bench / "bench_agent.py").write_text(OK_SCRIPT.format(name="agent"))
+    proc = _run_all(bench, results, "--only", "bench_agent")
+    assert proc.returncode == 0, proc.stdout
+    readme = (results / "README.md").read_text()
+    assert "| bench_agent | ok | agent |" in readme and "## agent" in readme and "stale" not in readme
 
 
 def test_a_failing_rerun_keeps_old_figures_marked_stale(tmp_path: Path) -> None:
