@@ -1,5 +1,5 @@
-"""`edge-kit bench --config` on a bundle of a real training run: the three engines, the held-out split,
-the run's own fp32 ONNX and checkpoint, and the report logged back to that run."""
+"""`edge-kit bench --config` on a bundle from the real `edge-kit build`: the three engines, the held-out
+split, the training run's own fp32 ONNX and checkpoint, and the report logged back to that run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from bench_fixtures import load_report
 
-from edge_kit.train import TrainResult
+from device_agent.bundle import read_bundle
+from edge_kit.config import load_config
+from edge_kit.train import FINAL_CHECKPOINT, ONNX_FILE, run_folder
 
 CONFIG = """
 [project]
@@ -29,40 +31,12 @@ lr = 3e-3
 """
 
 
-def _bundle_from_run(config_path: Path, out: Path) -> tuple[Path, TrainResult]:
-    """Train with the pipeline, quantize its fp32 ONNX (ONNX Runtime, QDQ) and write a bundle naming the run."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+def _built_bundle(config_path: Path, out: Path) -> tuple[Path, str]:
+    """The real `edge-kit build` (train, quantize, gate, bundle), unsigned; the bundle and its MLflow run id."""
+    from edge_kit.build import build
 
-    from device_agent.bundle import write_bundle
-    from edge_kit.config import load_config
-    from edge_kit.data import load_dataset
-    from edge_kit.train import train
-
-    config = load_config(config_path)
-    result = train(config)
-    dataset = load_dataset(config)
-    calibration = dataset.preprocess(dataset.X_train[:256])
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._batches = iter([{"input": calibration[i : i + 64]} for i in range(0, len(calibration), 64)])
-
-        def get_next(self):  # type: ignore[override]
-            return next(self._batches, None)
-
-    int8 = out / "int8.onnx"
-    quantize_static(str(result.onnx), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    manifest = {
-        "name": "digits-bench", "version": "0.1.0", "created_at": "2026-01-01T00:00:00Z",
-        "model": {"precision": "int8", "labels": dataset.labels, "preprocessing": dataset.preprocessing},
-        "provenance": {"mlflow": {"tracking_uri": result.tracking_uri, "experiment_id": result.experiment_id,
-                                  "run_id": result.run_id},
-                       "data": {"dvc_md5": dataset.snapshot.dvc_md5}},
-        "quantization": {"backend": "ort", "format": "QDQ", "per_channel": True, "target": "x86-vnni",
-                         "excluded_nodes": []},
-        "gate": {"metric": "accuracy", "max_drop": 0.05},
-    }
-    return write_bundle(out / "dist", manifest, {"model.onnx": int8.read_bytes()}), result
+    result = build(load_config(config_path), out, signing_key=None)
+    return result.bundle, result.run_id
 
 
 @pytest.mark.slow
@@ -74,7 +48,9 @@ def test_bench_with_config_measures_the_runs_own_models(edge_kit_cli, tmp_path: 
     project.mkdir()
     (project / "edgekit.toml").write_text(CONFIG)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
-    bundle, run = _bundle_from_run(project / "edgekit.toml", tmp_path)
+    bundle, run_id = _built_bundle(project / "edgekit.toml", tmp_path / "dist")
+    config = load_config(project / "edgekit.toml")
+    run_dir = run_folder(config, run_id)
 
     out = tmp_path / "report"
     result = edge_kit_cli("bench", str(bundle), "--config", str(project / "edgekit.toml"), "--out", str(out),
@@ -85,22 +61,24 @@ def test_bench_with_config_measures_the_runs_own_models(edge_kit_cli, tmp_path: 
     engines = doc["engines"]
     assert list(engines) == ["int8", "fp32", "pytorch"] and doc["missing"] == {}
     # The run's own files, from its local folder, not copies of something else.
-    assert engines["fp32"]["model_file"] == str(run.onnx)
-    assert engines["pytorch"]["model_file"] == str(run.checkpoint)
-    assert engines["pytorch"]["model_bytes"] == Path(run.checkpoint).stat().st_size
+    assert engines["fp32"]["model_file"] == str(run_dir / ONNX_FILE)
+    assert engines["pytorch"]["model_file"] == str(run_dir / FINAL_CHECKPOINT)
+    assert engines["pytorch"]["model_bytes"] == (run_dir / FINAL_CHECKPOINT).stat().st_size
     # The held-out split: the same accuracy the training run measured for this checkpoint.
     assert doc["data"]["labelled"] and doc["data"]["n"] == 360
-    test_accuracy = run.metrics["test_accuracy"]
+    manifest = read_bundle(bundle).manifest
+    client = MlflowClient(tracking_uri=manifest["provenance"]["mlflow"]["tracking_uri"])
+    test_accuracy = client.get_run(run_id).data.metrics["test_accuracy"]
     assert engines["pytorch"]["accuracy"] == pytest.approx(test_accuracy, abs=1e-9)
     assert engines["fp32"]["accuracy"] == pytest.approx(test_accuracy, abs=1 / 360)
-    assert abs(engines["int8"]["accuracy"] - test_accuracy) < 0.05
+    # The build's gate measured int8 on the same split with ONNX Runtime: the same figure here.
+    assert engines["int8"]["accuracy"] == pytest.approx(manifest["gate"]["int8"], abs=1e-9)
     assert doc["notes"] == []
     for e in engines.values():
         for lat in e["latency_ms"]:
             assert lat["p50"] <= lat["p95"] <= lat["p99"]
 
     assert doc["mlflow"]["logged"] is True
-    client = MlflowClient(tracking_uri=run.tracking_uri)
-    metrics = client.get_run(run.run_id).data.metrics
+    metrics = client.get_run(run_id).data.metrics
     assert metrics["bench.pytorch.accuracy"] == pytest.approx(engines["pytorch"]["accuracy"])
     assert np.isclose(metrics["bench.int8.model_bytes"], engines["int8"]["model_bytes"])
