@@ -7,6 +7,10 @@ epoch's data order and the running loss of the epoch. It is loaded with `weights
 
 Writes go to a temp file in the same folder, are fsynced, then renamed over: a crash or a full disk
 mid-write leaves the previous checkpoint untouched and no half-written file under a real name.
+
+Writing happens on a background thread so training does not wait for the disk: `save` takes a copy of
+the state (cheap: tensors are cloned in memory) and at most one write is in flight. A failed write is
+raised by the next `save` or by `flush`, which training calls before it reports success or exits.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import os
 import re
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,12 +115,27 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-class CheckpointManager:
-    """The checkpoints of one training run in one folder."""
+def detached_copy(value: Any) -> Any:
+    """A copy that later training steps cannot change: optimizer and model tensors are updated in place."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: detached_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [detached_copy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(detached_copy(v) for v in value)
+    return value
 
-    def __init__(self, folder: Path, keep: int) -> None:
+
+class CheckpointManager:
+    """The checkpoints of one training run in one folder, written in the background, one at a time."""
+
+    def __init__(self, folder: Path, keep: int, *, background: bool = True) -> None:
         self.folder = folder
         self.keep = max(1, keep)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
+        self._pending: Future[Path] | None = None
 
     def paths(self) -> list[Path]:
         """Checkpoint files, newest (highest step) first."""
@@ -125,9 +145,35 @@ class CheckpointManager:
         return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
 
     def save(self, state: dict[str, Any]) -> Path:
+        """Queue a checkpoint of ``state``; returns the path it will have. Raises the previous write's error."""
         path = self.folder / checkpoint_name(int(state["position"]["global_step"]))
+        snapshot = {"format": FORMAT, **detached_copy(state)}
+        self.flush()
+        if self._pool is None:
+            return self._write(snapshot, path)
+        self._pending = self._pool.submit(self._write, snapshot, path)
+        return path
+
+    def flush(self) -> None:
+        """Wait for the write in flight; raise CheckpointWriteError if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self, *, raise_errors: bool = True) -> None:
         try:
-            atomic_torch_save({"format": FORMAT, **state}, path)
+            if raise_errors:
+                self.flush()
+            elif self._pending is not None:
+                with contextlib.suppress(Exception):  # an error is already on its way up
+                    self._pending.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _write(self, snapshot: dict[str, Any], path: Path) -> Path:
+        try:
+            atomic_torch_save(snapshot, path)
         except OSError as exc:
             previous = next((p for p in self.paths() if p != path), None)
             raise CheckpointWriteError(

@@ -36,18 +36,29 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
+# `dvc repro` rewrites dvc.lock after each stage: it records results, not code, so a changed dvc.lock
+# does not make the tree dirty (otherwise a pipeline's build stage could never reuse its train stage).
+_NOT_CODE = ":(top,exclude,glob)**/dvc.lock"
+
+
 def git_state(folder: Path) -> dict[str, Any]:
     """Commit of the repository holding ``folder`` and whether tracked or untracked (not ignored) files changed."""
     commit = _git(["rev-parse", "HEAD"], folder)
     if commit is None:
         return {"commit": None, "dirty": None, "root": None}
-    status = _git(["status", "--porcelain", "--untracked-files=normal"], folder)
+    status = _git(["status", "--porcelain", "--untracked-files=normal", "--", ":(top)", _NOT_CODE], folder)
     root = _git(["rev-parse", "--show-toplevel"], folder)
     return {"commit": commit, "dirty": bool(status), "root": root}
 
 
+LOCK_ENV = "EDGEKIT_LOCK_FILE"  # set by our Dockerfile, where edge-kit is installed rather than checked out
+
+
 def find_lock_file(start: Path) -> Path | None:
-    """The lock file of the project holding ``start``, else the one of this edge-kit checkout."""
+    """$EDGEKIT_LOCK_FILE, else the lock of the project holding ``start``, else the one of this edge-kit checkout."""
+    if os.environ.get(LOCK_ENV):
+        named = Path(os.environ[LOCK_ENV])
+        return named if named.is_file() else None
     for folder in (start, *start.parents):
         candidate = folder / LOCK_RELATIVE
         if candidate.is_file():

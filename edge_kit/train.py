@@ -289,8 +289,11 @@ class Trainer:
     def finished(self) -> bool:
         return self.position.epoch >= self.config.train.epochs
 
-    def run(self, *, save: Any, on_epoch: Any, stop: StopFlag) -> None:
-        """Train from the current position to the end; ``save()`` writes a checkpoint, ``on_epoch`` logs."""
+    def run(self, *, save: Any, on_epoch: Any, stop: StopFlag, flush: Any = lambda: None) -> None:
+        """Train from the current position to the end.
+
+        ``save()`` queues a checkpoint, ``flush()`` waits until it is on disk, ``on_epoch`` logs metrics.
+        """
         cfg = self.config.train
         n = len(self.X_train)
         progress = Progress(self.total_steps, self.position.global_step)
@@ -318,6 +321,7 @@ class Trainer:
                     progress.step(loss_value, len(idx) / max(time.perf_counter() - step_started, 1e-9))
                     if stop:
                         path = save()
+                        flush()
                         raise TrainingInterrupted(
                             f"training stopped by signal {stop.signal} at step {pos.global_step} "
                             f"(epoch {pos.epoch + 1}); checkpoint saved to {path}",
@@ -418,6 +422,8 @@ def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool
         run = tracking.resume_run(client, str(latest.state.get("mlflow_run_id")), uri)
         log.info("resuming from %s (step %d, epoch %d)", latest.path.name, trainer.position.global_step,
                  trainer.position.epoch + 1)
+        if run is not None:
+            _record_provenance_drift(run, provenance)
     if run is None:
         tags = {**tracking.provenance_tags(provenance), tracking.TAG_FINGERPRINT: config.fingerprint(),
                 tracking.TAG_TRAINING_FINGERPRINT: fingerprint, "edgekit.device": device.type,
@@ -436,19 +442,47 @@ def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool
     started = time.perf_counter()
     try:
         with sigterm_flag() as stop:
-            trainer.run(save=save, on_epoch=on_epoch, stop=stop)
+            trainer.run(save=save, on_epoch=on_epoch, stop=stop, flush=checkpoints.flush)
+        checkpoints.close()
         result = _finish(config, dataset, trainer, handle, provenance, fingerprint)
     except TrainingInterrupted:
-        handle.finish("KILLED")
+        checkpoints.close(raise_errors=False)
+        _mark_run(handle, "KILLED")
         raise
     except BaseException:
-        handle.finish("FAILED")
+        checkpoints.close(raise_errors=False)
+        _mark_run(handle, "FAILED")
         raise
     log.info("training done in %.1f s: test accuracy %.4f", time.perf_counter() - started,
              result.metrics["test_accuracy"])
     # The run is complete and its final state is stored with it: the step checkpoints have served.
     shutil.rmtree(checkpoints.folder, ignore_errors=True)
     return result
+
+
+def _mark_run(run: tracking.RunHandle, status: str) -> None:
+    """Record how the run ended without hiding the error that ended it (the store may be the problem)."""
+    try:
+        run.finish(status)
+    except Exception as exc:  # MLflow/SQLAlchemy errors vary; the original error matters more
+        log.warning("could not mark MLflow run %s as %s: %s", run.run_id, status, exc)
+
+
+def _record_provenance_drift(run: tracking.RunHandle, provenance: dict[str, Any]) -> None:
+    """A run resumed on other code or another environment no longer comes from one clean commit: say so.
+
+    Its `edgekit.git_dirty` tag becomes "true", so `train(reuse=True)` never hands it out as the model of a
+    commit; what changed is kept in `edgekit.resumed_with`.
+    """
+    tags = run.client.get_run(run.run_id).data.tags
+    now = tracking.provenance_tags(provenance)
+    keys = (tracking.TAG_COMMIT, tracking.TAG_DIRTY, tracking.TAG_LOCK)
+    changed = {k: now[k] for k in keys if tags.get(k) != now[k]}
+    if not changed:
+        return
+    log.warning("resuming MLflow run %s with different code or environment (%s); the run is marked dirty",
+                run.run_id, ", ".join(f"{k.removeprefix('edgekit.')}={v[:12]}" for k, v in changed.items()))
+    run.set_tags({tracking.TAG_DIRTY: "true", "edgekit.resumed_with": json.dumps(changed, sort_keys=True)})
 
 
 def _finish(config: Config, dataset: Dataset, trainer: Trainer, run: tracking.RunHandle,

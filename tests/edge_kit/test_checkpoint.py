@@ -33,6 +33,7 @@ def test_keeps_the_newest_few(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path, keep=2)
     for step in (4, 8, 12):
         manager.save(state(step))
+    manager.close()
     assert [p.name for p in manager.paths()] == ["ckpt-00000012.pt", "ckpt-00000008.pt"]
     latest = manager.latest_valid()
     assert latest is not None and latest.step == 12
@@ -46,6 +47,7 @@ def test_corrupt_newest_falls_back_with_a_warning(tmp_path: Path, caplog: pytest
     manager = CheckpointManager(tmp_path, keep=3)
     manager.save(state(4))
     newest = manager.save(state(8))
+    manager.flush()
     data = newest.read_bytes()
     if damage == "truncate":
         newest.write_bytes(data[: len(data) // 2])
@@ -67,9 +69,12 @@ def test_no_valid_checkpoint(tmp_path: Path) -> None:
     assert CheckpointManager(tmp_path / "missing", keep=3).latest_valid() is None
 
 
-def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    manager = CheckpointManager(tmp_path, keep=1)
+@pytest.mark.parametrize("background", [True, False])
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 background: bool) -> None:
+    manager = CheckpointManager(tmp_path, keep=1, background=background)
     manager.save(state(4))
+    manager.flush()
     real_save = torch.save
 
     def disk_full(obj: Any, f: Any) -> None:
@@ -79,6 +84,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(ckpt.torch, "save", disk_full)
     with pytest.raises(CheckpointWriteError) as info:
         manager.save(state(8))
+        manager.flush()  # a background write reports its failure here (or at the next save)
     message = str(info.value)
     assert "No space left on device" in message and "ckpt-00000004.pt is intact" in message
     monkeypatch.setattr(ckpt.torch, "save", real_save)
@@ -105,9 +111,19 @@ def test_foreign_signature_is_refused_naming_the_difference(tmp_path: Path) -> N
     assert "factory" in str(info.value) and info.value.exit_code == 2
 
 
+def test_saved_state_is_a_snapshot_not_a_live_view(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep=3)
+    live = state(4)
+    manager.save(live)
+    live["model"]["w"].add_(100.0)  # the next optimizer step changes tensors in place
+    manager.close()
+    assert torch.equal(read_checkpoint(tmp_path / "ckpt-00000004.pt")["model"]["w"], torch.full((2,), 4.0))
+
+
 def test_archive_moves_instead_of_deleting(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path / "checkpoints", keep=3)
     manager.save(state(4))
+    manager.flush()
     target = manager.archive("replaced")
     assert target is not None and (target / "ckpt-00000004.pt").is_file()
     assert manager.paths() == []

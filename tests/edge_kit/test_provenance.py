@@ -25,6 +25,11 @@ def test_git_commit_and_dirty(tmp_path: Path) -> None:
     (tmp_path / ".edgekit" / "x").write_text("ignored state does not make the tree dirty")
     commit_all(tmp_path)
     assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "dvc.lock").write_text("schema: '2.0'\n")  # `dvc repro` results, not code
+    assert git_state(tmp_path / "sub")["dirty"] is False
+    (tmp_path / "sub" / "model.py").write_text("x = 1\n")  # new code, even untracked, is dirty
+    assert git_state(tmp_path / "sub")["dirty"] is True
 
 
 def test_not_a_repository(tmp_path: Path) -> None:
@@ -53,6 +58,17 @@ def test_lock_falls_back_to_edge_kits_own(tmp_path: Path) -> None:
     config = load_config(make_project(tmp_path, "[project]\nname = 'p'\n"))
     own = Path(__file__).resolve().parents[2] / "requirements" / "lock.txt"
     assert collect_provenance(config)["environment"]["lock_sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
+
+
+def test_lock_named_by_the_container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lock = tmp_path / "image-lock.txt"
+    lock.write_text("torch==2.13.0+cpu\n")
+    monkeypatch.setenv("EDGEKIT_LOCK_FILE", str(lock))
+    config = load_config(make_project(tmp_path / "p", "[project]\nname = 'p'\n"))
+    env = collect_provenance(config)["environment"]
+    assert env["lock_path"] == str(lock) and env["lock_sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    monkeypatch.setenv("EDGEKIT_LOCK_FILE", str(tmp_path / "missing.txt"))
+    assert collect_provenance(config)["environment"]["lock_sha256"] is None
 
 
 def test_container_digest_when_exposed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -141,15 +141,6 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bitwise_equal(tmp_path: Path, 
     killed = MlflowClient(tracking_uri=tracking).get_run(newest.state["mlflow_run_id"])
     assert killed.info.status == "KILLED"
 
-    # A checkpoint of a different model is refused, clearly, and nothing is touched.
-    original = config.read_text()
-    config.write_text(original.replace("hidden = 16", "hidden = 12"))
-    refused = train_cli(config, tracking)
-    assert refused.returncode == 2
-    assert "belongs to a different model or training setup" in refused.stderr and "--resume never" in refused.stderr
-    assert CheckpointManager(folder, keep=3).latest_valid().path == newest.path  # type: ignore[union-attr]
-    config.write_text(original)
-
     # A corrupt newer checkpoint (say, the disk died mid-write) is skipped in favour of the valid one.
     (folder / "ckpt-99999999.pt").write_bytes(b"PK\x03\x04truncated")
     result = train_cli(config, tracking)

@@ -146,5 +146,21 @@ def test_full_disk_mid_training_keeps_the_last_checkpoint(tmp_path: Path, monkey
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     monkeypatch.setattr(ckpt.torch, "save", real_save)
+    # Those checkpoints belong to this model: a config for another one is refused and nothing is touched.
+    original = config_path.read_text()
+    config_path.write_text(original.replace("hidden = 16", "hidden = 12"))
+    with pytest.raises(ForeignCheckpointError, match="belongs to a different model or training setup") as info:
+        train(load_config(config_path))
+    assert info.value.exit_code == 2 and "--resume never" in str(info.value)
+    config_path.write_text(original.replace("lr = 0.01", "lr = 0.02"))  # same model, other training settings
+    with pytest.raises(ForeignCheckpointError, match="training config"):
+        train(load_config(config_path))
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt-00000004.pt", "ckpt-00000008.pt"]
+    config_path.write_text(original)
+    commit = commit_all(tmp_path)  # the code changes between the failure and the resume
     resumed = train(load_config(config_path))  # --resume auto continues from step 8 in the same MLflow run
     assert resumed.run_id == runs[0].info.run_id and resumed.metrics["steps"] == 23
+    tags = client.get_run(resumed.run_id).data.tags
+    # Started outside any commit, finished at `commit`: not the model of one clean commit, so never reused.
+    assert tags["edgekit.git_dirty"] == "true" and json.loads(tags["edgekit.resumed_with"])[
+        "edgekit.git_commit"] == commit
