@@ -27,7 +27,7 @@ from edge_kit.evaluate import accuracy, predict_logits
 from edge_kit.gate import GateFailed, GateResult, run_gate
 from edge_kit.package import assemble_and_write, io_spec, monitor_plan, reference_json, selftest_npz
 from edge_kit.qdq_analysis import summarize_qdq
-from edge_kit.quantize import Quantizer, calibration_inputs, make_ort_quantizer
+from edge_kit.quantize import OrtQuantizer, Quantizer, calibration_inputs, make_ort_quantizer
 from edge_kit.report import ReportInputs, render_report
 from edge_kit.snapshot import atomic_write_bytes
 
@@ -101,6 +101,7 @@ def build(
             gate=config.gate, fp32_metric=fp32, quantize=quantizer.quantize,
             evaluate=lambda path: accuracy(predict_logits(path, x_test), dataset.y_test),
             units=quantizer.units,
+            prefilter=quantizer.prefilter if isinstance(quantizer, OrtQuantizer) else None,
         )
         timings["quantize + gate"] = time.perf_counter() - t0
 

@@ -86,7 +86,9 @@ def summarize_qdq(model: onnx.ModelProto | str | Path, excluded: tuple[str, ...]
         elif node.op_type not in supported:
             fp32.append(Fp32Node(node.name, node.op_type, "no int8 form in ONNX Runtime's quantizer"))
         else:
-            fp32.append(Fp32Node(node.name, node.op_type, "inputs left in float by the quantizer"))
+            plain = [n for n in data_inputs if not via_dq(n)]
+            fp32.append(Fp32Node(node.name, node.op_type,
+                                 f"float input(s) not from DequantizeLinear: {', '.join(plain) or 'none'}"))
     ops = Counter(n.op_type for n in graph.node)
     int8 = sum(1 for t in graph.initializer if t.data_type in INT8_TYPES)
     floats = sum(1 for t in graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16))

@@ -24,6 +24,7 @@ from edge_kit.quantize_ort import prepare_for_quantization, quantize_ort, target
 log = logging.getLogger(__name__)
 
 CALIBRATION_BATCH = 32
+SQNR_SAMPLES = 32
 
 
 class Quantizer(Protocol):
@@ -52,10 +53,19 @@ class OrtQuantizer:
     backend: str = "ort"
     _units: list[FallbackUnit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    probe: np.ndarray | None = None  # a few preprocessed calibration samples for the SQNR signal
 
     @property
     def units(self) -> list[FallbackUnit]:
         return self._units
+
+    def prefilter(self, int8_path: Path, units: list[FallbackUnit]) -> list[FallbackUnit]:
+        """Order units worst-SQNR first (for models with more units than the gate trials one by one)."""
+        if self.probe is None:
+            return units
+        from edge_kit.sqnr import order_by_sqnr
+
+        return order_by_sqnr(self.fp32_path, int8_path, units, self.probe)
 
     def quantize(self, excluded: tuple[str, ...], tag: str) -> Path:
         out = self.workdir / f"int8-{tag}.onnx"
@@ -97,4 +107,7 @@ def make_ort_quantizer(
     reader = BatchedCalibrationReader(calibration_raw, input_name, batch_size=CALIBRATION_BATCH,
                                       preprocess=preprocess, ids=selection.ids)
     ranges = compute_ranges(prepared, reader, preset_for(settings.calibration), workdir / "calibration.json")
-    return OrtQuantizer(settings, prepared, workdir, ranges, _units=fallback_units(model), notes=notes)
+    head = np.asarray(calibration_raw[:SQNR_SAMPLES])
+    probe = np.asarray(preprocess(head) if preprocess is not None else head, dtype=np.float32)
+    return OrtQuantizer(settings, prepared, workdir, ranges, _units=fallback_units(model), notes=notes,
+                        probe=probe)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -117,4 +118,34 @@ def quantize_ort(
         nodes_to_exclude=sorted(nodes_to_exclude),
         extra_options=dict(preset.extra_options),
     )
+    model = onnx.load(str(out))
+    if drop_zero_zero_points(model):
+        onnx.save(model, str(out))
     return QuantizedModel(out, "ort", target, per_channel, tuple(sorted(nodes_to_exclude)))
+
+
+def drop_zero_zero_points(model: onnx.ModelProto) -> int:
+    """Remove all-zero zero points of int8/int32 DequantizeLinear inputs (the ONNX default is 0).
+
+    Symmetric int8 weights and int32 biases get one zero point per channel from ORT's quantizer:
+    about 2.5% of a MobileNetV2's int8 size, all zeros. The outputs are bit-identical without them
+    and ORT still fuses the int8 kernels. Returns how many were dropped.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    dropped = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) != 3 or node.input[2] not in inits:
+            continue
+        zero_point = inits[node.input[2]]
+        if zero_point.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.INT32):
+            continue
+        if numpy_helper.to_array(zero_point).any():
+            continue
+        del node.input[2]
+        dropped += 1
+    if dropped:
+        used = {name for node in model.graph.node for name in node.input}
+        keep = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return dropped

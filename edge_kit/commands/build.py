@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     key = None if args.unsigned else load_private_key(args.key)
     if args.unsigned:
         log.warning("building an UNSIGNED bundle (--unsigned): agents that require signatures will refuse it")
-    result = build(config, args.out, signing_key=key, backend=args.backend, tracking_uri=args.tracking_uri)
+    # stdout carries exactly one JSON object with --json; tools the pipeline drives (DVC's `add`
+    # hints, exporters) print there, so everything they say goes to stderr with the logs.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = build(config, args.out, signing_key=key, backend=args.backend, tracking_uri=args.tracking_uri)
     if not getattr(args, "json", False):
         g = result.gate
         print(f"{result.bundle}\n  gate passed: {g.metric} fp32 {g.fp32:.4f} -> int8 {g.best.metric:.4f} "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from typing import Any
 
 from edge_kit.errors import EXIT_VERIFICATION
@@ -12,7 +14,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from edge_kit.config import load_config
     from edge_kit.reproduce import reproduce
 
-    result = reproduce(args.bundle, load_config(args.config))
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the one JSON object
+        result = reproduce(args.bundle, load_config(args.config))
     out = result.to_json()
     if result.identical:
         if not getattr(args, "json", False):

@@ -3,6 +3,7 @@ MLflow, ONNX Runtime), plus every way a bundle can be broken."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -154,12 +155,19 @@ def test_inspect_human_and_json(built, edge_kit_cli) -> None:
 
 def test_reproduce_gives_identical_bytes_and_a_diff_when_they_are_not(built, edge_kit_cli, tmp_path) -> None:
     config, _, out = built
+    state = config.parent / ".edgekit"
+
+    def listing() -> list[tuple[str, str]]:
+        return sorted((str(p.relative_to(state)), hashlib.sha256(p.read_bytes()).hexdigest())
+                      for p in state.rglob("*") if p.is_file())
+
+    before = listing()
     res = edge_kit_cli("reproduce", out["bundle"], "--config", str(config), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.json()["identical"] is True
     assert res.json()["original_sha256"] == read_bundle(out["bundle"]).model_sha256
-    # The project's own state was not touched by the rebuild (it ran in a temporary directory).
-    assert not list((config.parent / ".edgekit").glob("**/*reproduce*"))
+    # The rebuild retrained in a temporary directory: the project's own state is untouched.
+    assert listing() == before
 
     # A bundle whose model differs from what the recorded inputs produce: non-zero and a diff.
     b = read_bundle(out["bundle"])
@@ -221,3 +229,20 @@ def test_gate_failure_exits_3_keeps_the_old_bundle_and_writes_the_report(tmp_pat
     assert culprit in bundle.manifest["quantization"]["excluded_nodes"]
     report = bundle.members[REPORT].decode()
     assert "## Culprit ranking" in report and f"| 1 | `{culprit}` |" in report
+
+
+def test_inc_backend_builds_the_digits_example(tmp_path, edge_kit_cli) -> None:
+    config = make_project(tmp_path / "p", name="tinyinc", backend="inc")
+    res = edge_kit_cli("build", "--config", str(config), "--out", str(tmp_path / "dist"), "--unsigned", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.json()
+    assert out["gate"]["passed"] is True
+    bundle = read_bundle(out["bundle"])
+    q = bundle.manifest["quantization"]
+    assert q["backend"] == "inc" and q["format"] == "QDQ"
+    # Weights folded to int8 and every Conv/Gemm fed by DequantizeLinear (so ORT runs int8 kernels).
+    assert q["qdq"]["int8_initializers"] >= 4
+    model = onnx.load_from_string(bundle.model_bytes)
+    compute = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert compute and set(compute) <= set(q["qdq"]["quantized_nodes"])
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0].endswith("weight") for n in model.graph.node)

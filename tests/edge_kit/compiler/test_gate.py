@@ -79,3 +79,27 @@ def test_without_fallback_rounds_the_gate_fails_and_the_report_names_the_culprit
     assert f"Culprits: `{culprit}`" in report
     assert "| 0 | none (plain int8) |" in report and "| 2 |" in report
     assert "No bundle was written" in report
+
+
+def test_sqnr_signal_puts_the_outlier_layer_first(outlier_case: TinyCase, tmp_path: Path) -> None:
+    from edge_kit.sqnr import order_by_sqnr, tensor_sqnr
+
+    q = _outlier_quantizer(outlier_case, tmp_path)
+    int8 = q.quantize((), "plain")
+    sqnr = tensor_sqnr(q.fp32_path, int8, outlier_case.x_test[:32])
+    assert sqnr and min(sqnr.values()) < 10 < max(sqnr.values())  # one tensor ruined, others fine
+    ordered = order_by_sqnr(q.fp32_path, int8, list(reversed(q.units)), outlier_case.x_test[:32])
+    assert ordered[0].node == _outlier_layer(q)
+    # Through the gate: with fewer trials allowed than units, the prefilter still finds the culprit.
+    import edge_kit.gate as gate_module
+
+    original = gate_module.MAX_NODE_TRIALS
+    gate_module.MAX_NODE_TRIALS = 1
+    try:
+        fp32 = accuracy(predict_logits(q.fp32_path, outlier_case.x_test), outlier_case.y_test)
+        result = run_gate(gate=GateSection(max_drop=0.02, max_fallback_rounds=1), fp32_metric=fp32,
+                          quantize=q.quantize, units=list(reversed(q.units)), prefilter=q.prefilter,
+                          evaluate=lambda p: accuracy(predict_logits(p, outlier_case.x_test), outlier_case.y_test))
+    finally:
+        gate_module.MAX_NODE_TRIALS = original
+    assert [b.node for b in result.ranking] == [_outlier_layer(q)] and result.passed

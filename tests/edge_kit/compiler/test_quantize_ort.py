@@ -111,3 +111,29 @@ def test_unknown_node_to_exclude_is_refused(cnn_case: TinyCase, tmp_path: Path) 
 
     with pytest.raises(UsageError, match="not in the model: nope"):
         _quantizer(cnn_case, tmp_path).quantize(("nope",), "x")
+
+
+def test_all_zero_zero_points_are_dropped_with_identical_outputs(cnn_case: TinyCase, tmp_path: Path) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from edge_kit.quantize_ort import drop_zero_zero_points
+
+    q = _quantizer(cnn_case, tmp_path)
+    ours = onnx.load(str(q.quantize((), "x")))
+    # The same quantization without the post-pass, straight from ORT.
+    reference = tmp_path / "ort.onnx"
+    quantize_static(str(q.fp32_path), str(reference), None, calibration_cache_path=str(q.ranges.cache_path),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, op_types_to_quantize=None)
+    raw = onnx.load(str(reference))
+    assert drop_zero_zero_points(onnx.load(str(reference))) > 0
+    inits = {t.name: t for t in ours.graph.initializer}
+    for node in ours.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3:
+            zp = inits[node.input[2]]
+            assert zp.data_type == TensorProto.UINT8 or onnx.numpy_helper.to_array(zp).any()
+    assert len(ours.SerializeToString()) < len(raw.SerializeToString())
+    # Activation zero points (uint8, non-zero) stay; outputs are bit-identical.
+    assert any(t.name == "input_zero_point" for t in ours.graph.initializer)
+    x = cnn_case.x_test
+    np.testing.assert_array_equal(predict_logits(reference, x), predict_logits(tmp_path / "int8-x.onnx", x))
