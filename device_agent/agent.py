@@ -34,19 +34,24 @@ from device_agent.monitor import WindowMonitor, histogrammer_for
 from device_agent.runtime import ModelRuntime
 from device_agent.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
 from device_agent.transport import Message
-from device_agent.watcher import resolve_bundle
+from device_agent.watcher import bundle_candidates, resolve_bundle
 
 log = logging.getLogger(__name__)
 
 SEQ_META = "next_seq"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prediction:
     outputs: np.ndarray  # (n, classes) logits
     classes: np.ndarray  # (n,) predicted class indices
-    labels: list[str]  # predicted class names
+    label_names: list[str]  # the model's class names
     request_id: str | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        """Predicted class names (built on demand: the hot path does not need them)."""
+        return [self.label_names[i] for i in self.classes.tolist()]
 
 
 @dataclass(frozen=True)
@@ -109,11 +114,13 @@ class Agent:
         self._update_lock = threading.Lock()
         self._stopping = threading.Event()
         self._timer: threading.Thread | None = None
+        self._retired: WindowMonitor | None = None
         self.last_update: dict[str, Any] | None = None
+        self._host = {"cpu": cpu_model(), "int8_isa": int8_isa()}
         if forwarder is not None:
             forwarder.status_source = self.status_message
 
-        loaded = bundle if isinstance(bundle, LoadedModel) else self._load(bundle)
+        loaded = bundle if isinstance(bundle, LoadedModel) else self._load_newest_good(bundle)
         seq = forwarder.spool.get_meta(SEQ_META) if forwarder is not None else 0
         self._active = loaded
         self._monitor = self._new_monitor(loaded, clock(), seq)
@@ -133,6 +140,18 @@ class Agent:
     @property
     def model(self) -> LoadedModel:
         return self._active
+
+    def _load_newest_good(self, path: str | Path) -> LoadedModel:
+        """At start-up, a directory's newest bundle that passes; so a garbage file dropped in before a
+        reboot does not keep the device down while the previous good bundle is still there."""
+        candidates = bundle_candidates(path)
+        for candidate in candidates[:-1]:
+            try:
+                return self._load(candidate)
+            except EdgeKitError as exc:
+                log.error("skipping %s at start-up: %s", candidate, exc)
+                self.last_update = {"ok": False, "path": str(candidate), "error": str(exc), "at": self._clock()}
+        return self._load(candidates[-1])
 
     def _load(self, path: str | Path) -> LoadedModel:
         return load_model(path, public_key=self.public_key, require_signature=self.require_signature,
@@ -161,8 +180,7 @@ class Agent:
         with self._counter_lock:
             self._counters["predictions"] += len(batch)
             self._counters["requests"] += 1
-        labels = active.runtime.labels
-        return Prediction(outputs, classes, [labels[i] for i in classes.tolist()], request_id)
+        return Prediction(outputs, classes, active.runtime.labels, request_id)
 
     def feed_labels(self, labels: Sequence[Any], request_id: str | None = None) -> int:
         """Ground truth for the latest predictions (or for `request_id`'s); updates confusion counts."""
@@ -187,8 +205,15 @@ class Agent:
 
     def close_window(self, now: float | None = None) -> WindowSummary | None:
         """Close the open window; spool it (or keep it) unless nothing happened in it. Returns it."""
-        closed = self._monitor.close(self._clock() if now is None else now)
-        self._ship(closed)
+        with self._update_lock:  # never at the same time as a swap
+            t = self._clock() if now is None else now
+            if self._retired is not None:
+                # Predictions that were already running on the old model when it was swapped out
+                # landed in its monitor after its last window closed: ship them too, under its sha256.
+                self._ship(self._retired.close(t))
+                self._retired = None
+            closed = self._monitor.close(t)
+            self._ship(closed)
         return closed if closed.n or closed.confusion is not None else None
 
     def _ship(self, closed: WindowSummary) -> None:
@@ -231,6 +256,7 @@ class Agent:
             closed = old_monitor.close(at)
             self._monitor = self._new_monitor(loaded, closed.window_end, closed.seq + 1)
             self._active = loaded
+            self._retired = old_monitor
             self._ship(closed)
             self.last_update = {
                 "ok": True, "path": str(path), "changed": True, "at": at,
@@ -259,11 +285,12 @@ class Agent:
             "counters": counters,
             "window": {"seconds": self.window_seconds, "seq": self._monitor.summary.seq, "open_n": self._monitor.n},
             "update": self.last_update,
-            "host": {"cpu": cpu_model(), "int8_isa": int8_isa()},
+            "host": self._host,
         }
         if self.forwarder is not None:
             doc["spool"] = self.forwarder.stats()
             doc["connected"] = self.forwarder.publisher.connected
+            doc["broker_error"] = getattr(self.forwarder.publisher, "last_error", None)
         return doc
 
     def status_message(self, state: str = "online") -> Message:
@@ -306,11 +333,11 @@ class Agent:
             self._timer.join(timeout=5)
         self.close_window()
         if self.forwarder is not None:
+            self.forwarder.stop()  # first, so this thread is the only one publishing from here on
             self.forwarder.pump()
             deadline = time.monotonic() + 2.0  # give the last PUBACKs a moment; unacked ones stay spooled
             while self.forwarder.in_flight and time.monotonic() < deadline:
                 time.sleep(0.02)
-            self.forwarder.stop()
             final = self.status("offline")
             self.forwarder.publisher.stop(final=self.status_message("offline"))
             self.forwarder.spool.close()

@@ -1,17 +1,19 @@
 """`edge-agent predict`: run a bundle over a file of inputs, streaming, so memory stays flat.
 
-Inputs are read in batches and outputs written to a memory-mapped .npy as they are computed, so a
-file larger than RAM goes through with memory bounded by one batch:
-- `.npy`: memory-mapped, sliced batch by batch;
-- `.npz`: the array `inputs` (or `X`, or the only one) is read from the zip member in chunks,
-  parsing the .npy header by hand (an .npz member cannot be memory-mapped);
+Inputs are read a batch at a time with plain reads and outputs appended to the .npy as they are
+computed, so a file larger than RAM goes through with memory bounded by one batch (no memory
+mapping either: mapped pages count as resident and would make the process look as big as the file):
+- `.npy`: the header is parsed, then rows are read batch by batch;
+- `.npz`: the same, from the zip member of the array `inputs` (or `X`, or the only one);
 - `.csv`: rows of numbers (a non-numeric first row is taken as a header), read line by line.
-The output holds the model outputs (logits), one row per input row, float32.
+The output holds the model outputs (logits), one row per input row, float32; it is written under a
+temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import time
 import zipfile
 from collections.abc import Iterator
@@ -46,16 +48,13 @@ def _read_npy_header(f: IO[bytes], path: Path) -> tuple[tuple[int, ...], np.dtyp
     return tuple(shape), np.dtype(dtype), bool(fortran)
 
 
-def _npz_batches(path: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DataError(f"{path}: not a readable .npz: {exc}") from exc
-    member = _npz_member(zf, path)
-    f = zf.open(member)
+def _stream_rows(f: IO[bytes], path: Path, batch_size: int, closers: list[Any]) -> tuple[int, Iterator[np.ndarray]]:
+    """Batches from an open .npy stream (positioned at its magic string)."""
     shape, dtype, fortran = _read_npy_header(f, path)
     if fortran or dtype.hasobject or not shape:
-        raise DataError(f"{path}:{member}: need a C-ordered numeric array with a batch dimension")
+        for c in closers:
+            c.close()
+        raise DataError(f"{path}: need a C-ordered numeric array with a batch dimension, got shape {shape}")
     row_shape, row_bytes = shape[1:], int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
 
     def gen() -> Iterator[np.ndarray]:
@@ -65,24 +64,29 @@ def _npz_batches(path: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]
                 k = min(batch_size, remaining)
                 buf = f.read(k * row_bytes)
                 if len(buf) != k * row_bytes:
-                    raise DataError(f"{path}:{member} is truncated")
+                    raise DataError(f"{path} is truncated: {shape[0] - remaining + len(buf) // max(row_bytes, 1)} "
+                                    f"of {shape[0]} rows")
                 yield np.frombuffer(buf, dtype=dtype).reshape((k, *row_shape))
                 remaining -= k
         finally:
-            f.close()
-            zf.close()
+            for c in closers:
+                c.close()
 
     return shape[0], gen()
 
 
-def _npy_batches(path: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
+def _npz_batches(path: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{path}: not a valid .npy array: {exc}") from exc
-    if arr.ndim == 0:
-        raise DataError(f"{path}: a scalar, not a batch of inputs")
-    return len(arr), (np.asarray(arr[i : i + batch_size]) for i in range(0, len(arr), batch_size))
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path}: not a readable .npz: {exc}") from exc
+    f = zf.open(_npz_member(zf, path))
+    return _stream_rows(f, path, batch_size, [f, zf])
+
+
+def _npy_batches(path: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
+    f = path.open("rb")
+    return _stream_rows(f, path, batch_size, [f])
 
 
 def _csv_rows(path: Path) -> Iterator[list[float]]:
@@ -140,20 +144,23 @@ def predict_file(
     n, batches = open_batches(input_path, batch_size)
     tmp = output_path.with_name(f".{output_path.name}.partial")
     t0 = time.perf_counter()
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, runtime.n_classes))
     done = 0
     try:
-        for batch in batches:
-            try:
-                x = runtime.as_batch(batch)
-            except InputError as exc:
-                raise DataError(f"{input_path}: rows {done}..{done + len(batch) - 1}: {exc}") from exc
-            out[done : done + len(x)] = runtime.run(x)
-            done += len(x)
-        if done != n:
-            raise DataError(f"{input_path}: expected {n} rows, read {done}")
-        out.flush()
-        del out
+        with tmp.open("wb") as out:
+            np.lib.format.write_array_header_1_0(
+                out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": (n, runtime.n_classes)})
+            for batch in batches:
+                try:
+                    x = runtime.as_batch(batch)
+                except InputError as exc:
+                    raise DataError(f"{input_path}: rows {done}..{done + len(batch) - 1}: {exc}") from exc
+                out.write(np.ascontiguousarray(runtime.run(x), dtype=np.float32).tobytes())
+                done += len(x)
+            if done != n:
+                raise DataError(f"{input_path}: expected {n} rows, read {done}")
+            out.flush()
+            os.fsync(out.fileno())
         tmp.replace(output_path)  # never leave a half-written output under the real name
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -47,6 +47,7 @@ class Forwarder:
         self.published = 0
         self.acked = 0
         self.spool_errors = 0
+        self.memory_dropped = 0
         self.last_spool_error: str | None = None
 
     def submit(self, key: str, message: Message) -> bool:
@@ -57,6 +58,9 @@ class Forwarder:
             self.spool_errors += 1
             self.last_spool_error = str(exc)
             log.error("%s; keeping window %s in memory and retrying", exc, key)
+            if len(self._unspooled) == self._unspooled.maxlen:
+                self.memory_dropped += 1
+                log.error("in-memory queue full too: dropped the oldest unspooled window")
             self._unspooled.append((key, message))
             self._wake.set()
             return False
@@ -151,4 +155,5 @@ class Forwarder:
     def stats(self) -> dict[str, object]:
         return {**self.spool.stats(), "in_flight": self.in_flight, "unspooled": len(self._unspooled),
                 "published": self.published, "acked": self.acked, "spool_errors": self.spool_errors,
+                "memory_dropped": self.memory_dropped,
                 "last_spool_error": self.last_spool_error}

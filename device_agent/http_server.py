@@ -87,6 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif self.path == "/labels":
                 self._labels()
             else:
+                self.close_connection = True  # the body was not read: do not reuse the connection
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
         except _TooLarge as exc:
             self.close_connection = True

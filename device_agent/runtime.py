@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,15 +38,19 @@ class ModelInfo:
 
 
 def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
-    """Options for a small device: full graph optimisation, one sequential executor, no thread spinning.
+    """Options for a small device: full graph optimisation, one sequential executor, one thread.
 
-    Spinning worker threads burn a core while idle, which on a device competes with the
-    application; requests here are small, so the wake-up latency costs less than the spin.
+    One intra-op thread by default (`threads` in the config raises it): device models are small,
+    and the device runs other work. A thread pool makes every operator wait at a barrier for its
+    slowest worker, so one descheduled worker stalls the whole inference: on the 2-core test VM
+    under load the digits model ran 2-3x faster with one thread than with two (benchmarks/
+    bench_agent.py). Spinning is off for the same reason: an idle spin burns a core the
+    application needs.
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = intra_op_threads if intra_op_threads > 0 else min(4, os.cpu_count() or 1)
+    opts.intra_op_num_threads = intra_op_threads if intra_op_threads > 0 else 1
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
@@ -89,6 +92,7 @@ class ModelRuntime:
             raise VerificationError("model.onnx", f"expected one input, the model has {len(inputs)}")
         self.input_name = inputs[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._first_output = self.output_names[:1]
         pre = model.get("preprocessing") or {}
         self.mean = _broadcast_stat(pre.get("mean", 0.0), self.sample_shape, "mean")
         self.std = _broadcast_stat(pre.get("std", 1.0), self.sample_shape, "std")
@@ -107,6 +111,10 @@ class ModelRuntime:
         Accepted: one sample in the model's input shape, a batch of them, or flat rows of the same
         size (CSV rows). Integer inputs are converted; anything non-numeric is refused.
         """
+        x = raw
+        if (type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == self.sample_shape
+                and x.flags.c_contiguous and len(x)):
+            return self._finite(x)  # the common case, already a proper batch: only the value check
         x = np.asarray(raw)
         if x.dtype.kind not in "fiub":
             raise InputError(f"inputs must be numeric, got dtype {x.dtype}")
@@ -128,7 +136,10 @@ class ModelRuntime:
             )
         if len(x) == 0:
             raise InputError("the batch is empty")
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self._finite(np.ascontiguousarray(x, dtype=np.float32))
+
+    @staticmethod
+    def _finite(x: np.ndarray) -> np.ndarray:
         # One float64 sum instead of an isfinite mask: NaN and inf propagate into it, and float32
         # values cannot overflow a float64 sum, so it is finite exactly when every value is.
         if not math.isfinite(x.sum(dtype=np.float64)):
@@ -136,12 +147,14 @@ class ModelRuntime:
         return x
 
     def preprocess(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray((batch - self.mean) / self.std, dtype=np.float32)
+        """`(raw - mean) / std` in float32, the build's arithmetic (one temporary, divided in place)."""
+        x = np.subtract(batch, self.mean, dtype=np.float32)
+        x /= self.std
+        return x
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits for an already checked raw batch (see `as_batch`)."""
-        out = self.session.run(self.output_names[:1], {self.input_name: self.preprocess(batch)})[0]
-        return np.asarray(out)
+        return np.asarray(self.session.run(self._first_output, {self.input_name: self.preprocess(batch)})[0])
 
     def self_test(self) -> dict[str, Any]:
         """Run the bundle's recorded inputs and compare with the recorded outputs; raises if they differ."""

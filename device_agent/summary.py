@@ -40,7 +40,6 @@ class Histogrammer:
         self.bins = np.array([c.bins for c in reference.channels.values()], dtype=np.int64)
         self.max_bins = int(self.bins.max())
         self._edges = [np.ascontiguousarray(c.edges[1:-1]) for c in reference.channels.values()]
-        self._offsets = np.arange(len(self.names), dtype=np.int64) * self.max_bins
 
     def counts(self, values: np.ndarray) -> np.ndarray:
         """(channels, max_bins) int64 counts of an (n, channels) value matrix."""

@@ -200,6 +200,7 @@ class MqttPublisher:
         self._on_connect: Callable[[], None] | None = None
         self._backoff = Backoff(config.reconnect_min, config.reconnect_max)
         self._ever_connected = False
+        self._connack_seen = False
         self.last_error: str | None = None
 
     @property
@@ -246,6 +247,7 @@ class MqttPublisher:
 
     def _handle_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object,
                         properties: object) -> None:
+        self._connack_seen = True
         if getattr(reason, "is_failure", False):
             self.last_error = f"broker refused the connection: {reason}"
             log.error("%s (check the username, password or client certificate)", self.last_error)
@@ -272,6 +274,10 @@ class MqttPublisher:
         ok = not getattr(reason, "is_failure", False)
         with self._acks_lock:
             if mid not in self._acks:
+                # Either the publish() that sent it has not registered yet, or paho queued it while
+                # the link was down and publish() reported failure; bounded so the latter cannot grow.
+                if len(self._early) >= 1000:
+                    self._early.pop(next(iter(self._early)))
                 self._early[mid] = ok
                 return
             callback = self._acks.pop(mid)
@@ -281,6 +287,7 @@ class MqttPublisher:
     # -- the network thread -------------------------------------------------------------------------
 
     def _connect_once(self) -> bool:
+        self._connack_seen = False
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.config.session_expiry
         try:
@@ -312,7 +319,12 @@ class MqttPublisher:
                 if self._stopping.is_set():
                     break
                 delay = self._backoff.next()
-                log.warning("broker connection lost (%s); reconnecting in %.1fs", mqtt.error_string(rc), delay)
+                if not self._connack_seen:
+                    self.last_error = (f"broker {self.config.host}:{self.config.port} closed the connection before "
+                                       "accepting it (TLS client certificate, CA, or protocol refused?)")
+                    log.error("%s; retrying in %.1fs", self.last_error, delay)
+                else:
+                    log.warning("broker connection lost (%s); reconnecting in %.1fs", mqtt.error_string(rc), delay)
                 self._stopping.wait(delay)
         self._connected.clear()
         if socket_open:

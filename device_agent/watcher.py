@@ -27,15 +27,20 @@ log = logging.getLogger(__name__)
 Identity = tuple[str, int, int, int]
 
 
+def bundle_candidates(path: str | Path) -> list[Path]:
+    """The bundle files `path` stands for, newest first: itself, or the *.edgebundle files in a directory."""
+    p = Path(path)
+    if not p.is_dir():
+        return [p]
+    candidates = [c for c in p.glob(f"*{SUFFIX}") if c.is_file()]
+    if not candidates:
+        raise UsageError(f"no *{SUFFIX} file in {p}")
+    return sorted(candidates, key=lambda c: (c.stat().st_mtime_ns, c.name), reverse=True)
+
+
 def resolve_bundle(path: str | Path) -> Path:
     """The bundle file `path` stands for: itself, or the newest *.edgebundle in a directory."""
-    p = Path(path)
-    if p.is_dir():
-        candidates = [c for c in p.glob(f"*{SUFFIX}") if c.is_file()]
-        if not candidates:
-            raise UsageError(f"no *{SUFFIX} file in {p}")
-        return max(candidates, key=lambda c: (c.stat().st_mtime_ns, c.name))
-    return p
+    return bundle_candidates(path)[0]
 
 
 def bundle_identity(path: str | Path) -> Identity | None:

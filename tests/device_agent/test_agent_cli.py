@@ -150,3 +150,38 @@ def test_the_shipped_example_config_is_valid() -> None:
     assert settings.spool == Path("/var/lib/edge-agent/spool.db")
     unit = (Path(__file__).resolve().parents[2] / "deploy" / "edge-agent.service").read_text()
     assert "StateDirectory=edge-agent" in unit and "edge-agent run --config /etc/edge-agent/agent.toml" in unit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["npy", "npz"])
+def test_predict_memory_stays_flat_on_a_large_file(bundle_v1: Path, tmp_path: Path, fmt: str) -> None:
+    rows = 250_000  # 64 MB of float32 inputs
+    x = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(rows, 1, 8, 8))
+    for i in range(0, rows, 50_000):
+        x[i : i + 50_000] = digits_like_inputs(50_000, seed=i)
+    x.flush()
+    del x
+    src = tmp_path / "big.npy"
+    if fmt == "npz":
+        with zipfile.ZipFile(tmp_path / "big.npz", "w") as zf:  # np.savez layout, written without loading
+            zf.write(src, "inputs.npy")
+        src = tmp_path / "big.npz"
+    code = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from device_agent.agent import load_model\n"
+        "from device_agent.batch import predict_file\n"
+        f"runtime = load_model({str(bundle_v1)!r}).runtime\n"
+        "runtime.run(runtime.as_batch(__import__('numpy').zeros((2048, 64))))  # warm allocations\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"predict_file(runtime, Path({str(src)!r}), Path({str(tmp_path / 'out.npy')!r}), batch_size=2048)\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(before, after)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    before_kib, after_kib = map(int, proc.stdout.split())
+    assert (after_kib - before_kib) < 16 * 1024, f"peak RSS grew by {(after_kib - before_kib) / 1024:.0f} MB"
+    print(f"peak RSS growth {(after_kib - before_kib) / 1024:.1f} MB for a 64 MB input")
+    out = np.load(tmp_path / "out.npy", mmap_mode="r")
+    assert out.shape == (rows, 10) and np.isfinite(out[-1000:]).all()

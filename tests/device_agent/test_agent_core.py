@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import zlib
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from device_agent.agent import Agent, load_model
 from device_agent.errors import InputError, VerificationError
 from device_agent.forwarder import Forwarder
+from device_agent.monitor import WindowMonitor
 from device_agent.spool import Spool
 from device_agent.summary import WindowSummary
 from device_agent.transport import MemoryPublisher
@@ -33,23 +35,42 @@ def summaries(publisher: MemoryPublisher) -> list[dict]:
     return [json.loads(zlib.decompress(m.payload)) for m in publisher.messages if m.topic.endswith("/summary")]
 
 
-def test_buffered_monitoring_gives_exactly_the_unbuffered_summary(bundle_v1: Path, clock) -> None:
-    agent = Agent(bundle_v1, window_seconds=10, clock=clock)
+@pytest.mark.parametrize("background", [True, False])
+def test_buffered_monitoring_gives_exactly_the_unbuffered_summary(bundle_v1: Path, background: bool) -> None:
+    loaded = load_model(bundle_v1)
+    plan, runtime = loaded.runtime.plan, loaded.runtime
+    model = runtime.info.as_dict()
+    monitor = WindowMonitor(plan, loaded.histogrammer, fleet="f", device="d", model=model, window_start=0.0,
+                            chunk=256, label_memory=10, background=background)
     x = digits_like_inputs(700, seed=3)
-    sizes = [1, 5, 32, 300, 1, 61, 300]  # crosses the chunk size both ways
+    logits = runtime.run(x)
+    classes = logits.argmax(axis=1)
+    sizes = [1, 5, 32, 300, 1, 61, 300]  # crosses the chunk size both ways, and wraps the label ring
     offsets = np.cumsum([0, *sizes])
     for a, b in itertools.pairwise(offsets):
-        agent.predict(x[a:b])
-    closed = agent.close_window(clock.advance(10))
-    assert closed is not None and closed.n == 700
-    loaded = agent.model
-    expected = WindowSummary.zero(loaded.histogrammer, fleet="default", device="local", model=closed.model,
-                                  window_start=closed.window_start, label_names=list(loaded.runtime.plan.labels))
-    logits = loaded.runtime.run(x)
-    expected.update(loaded.histogrammer, loaded.runtime.plan.values(x, logits))
+        monitor.record(x[a:b], logits[a:b], classes[a:b], None)
+    assert monitor.n == 700
+    closed = monitor.close(10.0)
+    expected = WindowSummary.zero(loaded.histogrammer, fleet="f", device="d", model=model, window_start=0.0,
+                                  label_names=list(plan.labels))
+    expected.update(loaded.histogrammer, plan.values(x, logits))
     np.testing.assert_array_equal(closed.counts, expected.counts)
     np.testing.assert_allclose(closed.total, expected.total, rtol=1e-9)
     np.testing.assert_allclose(closed.minimum, expected.minimum)
+    np.testing.assert_allclose(closed.maximum, expected.maximum)
+    # Labels for the 3 most recent predictions, read back across the ring's wrap-around.
+    monitor.feed_labels([int(c) for c in classes[-3:]])
+    assert monitor.summary.confusion is not None and np.trace(monitor.summary.confusion) == 3
+    with pytest.raises(InputError, match="remembered"):
+        monitor.feed_labels([0] * 11)
+
+
+def test_the_agent_windows_count_every_prediction(bundle_v1: Path, clock) -> None:
+    agent = Agent(bundle_v1, window_seconds=10, clock=clock)
+    for size in (1, 7, 32):
+        agent.predict(digits_like_inputs(size))
+    closed = agent.close_window(clock.advance(10))
+    assert closed is not None and closed.n == 40 and (closed.counts.sum(axis=1) == 40).all()
 
 
 def test_a_closed_window_is_spooled_published_and_deleted_after_the_ack(bundle_v1: Path, tmp_path: Path,
@@ -187,11 +208,84 @@ def test_closed_windows_stay_in_memory_without_a_forwarder(bundle_v1: Path, cloc
 
 
 def test_load_model_accepts_a_directory_and_picks_the_newest(bundle_v1: Path, bundle_v2: Path, tmp_path: Path) -> None:
-    import os
-
     d = tmp_path / "bundles"
     d.mkdir()
     shutil.copy(bundle_v1, d / bundle_v1.name)
     shutil.copy(bundle_v2, d / bundle_v2.name)
     os.utime(d / bundle_v1.name, (1, 1))
     assert load_model(d).runtime.info.version == "2.0.0"
+
+
+def test_start_up_skips_a_newer_garbage_bundle_in_the_directory(bundle_v1: Path, tmp_path: Path, clock) -> None:
+    d = tmp_path / "bundles"
+    d.mkdir()
+    shutil.copy(bundle_v1, d / "good.edgebundle")
+    (d / "newer.edgebundle").write_bytes(b"garbage")
+    os.utime(d / "good.edgebundle", (1, 1))
+    agent = Agent(d, clock=clock)
+    assert agent.model.path.name == "good.edgebundle"
+    assert agent.status()["update"]["ok"] is False and "newer.edgebundle" in agent.status()["update"]["error"]
+    (d / "good.edgebundle").unlink()
+    with pytest.raises(VerificationError):  # nothing good left: refuse to start (exit 4)
+        Agent(d, clock=clock)
+
+
+def test_predictions_in_flight_during_a_swap_are_still_reported(bundle_v1: Path, bundle_v2: Path, tmp_path: Path,
+                                                                clock) -> None:
+    agent, publisher, _ = _agent(bundle_v1, tmp_path, clock)
+    old_monitor, old_runtime = agent._monitor, agent.model.runtime
+    agent.update(bundle_v2)
+    # A request that started on the old model finishes after the swap and records into its monitor.
+    x = digits_like_inputs(2)
+    logits = old_runtime.run(x)
+    old_monitor.record(x, logits, logits.argmax(axis=1), None)
+    agent.predict(digits_like_inputs(3))
+    agent.close_window(clock.advance(10))
+    assert agent.forwarder is not None
+    agent.forwarder.pump()
+    by_model = {(p["model"]["version"], p["n"]) for p in summaries(publisher)}
+    assert by_model == {("1.0.0", 2), ("2.0.0", 3)}
+    assert len({(p["model"]["sha256"], p["window"]["start"]) for p in summaries(publisher)}) == 2  # distinct keys
+
+
+def test_concurrent_recording_and_closing_loses_and_doubles_nothing(bundle_v1: Path) -> None:
+    import threading
+
+    loaded = load_model(bundle_v1)
+    plan, runtime = loaded.runtime.plan, loaded.runtime
+    monitor = WindowMonitor(plan, loaded.histogrammer, fleet="f", device="d", model=runtime.info.as_dict(),
+                            window_start=0.0, chunk=64)
+    x = digits_like_inputs(40, seed=11)
+    logits = runtime.run(x)
+    classes = logits.argmax(axis=1)
+    closed: list[WindowSummary] = []
+    stop = threading.Event()
+
+    def writer(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            k = int(rng.integers(1, 40))
+            monitor.record(x[:k], logits[:k], classes[:k], None)
+            written[seed] += k
+
+    def closer() -> None:
+        t = 0.0
+        while not stop.is_set():
+            t += 1.0
+            closed.append(monitor.close(t))
+
+    written = dict.fromkeys(range(4), 0)
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    closing = threading.Thread(target=closer)
+    closing.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    closing.join()
+    closed.append(monitor.close(1e6))
+    total = sum(written.values())
+    assert sum(w.n for w in closed) == total
+    assert all((w.counts.sum(axis=1) == w.n).all() for w in closed)
+    assert [w.seq for w in closed] == list(range(len(closed)))

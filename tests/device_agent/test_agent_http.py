@@ -97,3 +97,13 @@ def test_listen_spec() -> None:
     assert parse_listen(":9000") == ("127.0.0.1", 9000)
     with pytest.raises(UsageError):
         parse_listen("localhost")
+
+
+def test_an_oversized_body_is_refused_without_reading_it(served: tuple[Agent, str], monkeypatch) -> None:
+    import device_agent.http_server as http_server
+
+    monkeypatch.setattr(http_server, "MAX_BODY_BYTES", 1000)
+    _, url = served
+    status, doc = call(f"{url}/predict", json.dumps({"inputs": digits_like_inputs(8).tolist()}).encode())
+    assert status == 413 and "limit" in doc["error"]
+    assert call(f"{url}/healthz")[0] == 200

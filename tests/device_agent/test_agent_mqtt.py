@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import MosquittoBroker
 from tests.device_agent.mqtt_helpers import AgentProcess, Subscriber, wait_until
+from tests.device_agent.tls_certs import make_pki
 from tests.helpers.bundles import digits_like_inputs
 
 pytestmark = pytest.mark.integration
@@ -142,6 +143,7 @@ def test_refused_credentials_are_logged_and_the_agent_keeps_serving(bundle_v1: P
         wait_until(lambda: "broker refused the connection" in agent.log, 15, "a clear log line")
         wait_until(lambda: agent.status()["spool"]["pending"] >= 1, 10, "the window spooled")
         assert agent.status()["connected"] is False
+        assert "refused" in agent.status()["broker_error"]
         assert agent.post("/predict", {"inputs": digits_like_inputs(1).tolist()})["predictions"]
         agent.stop()
 
@@ -179,3 +181,35 @@ def test_hot_update_keeps_serving_through_garbage_and_swaps_a_good_bundle(
     finally:
         agent.stop()
         sub.close()
+
+
+def test_tls_with_a_client_certificate(bundle_v1: Path, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    broker_dir = tmp_path / "tls-broker"
+    broker_dir.mkdir()
+    as_root = "user root\n" if os.geteuid() == 0 else ""
+    broker = MosquittoBroker(broker_dir, extra_config=(
+        f"{as_root}cafile {pki['ca']}\ncertfile {pki['server']}\nkeyfile {pki['server_key']}\n"
+        "require_certificate true\n"))
+    broker.start()
+    agent = None
+    try:
+        tls = (FAST + f'ca_certs = "{pki["ca"]}"\ncertfile = "{pki["client"]}"\nkeyfile = "{pki["client_key"]}"\n')
+        args = _args(bundle_v1, broker, tmp_path / "s.db")
+        args[args.index("--broker") + 1] = f"mqtts://127.0.0.1:{broker.port}"
+        agent = AgentProcess(tmp_path, *args, config=tls)
+        agent.post("/predict", {"inputs": digits_like_inputs(3).tolist()})
+        wait_until(lambda: agent.status()["connected"], 15, "a TLS connection")
+        wait_until(lambda: agent.status()["spool"]["acked"] >= 1, 15, "a window acknowledged over TLS")
+        agent.stop()
+
+        # Without the client certificate the broker refuses the handshake: logged, still serving.
+        no_cert = FAST + f'ca_certs = "{pki["ca"]}"\n'
+        agent = AgentProcess(tmp_path, *args, config=no_cert)
+        wait_until(lambda: "closed the connection before accepting it" in agent.log, 15, "a clear log line")
+        assert agent.post("/predict", {"inputs": digits_like_inputs(1).tolist()})["predictions"]
+        assert agent.status()["connected"] is False
+    finally:
+        if agent is not None:
+            agent.stop()
+        broker.stop()

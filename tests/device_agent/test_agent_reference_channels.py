@@ -70,3 +70,14 @@ def test_malformed_reference_is_refused() -> None:
             "a": {"kind": "numeric", "edges": [0.0, 0.0, 1.0], "counts": [1, 1], "n": 2, "mean": 0.0, "std": 1.0}}})
     with pytest.raises(ValueError):
         Reference.from_json({"schema": "nope", "channels": {}})
+
+
+def test_a_constant_channel_gets_one_bin_and_counts_everything() -> None:
+    plan = MonitorPlan.for_features(["const", "x"], ["a", "b"])
+    rng = np.random.default_rng(2)
+    train = np.c_[np.full(100, 3.0), rng.normal(size=100)]
+    ref = build_reference(plan, plan.values(train, rng.normal(size=(100, 2))), bins=8)
+    assert ref.channels["in.const"].bins == 1
+    h = Histogrammer(ref)
+    fresh = plan.values(np.c_[np.array([3.0, 7.0, -1.0]), np.zeros(3)], rng.normal(size=(3, 2)))
+    assert h.counts(fresh)[0, :1].tolist() == [3]
