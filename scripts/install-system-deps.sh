@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs the system services the tests start themselves: Mosquitto (MQTT broker) and Chromium
-# (headless browser for the dashboard test). Debian/Ubuntu packages; needs root or sudo.
+# Installs the system services the tests start themselves: Mosquitto (MQTT broker), Chromium
+# (headless browser for the dashboard test) and PostgreSQL (fleet storage test). Debian/Ubuntu
+# packages; needs root or sudo.
 set -euo pipefail
 
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto mosquitto-clients)
 command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need+=(chromium)
+# PostgreSQL server binaries (initdb, pg_ctl): the fleet storage test starts a throwaway cluster.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

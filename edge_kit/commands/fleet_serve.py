@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
     if not args.bundle and not args.bundles:
         raise UsageError("fleet serve needs the models' reference histograms: give --bundle B or --bundles DIR")
+    references = ReferenceStore(args.bundle, args.bundles)  # bad bundles fail before anything is created
     storage = Storage(args.db)  # creates the schema before any worker touches it
-    references = ReferenceStore(args.bundle, args.bundles)
     service = FleetService(storage, references, settings)
     try:
         http = make_server(service, host, port)

@@ -32,8 +32,9 @@ from scipy import special
 from edge_kit.fleet import stats
 from edge_kit.fleet.references import ModelReference
 from edge_kit.fleet.settings import DriftSettings
-from edge_kit.fleet.storage import Storage
+from edge_kit.fleet.storage import Storage, decode_counts
 
+FLEET_BUCKETS_READ = 4  # the fleet level reads 4 m bucket periods to find m with enough data
 CHUNK = 1024  # windows tested at once: bounds memory at 10,000s of devices x 100s of channels
 
 
@@ -214,17 +215,26 @@ def _json(obj: Any) -> str:
 
 
 def evaluate_counts(ref: ModelReference, devices: np.ndarray, starts: np.ndarray, flat_counts: np.ndarray,
-                    settings: DriftSettings, now: float | None = None) -> Evaluation:
+                    settings: DriftSettings, now: float | None = None,
+                    fleet: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
     """Fleet and per-device decisions from stored windows (arrays, one entry per window).
 
-    `flat_counts` is (W, sum(bins)) as stored; windows must be sorted by start time.
+    `flat_counts` is (W, sum(bins)) as stored; windows must be sorted by start time. `fleet`
+    optionally gives other (starts, flat counts) for the fleet level; by default it pools the same
+    windows the device level tests.
     """
     t0 = time.perf_counter()
     ev = Evaluation(model=ref.sha256, evaluated_at=time.time() if now is None else now, cutoff=0.0)
-    w_total = len(starts)
-    n_window = flat_counts[:, : int(ref.bins[0])].sum(axis=1) if w_total else np.zeros(0, dtype=np.int64)
+    _evaluate_fleet(ev, ref, *(fleet if fleet is not None else (starts, flat_counts)), settings)
+    _evaluate_devices(ev, ref, devices, starts, flat_counts, settings)
+    ev.seconds = time.perf_counter() - t0
+    return ev
 
-    # Fleet level: pool the windows of each time bucket.
+
+def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, flat_counts: np.ndarray,
+                    settings: DriftSettings) -> None:
+    """Fleet level: pool the windows of each time bucket; test the last m buckets with enough data."""
+    w_total = len(starts)
     buckets = np.floor(starts / settings.fleet_window_seconds) * settings.fleet_window_seconds
     bucket_ids, inverse = np.unique(buckets, return_inverse=True)
     pooled = np.zeros((len(bucket_ids), flat_counts.shape[1]), dtype=np.int64)
@@ -247,7 +257,13 @@ def evaluate_counts(ref: ModelReference, devices: np.ndarray, starts: np.ndarray
             hit = drifted.any(axis=0)
             ev.fleet_channels = [ref.channel_names[c] for c in np.nonzero(hit)[0]]
 
-    # Device level: each device's last m windows with enough inferences.
+
+
+def _evaluate_devices(ev: Evaluation, ref: ModelReference, devices: np.ndarray, starts: np.ndarray,
+                      flat_counts: np.ndarray, settings: DriftSettings) -> None:
+    """Device level: each device's last m windows with enough inferences, BH across all of them."""
+    w_total = len(starts)
+    n_window = flat_counts[:, : int(ref.bins[0])].sum(axis=1) if w_total else np.zeros(0, dtype=np.int64)
     big = n_window >= settings.min_n
     ev.untested_small_windows = int((~big).sum())
     order = np.lexsort((starts, devices))
@@ -293,20 +309,21 @@ def evaluate_counts(ref: ModelReference, devices: np.ndarray, starts: np.ndarray
     for device, flags in flags_by_device.items():
         if k_of_m(flags, settings.k, settings.m):
             ev.device_alerts[device] = sorted(channels_by_device.get(device, set()))
-    ev.seconds = time.perf_counter() - t0
-    return ev
 
 
 def load_windows(storage: Storage, ref: ModelReference, since: float,
                  device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(devices, starts, flat counts) of stored windows, oldest first."""
-    rows = storage.windows(ref.sha256, since, device)
+    return _arrays(ref, storage.windows(ref.sha256, since, device))
+
+
+def _arrays(ref: ModelReference, rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     total = int(ref.bins.sum())
     if not rows:
         return np.array([], dtype=object), np.zeros(0), np.zeros((0, total), dtype=np.int64)
     devices = np.array([r[0] for r in rows], dtype=object)
     starts = np.array([r[1] for r in rows], dtype=np.float64)
-    flat = np.frombuffer(b"".join(bytes(r[4]) for r in rows), dtype=np.int64).reshape(len(rows), total)
+    flat = decode_counts([bytes(r[4]) for r in rows], total)
     return devices, starts, flat
 
 
@@ -314,8 +331,14 @@ def evaluate_model(storage: Storage, ref: ModelReference, settings: DriftSetting
                    now: float | None = None) -> Evaluation:
     """Evaluate one model version from the database and store the results."""
     now = time.time() if now is None else now
-    devices, starts, flat = load_windows(storage, ref, now - settings.lookback_seconds)
-    ev = evaluate_counts(ref, devices, starts, flat, settings, now)
+    since = now - settings.lookback_seconds
+    # Fleet: the last FLEET_BUCKETS_READ x m bucket periods (room for buckets below min_n).
+    span = settings.fleet_window_seconds
+    fleet_since = max(since, (np.floor(now / span) - FLEET_BUCKETS_READ * settings.m + 1) * span)
+    _, fleet_starts, fleet_flat = load_windows(storage, ref, fleet_since)
+    devices, starts, flat = _arrays(ref, storage.latest_windows(ref.sha256, since, settings.m, settings.min_n))
+    ev = evaluate_counts(ref, devices, starts, flat, settings, now, fleet=(fleet_starts, fleet_flat))
+    ev.untested_small_windows = storage.small_window_count(ref.sha256, since, settings.min_n)
     storage.save_evaluation(ref.sha256, ev.evaluated_at, ev.detail(), ev.fleet_rows, ev.device_rows)
     return ev
 

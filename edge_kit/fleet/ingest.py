@@ -31,7 +31,7 @@ from device_agent.summary import PayloadError, WindowSummary
 from edge_kit.errors import UsageError
 from edge_kit.fleet.references import ModelReference, ReferenceStore
 from edge_kit.fleet.settings import FleetSettings, IngestSettings
-from edge_kit.fleet.storage import Storage, WindowRow
+from edge_kit.fleet.storage import Storage, WindowRow, encode_counts
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ EARLIEST_WINDOW = 1_577_836_800.0
 # More inferences than this in one window is a corrupt or hostile count (and would overflow pooling).
 MAX_WINDOW_N = 10**12
 SESSION_EXPIRY_SECONDS = 24 * 3600
+MAX_BATCH_DELAY = 0.05  # seconds a received message may wait for its batch to fill
 
 
 def summary_topic(fleet: str, device: str = "+") -> str:
@@ -98,7 +99,12 @@ class Validator:
         if len(data) > self.settings.max_payload_bytes:
             raise PayloadError("too_large", f"{len(data)} bytes > limit {self.settings.max_payload_bytes}")
         fleet, device, _ = _topic_parts(topic)
-        s = WindowSummary.from_bytes(data, content_type)
+        try:
+            s = WindowSummary.from_bytes(data, content_type)
+        except PayloadError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a count beyond int64, a null max
+            raise PayloadError("malformed", f"summary cannot be decoded: {exc}") from exc
         if s.fleet != fleet or s.device != device:
             raise PayloadError("topic_mismatch", f"payload says {s.fleet}/{s.device}, topic {topic!r}")
         ref = self.references.get(s.model["sha256"])
@@ -109,7 +115,9 @@ class Validator:
         if not np.array_equal(bins, ref.bins):
             bad = ref.channel_names[int(np.argmax(bins != ref.bins))]
             raise PayloadError("bins", f"channel {bad!r} counts are not aligned with the reference edges")
-        if s.n > MAX_WINDOW_N:
+        if s.n > 0 and not (np.isfinite(s.minimum).all() and np.isfinite(s.maximum).all()):
+            raise PayloadError("malformed", "a non-empty window needs numeric min and max for every channel")
+        if s.n > MAX_WINDOW_N or int(s.counts.max(initial=0)) > MAX_WINDOW_N:
             raise PayloadError("counts", f"n = {s.n} is not a plausible window size")
         if s.window_end > now + self.settings.max_clock_skew_seconds:
             raise PayloadError("future_window", f"window ends {s.window_end - now:.0f} s in the future")
@@ -120,11 +128,11 @@ class Validator:
             if s.label_names != ref.labels:
                 raise PayloadError("labels", "label classes differ from the model's labels")
             confusion = s.confusion.astype(np.int64).tobytes()
-        flat = s.counts[order].reshape(-1)[ref.flat_index()]
+        flat = s.counts[order].reshape(-1)[ref.flat_index]
         return WindowRow(
             device=device, model_sha256=ref.sha256, window_start=s.window_start, window_end=s.window_end,
             seq=s.seq, n=s.n, fleet=fleet, model_name=s.model["name"], model_version=s.model["version"],
-            received_at=now, counts=flat.astype(np.int64).tobytes(), confusion=confusion,
+            received_at=now, counts=encode_counts(flat), confusion=confusion,
         )
 
     def _order(self, ref: ModelReference, names: list[str]) -> np.ndarray:
@@ -196,11 +204,17 @@ class Ingestor:
                 self.batch.windows.append(self.validator.summary(topic, data, content_type))
                 self.batch.count("received")
         except PayloadError as exc:
-            self.batch.count(f"rejected:{exc.kind}")
-            if exc.kind not in self._logged_kinds:  # once per kind: a bad device must not flood the log
-                self._logged_kinds.add(exc.kind)
-                log.warning("rejected a message on %s (%s); further '%s' rejections are only counted in /metrics",
-                            topic, exc, exc.kind)
+            self._reject(topic, exc.kind, str(exc))
+        except Exception as exc:  # a bug must not turn one message into a crash loop (it would be redelivered)
+            self._reject(topic, "internal_error", f"{type(exc).__name__}: {exc}")
+            log.debug("internal error on %s", topic, exc_info=True)
+
+    def _reject(self, topic: str, kind: str, message: str) -> None:
+        self.batch.count(f"rejected:{kind}")
+        if kind not in self._logged_kinds:  # once per kind: a bad device must not flood the log
+            self._logged_kinds.add(kind)
+            log.warning("rejected a message on %s (%s); further '%s' rejections are only counted in /metrics",
+                        topic, message, kind)
 
     def flush(self) -> list[tuple[int, int]]:
         """Commit the batch; returns the (mid, qos) pairs that may now be acknowledged."""
@@ -285,15 +299,18 @@ def run_consumer(cfg: ConsumerConfig, stop: Flag | None = None, ready: Flag | No
     client.on_message = on_message
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+    # MQTT 5 Receive Maximum: how many unacknowledged messages the broker may send us; it must
+    # exceed a batch, since acknowledgements wait for the batch's commit.
+    props.ReceiveMaximum = min(4 * cfg.settings.ingest.batch_size, 65535)
     client.connect(broker.host, broker.port, keepalive=30, clean_start=False, properties=props)
     batch_size = cfg.settings.ingest.batch_size
     try:
         while stop is None or not stop.is_set():
-            before = len(ingestor.batch)
-            client.loop(timeout=0.01)
-            idle = len(ingestor.batch) == before
-            if ingestor.batch.mids and (idle or len(ingestor.batch) >= batch_size
-                                        or time.monotonic() - ingestor.batch.first_at > 0.05):
+            client.loop(timeout=0.02)
+            # One transaction (one fsync) per batch: flush when it is full, or when its oldest message
+            # has waited MAX_BATCH_DELAY (light load, or a broker that caps in-flight messages lower).
+            if ingestor.batch.mids and (len(ingestor.batch) >= batch_size
+                                        or time.monotonic() - ingestor.batch.first_at > MAX_BATCH_DELAY):
                 _flush_and_ack(client, ingestor)
         _flush_and_ack(client, ingestor)
         client.loop(timeout=0.05)  # send the last acknowledgements

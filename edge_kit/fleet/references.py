@@ -7,6 +7,7 @@ a `--bundles` folder, which is re-scanned when it changes so a new model version
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -89,6 +90,7 @@ class ModelReference:
     def is_class(self) -> np.ndarray:
         return np.array([k == CLASS for k in self.kinds])
 
+    @functools.cached_property
     def flat_index(self) -> np.ndarray:
         """Positions in the flattened (C * B) padded layout of the payload's concatenated counts."""
         return np.concatenate([i * self.width + np.arange(b) for i, b in enumerate(self.bins)])

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_kit.errors import UsageError
 
 _SCHEMA = """
@@ -61,6 +63,32 @@ CREATE TABLE IF NOT EXISTS triggers (
 """
 
 
+# Stored counts use the narrowest unsigned type that holds them; the type follows from the blob's
+# length (bins x itemsize), so no header is needed and int64 blobs stay readable.
+_COUNT_TYPES: tuple[np.dtype[Any], ...] = (np.dtype("<u2"), np.dtype("<u4"), np.dtype("<i8"))
+
+
+def encode_counts(flat: np.ndarray) -> bytes:
+    top = int(flat.max()) if flat.size else 0
+    dtype = _COUNT_TYPES[0] if top < 2**16 else _COUNT_TYPES[1] if top < 2**32 else _COUNT_TYPES[2]
+    return np.ascontiguousarray(flat, dtype=dtype).tobytes()
+
+
+def decode_counts(blobs: Sequence[bytes], bins: int) -> np.ndarray:
+    """(len(blobs), bins) int64 from blobs written by `encode_counts` (mixed widths allowed)."""
+    out = np.empty((len(blobs), bins), dtype=np.int64)
+    by_size: dict[int, list[int]] = {}
+    for i, b in enumerate(blobs):
+        by_size.setdefault(len(b), []).append(i)
+    for size, rows in by_size.items():
+        itemsize = size // bins if bins else 8
+        dtype: np.dtype[Any] | None = {2: _COUNT_TYPES[0], 4: _COUNT_TYPES[1], 8: _COUNT_TYPES[2]}.get(itemsize)
+        if dtype is None or itemsize * bins != size:
+            raise ValueError(f"stored counts of {size} bytes do not fit {bins} bins")
+        out[rows] = np.frombuffer(b"".join(blobs[i] for i in rows), dtype=dtype).reshape(len(rows), bins)
+    return out
+
+
 Rows = Sequence[Sequence[Any]] | Callable[[list[int]], Sequence[Sequence[Any]]]
 
 
@@ -76,7 +104,7 @@ class WindowRow:
     model_name: str
     model_version: str
     received_at: float
-    counts: bytes  # int64, the payload's counts concatenated in reference channel order
+    counts: bytes  # the payload's counts concatenated in reference channel order (`encode_counts`)
     confusion: bytes | None  # int64 (classes x classes), or None without labels
 
     def as_params(self) -> tuple[Any, ...]:
@@ -233,6 +261,22 @@ class Storage:
             sql += " AND device = ?"
             params.append(device)
         return self._query(sql + " ORDER BY window_start, device", params)
+
+    def latest_windows(self, model_sha256: str, since: float, per_device: int, min_n: int) -> list[tuple[Any, ...]]:
+        """Each device's last `per_device` windows with at least `min_n` inferences, oldest first.
+
+        What the per-device test needs, without reading a day of windows of every device.
+        """
+        sql = ("SELECT device, window_start, window_end, n, counts, confusion FROM ("
+               " SELECT device, window_start, window_end, n, counts, confusion, ROW_NUMBER() OVER"
+               " (PARTITION BY device ORDER BY window_start DESC) AS recent FROM windows"
+               " WHERE model_sha256 = ? AND window_start >= ? AND n >= ?) AS ranked"
+               " WHERE recent <= ? ORDER BY window_start, device")
+        return self._query(sql, (model_sha256, since, min_n, per_device))
+
+    def small_window_count(self, model_sha256: str, since: float, min_n: int) -> int:
+        return int(self._query("SELECT COUNT(*) FROM windows WHERE model_sha256 = ? AND window_start >= ? AND n < ?",
+                               (model_sha256, since, min_n))[0][0])
 
     def models_with_windows(self, since: float) -> list[str]:
         return [str(r[0]) for r in self._query(

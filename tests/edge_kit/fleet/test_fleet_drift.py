@@ -36,7 +36,7 @@ class World:
         x = rng.normal(size=(n, 5))
         x[:, feature] = x[:, feature] * scale + shift
         c = self.hist.counts(self.plan.values(x, x @ W))
-        return c.reshape(-1)[self.ref.flat_index()]  # the stored (flat) layout
+        return c.reshape(-1)[self.ref.flat_index]  # the stored (flat) layout
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from device_agent.summary import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB
 from edge_kit.fleet.ingest import Ingestor
 from edge_kit.fleet.references import ReferenceStore
 from edge_kit.fleet.settings import IngestSettings
-from edge_kit.fleet.storage import Storage
+from edge_kit.fleet.storage import Storage, decode_counts, encode_counts
 
 TOPIC = "edgekit/test/dev1/summary"
 
@@ -52,8 +52,10 @@ def test_accepts_valid_summaries_and_drops_qos1_duplicates(ingestor: Ingestor, d
     ingestor.flush()
     assert ingestor.storage.window_count() == 2 and ingestor.storage.counters()["duplicate"] == 3
     stored = ingestor.storage.windows(digits_bundle.sha256, 0)
-    flat = np.frombuffer(bytes(stored[0][4]), dtype=np.int64)
+    total_bins = sum(c.bins for c in digits_bundle.reference.channels.values())
+    flat = decode_counts([bytes(stored[0][4])], total_bins)[0]
     assert flat.sum() == 80 * len(digits_bundle.plan.channel_names)  # every channel's counts add to n
+    assert len(stored[0][4]) == 2 * total_bins  # small counts are stored as uint16
     dev = ingestor.storage.devices()[0]
     assert dev["device"] == "dev1" and dev["state"] == "online" and dev["model_version"] == "1.0.0"
 
@@ -85,6 +87,17 @@ def _mutations(bundle: DigitsBundle) -> dict[str, tuple[str, bytes | object, str
     p["n"] = big
     out["gigantic"] = (TOPIC, p, CONTENT_TYPE_JSON)
     p = json.loads(json.dumps(good))
+    for ch in p["channels"].values():
+        ch["counts"] = [10**30] + [0] * (len(ch["counts"]) - 1)
+    p["n"] = 10**30
+    out["beyond_int64"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    p = json.loads(json.dumps(good))
+    p["channels"]["in.mean"]["max"] = None  # min without max
+    out["half_null_stats"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    p = json.loads(json.dumps(good))
+    p["channels"]["in.mean"]["sum"] = float("nan")
+    out["nan_stat"] = (TOPIC, p, CONTENT_TYPE_JSON)
+    p = json.loads(json.dumps(good))
     p["window"]["start"], p["window"]["end"] = time.time() + 3600, time.time() + 3660
     out["future_window"] = (TOPIC, p, CONTENT_TYPE_JSON)
     p = json.loads(json.dumps(good))
@@ -103,7 +116,8 @@ def _mutations(bundle: DigitsBundle) -> dict[str, tuple[str, bytes | object, str
     return out
 
 
-EXPECTED_KIND = {"negative": "counts", "gigantic": "counts", "zlib_bomb": "too_large"}
+EXPECTED_KIND = {"negative": "counts", "gigantic": "counts", "zlib_bomb": "too_large", "beyond_int64": "malformed",
+                 "half_null_stats": "malformed", "nan_stat": "malformed"}
 
 
 def test_bad_payloads_are_rejected_counted_and_stored_data_kept(ingestor: Ingestor, digits_bundle: DigitsBundle,
@@ -145,3 +159,52 @@ def test_status_messages_update_devices(ingestor: Ingestor) -> None:
     devices = {d["device"]: d for d in ingestor.storage.devices()}
     assert devices["dev9"]["state"] == "offline" and devices["dev9"]["status"]["reason"] == "last will"
     assert "dev8" not in devices and ingestor.storage.counters()["rejected:status"] == 1
+
+
+def test_counts_encoding_round_trips_every_width() -> None:
+    for top in (0, 65535, 65536, 2**32 - 1, 2**32, 10**12):
+        flat = np.array([top, 1, 0, 7], dtype=np.int64)
+        blob = encode_counts(flat)
+        assert decode_counts([blob, encode_counts(np.array([1, 2, 3, 4]))], 4).tolist() == [flat.tolist(), [1, 2, 3, 4]]
+    with pytest.raises(ValueError):
+        decode_counts([b"12345"], 4)
+
+
+def test_summary_round_trip_through_the_bulk_decoder(digits_bundle: DigitsBundle) -> None:
+    """The server-side fast paths in device_agent.summary decode exactly what was encoded."""
+    from device_agent.summary import WindowSummary
+
+    x, y = sample_images(75, np.random.default_rng(8))
+    s = summary(digits_bundle, "dev1", 1.8e9, x, y=y)
+    back = WindowSummary.from_bytes(*s.to_bytes())
+    assert back.to_payload() == s.to_payload()
+    np.testing.assert_array_equal(back.counts, s.counts)
+    np.testing.assert_array_equal(back.bins, s.bins)
+    empty = WindowSummary.zero(digits_bundle.histogrammer, fleet="f", device="d", model=digits_bundle.model,
+                               window_start=1.8e9)
+    again = WindowSummary.from_bytes(*empty.to_bytes())
+    assert again.n == 0 and np.isinf(again.minimum).all() and again.to_payload() == empty.to_payload()
+
+
+def test_latest_windows_reads_only_what_the_device_test_needs(ingestor: Ingestor, digits_bundle: DigitsBundle) -> None:
+    rng = np.random.default_rng(9)
+    now = time.time()
+    for i in range(6):
+        n = 30 if i == 5 else 120  # the newest window is too small to test
+        s = summary(digits_bundle, "dev1", now - 1000 + 100 * i, sample_images(n, rng)[0])
+        ingestor.receive(TOPIC, *s.to_bytes())
+    ingestor.flush()
+    rows = ingestor.storage.latest_windows(digits_bundle.sha256, 0, per_device=3, min_n=100)
+    assert [round(r[1] - now) for r in rows] == [-800, -700, -600]
+    assert ingestor.storage.small_window_count(digits_bundle.sha256, 0, 100) == 1
+
+
+def test_an_unexpected_error_rejects_the_message_instead_of_crashing(ingestor: Ingestor, digits_bundle: DigitsBundle,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ingestor.validator, "summary", broken)
+    _send(ingestor, _payload(digits_bundle))
+    assert len(ingestor.flush()) == 1  # acknowledged: redelivering it would only hit the bug again
+    assert ingestor.storage.counters()["rejected:internal_error"] == 1
