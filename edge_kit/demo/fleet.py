@@ -227,21 +227,29 @@ class FleetDemo:
     # -- teardown and summary --------------------------------------------------------------------
 
     def stop(self) -> None:
-        for d in self.devices:
-            if d.feeder is not None:
-                d.feeder.stop()
-        for d in self.devices:
-            if d.feeder is not None:
-                d.feeder.join(timeout=10)
-        for d in self.devices:
-            d.process.stop()  # SIGTERM: the agent closes and spools its open window, then says offline
-            d.final = d.process.final_json() or {}
-        if self.fleet is not None and self.fleet.running:
-            self.wait_for_ingest(timeout=20)
-        if self.fleet is not None:
-            self.fleet.stop()
-        if self.broker is not None:
-            self.broker.stop()
+        """Feeders, then agents (SIGTERM: each closes and spools its open window), then the server once it
+        stored what they sent, then the broker. Every process is stopped even if an earlier step fails."""
+        try:
+            for d in self.devices:
+                if d.feeder is not None:
+                    d.feeder.stop()
+            for d in self.devices:
+                if d.feeder is not None and d.feeder.is_alive():
+                    d.feeder.join(timeout=10)
+        finally:
+            try:
+                for d in self.devices:
+                    d.process.stop()
+                    d.final = d.process.final_json() or {}
+                if self.fleet is not None and self.fleet.running:
+                    self.wait_for_ingest(timeout=20)
+            finally:
+                for d in self.devices:
+                    d.process.stop()  # a no-op for those already stopped
+                if self.fleet is not None:
+                    self.fleet.stop()
+                if self.broker is not None:
+                    self.broker.stop()
 
     def stored_windows(self) -> dict[str, int]:
         from edge_kit.fleet.storage import Storage
