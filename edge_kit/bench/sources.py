@@ -23,7 +23,7 @@ import numpy as np
 from device_agent.bundle import MODEL, read_bundle
 from edge_kit.bench.plan import FP32, INT8, PYTORCH, BenchPlan, BenchSettings, EngineSpec, EvalData, TorchModelSpec
 from edge_kit.bench.tracking import run_location, unreachable_reason
-from edge_kit.errors import UsageError
+from edge_kit.errors import EdgeKitError, UsageError
 from edge_kit.tracking import CHECKPOINT_ARTIFACT, ONNX_ARTIFACT
 
 log = logging.getLogger(__name__)
@@ -186,17 +186,27 @@ def class_indices(y: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
 
 
 def synthetic_inputs(model_file: Path, manifest: dict[str, Any], n: int = SYNTHETIC_SAMPLES) -> EvalData:
-    """Seeded N(0, 1) inputs of the model's input shape (first input); speed does not depend on the values."""
-    import onnx
+    """Seeded N(0, 1) inputs of the model's input shape (first input); speed does not depend on the values.
 
-    graph_input = onnx.load(str(model_file), load_external_data=False).graph.input[0]
-    dims: list[int | None] = [d.dim_value if d.dim_value > 0 else None for d in graph_input.type.tensor_type.shape.dim]
-    if any(d is None for d in dims[1:]):
-        declared = ((manifest.get("model") or {}).get("inputs") or [{}])[0].get("shape") or []
-        dims = [None, *[int(d) if isinstance(d, int) else None for d in declared[1:]]] if declared else dims
+    The shape comes from the manifest's `model.inputs`, else from the ONNX graph.
+    """
+    declared = ((manifest.get("model") or {}).get("inputs") or [{}])[0].get("shape") or []
+    dims: list[int | None] = [None, *[int(d) if isinstance(d, int) else None for d in declared[1:]]]
+    if not declared or any(d is None for d in dims[1:]):
+        dims = _graph_input_dims(model_file)
     sample_shape = [d for d in dims[1:] if d is not None]
     if len(sample_shape) != len(dims) - 1:
         raise UsageError(f"cannot tell the model's input shape ({dims}); pass --config for real test data")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, *sample_shape)).astype(np.float32)
     return EvalData(x, None, f"{n} synthetic N(0,1) inputs (seed 0): no --config, so no held-out split")
+
+
+def _graph_input_dims(model_file: Path) -> list[int | None]:
+    import onnx
+
+    try:
+        graph_input = onnx.load(str(model_file), load_external_data=False).graph.input[0]
+    except Exception as exc:  # protobuf decode errors and friends
+        raise EdgeKitError(f"the bundle's {MODEL} is not a readable ONNX model: {type(exc).__name__}: {exc}") from exc
+    return [d.dim_value if d.dim_value > 0 else None for d in graph_input.type.tensor_type.shape.dim]

@@ -56,3 +56,31 @@ def test_out_that_is_a_file_is_refused_and_kept(edge_kit_cli, tiny_pipeline: Tin
     result = edge_kit_cli("bench", str(tiny_pipeline.bundle), "--out", str(existing), "--quick")
     assert result.returncode == 2 and "not a folder" in result.stderr
     assert existing.read_text() == "keep me"
+
+
+def test_an_int8_model_that_cannot_run_fails_clearly(edge_kit_cli, tiny_pipeline: TinyPipeline,
+                                                     tmp_path: Path) -> None:
+    from device_agent.bundle import read_bundle, write_bundle
+
+    b = read_bundle(tiny_pipeline.bundle)
+    # It passes verification (the hashes match what was written) but is not an ONNX model.
+    garbage = write_bundle(tmp_path / "dist", b.manifest, {"model.onnx": b"not an onnx model"})
+    result = edge_kit_cli("bench", str(garbage), "--out", str(tmp_path / "o"), "--quick")
+    assert result.returncode == 1
+    assert "engine int8" in result.stderr and "could not be measured" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_fp32_model_that_cannot_run_is_reported_and_the_rest_measured(tiny_pipeline: TinyPipeline,
+                                                                        tmp_path: Path) -> None:
+    from edge_kit.bench import BenchSettings, run_bench
+    from edge_kit.bench.sources import plan_for_bundle
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"truncated")
+    settings = BenchSettings(batch_sizes=(1,), thread_counts=(1,), warmup=1, latency_repeats=5, throughput_repeats=2)
+    plan = plan_for_bundle(tiny_pipeline.bundle, tmp_path, settings=settings, fp32_onnx=broken)
+    report = run_bench(plan, tmp_path / "o", progress=False)
+    assert list(report["engines"]) == ["int8"]
+    assert "engine fp32 (broken.onnx) could not be measured" in report["missing"]["fp32"]
+    assert "fp32" in (tmp_path / "o" / "report.md").read_text()
