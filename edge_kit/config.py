@@ -101,6 +101,15 @@ class Config:
         """Where the pipeline keeps its state (snapshots, checkpoints, tracking store) for this project."""
         return self.root / ".edgekit"
 
+    def ensure_workdir(self) -> Path:
+        """Create `.edgekit/` with a `.gitignore` of its own (as pytest and mypy do for their caches), so
+        pipeline state never makes a user's git tree dirty, whatever their own .gitignore says."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        marker = self.workdir / ".gitignore"
+        if not marker.exists():
+            marker.write_text("# Created by edge-kit: pipeline state (snapshot split, checkpoints, MLflow store).\n*\n")
+        return self.workdir
+
     def resolve(self, relative: str | Path) -> Path:
         return (self.root / relative).resolve()
 

@@ -241,7 +241,7 @@ def split_ids(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarra
 
 def _stored_split(config: Config, snapshot: SnapshotInfo, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The split recorded for this snapshot and seed, computed and stored the first time."""
-    split_file = config.workdir / "split.json"
+    split_file = config.ensure_workdir() / "split.json"
     key = {"dvc_md5": snapshot.dvc_md5, "seed": config.data.seed, "test_fraction": config.data.test_fraction}
     if split_file.exists():
         try:

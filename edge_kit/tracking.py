@@ -43,8 +43,7 @@ def resolve_tracking_uri(config: Config, override: str | None = None) -> str:
         return override
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    config.workdir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{config.workdir / 'mlflow.db'}"
+    return f"sqlite:///{config.ensure_workdir() / 'mlflow.db'}"
 
 
 def is_default_store(config: Config, uri: str) -> bool:

@@ -384,8 +384,35 @@ def train(config: Config, *, resume: str = "auto", tracking_uri: str | None = No
     """
     if resume not in ("auto", "never"):
         raise UsageError(f"--resume must be 'auto' or 'never', got {resume!r}")
-    with deterministic_algorithms(config.train.threads):
+    with project_lock(config.ensure_workdir()), deterministic_algorithms(config.train.threads):
         return _train(config, resume=resume, tracking_uri=tracking_uri, reuse=reuse)
+
+
+@contextmanager
+def project_lock(workdir: Path) -> Iterator[None]:
+    """One training per project at a time: two would write the same checkpoints and split the same runs.
+
+    An flock, so the kernel releases it when the holder dies, SIGKILL included: no stale lock to clean up.
+    """
+    import fcntl
+
+    path = workdir / "train.lock"
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UsageError(f"another edge-kit training is running in this project (pid {holder}, lock {path})",
+                             hint="wait for it to finish, or stop it (it checkpoints on SIGTERM)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool) -> TrainResult:

@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 
 import pytest
-from training_helpers import commit_all, make_project
+from training_helpers import commit_all, git, make_project
 
 from edge_kit.config import load_config
 from edge_kit.data import load_dataset
@@ -79,3 +79,18 @@ def test_container_digest_when_exposed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     if not Path("/.dockerenv").exists() and not Path("/run/.containerenv").exists():
         assert container_image() is None
+
+
+def test_pipeline_state_never_dirties_the_tree(tmp_path: Path) -> None:
+    config_path = make_project(tmp_path, "[project]\nname = 'p'\n")
+    (tmp_path / ".gitignore").unlink()  # a user who never heard of .edgekit/
+    commit_all(tmp_path)
+    load_dataset(load_config(config_path))  # writes .edgekit/split.json and the DVC record
+    assert (tmp_path / ".edgekit" / "split.json").is_file()
+    status = git(tmp_path, "status", "--porcelain", "--untracked-files=all")
+    assert "data/digits.npz.dvc" in status and ".edgekit" not in status
+    commit_all(tmp_path, "record the snapshot")  # the .dvc file and data/.gitignore belong in git
+    assert git_state(tmp_path)["dirty"] is False
+    tracked = git(tmp_path, "ls-files")
+    assert "data/digits.npz.dvc" in tracked and ".edgekit" not in tracked and "digits.npz\n" not in tracked
+

@@ -21,7 +21,7 @@ from edge_kit.errors import EXIT_INTERRUPTED
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-EPOCHS = 6  # 138 optimizer steps: long enough to interrupt mid-epoch, short enough to repeat three times
+EPOCHS = 6  # 138 optimizer steps: long enough to interrupt twice mid-run, short enough to repeat
 
 
 def _root_conftest() -> ModuleType:
@@ -86,50 +86,29 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tracking: str) -> dict[s
     return model_state(out["checkpoint"])
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path: Path, tracking: str,
-                                                         reference: dict[str, torch.Tensor]) -> None:
-    config = make_project(tmp_path, tiny_config(EPOCHS))
-    folder = tmp_path / ".edgekit" / "checkpoints"
-    proc = start_training(config, tracking)
+def stop_with(proc: subprocess.Popen[str], signum: int) -> tuple[str, str]:
     try:
-        wait_for_checkpoint(folder, proc, min_step=30)
-        proc.send_signal(signal.SIGKILL)  # no handler, no final write: the process just vanishes
-        proc.communicate(timeout=60)
+        proc.send_signal(signum)
+        return proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not list((tmp_path / ".edgekit").glob("runs/*/final.pt"))  # it really died before the end
-    # Resume from a checkpoint in the middle of an epoch, as if the kill came right after it was written.
-    manager = CheckpointManager(folder, keep=3)
-    paths = manager.paths()
-    mid = next(p for p in paths if read_checkpoint(p)["position"]["batch"] != 0)
-    for newer in paths[: paths.index(mid)]:
-        newer.unlink()
-    position = read_checkpoint(mid)["position"]
-    assert 0 < position["batch"] < 23 and position["epoch"] < EPOCHS
-    result = train_cli(config, tracking)
-    assert result.returncode == 0, result.stderr
-    assert f"resuming from {mid.name}" in result.stderr
-    assert_bitwise_equal(model_state(result.json()["checkpoint"]), reference)
 
 
-def test_sigterm_checkpoints_exits_75_and_resumes_bitwise_equal(tmp_path: Path, tracking: str,
-                                                                reference: dict[str, torch.Tensor]) -> None:
+def test_sigterm_then_sigkill_then_resume_is_bitwise_equal(tmp_path: Path, tracking: str,
+                                                           reference: dict[str, torch.Tensor]) -> None:
+    """One project goes through everything a spot instance meets, then must end where an uninterrupted run did."""
     from mlflow import MlflowClient
 
+    client = MlflowClient(tracking_uri=tracking)
     config = make_project(tmp_path, tiny_config(EPOCHS))
     folder = tmp_path / ".edgekit" / "checkpoints"
+
+    # 1. SIGTERM (preemption notice): checkpoint, exit 75, one JSON error object, MLflow run KILLED.
     proc = start_training(config, tracking)
-    try:
-        wait_for_checkpoint(folder, proc, min_step=12)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    wait_for_checkpoint(folder, proc, min_step=12)
+    stdout, stderr = stop_with(proc, signal.SIGTERM)
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     last_line = stderr.strip().splitlines()[-1]
     assert json.loads(stdout) == {"ok": False, "error": last_line.removeprefix("edge-kit: error: "),
@@ -138,14 +117,30 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bitwise_equal(tmp_path: Path, 
     assert "Traceback" not in stderr
     newest = CheckpointManager(folder, keep=3).latest_valid()
     assert newest is not None and newest.path.name in stderr  # the checkpoint it names is the newest
-    killed = MlflowClient(tracking_uri=tracking).get_run(newest.state["mlflow_run_id"])
-    assert killed.info.status == "KILLED"
+    run_id = newest.state["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
 
-    # A corrupt newer checkpoint (say, the disk died mid-write) is skipped in favour of the valid one.
+    # 2. Resumed, then SIGKILL (no notice, no handler, no final write): the process just vanishes.
+    proc = start_training(config, tracking)
+    wait_for_checkpoint(folder, proc, min_step=newest.step + 20)
+    _, stderr = stop_with(proc, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert f"resuming from {newest.path.name}" in stderr
+    assert not list((tmp_path / ".edgekit").glob("runs/*/final.pt"))  # it really died before the end
+
+    # 3. Resume from a checkpoint in the middle of an epoch, as if the kill came right after it was written,
+    #    with a corrupt newer one in the way (say, the disk died mid-write): it is skipped with a warning.
+    paths = CheckpointManager(folder, keep=3).paths()
+    mid = next(p for p in paths if read_checkpoint(p)["position"]["batch"] != 0)
+    for newer in paths[: paths.index(mid)]:
+        newer.unlink()
+    position = read_checkpoint(mid)["position"]
+    assert 0 < position["batch"] < 23 and position["epoch"] < EPOCHS
     (folder / "ckpt-99999999.pt").write_bytes(b"PK\x03\x04truncated")
     result = train_cli(config, tracking)
     assert result.returncode == 0, result.stderr
     assert "skipping unreadable checkpoint ckpt-99999999.pt" in result.stderr
-    assert result.json()["run_id"] == killed.info.run_id  # the same MLflow run carries on
-    assert MlflowClient(tracking_uri=tracking).get_run(killed.info.run_id).info.status == "FINISHED"
+    assert f"resuming from {mid.name}" in result.stderr
+    assert result.json()["run_id"] == run_id  # the same MLflow run carried on through both interruptions
+    assert client.get_run(run_id).info.status == "FINISHED"
     assert_bitwise_equal(model_state(result.json()["checkpoint"]), reference)

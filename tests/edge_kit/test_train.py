@@ -164,3 +164,21 @@ def test_full_disk_mid_training_keeps_the_last_checkpoint(tmp_path: Path, monkey
     # Started outside any commit, finished at `commit`: not the model of one clean commit, so never reused.
     assert tags["edgekit.git_dirty"] == "true" and json.loads(tags["edgekit.resumed_with"])[
         "edgekit.git_commit"] == commit
+
+
+def test_one_training_per_project(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from edge_kit.errors import UsageError
+
+    config = load_config(make_project(tmp_path, tiny_config(epochs=1)))
+    (tmp_path / ".edgekit").mkdir()
+    with (tmp_path / ".edgekit" / "train.lock").open("a+") as held:  # as a running `edge-kit train` holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        held.write(str(os.getpid()))
+        held.flush()
+        with pytest.raises(UsageError, match=f"another edge-kit training is running .* .pid {os.getpid()}"):
+            train(config)
+    assert not (tmp_path / ".edgekit" / "checkpoints").exists()  # it stopped before touching anything
+
