@@ -6,6 +6,8 @@ Scenarios, each on a fresh database and broker (see `scenario` for the method):
   every summary against the bundle's reference and storing it (SQLite WAL, synchronous=FULL,
   acknowledged after commit);
 - `validation + storage only`: the same work without MQTT, to separate our cost from paho's.
+`per_consumer_cpu_s` is summaries stored per CPU-second of a consumer process: what one process does
+with a core to itself, the figure that survives the load other jobs put on this shared 2-core VM.
 Summaries are the digits model's (30 channels, 32 bins), zlib-compressed, each with its own
 idempotency key, published by 2 separate publisher processes.
 
@@ -120,14 +122,17 @@ def bare_subscriber(port: int, expected: int, stop: Any, ready: Any, result: Any
     c.disconnect()
 
 
-def consumer(port: int, db: str, bundle_path: str, worker: int, stop: Any, ready: Any) -> None:
+def consumer(port: int, db: str, bundle_path: str, worker: int, stop: Any, ready: Any, cpu: Any) -> None:
     from edge_kit.fleet.ingest import ConsumerConfig, run_consumer
     from edge_kit.fleet.settings import FleetSettings
 
     cfg = ConsumerConfig(broker=f"mqtt://127.0.0.1:{port}", db=db, fleet=FLEET, group="bench", worker=worker,
                          bundles=(bundle_path,), bundles_dir=None, settings=FleetSettings(),
                          subscribe_status=(worker == 0))
-    run_consumer(cfg, stop, ready)
+    start = time.process_time()
+    totals = run_consumer(cfg, stop, ready)
+    # CPU seconds this consumer spent, and what it stored: its rate had it a core to itself.
+    cpu.put((time.process_time() - start, totals.get("accepted", 0)))
 
 
 def scenario(name: str, workers: int, publishers: int, total: int) -> dict[str, Any]:
@@ -147,6 +152,7 @@ def scenario(name: str, workers: int, publishers: int, total: int) -> dict[str, 
         db = f"sqlite:///{tmp}/fleet.db"
         Storage(db).close()
         result: Any = ctx.Queue()
+        cpu: Any = ctx.Queue()
 
         def start(stop: Any) -> list[Any]:
             procs, readies = [], []
@@ -157,7 +163,7 @@ def scenario(name: str, workers: int, publishers: int, total: int) -> dict[str, 
                     args: tuple[Any, ...] = (port, total, stop, ready, result)
                     procs.append(ctx.Process(target=bare_subscriber, args=args))
                 else:
-                    args = (port, db, str(bundle.path), w, stop, ready)
+                    args = (port, db, str(bundle.path), w, stop, ready, cpu)
                     procs.append(ctx.Process(target=consumer, args=args))
             for p in procs:
                 p.start()
@@ -178,6 +184,9 @@ def scenario(name: str, workers: int, publishers: int, total: int) -> dict[str, 
             stop_all(start(first_stop), first_stop)
             if workers == 0:
                 result.get(timeout=10)  # the first session's (empty) count
+            else:
+                for _ in range(workers):
+                    cpu.get(timeout=10)
             go = ctx.Event()
             done: Any = ctx.Queue()
             pubs = [ctx.Process(target=publisher, args=(port, str(tmp / f"pb{i}"), i, total // publishers, go, done))
@@ -207,9 +216,13 @@ def scenario(name: str, workers: int, publishers: int, total: int) -> dict[str, 
                 storage.close()
             stop_all(procs, stop)
             seconds = last - first
-            return {"scenario": name, "consumer_processes": max(workers, 1), "publisher_processes": publishers,
-                    "messages": received, "seconds": seconds, "summaries_per_s": received / seconds,
-                    "per_consumer_process_per_s": received / seconds / max(workers, 1)}
+            row = {"scenario": name, "consumer_processes": max(workers, 1), "publisher_processes": publishers,
+                   "messages": received, "seconds": seconds, "summaries_per_s": received / seconds,
+                   "per_consumer_process_per_s": received / seconds / max(workers, 1), "per_consumer_cpu_s": None}
+            if workers:
+                used = [cpu.get(timeout=30) for _ in range(workers)]
+                row["per_consumer_cpu_s"] = sum(n for _, n in used) / sum(c for c, _ in used)
+            return row
         finally:
             broker.terminate()
             broker.wait(10)

@@ -298,7 +298,7 @@ def _all_counts(values: list[Any]) -> bool:
     return set(map(type, values)) <= {int} and min(values) >= 0
 
 
-def _all_numbers_or_null(values: tuple[Any, ...]) -> bool:
+def _all_numbers_or_null(values: list[Any]) -> bool:
     present = [v for v in values if v is not None]
     if not set(map(type, present)) <= {int, float}:
         return False
@@ -333,7 +333,7 @@ def _channels_ok(channels: dict[str, Any], n: int) -> bool:
         return False
     if set(map(sum, lists)) != {n}:
         return False
-    stats = tuple(c.get(k) for c in values for k in ("min", "max", "sum", "sumsq"))
+    stats = [c.get(k) for c in values for k in ("min", "max", "sum", "sumsq")]
     return _all_numbers_or_null(stats)
 
 

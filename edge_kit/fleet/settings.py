@@ -30,7 +30,7 @@ retrain_timeout_seconds = 3600
 max_payload_bytes = 262144
 max_clock_skew_seconds = 300 # a window ending later than now + this is refused
 max_window_seconds = 86400
-batch_size = 64              # messages per storage transaction (one fsync each)
+batch_size = 256             # messages per storage transaction (one fsync each)
 offline_after_seconds = 180  # a device not heard from for this long is shown offline
 ```
 """
@@ -79,7 +79,7 @@ class IngestSettings:
     max_payload_bytes: int = 256 * 1024
     max_clock_skew_seconds: float = 300.0
     max_window_seconds: float = 86400.0
-    batch_size: int = 64
+    batch_size: int = 256
     offline_after_seconds: float = 180.0
 
 
