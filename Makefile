@@ -45,8 +45,10 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/run_all.py
 
-fleet-demo: install
-	$(PY) -m edge_kit.demo.fleet
+# The whole loop on this machine (needs Mosquitto: system-deps installs it). Headless:
+#   make fleet-demo ARGS="--headless --duration 90"
+fleet-demo: install system-deps
+	$(PY) -m edge_kit.demo.fleet $(ARGS)
 
 # Re-pin every version after changing dependencies in pyproject.toml.
 lock:

@@ -8,6 +8,7 @@ through `write_result`; `make bench` runs them all and gathers the README table.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -17,7 +18,8 @@ from typing import Any
 
 from device_agent.host import host_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# EDGEKIT_BENCH_RESULTS redirects every script's results (run_all.py's --results sets it).
+RESULTS = Path(os.environ.get("EDGEKIT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def write_result(name: str, figures: dict[str, Any], **extra: Any) -> Path:

@@ -1,0 +1,446 @@
+"""The whole loop on one machine: `python -m edge_kit.demo.fleet` (`make fleet-demo`).
+
+Builds (or reuses) the signed digits bundle, starts Mosquitto, `edge-kit fleet serve` and a handful of
+`edge-agent run` processes, and feeds each agent held-out digits over its HTTP API. Some devices
+gradually receive shifted inputs (Gaussian noise, a translated image, a changed class mix); within a few
+windows the dashboard shows drift on those devices only and raises alerts. Approving an alert (in the
+dashboard, or `--approve` when headless) runs the retraining build, whose new bundle version the agents
+pick up through hot update.
+
+    python -m edge_kit.demo.fleet                         # interactive: prints the dashboard URL; Ctrl-C stops
+    python -m edge_kit.demo.fleet --headless --duration 90 [--approve] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.bundle import read_bundle
+from device_agent.watcher import resolve_bundle
+from edge_kit.demo.broker import Broker
+from edge_kit.demo.feeder import DeviceFeeder
+from edge_kit.demo.processes import ManagedProcess, free_port, http_json, wait_for_port
+from edge_kit.demo.project import build_bundle, ensure_keys, write_project
+from edge_kit.demo.shifts import Shift
+from edge_kit.errors import EdgeKitError, UsageError
+
+log = logging.getLogger("edge_kit.demo")
+
+EXAMPLE_CONFIG = Path("examples/digits/edgekit.toml")
+MAKE_DEMO_BUNDLE = Path("dist/digits-1.0.0.edgebundle")
+MAKE_DEMO_KEYS = Path(".keys")
+FLEET = "demo"
+# How long a headless run may go past --duration to let an approved retraining finish and roll out.
+RETRAIN_GRACE_S = 900.0
+# Which shift each device gets, in order; devices past this list are clean.
+SHIFT_KINDS = ("none", "noise", "none", "translate", "none", "classmix")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    workdir: Path
+    example_config: Path = EXAMPLE_CONFIG
+    bundle: Path | None = None  # a ready bundle to start from; default: make demo's, else build one
+    devices: int = 6
+    window_seconds: float = 4.0
+    shift_after_windows: float = 2.0  # clean windows on every device before the shifts begin
+    ramp_windows: float = 2.0  # windows over which a shift grows to full severity
+    samples_per_window: int = 160
+    batch: int = 8
+    http_port: int | None = None
+    headless: bool = False
+    duration: float = 90.0
+    approve: bool = False
+
+    def shift_for(self, index: int) -> Shift:
+        kind = SHIFT_KINDS[index] if index < len(SHIFT_KINDS) else "none"
+        return Shift(kind, self.shift_after_windows * self.window_seconds, self.ramp_windows * self.window_seconds)
+
+
+@dataclass
+class Device:
+    name: str
+    shift: Shift
+    port: int
+    process: ManagedProcess
+    spool: Path
+    feeder: DeviceFeeder | None = None
+    final: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class FleetDemo:
+    def __init__(self, options: DemoOptions) -> None:
+        self.o = options
+        self.workdir = options.workdir.resolve()
+        self.logs = self.workdir / "logs"
+        self.bundles = self.workdir / "bundles"
+        self.broker: Broker | None = None
+        self.fleet: ManagedProcess | None = None
+        self.fleet_port = options.http_port or free_port()
+        self.devices: list[Device] = []
+        self.started_at = 0.0
+        self.retrain: dict[str, Any] = {}
+        self.final_alerts: list[dict[str, Any]] = []
+        self.versions: dict[str, str] = {}  # model sha256 -> version, as the fleet server knows them
+        self.initial_version = ""
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.fleet_port}/"
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """The project copy, keys and the first bundle (reused when there is one)."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.config = write_project(self.o.example_config.resolve(), self.workdir / "project")
+        self.key, self.pubkey = ensure_keys([MAKE_DEMO_KEYS.resolve()], self.workdir / "keys")
+        existing = sorted(self.bundles.glob("*.edgebundle"))
+        start = self.o.bundle or (MAKE_DEMO_BUNDLE if MAKE_DEMO_BUNDLE.is_file() else None)
+        if existing:
+            log.info("reusing %s", ", ".join(p.name for p in existing))
+        elif start is not None:
+            self.bundles.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(start, self.bundles / start.name)
+            log.info("starting from %s", start)
+        else:
+            log.info("building the digits bundle (train, quantize, gate, sign): this takes a minute or two")
+            result = build_bundle(self.config, self.bundles, self.key, self.logs / "build.log")
+            log.info("built %s", result.get("bundle"))
+        self.data = held_out_digits(self.config)
+        self.initial_version = read_bundle(resolve_bundle(self.bundles)).version
+
+    def fleet_config(self) -> Path:
+        retrain = [sys.executable, "-m", "edge_kit.demo.retrain", "--config", str(self.config),
+                   "--bundles", str(self.bundles), "--key", str(self.key)]
+        path = self.workdir / "fleet.toml"
+        path.write_text(
+            "# Written by the fleet demo: short windows so drift shows within a minute. The practical\n"
+            "# thresholds are set above what a clean device shows against the reference here (the reference\n"
+            "# is the training split, on which the model is a little more confident than on held-out data):\n"
+            "# clean devices measure 0.15-0.3 sd, the shifted ones 0.8-4 sd.\n"
+            "[drift]\n"
+            "alpha = 0.001\nmin_n = 100\nk = 2\nm = 3\n"
+            "effect_wasserstein = 0.5\neffect_class_tvd = 0.15\n"
+            f"fleet_window_seconds = {self.o.window_seconds}\n"
+            "lookback_seconds = 3600\nevaluate_every_seconds = 2\n"
+            "[alerts]\n"
+            'approval = "manual"\n'
+            f"retrain_command = {json.dumps(retrain)}\n"
+            "retrain_min_interval_seconds = 60\nretrain_timeout_seconds = 1800\n"
+            "[ingest]\noffline_after_seconds = 30\n"
+        )
+        return path
+
+    def start(self) -> None:
+        self.broker = Broker(self.workdir / "broker")
+        db = self.workdir / "fleet.db"
+        for stale in (db, db.with_name("fleet.db-wal"), db.with_name("fleet.db-shm")):
+            stale.unlink(missing_ok=True)  # each demo run starts with an empty fleet
+        self.fleet = ManagedProcess.python("fleet", "edge_kit", [
+            "fleet", "serve", "--broker", self.broker.url, "--db", f"sqlite:///{db}",
+            "--http", f"127.0.0.1:{self.fleet_port}", "--fleet", FLEET, "--bundles", str(self.bundles),
+            "--config", str(self.fleet_config()), "--json"], self.logs)
+        # Devices may publish only once the fleet's consumer has subscribed, or their first windows go
+        # nowhere. It subscribes to summaries (shared) and statuses in one SUBSCRIBE; Mosquitto's count
+        # leaves shared subscriptions out, so: this check's own $SYS subscription + the status one.
+        self.broker.wait_for_subscriptions(2, timeout=60)
+        for i in range(self.o.devices):
+            name = f"dev-{i + 1}"
+            port = free_port()
+            spool = self.workdir / "agents" / name / "spool.db"
+            if spool.parent.exists():
+                shutil.rmtree(spool.parent)
+            spool.parent.mkdir(parents=True)
+            process = ManagedProcess.python(name, "device_agent", [
+                "run", "--bundle", str(self.bundles), "--broker", self.broker.url, "--device-id", name,
+                "--fleet", FLEET, "--spool", str(spool), "--http", f"127.0.0.1:{port}",
+                "--window-seconds", str(self.o.window_seconds), "--pubkey", str(self.pubkey), "--json"], self.logs)
+            self.devices.append(Device(name, self.o.shift_for(i), port, process, spool))
+        wait_for_port(self.fleet_port, 60, self.fleet)
+        for d in self.devices:
+            wait_for_port(d.port, 60, d.process)
+        x, y, labels = self.data
+        per_second = self.o.samples_per_window / self.o.window_seconds
+        for i, d in enumerate(self.devices):
+            d.feeder = DeviceFeeder(d.name, d.url, x, y, labels, d.shift, batch=self.o.batch,
+                                    interval_s=self.o.batch / per_second, seed=1000 + i)
+        self.started_at = time.time()
+        for d in self.devices:
+            assert d.feeder is not None
+            d.feeder.start()
+
+    # -- while running ---------------------------------------------------------------------------
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return list(http_json(f"{self.dashboard}api/alerts").get("alerts", []))
+
+    def approve_first_alert(self) -> dict[str, Any] | None:
+        for alert in sorted(self.alerts(), key=lambda a: a["id"]):
+            if alert["state"] == "pending_approval":
+                log.info("approving alert %s: %s", alert["id"], alert["summary"])
+                answer: dict[str, Any] = http_json(f"{self.dashboard}api/alerts/{alert['id']}/approve",
+                                                   {"by": "fleet-demo"})
+                return answer
+        return None
+
+    def retrain_outcome(self, alert_id: int) -> dict[str, Any]:
+        alert = next((a for a in self.alerts() if int(a["id"]) == alert_id), None)
+        if alert is None:
+            return {"state": "unknown"}
+        triggers = alert.get("triggers") or []
+        last = triggers[-1] if triggers else {}
+        versions = {d.name: (d.feeder.stats.models if d.feeder else set()) for d in self.devices}
+        return {"state": alert["state"], "outcome": last.get("outcome"), "returncode": last.get("returncode"),
+                "models_served": {k: sorted(v) for k, v in versions.items()}}
+
+    def retrain_done(self, alert_id: int) -> bool:
+        """The retraining finished and (if it succeeded) every agent answered with a second model version."""
+        outcome = self.retrain_outcome(alert_id)
+        if outcome["state"] in ("retrain_failed",):
+            return True
+        if outcome["state"] != "retrained":
+            return False
+        return all(len(v) > 1 for v in outcome["models_served"].values())
+
+    def check_processes(self) -> None:
+        for p in [self.fleet, *(d.process for d in self.devices)]:
+            if p is not None:
+                p.check_alive()
+
+    # -- teardown and summary --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Feeders, then agents (SIGTERM: each closes and spools its open window), then the server once it
+        stored what they sent, then the broker. Every process is stopped even if an earlier step fails."""
+        try:
+            for d in self.devices:
+                if d.feeder is not None:
+                    d.feeder.stop()
+            for d in self.devices:
+                if d.feeder is not None and d.feeder.is_alive():
+                    d.feeder.join(timeout=10)
+        finally:
+            try:
+                for d in self.devices:
+                    d.process.stop()
+                    d.final = d.process.final_json() or {}
+                if self.fleet is not None and self.fleet.running:
+                    self.wait_for_ingest(timeout=20)
+            finally:
+                for d in self.devices:
+                    d.process.stop()  # a no-op for those already stopped
+                if self.fleet is not None:
+                    self.fleet.stop()
+                if self.broker is not None:
+                    self.broker.stop()
+
+    def stored_windows(self) -> dict[str, int]:
+        from edge_kit.fleet.storage import Storage
+
+        storage = Storage(f"sqlite:///{self.workdir / 'fleet.db'}")
+        try:
+            counts: dict[str, int] = {}
+            for sha in storage.models_with_windows(0.0):
+                for row in storage.windows(sha, 0.0):
+                    counts[str(row[0])] = counts.get(str(row[0]), 0) + 1
+            return counts
+        finally:
+            storage.close()
+
+    def wait_for_ingest(self, timeout: float) -> None:
+        """Until the server stored every window the agents closed (or `timeout`): QoS 1 delivery takes a moment."""
+        expected = {d.name: int((d.final.get("counters") or {}).get("windows_closed", 0)) for d in self.devices}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stored = self.stored_windows()
+            if all(stored.get(name, 0) >= n for name, n in expected.items()):
+                return
+            time.sleep(0.5)
+
+    def summary(self) -> dict[str, Any]:
+        from device_agent.spool import Spool
+
+        stored = self.stored_windows() if (self.workdir / "fleet.db").exists() else {}
+        alerts = [{**a, "version": self.versions.get(str(a["model_sha256"]), "?")} for a in self.final_alerts]
+        flagged_by_version: dict[str, list[str]] = {}
+        for a in alerts:
+            if str(a["scope"]).startswith("device:") and a["kind"] == "data_drift":
+                flagged_by_version.setdefault(a["version"], []).append(str(a["scope"]).split(":", 1)[1])
+        flagged_by_version = {v: sorted(set(ds)) for v, ds in sorted(flagged_by_version.items())}
+        # The check is on the model the shifts started under; a retrained version is judged afresh.
+        flagged = flagged_by_version.get(self.initial_version, [])
+        initial_alerts = [a for a in alerts if a["version"] == self.initial_version]
+        devices = []
+        for d in self.devices:
+            spool = Spool(d.spool)
+            pending = len(spool)
+            spool.close()
+            closed = int((d.final.get("counters") or {}).get("windows_closed", 0))
+            first_alert = min((float(a["created_at"]) for a in initial_alerts if a["scope"] == f"device:{d.name}"),
+                              default=None)
+            stats = d.feeder.stats if d.feeder else None
+            first_shift = stats.first_shifted_at if stats else None
+            detection = (first_alert - first_shift) if first_alert and first_shift else None
+            devices.append({
+                "device": d.name,
+                "shift": d.shift.kind,
+                "flagged": d.name in flagged,
+                "samples": stats.samples if stats else 0,
+                "request_errors": stats.errors if stats else 0,
+                "models_served": sorted(stats.models) if stats else [],
+                "windows_closed": closed,
+                "windows_stored": stored.get(d.name, 0),
+                "windows_in_spool": pending,
+                "windows_lost": closed - stored.get(d.name, 0) - pending,
+                "first_shifted_at": first_shift,
+                "alert_at": first_alert,
+                "detection_seconds": detection,
+                "detection_windows": detection / self.o.window_seconds if detection is not None else None,
+            })
+        shifted = sorted(d.name for d in self.devices if d.shift.kind != "none")
+        return {
+            "dashboard": self.dashboard,
+            "duration_s": round(time.time() - self.started_at, 1) if self.started_at else 0.0,
+            "window_seconds": self.o.window_seconds,
+            "devices": devices,
+            "shifted": shifted,
+            "model_version": self.initial_version,
+            "flagged": flagged,
+            "flagged_by_version": flagged_by_version,
+            "exactly_shifted_flagged": flagged == shifted,
+            "windows_closed": sum(d["windows_closed"] for d in devices),
+            "windows_stored": sum(d["windows_stored"] for d in devices),
+            "windows_lost": sum(d["windows_lost"] for d in devices),
+            "alerts": [{k: a[k] for k in ("id", "version", "scope", "kind", "state", "summary", "created_at")}
+                       for a in alerts],
+            "retrain": self.retrain,
+        }
+
+
+def held_out_digits(config: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Raw held-out digits (never used for training or calibration), their labels and the class names."""
+    from edge_kit.config import load_config
+    from edge_kit.data import load_dataset
+
+    dataset = load_dataset(load_config(config))
+    return np.asarray(dataset.X_test, dtype=np.float32), np.asarray(dataset.y_test), list(dataset.labels)
+
+
+def run_demo(options: DemoOptions, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run the demo until `options.duration` (headless) or `stop` is set; the summary."""
+    stop = stop or threading.Event()
+    demo = FleetDemo(options)
+    try:
+        demo.prepare()
+        demo.start()
+        print(f"\nDashboard: {demo.dashboard}\n"
+              f"{len(demo.devices)} devices; shifted: "
+              + ", ".join(f"{d.name} ({d.shift.kind})" for d in demo.devices if d.shift.kind != "none")
+              + (f"; running for {options.duration:.0f} s" if options.headless else "; Ctrl-C stops"),
+              file=sys.stderr, flush=True)
+        deadline = time.monotonic() + options.duration if options.headless else float("inf")
+        hard_stop = deadline + RETRAIN_GRACE_S
+        approved_id: int | None = None
+        while not stop.wait(1.0):
+            demo.check_processes()
+            now = time.monotonic()
+            if options.approve and approved_id is None and now < deadline:
+                answer = demo.approve_first_alert()
+                if answer is not None:
+                    approved_id = int(answer["id"])
+                    demo.retrain = {"alert": approved_id, "approved_at": time.time()}
+            if now >= deadline and (approved_id is None or demo.retrain_done(approved_id) or now >= hard_stop):
+                break
+        demo.final_alerts = demo.alerts()
+        demo.versions = {str(m["sha256"]): str(m["version"])
+                         for m in http_json(f"{demo.dashboard}api/devices").get("models", [])}
+        if approved_id is not None:
+            demo.retrain.update(demo.retrain_outcome(approved_id))
+    finally:
+        demo.stop()
+    return demo.summary()
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    print(f"\nFleet demo: {len(s['devices'])} devices, {s['duration_s']} s, windows of {s['window_seconds']} s")
+    print(f"{'device':8} {'shift':10} {'flagged':8} {'samples':>8} {'closed':>7} {'stored':>7} {'spooled':>8} "
+          f"{'lost':>5} {'detected after':>15}")
+    for d in s["devices"]:
+        after = (f"{d['detection_seconds']:.0f} s / {d['detection_windows']:.1f} w"
+                 if d["detection_seconds"] is not None else "")
+        print(f"{d['device']:8} {d['shift']:10} {'yes' if d['flagged'] else 'no':8} {d['samples']:>8} "
+              f"{d['windows_closed']:>7} {d['windows_stored']:>7} {d['windows_in_spool']:>8} {d['windows_lost']:>5} "
+              f"{after:>15}")
+    for version, devices in s["flagged_by_version"].items():
+        if version != s["model_version"]:
+            print(f"after retraining, version {version}: flagged {', '.join(devices)}")
+    if s["retrain"]:
+        r = s["retrain"]
+        print(f"retraining (alert {r.get('alert')}): {r.get('state')}, outcome {r.get('outcome')}; versions served: "
+              + "; ".join(f"{k}: {', '.join(v)}" for k, v in (r.get("models_served") or {}).items()))
+    print(f"alerts: {len(s['alerts'])}; flagged devices (version {s['model_version']}): "
+          f"{', '.join(s['flagged']) or 'none'}; shifted devices: {', '.join(s['shifted'])}; "
+          f"{'exactly the shifted devices were flagged' if s['exactly_shifted_flagged'] else 'MISMATCH'}; "
+          f"windows lost: {s['windows_lost']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edge_kit.demo.fleet", description=__doc__.splitlines()[0])
+    p.add_argument("--headless", action="store_true", help="run for --duration seconds, print a summary, exit")
+    p.add_argument("--duration", type=float, default=90.0, help="seconds to run headless (default 90)")
+    p.add_argument("--approve", action="store_true", help="headless: approve the first alert (runs the retraining)")
+    p.add_argument("--devices", type=int, default=6, help="simulated devices (default 6; 2, 4 and 6 get shifts)")
+    p.add_argument("--window-seconds", type=float, default=4.0, help="agent summary window (default 4)")
+    p.add_argument("--workdir", type=Path, default=Path(".edgekit/fleet-demo"), help="the demo's own folder")
+    p.add_argument("--config", type=Path, default=EXAMPLE_CONFIG, help="example project config to copy")
+    p.add_argument("--bundle", type=Path, help="start from this bundle (default: make demo's, else build one)")
+    p.add_argument("--http-port", type=int, default=8080, help="dashboard port (default 8080; 0 picks a free one)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(message)s")
+    if args.devices < 1:
+        p.error("--devices must be at least 1")
+    options = DemoOptions(
+        workdir=args.workdir, example_config=args.config, bundle=args.bundle, devices=args.devices,
+        window_seconds=args.window_seconds, http_port=args.http_port or None, headless=args.headless,
+        duration=args.duration, approve=args.approve,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop cleanly and still print the summary
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        summary = run_demo(options, stop)
+    except (EdgeKitError, UsageError) as exc:
+        print(f"fleet-demo: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"fleet-demo: error: {exc} (logs in {args.workdir / 'logs'})", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
