@@ -134,7 +134,8 @@ def build(
                             list(dataset.labels))
         train_logits = predict_logits(best, dataset.preprocess(dataset.X_train))
         test_logits = predict_logits(best, x_test)
-        reference = reference_json(plan, dataset.X_train, train_logits, config.monitor.bins)
+        reference = reference_json(plan, dataset.X_train, train_logits, dataset.X_test, test_logits,
+                                   config.monitor.bins)
         timings["reference"] = time.perf_counter() - t0
         report.bundle = bundle_filename(config.project.name, config.project.version)
         report_md = render_report(report)

@@ -64,10 +64,14 @@ def test_build_writes_a_complete_signed_bundle(built, edge_kit_cli) -> None:
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") >= 4 and ops.count("DequantizeLinear") >= 8
     assert sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer) >= 3
-    # Reference histograms: one per monitored channel, counted over the whole training split.
+    # Reference histograms: one per monitored channel; inputs counted over the whole training split,
+    # outputs over the held-out split (a model is over-confident on its own training data).
     ref = json.loads(bundle.members[REFERENCE])["channels"]
     assert sorted(ref) == sorted(m["monitoring"]["channels"])  # canonical JSON sorts the keys
-    assert ref["out.pred"]["n"] == sum(ref["out.pred"]["counts"]) > 1000
+    n_train, n_test = 1437, 360  # digits, test_fraction 0.2
+    assert ref["in.mean"]["n"] == sum(ref["in.mean"]["counts"]) == n_train
+    assert ref["out.pred"]["n"] == sum(ref["out.pred"]["counts"]) == n_test
+    assert ref["out.confidence"]["n"] == n_test
     # Self-test: the recorded outputs are what the bundled model computes for the recorded raw inputs.
     with np.load(io.BytesIO(bundle.members[SELFTEST])) as st:
         inputs, outputs = st["inputs"], st["outputs"]
