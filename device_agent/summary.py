@@ -12,12 +12,19 @@ import itertools
 import json
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from device_agent.reference import Reference
+
+_fast_loads: Callable[[bytes], Any] | None
+try:  # the fleet server decodes thousands of payloads a second: orjson parses them ~4x faster
+    from orjson import loads as _fast_loads
+except ImportError:  # devices need not have it; the stdlib parser gives the same values
+    _fast_loads = None
 
 SCHEMA = "edgekit.summary/1"
 CONTENT_TYPE_JSON = "application/json"
@@ -278,6 +285,11 @@ def decode_payload(data: bytes, content_type: str | None) -> Any:
         raise PayloadError("bad_encoding", f"unsupported content type {content_type!r}")
     if len(data) > MAX_DECODED_BYTES:
         raise PayloadError("too_large", f"payload is {len(data)} bytes")
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(data)
+        except ValueError:
+            pass  # stdlib json decides: it accepts what orjson refuses (NaN, huge ints) for the checks to name
     try:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
