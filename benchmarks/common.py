@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from device_agent.host import host_info
+from edge_kit.bench.measure import time_calls
 
 # EDGEKIT_BENCH_RESULTS redirects every script's results (run_all.py's --results sets it).
 RESULTS = Path(os.environ.get("EDGEKIT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -38,13 +38,7 @@ def write_result(name: str, figures: dict[str, Any], **extra: Any) -> Path:
 
 def time_repeated(fn: Callable[[], Any], *, repeat: int, warmup: int = 3) -> dict[str, float]:
     """min/median/max seconds of `fn` over `repeat` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
+    samples = time_calls(fn, repeat=repeat, warmup=warmup)
     return {"min": min(samples), "median": statistics.median(samples), "max": max(samples), "n": len(samples)}
 
 
