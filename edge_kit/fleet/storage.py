@@ -188,6 +188,25 @@ class Storage:
                         counts.append(total)
         return counts
 
+    def _insert_returning_id(self, sql: str, row: Sequence[Any]) -> int:
+        """One INSERT in its own transaction; its new id from RETURNING (not MAX(id), which another
+        fleet server writing to the same database could have moved in between)."""
+        sql = self._sql(sql + " RETURNING id")
+        with self._lock:
+            if self.dialect == "sqlite":
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    new_id = self._conn.execute(sql, row).fetchone()[0]
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            else:
+                with self._conn.transaction(), self._conn.cursor() as cur:
+                    cur.execute(sql, row)
+                    new_id = cur.fetchone()[0]
+        return int(new_id)
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -374,12 +393,9 @@ class Storage:
 
     def create_alert(self, model_sha256: str, scope: str, kind: str, state: str, summary: str,
                      detail: dict[str, Any]) -> int:
-        with self._lock:
-            self._execute_many([(self._sql(
-                "INSERT INTO alerts (created_at, model_sha256, scope, kind, state, summary, detail) "
-                "VALUES (?,?,?,?,?,?,?)"), [(time.time(), model_sha256, scope, kind, state, summary,
-                                             json.dumps(detail))])])
-            return int(self._query("SELECT MAX(id) FROM alerts")[0][0])
+        return self._insert_returning_id(
+            "INSERT INTO alerts (created_at, model_sha256, scope, kind, state, summary, detail) VALUES (?,?,?,?,?,?,?)",
+            (time.time(), model_sha256, scope, kind, state, summary, json.dumps(detail)))
 
     def set_alert_state(self, alert_id: int, state: str, approved_by: str | None = None) -> None:
         if approved_by is not None:
@@ -411,12 +427,10 @@ class Storage:
     def add_trigger(self, alert_id: int, command: list[str], outcome: str, returncode: int | None = None,
                     output: str | None = None, finished: bool = False, at: float | None = None) -> int:
         now = time.time() if at is None else at
-        with self._lock:
-            self._execute_many([(self._sql(
-                "INSERT INTO triggers (alert_id, at, command, outcome, returncode, finished_at, output) "
-                "VALUES (?,?,?,?,?,?,?)"),
-                [(alert_id, now, json.dumps(command), outcome, returncode, now if finished else None, output)])])
-            return int(self._query("SELECT MAX(id) FROM triggers")[0][0])
+        return self._insert_returning_id(
+            "INSERT INTO triggers (alert_id, at, command, outcome, returncode, finished_at, output) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (alert_id, now, json.dumps(command), outcome, returncode, now if finished else None, output))
 
     def finish_trigger(self, trigger_id: int, outcome: str, returncode: int | None, output: str) -> None:
         self._execute_many([(self._sql(
