@@ -19,4 +19,5 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 echo "install-system-deps: installing ${need[*]}" >&2
 $sudo apt-get update -q
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+# With recommends, as on a developer machine: Chromium renders the dashboard with its usual fonts.
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}"
