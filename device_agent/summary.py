@@ -20,12 +20,6 @@ import numpy as np
 
 from device_agent.reference import Reference
 
-_fast_loads: Callable[[bytes], Any] | None
-try:  # the fleet server decodes thousands of payloads a second: orjson parses them ~4x faster
-    from orjson import loads as _fast_loads
-except ImportError:  # devices need not have it; the stdlib parser gives the same values
-    _fast_loads = None
-
 SCHEMA = "edgekit.summary/1"
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_ZLIB = "application/json+zlib"
@@ -267,12 +261,18 @@ class WindowSummary:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes, content_type: str | None = CONTENT_TYPE_JSON) -> WindowSummary:
-        return cls.from_payload(decode_payload(data, content_type))
+    def from_bytes(cls, data: bytes, content_type: str | None = CONTENT_TYPE_JSON, *,
+                   fast_loads: Callable[[bytes], Any] | None = None) -> WindowSummary:
+        return cls.from_payload(decode_payload(data, content_type, fast_loads=fast_loads))
 
 
-def decode_payload(data: bytes, content_type: str | None) -> Any:
-    """Bytes (plain or zlib JSON, by MQTT content type) to a JSON value, with a decoded-size limit."""
+def decode_payload(data: bytes, content_type: str | None, *,
+                   fast_loads: Callable[[bytes], Any] | None = None) -> Any:
+    """Bytes (plain or zlib JSON, by MQTT content type) to a JSON value, with a decoded-size limit.
+
+    `fast_loads` (the fleet server passes orjson's) is tried first; what it refuses goes through the
+    stdlib parser, which accepts NaN and huge integers so the checks can name the exact problem.
+    """
     if content_type == CONTENT_TYPE_ZLIB:
         try:
             inflater = zlib.decompressobj()
@@ -285,11 +285,11 @@ def decode_payload(data: bytes, content_type: str | None) -> Any:
         raise PayloadError("bad_encoding", f"unsupported content type {content_type!r}")
     if len(data) > MAX_DECODED_BYTES:
         raise PayloadError("too_large", f"payload is {len(data)} bytes")
-    if _fast_loads is not None:
+    if fast_loads is not None:
         try:
-            return _fast_loads(data)
+            return fast_loads(data)
         except ValueError:
-            pass  # stdlib json decides: it accepts what orjson refuses (NaN, huge ints) for the checks to name
+            pass
     try:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
