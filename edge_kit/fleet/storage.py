@@ -412,16 +412,28 @@ class Storage:
     def alerts(self, alert_id: int | None = None) -> list[dict[str, Any]]:
         cols = ("id", "created_at", "model_sha256", "scope", "kind", "state", "summary", "detail",
                 "approved_at", "approved_by")
-        sql = f"SELECT {', '.join(cols)} FROM alerts"
+        alerts = self._select("alerts", cols, "id", alert_id, "id DESC", json_cols=("detail",))
+        # All their triggers in one query, not one query per alert.
+        by_alert: dict[int, list[dict[str, Any]]] = {int(a["id"]): [] for a in alerts}
+        for t in self.triggers(alert_id):
+            by_alert.setdefault(int(t["alert_id"]), []).append(t)
+        for a in alerts:
+            a["triggers"] = by_alert[int(a["id"])]
+        return alerts
+
+    def _select(self, table: str, cols: tuple[str, ...], where_col: str, where_value: Any, order: str,
+                json_cols: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Rows of `table` as dicts (all, or those with `where_col` = `where_value`), JSON columns decoded."""
+        sql = f"SELECT {', '.join(cols)} FROM {table}"
         params: tuple[Any, ...] = ()
-        if alert_id is not None:
-            sql, params = sql + " WHERE id = ?", (alert_id,)
+        if where_value is not None:
+            sql, params = sql + f" WHERE {where_col} = ?", (where_value,)
         out = []
-        for r in self._query(sql + " ORDER BY id DESC", params):
-            a = dict(zip(cols, r, strict=True))
-            a["detail"] = json.loads(a["detail"])
-            a["triggers"] = self.triggers(int(a["id"]))
-            out.append(a)
+        for r in self._query(sql + f" ORDER BY {order}", params):
+            row = dict(zip(cols, r, strict=True))
+            for c in json_cols:
+                row[c] = json.loads(row[c])
+            out.append(row)
         return out
 
     def add_trigger(self, alert_id: int, command: list[str], outcome: str, returncode: int | None = None,
@@ -439,16 +451,7 @@ class Storage:
 
     def triggers(self, alert_id: int | None = None) -> list[dict[str, Any]]:
         cols = ("id", "alert_id", "at", "command", "outcome", "returncode", "finished_at", "output")
-        sql = f"SELECT {', '.join(cols)} FROM triggers"
-        params: tuple[Any, ...] = ()
-        if alert_id is not None:
-            sql, params = sql + " WHERE alert_id = ?", (alert_id,)
-        out = []
-        for r in self._query(sql + " ORDER BY id", params):
-            t = dict(zip(cols, r, strict=True))
-            t["command"] = json.loads(t["command"])
-            out.append(t)
-        return out
+        return self._select("triggers", cols, "alert_id", alert_id, "id", json_cols=("command",))
 
     def last_run_trigger_at(self) -> float | None:
         """When a retraining command was last started (rate-limited or refused ones do not count)."""
