@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import edge_kit
 from edge_kit.config import Config
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def find_lock_file(start: Path) -> Path | None:
         candidate = folder / LOCK_RELATIVE
         if candidate.is_file():
             return candidate
-    own = Path(__file__).resolve().parent.parent / LOCK_RELATIVE
+    own = Path(edge_kit.__file__).resolve().parent.parent / LOCK_RELATIVE  # a source checkout of edge-kit
     return own if own.is_file() else None
 
 

@@ -19,7 +19,7 @@ from edge_kit.config import load_config
 from edge_kit.train.data import materialise_snapshot, snapshot_path
 from edge_kit.train.trainer import train
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 def copy_example(name: str, dest: Path) -> Path:
@@ -51,7 +51,7 @@ def test_dvc_pipeline_calls_the_cli(name: str) -> None:
 
 
 def _root_conftest() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    path = Path(__file__).resolve().parents[2] / "conftest.py"
     spec = importlib.util.spec_from_file_location("edge_kit_tests_root_conftest", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -56,7 +56,7 @@ def test_environment_and_data_legs(tmp_path: Path) -> None:
 
 def test_lock_falls_back_to_edge_kits_own(tmp_path: Path) -> None:
     config = load_config(make_project(tmp_path, "[project]\nname = 'p'\n"))
-    own = Path(__file__).resolve().parents[2] / "requirements" / "lock.txt"
+    own = Path(__file__).resolve().parents[3] / "requirements" / "lock.txt"
     assert collect_provenance(config)["environment"]["lock_sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
 
 

@@ -26,7 +26,7 @@ EPOCHS = 6  # 138 optimizer steps: long enough to interrupt twice mid-run, short
 
 def _root_conftest() -> ModuleType:
     """The suite's conftest (cli_env, run_cli): the CLI runs as `python -m edge_kit` from this checkout."""
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    path = Path(__file__).resolve().parents[2] / "conftest.py"
     spec = importlib.util.spec_from_file_location("edge_kit_tests_root_conftest", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
