@@ -351,7 +351,8 @@ def _install_mb(dists: tuple[str, ...]) -> float:
             files = metadata.distribution(name).files or []
         except metadata.PackageNotFoundError:
             continue
-        total += sum(f.locate().stat().st_size for f in files if f.locate().is_file())
+        paths = [Path(str(f.locate())) for f in files]
+        total += sum(p.stat().st_size for p in paths if p.is_file())
     return round(total / 1e6, 1)
 
 
@@ -449,9 +450,11 @@ def main() -> None:
         print(f"bundle: {bundle} ({source})")
         http_rows, http_figures = serving_table(bundle, tmp, args.quick)
         print_table(http_rows)
-        if args.only_http:
-            rows, figures, payload, serving = [], {}, {}, {}
-        else:
+        rows: list[dict[str, Any]] = []
+        figures: dict[str, Any] = {}
+        payload: dict[str, Any] = {}
+        serving: dict[str, Any] = {}
+        if not args.only_http:
             rows, figures = throughput(bundle, args.quick)
             print_table(rows)
             payload = window_payload(bundle)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -97,7 +98,7 @@ class Routes:
 
     def check_samples(self, x: np.ndarray) -> None:
         """Refuse a batch over http.max_samples before it reaches the model."""
-        per_sample = max(1, int(np.prod(self.agent.model.runtime.sample_shape)))
+        per_sample = max(1, math.prod(self.agent.model.runtime.sample_shape))  # math.prod: np.prod costs ~5 us
         n = -(-x.size // per_sample)
         if n > self.limits.max_samples:
             raise self.bad(f"{n} samples in one request, the limit is {self.limits.max_samples} (http.max_samples)",
