@@ -356,6 +356,64 @@ def _install_mb(dists: tuple[str, ...]) -> float:
     return round(total / 1e6, 1)
 
 
+def body_limit_rss(bundle: Path, quick: bool) -> dict[str, Any]:
+    """Peak RSS of the agent's HTTP server while 8 clients send bodies at the default 8 MiB limit.
+
+    Half the requests are JSON with 4096 samples whose numbers are written long enough to fill
+    8 MiB (parsed, then run), half are 8 MiB .npy bodies (32,768 samples: read and decoded, then
+    refused by the sample cap). Issue 10's aim: under 150 MB."""
+    import http.client
+    import io
+    import threading
+
+    from device_agent.http_protocol import HttpLimits
+    from tests.conftest import free_port, wait_for_port
+
+    limit = HttpLimits().max_body_bytes
+    shape = load_model(bundle).runtime.sample_shape
+    x = raw_inputs(shape, 4096, seed=3)
+    per_value = (limit - 2 * len(x) - 64) // x.size - 2  # JSON just under the limit
+    json_body = ("{\"inputs\": [" + ",".join(
+        "[" + ",".join(f"{v:.{per_value}f}"[:per_value + 1] for v in row) + "]" for row in x.reshape(len(x), -1))
+        + "]}").encode()
+    buf = io.BytesIO()
+    np.save(buf, raw_inputs(shape, (limit - 128) // (4 * int(np.prod(shape))), seed=4))
+    npy_body = buf.getvalue()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", "new", "--bundle", str(bundle),
+                             "--port", str(port)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    statuses: list[int] = []
+    try:
+        wait_for_port(port, timeout=60)
+        idle = _rss_kib(proc.pid)["VmRSS"]
+
+        def client(i: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            for k in range(2 if quick else 4):
+                body, ctype = (json_body, "application/json") if (i + k) % 2 else (npy_body, "application/x-npy")
+                conn.request("POST", "/predict", body, {"Content-Type": ctype})
+                resp = conn.getresponse()
+                resp.read()
+                statuses.append(resp.status)
+                if resp.getheader("Connection") == "close":
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        mem = _rss_kib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    return {"body_limit_json_bytes": len(json_body), "body_limit_npy_bytes": len(npy_body),
+            "body_limit_statuses": {str(k): statuses.count(k) for k in sorted(set(statuses))},
+            "body_limit_idle_rss_mb": round(idle / 1024, 1), "body_limit_peak_rss_mb": round(mem["VmHWM"] / 1024, 1)}
+
+
 AGENT_DISTS = ("numpy", "onnxruntime", "paho-mqtt", "cryptography", "cffi", "pycparser", "protobuf", "flatbuffers",
                "coloredlogs", "humanfriendly", "packaging", "sympy", "mpmath")
 ASGI_DISTS = ("uvicorn", "starlette", "h11", "anyio", "click", "sniffio", "idna", "typing_extensions")
@@ -424,6 +482,7 @@ def serving_table(bundle: Path, tmp: Path, quick: bool) -> tuple[list[dict[str, 
             key = label.replace(" ", "_").replace("~", "").replace("/", "per")
             figures[f"http_{kind}_{key}_requests_per_s"] = row["requests_per_s"]
             figures[f"http_{kind}_{key}_p99_ms"] = row["p99_ms"]
+    figures.update(body_limit_rss(bundle, quick))
     figures["install_mb_agent_base"] = _install_mb(AGENT_DISTS)
     figures["install_mb_new_server_adds"] = 0.0  # standard library only
     figures["install_mb_uvicorn_starlette_would_add"] = _install_mb(ASGI_DISTS)

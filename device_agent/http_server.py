@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # is ~10 KB and costs less than a hand-off to a thread would. Bigger ones go to the worker pool.
 INLINE_BODY_BYTES = 64 * 1024
 WORKERS = 2
+# Bodies being received or answered, all connections together, may hold at most this many times the
+# body limit: 64 connections each sending 8 MiB must not take a small device to 512 MB.
+BODY_BUDGET_FACTOR = 4
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -59,6 +62,7 @@ class _Connection(asyncio.Protocol):
         self.closing = False
         self.last_activity = time.monotonic()
         self.request_started: float | None = None  # first byte of the request being received
+        self.reserved = 0  # bytes of the server's body budget held by the current request
 
     # -- asyncio callbacks -------------------------------------------------------------------------
 
@@ -74,6 +78,11 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server._connections.discard(self)
+        self._release()
+
+    def _release(self) -> None:
+        self.server._body_bytes -= self.reserved
+        self.reserved = 0
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
@@ -114,6 +123,10 @@ class _Connection(asyncio.Protocol):
                     return
                 self.request, head_len = parsed
                 del self.buf[:head_len]
+                if not self.server._reserve(self, self.request.content_length):
+                    self._reply(error_response(HTTPStatus.SERVICE_UNAVAILABLE,
+                                               "too many large requests in progress, try again"), keep_alive=False)
+                    return
                 if self.request.expect_continue and len(self.buf) < self.request.content_length:
                     assert self.transport is not None
                     self.transport.write(CONTINUE)
@@ -128,8 +141,9 @@ class _Connection(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         if request.content_length <= INLINE_BODY_BYTES:
-            self._reply(self.server.routes.handle(request), keep_alive=request.keep_alive,
-                        http10=request.version == "HTTP/1.0")
+            response = self.server.routes.handle(request)
+            self._release()
+            self._reply(response, keep_alive=request.keep_alive, http10=request.version == "HTTP/1.0")
             return
         self.busy = True
         assert self.transport is not None
@@ -141,6 +155,7 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self, request: Request, future: Future[Response]) -> None:
         self.busy = False
+        self._release()
         if self.closing:
             return
         try:
@@ -211,6 +226,7 @@ class AgentHTTPServer:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._stopping = False
+        self._body_bytes = 0  # reserved by requests in progress (see BODY_BUDGET_FACTOR)
 
     @property
     def url(self) -> str:
@@ -254,6 +270,13 @@ class AgentHTTPServer:
                             keep_alive=False)
                 return
         self._connections.add(conn)
+
+    def _reserve(self, conn: _Connection, n: int) -> bool:
+        if n and self._body_bytes + n > BODY_BUDGET_FACTOR * self.limits.max_body_bytes:
+            return False
+        conn.reserved = n
+        self._body_bytes += n
+        return True
 
     def _sweep(self) -> None:
         if self._stopping or self._loop is None:
