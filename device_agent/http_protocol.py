@@ -53,7 +53,7 @@ class Request:
     content_length: int
     keep_alive: bool
     expect_continue: bool
-    body: bytes = field(default=b"", repr=False)
+    body: bytes | bytearray = field(default=b"", repr=False)  # bytearray: a large body received in place
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
 MAX_REQUEST_ID = 256
+NPY_HEAD_MAX = 10 + 65535  # magic, version, header length and the longest header numpy writes
 
 
 def json_response(status: int, doc: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:
@@ -79,7 +80,7 @@ class Routes:
         self.agent.count_bad_request()
         return HttpError(status, message)
 
-    def json_body(self, body: bytes | memoryview) -> dict[str, Any]:
+    def json_body(self, body: bytes | bytearray | memoryview) -> dict[str, Any]:
         try:
             doc = jsonio.loads(body) if len(body) else None
         except (UnicodeDecodeError, jsonio.DecodeError) as exc:
@@ -130,9 +131,9 @@ class Routes:
             "model": self.agent.model.runtime.info.as_dict(),
         })
 
-    def npy_array(self, body: bytes) -> np.ndarray:
+    def npy_array(self, body: bytes | bytearray) -> np.ndarray:
         """A .npy body as an array viewing the body's bytes (no copy); refuses pickles and short data."""
-        f = io.BytesIO(body)
+        f = io.BytesIO(bytes(memoryview(body)[:NPY_HEAD_MAX]))  # only the header is read from it
         try:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):

@@ -5,7 +5,7 @@ the former `ThreadingHTTPServer` made one thread per connection, parsed headers 
 package and wrote each response in several small writes (a 40 ms Nagle/delayed-ACK stall per
 keep-alive request). Here one thread runs an asyncio loop; each response leaves in one write on a
 TCP_NODELAY socket; small requests (the common case on a device) are answered inline on the loop,
-and requests with a large body go to a small fixed pool of worker threads (created once), so a big
+and requests with a large body go to one worker thread (created once), so a big
 batch never holds up `/healthz`.
 
 Hostile clients are bounded (docs/security.md, "Agent HTTP"): the body limit is checked against
@@ -34,12 +34,15 @@ from device_agent.http_routes import Routes, error_response
 log = logging.getLogger(__name__)
 
 # Requests with bodies up to this size run inline on the event loop: a digits batch of 32 in JSON
-# is ~10 KB and costs less than a hand-off to a thread would. Bigger ones go to the worker pool.
+# is ~10 KB and costs less than a hand-off to a thread would. Bigger ones go to the worker.
 INLINE_BODY_BYTES = 64 * 1024
-WORKERS = 2
+# One worker: a large request's memory (its JSON parsed into Python objects, ONNX Runtime's
+# activations for thousands of samples) is then held once at a time, which keeps the agent under
+# 150 MB at the body limit (bench_agent.py); the loop keeps answering small requests meanwhile.
+WORKERS = 1
 # Bodies being received or answered, all connections together, may hold at most this many times the
 # body limit: 64 connections each sending 8 MiB must not take a small device to 512 MB.
-BODY_BUDGET_FACTOR = 4
+BODY_BUDGET_FACTOR = 2
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -57,12 +60,14 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.request: Request | None = None  # head parsed, body still arriving
-        self.busy = False  # a request is being answered (in the worker pool)
+        self.busy = False  # a request is being answered (by the worker)
         self.write_paused = False
         self.closing = False
         self.last_activity = time.monotonic()
         self.request_started: float | None = None  # first byte of the request being received
         self.reserved = 0  # bytes of the server's body budget held by the current request
+        self.body: bytearray | None = None  # a large body, filled in place as it arrives
+        self.body_fill = 0
 
     # -- asyncio callbacks -------------------------------------------------------------------------
 
@@ -132,10 +137,24 @@ class _Connection(asyncio.Protocol):
                     self.transport.write(CONTINUE)
             request = self.request
             n = request.content_length
-            if len(self.buf) < n:
-                return
-            request.body = bytes(self.buf[:n]) if n else b""
-            del self.buf[:n]
+            if n > INLINE_BODY_BYTES:
+                # One exact buffer for a large body, so it is held once, not as a growing bytearray
+                # plus the copy cut from it (twice the body limit per request).
+                if self.body is None:
+                    self.body, self.body_fill = bytearray(n), 0
+                take = min(n - self.body_fill, len(self.buf))
+                if take:
+                    self.body[self.body_fill : self.body_fill + take] = self.buf[:take]
+                    del self.buf[:take]
+                    self.body_fill += take
+                if self.body_fill < n:
+                    return
+                request.body, self.body = self.body, None
+            else:
+                if len(self.buf) < n:
+                    return
+                request.body = bytes(self.buf[:n]) if n else b""
+                del self.buf[:n]
             self.request = None
             self._dispatch(request)
 

@@ -148,7 +148,7 @@ class OpenInference:
         return Response(HTTPStatus.OK, head + raw, content_type="application/octet-stream",
                         headers=(("Inference-Header-Content-Length", str(len(head))),))
 
-    def _input(self, tensor: dict[str, Any], runtime: Any, body: bytes, binary_start: int) -> np.ndarray:
+    def _input(self, tensor: dict[str, Any], runtime: Any, body: bytes | bytearray, binary_start: int) -> np.ndarray:
         bad = self.routes.bad
         name = tensor.get("name")
         if name != runtime.input_name:

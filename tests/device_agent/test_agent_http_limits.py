@@ -325,14 +325,16 @@ def test_the_limits_come_from_agent_toml_and_flags(tmp_path: Path) -> None:
 
 def test_bodies_in_progress_share_one_budget(make_server) -> None:
     """Many connections each sending a body at the limit cannot multiply the agent's memory by their number."""
+    from device_agent.http_server import BODY_BUDGET_FACTOR
+
     _, server = make_server(HttpLimits(max_body_bytes=2000))
     assert len(predict_body(1)) < 2000
-    senders = [connect(server, timeout=3) for _ in range(5)]
+    senders = [connect(server, timeout=3) for _ in range(BODY_BUDGET_FACTOR + 1)]
     try:
         for sock in senders:  # heads announcing bodies at the limit, then only part of each body
             sock.sendall(request("POST", "/predict", headers={"Content-Length": "2000"}) + b"{")
             time.sleep(0.05)
-        status, _, body = read_response(senders[4])  # budget: 4 x the body limit
+        status, _, body = read_response(senders[-1])  # over the budget of BODY_BUDGET_FACTOR bodies
         assert status == 503 and "try again" in json.loads(body)["error"]
         senders[0].close()  # one gives up: its share is free again
         time.sleep(0.2)
@@ -348,7 +350,7 @@ def test_connections_do_not_start_threads(make_server) -> None:
     import threading
 
     _, server = make_server()
-    with connect(server) as first:  # the first large request starts the fixed worker pool
+    with connect(server) as first:  # the first large request starts the one worker thread
         first.sendall(request("POST", "/predict", predict_body(1000)))
         assert read_response(first)[0] == 200
     before = threading.active_count()
