@@ -18,6 +18,7 @@ sockets cannot lock out a health check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -170,7 +171,12 @@ class _Connection(asyncio.Protocol):
         future = self.server._pool.submit(self.server.routes.handle, request)
         loop = self.server._loop
         assert loop is not None
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finish, request, f))
+        future.add_done_callback(lambda f: self._call_soon(loop, request, f))
+
+    def _call_soon(self, loop: asyncio.AbstractEventLoop, request: Request, future: Future[Response]) -> None:
+        # RuntimeError: the server stopped while the worker ran, and nobody is waiting for the answer.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._finish, request, future)
 
     def _finish(self, request: Request, future: Future[Response]) -> None:
         self.busy = False
