@@ -13,7 +13,12 @@ int8 CNN made here with ONNX Runtime's quantizer):
 - payload bytes per window (zlib JSON, as sent; plain JSON for reference);
 - resident memory of `edge-agent run` while serving HTTP requests and publishing to Mosquitto;
 - time from process start to the first answered prediction (`edge-agent run` over HTTP, and the
-  Python API in a fresh interpreter).
+  Python API in a fresh interpreter);
+- the HTTP serving table (needs `wrk`; `--only-http` runs just this): requests/s and p50/p95/p99 at
+  batch 1 and 32 with 8 keep-alive connections, one keep-alive connection, and ~500 requests/s
+  offered, for the previous ThreadingHTTPServer (from git), the current server (with and without
+  orjson) and a minimal uvicorn + Starlette endpoint on the same ORT session (the ceiling); their
+  RSS, the peak RSS with 8 clients sending bodies at the 8 MiB limit, and install sizes.
 """
 
 from __future__ import annotations

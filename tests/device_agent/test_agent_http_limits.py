@@ -364,3 +364,28 @@ def test_connections_do_not_start_threads(make_server) -> None:
     finally:
         for sock in socks:
             sock.close()
+
+
+@pytest.mark.integration
+def test_edge_agent_run_applies_the_http_flags(bundle_v1: Path, tmp_path: Path, edge_agent_cli) -> None:
+    from tests.device_agent.mqtt_helpers import AgentProcess
+
+    bad = edge_agent_cli("run", "--bundle", str(bundle_v1), "--broker", "mqtt://127.0.0.1:1", "--device-id", "d",
+                         "--http", "127.0.0.1:0", "--http-max-body-bytes", "0", timeout=60)
+    assert bad.returncode == 2 and "max_body_bytes" in bad.stderr, bad.stderr
+    # No broker is needed to serve HTTP: the agent spools and keeps trying it.
+    agent = AgentProcess(tmp_path, "--bundle", str(bundle_v1), "--broker", "mqtt://127.0.0.1:1", "--device-id", "d",
+                         "--spool", str(tmp_path / "spool.db"), "--http-max-body-bytes", "1000",
+                         "--http-max-samples", "3")
+    try:
+        with socket.create_connection(("127.0.0.1", agent.port), timeout=5) as sock:
+            sock.sendall(request("POST", "/predict", headers={"Content-Length": "1001"}))
+            assert read_response(sock)[0] == 413
+        with socket.create_connection(("127.0.0.1", agent.port), timeout=5) as sock:
+            body = json.dumps({"inputs": [[1] * 64] * 4}, separators=(",", ":")).encode()  # 4 samples
+            assert len(body) < 1000
+            sock.sendall(request("POST", "/predict", body))
+            status, _, answer = read_response(sock)
+            assert status == 413 and "max_samples" in json.loads(answer)["error"]
+    finally:
+        assert agent.stop() == 0
