@@ -56,6 +56,7 @@ class ChannelResults:
     effect_ok: np.ndarray
     psi: np.ndarray | None = None
     ks_bound: np.ndarray | None = None
+    dispersion: np.ndarray | None = None  # (W, C) design effect phi the tests divided by
 
 
 @dataclass(frozen=True)
@@ -108,16 +109,20 @@ def prepare(ref: ModelReference, settings: DriftSettings) -> PreparedReference:
 
 
 def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSettings,
-                 *, details: bool = False) -> ChannelResults:
+                 *, details: bool = False, dispersion: np.ndarray | None = None) -> ChannelResults:
     """Run every channel's tests on (W, C, B) counts.
 
     The same statistics as `stats.ks_statistic`, `stats.chi_square`, `stats.wasserstein` and
     `stats.total_variation` (tests check they agree), fused into a few float32 passes over the
     counts: 10,000 devices x 100 channels x 32 bins is 32 million cells per evaluation.
+    `dispersion` is the (W, C) design effect phi of each window (`stats.dispersion_factor`;
+    None: independent draws): KS uses n / phi, chi-square X / phi.
     """
     prep = prepare(ref, settings)
     counts = np.asarray(counts)
     n = counts[:, 0, :].sum(axis=-1, dtype=np.float64)
+    phi = np.ones(counts.shape[:2]) if dispersion is None else np.maximum(np.asarray(dispersion, np.float64), 1.0)
+    n_eff = n[:, None] / phi
     n_ref = ref.n.astype(np.float64)
     q = counts * (1.0 / np.maximum(n, 1.0)).astype(np.float32)[:, None, None]
     q = q.astype(np.float32, copy=False)
@@ -130,7 +135,7 @@ def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSetting
     ks = gap.max(axis=-1).astype(np.float64)
     w = np.einsum("wcb,cb->wc", gap, prep.w1_weights).astype(np.float64)
     del gap
-    ks_p = stats.ks_pvalue(ks, n_ref[None, :], n[:, None])
+    ks_p = stats.ks_pvalue(ks, n_ref[None, :], n_eff)
     # Chi-square, closed form for 2 x B: N n sum (p - q)^2 / (R + C).
     q -= prep.fractions
     np.square(q, out=q)
@@ -140,20 +145,40 @@ def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSetting
     df = np.broadcast_to(prep.ref_bins_used - 1, chi2.shape).copy()
     if prep.empty_ref_bins.any():  # bins only the window hit add a degree of freedom
         df += ((counts > 0) & prep.empty_ref_bins).sum(axis=-1)
-    chi2_valid = (n[:, None] >= prep.chi_min_n[None, :]) & (df > 0) & (n[:, None] > 0)
-    chi2_p = np.where(chi2_valid, special.chdtrc(np.maximum(df, 1), chi2), 1.0)
+    chi2_valid = (n_eff >= prep.chi_min_n[None, :]) & (df > 0) & (n[:, None] > 0)
+    chi2_p = np.where(chi2_valid, special.chdtrc(np.maximum(df, 1), chi2 / phi), 1.0)
     is_class = ref.is_class
+    _simulated_class_pvalues(ref, counts, n, chi2 / phi, chi2_valid, chi2_p)
     # Numeric: KS and chi-square, Bonferroni over the two (chi-square counts only when valid).
     numeric_p = np.where(chi2_valid, np.minimum(2.0 * np.minimum(ks_p, chi2_p), 1.0), ks_p)
     p_channel = np.where(is_class[None, :], chi2_p, numeric_p)
-    p_adjusted = stats.bonferroni(p_channel, len(ref.channel_names))
+    # Untestable channels (fewer than 2 reference bins) are neither tested nor counted.
+    testable = ref.testable
+    p_channel = np.where(testable[None, :], p_channel, 1.0)
+    p_adjusted = stats.bonferroni(p_channel, max(int(testable.sum()), 1))
     effect = np.where(is_class[None, :], tvd, w)
     result = ChannelResults(n, ks, ks_p, chi2, chi2_p, chi2_valid, w, tvd, p_channel, p_adjusted, effect,
-                            effect >= prep.thresholds[None, :])
+                            (effect >= prep.thresholds[None, :]) & testable[None, :], dispersion=phi)
     if details:
         result.psi = stats.psi(ref.counts, counts, ref.bins[None, :])
         result.ks_bound = stats.ks_binning_bound(ref.counts, counts)
     return result
+
+
+def _simulated_class_pvalues(ref: ModelReference, counts: np.ndarray, n: np.ndarray, statistic: np.ndarray,
+                             valid: np.ndarray, p: np.ndarray) -> None:
+    """Class channels where chi-square's approximation fails get a Monte-Carlo p-value (in place in `p`).
+
+    Before, such windows got p = 1: a small window could never flag a changed class mix.
+    """
+    for c in np.nonzero(ref.is_class & ref.testable)[0]:
+        rows = np.nonzero(~valid[:, c] & (n > 0))[0]
+        if not rows.size:
+            continue
+        bins = int(ref.bins[c])
+        for size in np.unique(n[rows]):
+            same = rows[n[rows] == size]
+            p[same, c] = stats.simulated_chi_square_pvalue(ref.counts[c, :bins], int(size), statistic[same, c])
 
 
 @dataclass
@@ -201,11 +226,21 @@ def _fleet_rows(ref: ModelReference, bucket: float, r: ChannelResults, i: int,
             "p_raw": float(r.p_channel[i, c]),
             "ks_binning_bound": None if r.ks_bound is None else float(r.ks_bound[i, c]),
             "effect_name": "tvd" if is_class else "wasserstein_sd",
+            "dispersion": None if r.dispersion is None else float(r.dispersion[i, c]),
+            "untestable": ref.untestable.get(name),
         }
-        rows.append((ref.sha256, bucket, name, int(r.n[i]), "chi2" if is_class else "ks+chi2",
+        rows.append((ref.sha256, bucket, name, int(r.n[i]), _test_name(ref, r, i, c),
                      float(r.chi2[i, c] if is_class else r.ks[i, c]), float(r.p_adjusted[i, c]),
                      float(r.effect[i, c]), int(drifted[i, c]), _json(detail)))
     return rows
+
+
+def _test_name(ref: ModelReference, r: ChannelResults, i: int, c: int) -> str:
+    if not ref.testable[c]:
+        return "untestable"
+    if ref.kinds[c] == "class":
+        return "chi2" if r.chi2_valid[i, c] else "chi2 (simulated)"
+    return "ks+chi2"
 
 
 def _json(obj: Any) -> str:
@@ -360,7 +395,7 @@ def device_channels(storage: Storage, ref: ModelReference, device: str, settings
             is_class = ref.kinds[c] == "class"
             out.append({
                 "model": ref.sha256, "scope": "device", "device": device, "window_start": float(starts[w]),
-                "n": int(r.n[i]), "channel": name, "test": "chi2" if is_class else "ks+chi2",
+                "n": int(r.n[i]), "channel": name, "test": _test_name(ref, r, i, c),
                 "statistic": float(r.chi2[i, c] if is_class else r.ks[i, c]), "p_value": float(r.p_adjusted[i, c]),
                 "effect": float(r.effect[i, c]), "effect_name": "tvd" if is_class else "wasserstein_sd",
                 "drifted": bool(drifted[i, c]),
