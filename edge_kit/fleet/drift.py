@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import special
 
+from edge_kit.fleet import dispersion as disp
 from edge_kit.fleet import stats
 from edge_kit.fleet.references import ModelReference
 from edge_kit.fleet.settings import DriftSettings
@@ -251,23 +252,26 @@ def _json(obj: Any) -> str:
 
 def evaluate_counts(ref: ModelReference, devices: np.ndarray, starts: np.ndarray, flat_counts: np.ndarray,
                     settings: DriftSettings, now: float | None = None,
-                    fleet: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
+                    fleet: tuple[Any, ...] | None = None, *,
+                    dispersion: np.ndarray | None = None) -> Evaluation:
     """Fleet and per-device decisions from stored windows (arrays, one entry per window).
 
     `flat_counts` is (W, sum(bins)) as stored; windows must be sorted by start time. `fleet`
-    optionally gives other (starts, flat counts) for the fleet level; by default it pools the same
-    windows the device level tests.
+    optionally gives other (starts, flat counts[, dispersion]) for the fleet level; by default it
+    pools the same windows the device level tests. `dispersion` is (W, C, 4), the agent's
+    dispersion signal per channel (X, df, S, k; NaN where a window has none; None: no window has it).
     """
     t0 = time.perf_counter()
     ev = Evaluation(model=ref.sha256, evaluated_at=time.time() if now is None else now, cutoff=0.0)
-    _evaluate_fleet(ev, ref, *(fleet if fleet is not None else (starts, flat_counts)), settings)
-    _evaluate_devices(ev, ref, devices, starts, flat_counts, settings)
+    fleet_args = fleet if fleet is not None else (starts, flat_counts, dispersion)
+    _evaluate_fleet(ev, ref, fleet_args[0], fleet_args[1], settings, fleet_args[2] if len(fleet_args) > 2 else None)
+    _evaluate_devices(ev, ref, devices, starts, flat_counts, settings, dispersion)
     ev.seconds = time.perf_counter() - t0
     return ev
 
 
 def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, flat_counts: np.ndarray,
-                    settings: DriftSettings) -> None:
+                    settings: DriftSettings, dispersion: np.ndarray | None = None) -> None:
     """Fleet level: pool the windows of each time bucket; test the last m buckets with enough data."""
     w_total = len(starts)
     buckets = np.floor(starts / settings.fleet_window_seconds) * settings.fleet_window_seconds
@@ -281,8 +285,13 @@ def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, fla
         np.add.at(pooled, inverse, flat_counts)
     bucket_n = pooled[:, : int(ref.bins[0])].sum(axis=1) if len(bucket_ids) else np.zeros(0)
     tested = np.nonzero(bucket_n >= settings.min_n)[0][-settings.m :]
+    phi = None
+    if dispersion is not None and tested.size:  # X and df add over the pooled windows
+        pooled_disp = np.zeros((len(bucket_ids), *dispersion.shape[1:]))
+        np.add.at(pooled_disp, inverse, np.nan_to_num(dispersion))
+        phi = disp.window_phi(pooled_disp[tested])
     if tested.size:
-        r = test_windows(ref, ref.unflatten(pooled[tested]), settings, details=True)
+        r = test_windows(ref, ref.unflatten(pooled[tested]), settings, details=True, dispersion=phi)
         drifted = (r.p_adjusted <= settings.alpha) & r.effect_ok
         for i, b in enumerate(tested):
             ev.fleet_rows += _fleet_rows(ref, float(bucket_ids[b]), r, i, drifted)
@@ -295,7 +304,7 @@ def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, fla
 
 
 def _evaluate_devices(ev: Evaluation, ref: ModelReference, devices: np.ndarray, starts: np.ndarray,
-                      flat_counts: np.ndarray, settings: DriftSettings) -> None:
+                      flat_counts: np.ndarray, settings: DriftSettings, dispersion: np.ndarray | None = None) -> None:
     """Device level: each device's last m windows with enough inferences, BH across all of them."""
     w_total = len(starts)
     n_window = flat_counts[:, : int(ref.bins[0])].sum(axis=1) if w_total else np.zeros(0, dtype=np.int64)
@@ -317,7 +326,8 @@ def _evaluate_devices(ev: Evaluation, ref: ModelReference, devices: np.ndarray, 
     ok_chunks: list[np.ndarray] = []
     for lo in range(0, order.size, CHUNK):
         idx = order[lo : lo + CHUNK]
-        r = test_windows(ref, ref.unflatten(flat_counts[idx], np.float32), settings)
+        phi = None if dispersion is None else disp.window_phi(dispersion[idx])
+        r = test_windows(ref, ref.unflatten(flat_counts[idx], np.float32), settings, dispersion=phi)
         p_dev[lo : lo + len(idx)] = r.p_adjusted.min(axis=1)
         # Keep only what the decision needs, as float32, to bound memory at large fleets.
         p_adj_chunks.append(r.p_adjusted)
@@ -349,17 +359,20 @@ def _evaluate_devices(ev: Evaluation, ref: ModelReference, devices: np.ndarray, 
 def load_windows(storage: Storage, ref: ModelReference, since: float,
                  device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(devices, starts, flat counts) of stored windows, oldest first."""
-    return _arrays(ref, storage.windows(ref.sha256, since, device))
+    return _arrays(ref, storage.windows(ref.sha256, since, device))[:3]
 
 
-def _arrays(ref: ModelReference, rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _arrays(ref: ModelReference, rows: list[tuple[Any, ...]]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(devices, starts, flat counts, dispersion (W, C, 4) or None when no window carries it)."""
     total = int(ref.bins.sum())
     if not rows:
-        return np.array([], dtype=object), np.zeros(0), np.zeros((0, total), dtype=np.int64)
+        return np.array([], dtype=object), np.zeros(0), np.zeros((0, total), dtype=np.int64), None
     devices = np.array([r[0] for r in rows], dtype=object)
     starts = np.array([r[1] for r in rows], dtype=np.float64)
-    flat = decode_counts([bytes(r[4]) for r in rows], total)
-    return devices, starts, flat
+    blobs, dispersion = disp.split([bytes(r[4]) for r in rows], total, len(ref.channel_names))
+    flat = decode_counts(blobs, total)
+    return devices, starts, flat, None if np.isnan(dispersion).all() else dispersion
 
 
 def evaluate_model(storage: Storage, ref: ModelReference, settings: DriftSettings,
@@ -370,9 +383,11 @@ def evaluate_model(storage: Storage, ref: ModelReference, settings: DriftSetting
     # Fleet: the last FLEET_BUCKETS_READ x m bucket periods (room for buckets below min_n).
     span = settings.fleet_window_seconds
     fleet_since = max(since, (np.floor(now / span) - FLEET_BUCKETS_READ * settings.m + 1) * span)
-    _, fleet_starts, fleet_flat = load_windows(storage, ref, fleet_since)
-    devices, starts, flat = _arrays(ref, storage.latest_windows(ref.sha256, since, settings.m, settings.min_n))
-    ev = evaluate_counts(ref, devices, starts, flat, settings, now, fleet=(fleet_starts, fleet_flat))
+    _, fleet_starts, fleet_flat, fleet_disp = _arrays(ref, storage.windows(ref.sha256, fleet_since))
+    devices, starts, flat, dispersion = _arrays(
+        ref, storage.latest_windows(ref.sha256, since, settings.m, settings.min_n))
+    ev = evaluate_counts(ref, devices, starts, flat, settings, now, fleet=(fleet_starts, fleet_flat, fleet_disp),
+                         dispersion=dispersion)
     ev.untested_small_windows = storage.small_window_count(ref.sha256, since, settings.min_n)
     storage.save_evaluation(ref.sha256, ev.evaluated_at, ev.detail(), ev.fleet_rows, ev.device_rows)
     return ev
@@ -382,12 +397,13 @@ def device_channels(storage: Storage, ref: ModelReference, device: str, settings
                     cutoff: float, now: float | None = None) -> list[dict[str, Any]]:
     """Per-channel results of one device's last m tested windows, flagged with the fleet's BH cutoff."""
     now = time.time() if now is None else now
-    _, starts, flat = load_windows(storage, ref, now - settings.lookback_seconds, device)
+    _, starts, flat, dispersion = _arrays(ref, storage.windows(ref.sha256, now - settings.lookback_seconds, device))
     n = flat[:, : int(ref.bins[0])].sum(axis=1) if len(starts) else np.zeros(0)
     keep = np.nonzero(n >= settings.min_n)[0][-settings.m :]
     if not keep.size:
         return []
-    r = test_windows(ref, ref.unflatten(flat[keep]), settings, details=True)
+    phi = None if dispersion is None else disp.window_phi(dispersion[keep])
+    r = test_windows(ref, ref.unflatten(flat[keep]), settings, details=True, dispersion=phi)
     drifted = (r.p_adjusted <= cutoff) & r.effect_ok
     out = []
     for i, w in enumerate(keep):
