@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
+from device_agent.bundle import REFERENCE, canonical_json, write_bundle
 from device_agent.channels import MonitorPlan
 from device_agent.reference import Reference, bin_counts, build_reference, point_mass_edges, quantile_edges
 from device_agent.summary import Histogrammer
+from edge_kit.commands import inspect
 from edge_kit.fleet import drift, stats
 from edge_kit.fleet.references import ModelReference
 from edge_kit.fleet.settings import DriftSettings
@@ -161,3 +165,12 @@ def test_the_class_channel_flags_a_knocked_out_class_in_a_small_window(world: Sp
     r = drift.test_windows(world.ref, window, SETTINGS)
     assert not r.chi2_valid[0, pred]
     assert r.chi2_p[0, pred] < 0.01
+
+
+def test_inspect_lists_untestable_channels_with_the_reason(tmp_path: Path, world: SparseWorld) -> None:
+    manifest = {"name": "sparse", "version": "1", "monitoring": world.plan.to_manifest()}
+    path = write_bundle(tmp_path, manifest, {"model.onnx": b"placeholder",
+                                             REFERENCE: canonical_json(world.reference.to_json())})
+    info = inspect.run(argparse.Namespace(bundle=str(path), json=True))
+    assert info["monitoring"]["untestable"] == {"in.f2": world.reference.untestable()["in.f2"]}
+    assert "untestable in.f2: fewer than 2 usable bins" in inspect.render(info)
