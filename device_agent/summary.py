@@ -395,12 +395,19 @@ def _channels_ok(channels: dict[str, Any], n: int) -> bool:
     stats = [c.get(k) for c in values for k in ("min", "max", "sum", "sumsq")]
     if not _all_numbers_or_null(stats):
         return False
-    try:
-        for c in values:
-            _check_optional("", c)
-    except PayloadError:
+    return _disp_ok([c["disp"] for c in values if "disp" in c])
+
+
+def _disp_ok(disps: list[Any]) -> bool:
+    """Every optional `disp` well-formed, in bulk (a per-channel check cost 55 us per payload)."""
+    if not disps:
+        return True
+    if set(map(type, disps)) != {list} or set(map(len, disps)) != {4}:
         return False
-    return True
+    flat = list(itertools.chain.from_iterable(disps))
+    if not set(map(type, flat[1::2])) <= {int}:  # df and k
+        return False
+    return _all_numbers_or_null(flat) and None not in flat and min(flat) >= 0
 
 
 def _check_channels_one_by_one(channels: dict[str, Any], n: int) -> None:
