@@ -97,6 +97,15 @@ def test_bundle_and_report_are_in_mlflow_and_the_model_is_registered(built) -> N
     assert version.run_id == out["run_id"]
     assert version.tags["gate.passed"] == "true"
     assert float(version.tags["gate.int8"]) == pytest.approx(out["gate"]["int8"], abs=1e-6)
+    # The version is the bundle's int8 model in MLflow's ONNX flavor, and the passing build is the candidate.
+    import mlflow.onnx
+
+    assert version.source == f"runs:/{out['run_id']}/int8_model"
+    assert str(client.get_model_version_by_alias("tiny", "candidate").version) == str(version.version)
+    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.onnx.load_model(f"models:/tiny/{version.version}")
+    assert loaded.SerializeToString() == read_bundle(out["bundle"]).model_bytes
 
 
 def _rewrite(src: Path, dst: Path, member: str, mutate) -> Path:
