@@ -77,7 +77,9 @@ def _log_onnx_model(client: Any, run_id: str, model_bytes: bytes, model: dict[st
                                signature=model_signature(model),
                                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
                                # int8 QDQ kernels are the CPU's (the default lists CUDA first, and warns)
-                               onnx_execution_providers=["CPUExecutionProvider"])
+                               onnx_execution_providers=["CPUExecutionProvider"],
+                               # one file, the bytes the bundle holds (external data reorders the tensors)
+                               save_as_external_data=False)
         client.log_artifacts(run_id, str(Path(tmp) / MODEL_ARTIFACTS), artifact_path=MODEL_ARTIFACTS)
 
 

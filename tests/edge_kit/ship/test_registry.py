@@ -25,8 +25,9 @@ QUANT = {"backend": "ort", "target": "x86-avx2", "excluded_nodes": []}
 
 
 def int8_model(seed: int) -> onnx.ModelProto:
-    """A QDQ int8 linear layer, (batch, 4) -> (batch, 3) logits."""
-    w = np.random.default_rng(seed).integers(-100, 100, size=(4, 3)).astype(np.int8)
+    """A QDQ int8 linear layer, (batch, 64) -> (batch, 32) logits; its 2 KB weight is above the size at
+    which ONNX would move a tensor to an external data file (MLflow's default), which must not happen."""
+    w = np.random.default_rng(seed).integers(-100, 100, size=(64, 32)).astype(np.int8)
     inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
              numpy_helper.from_array(np.array(0, np.int8), "wz"),
              numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
@@ -35,8 +36,8 @@ def int8_model(seed: int) -> onnx.ModelProto:
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("DequantizeLinear", ["W", "ws", "wz"], ["Wd"]),
              helper.make_node("MatMul", ["xd", "Wd"], ["logits"])]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], inits)
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 32])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     return model
@@ -86,14 +87,14 @@ def test_registered_version_is_an_onnx_model_mlflow_loads_and_predicts_with(tmp_
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)
     expected = ort.InferenceSession(read_bundle(bundle).model_bytes).run(None, {"input": x})[0]
     loaded = mlflow.onnx.load_model("models:/tiny/1")
     assert loaded.SerializeToString() == read_bundle(bundle).model_bytes  # exactly the model that ships
     assert {n.op_type for n in loaded.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
     pyfunc = mlflow.pyfunc.load_model(f"models:/tiny@{CANDIDATE}")
     signature = pyfunc.metadata.signature
-    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 4)},
+    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 64)},
                                            "name": "input"}]
     assert signature.outputs.input_names() == ["logits"]
     np.testing.assert_array_equal(pyfunc.predict(x)["logits"], expected)
