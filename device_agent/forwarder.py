@@ -18,7 +18,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from device_agent.spool import Spool, SpoolError
+from device_agent.errors import SpoolError
+from device_agent.spool import Spool
 from device_agent.transport import Message, Publisher
 
 log = logging.getLogger(__name__)

@@ -19,19 +19,12 @@ from typing import Any
 import numpy as np
 
 from device_agent.agent import Agent
-from device_agent.errors import InputError, UsageError
+from device_agent.errors import InputError
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
-
-
-def parse_listen(spec: str) -> tuple[str, int]:
-    host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UsageError(f"--http {spec!r}: expected HOST:PORT, e.g. 127.0.0.1:8081")
-    return host or "127.0.0.1", int(port)
 
 
 class _Handler(BaseHTTPRequestHandler):

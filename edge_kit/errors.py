@@ -1,4 +1,5 @@
-"""Server-side view of the shared exception tree (defined in ``device_agent.errors``)."""
+"""Server-side view of the shared exception tree (drawn in ``device_agent.errors``), plus the errors
+only the server raises."""
 
 from device_agent.errors import (
     EXIT_GATE_FAILED,
@@ -12,10 +13,23 @@ from device_agent.errors import (
     EdgeKitError,
     GateFailedError,
     InputError,
+    PayloadError,
+    SpoolError,
     TrainingInterrupted,
     UsageError,
     VerificationError,
 )
+
+
+class AlertError(EdgeKitError, ValueError):
+    """An alert action that does not apply (unknown id, wrong state); `status` is the HTTP code."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 __all__ = [
     "EXIT_GATE_FAILED",
@@ -24,11 +38,14 @@ __all__ = [
     "EXIT_UNEXPECTED",
     "EXIT_USAGE",
     "EXIT_VERIFICATION",
+    "AlertError",
     "ConfigError",
     "DataError",
     "EdgeKitError",
     "GateFailedError",
     "InputError",
+    "PayloadError",
+    "SpoolError",
     "TrainingInterrupted",
     "UsageError",
     "VerificationError",

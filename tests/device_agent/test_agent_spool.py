@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from device_agent.errors import SpoolError
 from device_agent.forwarder import Forwarder
-from device_agent.spool import Spool, SpoolError
-from device_agent.transport import Backoff, BrokerConfig, MemoryPublisher, Message
+from device_agent.mqtt_connection import Backoff
+from device_agent.spool import Spool
+from device_agent.transport import MemoryPublisher, Message
+from device_agent.wire import parse_broker_url
 from tests.conftest import cli_env
 
 
@@ -125,14 +128,14 @@ def test_backoff_doubles_with_jitter_and_resets() -> None:
 
 
 def test_broker_urls() -> None:
-    c = BrokerConfig.from_url("mqtt://127.0.0.1:1999")
+    c = parse_broker_url("mqtt://127.0.0.1:1999")
     assert (c.host, c.port, c.tls) == ("127.0.0.1", 1999, False)
-    c = BrokerConfig.from_url("mqtts://u:p@broker.example")
+    c = parse_broker_url("mqtts://u:p@broker.example")
     assert (c.port, c.tls, c.username, c.password) == (8883, True, "u", "p")
     from device_agent.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="broker"):
-        BrokerConfig.from_url("http://x:1")
+    with pytest.raises(ConfigError, match=r"mqtt\.broker"):
+        parse_broker_url("http://x:1", what="mqtt.broker")
 
 
 def test_spool_is_sqlite_in_wal_mode(tmp_path: Path) -> None:
