@@ -24,6 +24,7 @@ from device_agent.wire import BrokerConfig
 log = logging.getLogger(__name__)
 
 AckCallback = Callable[[bool], None]
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason code
 
 
 class Publisher(Protocol):
@@ -177,7 +178,11 @@ class MqttPublisher:
 
     def _handle_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: object,
                         properties: object) -> None:
-        ok = not getattr(reason, "is_failure", False)
+        # MQTT 5 PUBACK 0x10 "no matching subscribers" is not a failure code, but nobody got the
+        # window: e.g. Mosquitto does not restore shared subscriptions from its persistence, so after
+        # a broker restart the fleet's group is gone until its consumers resubscribe. Report it as not
+        # delivered so the window stays spooled and is sent again.
+        ok = not getattr(reason, "is_failure", False) and getattr(reason, "value", 0) != NO_MATCHING_SUBSCRIBERS
         with self._acks_lock:
             if mid not in self._acks:
                 # Either the publish() that sent it has not registered yet, or paho queued it while

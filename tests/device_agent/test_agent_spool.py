@@ -105,14 +105,22 @@ def test_in_flight_windows_without_an_answer_are_sent_again(tmp_path: Path) -> N
     assert len(forwarder.spool) == 0
 
 
-def test_a_refused_publish_stays_spooled(tmp_path: Path) -> None:
+def test_a_refused_publish_stays_spooled_and_is_retried_at_a_pace(tmp_path: Path) -> None:
+    now = [0.0]
     publisher = MemoryPublisher(auto_ack=False)
-    forwarder = Forwarder(Spool(tmp_path / "s.db"), publisher)
+    forwarder = Forwarder(Spool(tmp_path / "s.db"), publisher, retry_refused=5, clock=lambda: now[0])
     forwarder.submit("k", Message("t", b"p"))
     forwarder.pump()
-    publisher.ack_all(ok=False)
-    assert len(forwarder.spool) == 1 and forwarder.in_flight == 0
+    publisher.ack_all(ok=False)  # refused, or PUBACK "no matching subscribers"
+    assert len(forwarder.spool) == 1
+    # Not hammered every pass (a broker without subscribers answers every publish the same way)...
+    now[0] = 4
+    assert forwarder.pump() == 0
+    # ...but sent again after `retry_refused`, and deleted once it is taken.
+    now[0] = 6
     assert forwarder.pump() == 1
+    publisher.ack_all()
+    assert len(forwarder.spool) == 0
 
 
 def test_backoff_doubles_with_jitter_and_resets() -> None:
