@@ -11,16 +11,15 @@ callers catch the builtin. The tree, with the exit code and where each class is 
     │   ├── DataError (2)
     │   │   └── CalibrationError (2)               calibration.errors
     │   ├── InputError (2)                         an inference request
-    │   └── ForeignCheckpointError (2)             edge_kit.checkpoint
+    │   └── ForeignCheckpointError (2)             edge_kit.train.checkpoint
     ├── PayloadError (2), ValueError               a summary or status message: `.kind`
     ├── AlertError (2), ValueError                 an alert action: `.status` (HTTP)   edge_kit.errors
     ├── SpoolError (1), RuntimeError               the agent's disk spool cannot store
-    ├── GateFailedError (3)
-    │   └── GateFailed (3)                         edge_kit.gate (carries the report)
+    ├── GateFailedError (3)                        edge_kit.compile.gate (carries the gate's result)
     ├── VerificationError (4)                      a bundle: `.member`
     ├── TrainingInterrupted (75)
-    ├── ExportMismatchError (1)                    edge_kit.export
-    ├── CheckpointWriteError (1)                   edge_kit.checkpoint
+    ├── ExportMismatchError (1)                    edge_kit.train.export
+    ├── CheckpointWriteError (1)                   edge_kit.train.checkpoint
     └── WorkerFailed (1)                           edge_kit.bench.runner
 
 Exit codes (DESIGN.md section 3): 0 success, 1 unexpected error, 2 bad usage or bad config,
@@ -68,12 +67,6 @@ class ConfigError(UsageError):
 
 class DataError(UsageError):
     """Input data is missing, corrupt, or does not match its recorded snapshot."""
-
-
-class GateFailedError(EdgeKitError):
-    """No quantized candidate met the accuracy budget; no bundle was written."""
-
-    exit_code = EXIT_GATE_FAILED
 
 
 class VerificationError(EdgeKitError):

@@ -1,5 +1,9 @@
 """Server-side view of the shared exception tree (drawn in ``device_agent.errors``), plus the errors
-only the server raises."""
+only the server raises.
+
+The accuracy gate's error, ``GateFailedError`` (exit 3), lives with the gate in ``edge_kit.compile.gate``
+because it carries the gate's result, which only the build server knows.
+"""
 
 from device_agent.errors import (
     EXIT_GATE_FAILED,
@@ -11,7 +15,6 @@ from device_agent.errors import (
     ConfigError,
     DataError,
     EdgeKitError,
-    GateFailedError,
     InputError,
     PayloadError,
     SpoolError,
@@ -42,7 +45,6 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EdgeKitError",
-    "GateFailedError",
     "InputError",
     "PayloadError",
     "SpoolError",

@@ -36,6 +36,7 @@ from device_agent.wire import (
     status_topic,
     summary_topic,
 )
+from edge_kit.fleet import dispersion
 from edge_kit.fleet.consumer_state import ConsumerState
 from edge_kit.fleet.references import ModelReference, ReferenceStore
 from edge_kit.fleet.settings import FleetSettings, IngestSettings
@@ -104,7 +105,8 @@ class Validator:
         return WindowRow(
             device=device, model_sha256=ref.sha256, window_start=s.window_start, window_end=s.window_end,
             seq=s.seq, n=s.n, fleet=fleet, model_name=s.model["name"], model_version=s.model["version"],
-            received_at=now, counts=encode_counts(flat), confusion=confusion,
+            received_at=now, confusion=confusion,
+            counts=dispersion.attach(encode_counts(flat), None if s.dispersion is None else s.dispersion[order]),
         )
 
     def _order(self, ref: ModelReference, names: list[str]) -> np.ndarray:

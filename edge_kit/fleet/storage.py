@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_kit.errors import UsageError
+from edge_kit.fleet.dispersion import strip
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -76,6 +77,7 @@ def encode_counts(flat: np.ndarray) -> bytes:
 
 def decode_counts(blobs: Sequence[bytes], bins: int) -> np.ndarray:
     """(len(blobs), bins) int64 from blobs written by `encode_counts` (mixed widths allowed)."""
+    blobs = [strip(b, bins) for b in blobs]  # an optional trailer after the counts (dispersion.py)
     out = np.empty((len(blobs), bins), dtype=np.int64)
     by_size: dict[int, list[int]] = {}
     for i, b in enumerate(blobs):
