@@ -64,6 +64,8 @@ def publisher(port: int, bundle_dir: str, index: int, count: int, go: Any, done:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
+    from device_agent.wire import summary_topic
+
     bundle = make_bundle(Path(bundle_dir))
     rng = np.random.default_rng(index)
     base = [summary(bundle, f"p{index}-dev{d}", 0.0, sample_images(200, rng)[0], fleet=FLEET) for d in range(20)]
@@ -75,7 +77,7 @@ def publisher(port: int, bundle_dir: str, index: int, count: int, go: Any, done:
         s.window_start = now - 80_000 + i  # a distinct idempotency key per message
         s.window_end = s.window_start + 1
         data, ctype = s.to_bytes()
-        messages.append((f"edgekit/{FLEET}/{s.device}/summary", data, ctype))
+        messages.append((summary_topic(FLEET, s.device), data, ctype))
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub{index}", protocol=mqtt.MQTTv5)
     c.max_inflight_messages_set(100)
     c.max_queued_messages_set(0)
@@ -100,6 +102,8 @@ def bare_subscriber(port: int, expected: int, stop: Any, ready: Any, result: Any
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
+    from device_agent.wire import shared_topic, summary_topic
+
     got = {"n": 0, "first": 0.0, "last": 0.0}
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
@@ -114,7 +118,7 @@ def bare_subscriber(port: int, expected: int, stop: Any, ready: Any, result: Any
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
     c.connect("127.0.0.1", port, clean_start=False, properties=props)
-    c.subscribe(f"$share/bench/edgekit/{FLEET}/+/summary", qos=1)
+    c.subscribe(shared_topic("bench", summary_topic(FLEET)), qos=1)
     deadline = time.time() + 600
     while got["n"] < expected and time.time() < deadline and not stop.is_set():
         c.loop(timeout=0.05)
@@ -233,6 +237,7 @@ def processing_only(total: int) -> dict[str, Any]:
     import numpy as np
     from fleetkit import make_bundle, sample_images, summary
 
+    from device_agent.wire import summary_topic
     from edge_kit.fleet.ingest import Ingestor
     from edge_kit.fleet.references import ReferenceStore
     from edge_kit.fleet.settings import IngestSettings
@@ -248,7 +253,7 @@ def processing_only(total: int) -> dict[str, Any]:
             base.device = f"dev{i % 50}"
             base.window_start = now - 80_000 + i
             base.window_end = base.window_start + 1
-            messages.append((f"edgekit/{FLEET}/{base.device}/summary", *base.to_bytes()))
+            messages.append((summary_topic(FLEET, base.device), *base.to_bytes()))
         settings = IngestSettings()
         ingestor = Ingestor(Storage(f"sqlite:///{tmp}/fleet.db"), ReferenceStore([bundle.path]), settings)
         wall, cpu = time.perf_counter(), time.process_time()

@@ -8,13 +8,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from onnxruntime.quantization import CalibrationMethod
 
 from calibration.errors import CalibrationError
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# The one definition of the method names: the project config's `quantize.calibration` choices, the
+# presets below and the docs all come from this tuple (edge_kit.config imports it).
+CALIBRATION_METHODS: Final = ("minmax", "entropy", "percentile")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from device_agent import wire
 from device_agent.bundle import MODEL, REFERENCE, read_bundle
 from device_agent.errors import EdgeKitError, InputError, VerificationError
 from device_agent.forwarder import Forwarder
@@ -133,11 +134,11 @@ class Agent:
 
     @property
     def summary_topic(self) -> str:
-        return f"edgekit/{self.fleet}/{self.device_id}/summary"
+        return wire.summary_topic(self.fleet, self.device_id)
 
     @property
     def status_topic(self) -> str:
-        return f"edgekit/{self.fleet}/{self.device_id}/status"
+        return wire.status_topic(self.fleet, self.device_id)
 
     @property
     def model(self) -> LoadedModel:

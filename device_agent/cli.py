@@ -10,26 +10,21 @@ import argparse
 import json
 import logging
 import signal
-import sys
 import threading
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent.errors import EXIT_UNEXPECTED, EXIT_USAGE, EdgeKitError, VerificationError
+from device_agent.cli_runner import Parser, add_common_flags, run_cli
 
 log = logging.getLogger("device_agent")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print one JSON object describing the result on stdout")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+_common = add_common_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-agent", description="edge-kit device agent")
+    parser = Parser(prog="edge-agent", description="edge-kit device agent")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="serve a bundle: summaries over MQTT, optional HTTP API, hot updates")
@@ -68,13 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(debug: bool, quiet: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not debug:
-        logging.getLogger("paho").setLevel(logging.WARNING)
-
-
 def _public_key(path: str | Path | None) -> Any:
     if not path:
         return None
@@ -106,21 +94,20 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from device_agent.agent import Agent
     from device_agent.forwarder import Forwarder
-    from device_agent.http_server import AgentHTTPServer, parse_listen
+    from device_agent.http_server import AgentHTTPServer
     from device_agent.settings import apply_flags, load_settings
     from device_agent.spool import Spool
     from device_agent.transport import Message, MqttPublisher
     from device_agent.watcher import BundleWatcher
+    from device_agent.wire import parse_host_port, status_topic
 
     settings = apply_flags(load_settings(args.config), args)
     broker = settings.broker_config()
     assert settings.bundle is not None and settings.device_id is not None  # apply_flags checked
-    listen = parse_listen(settings.http) if settings.http else None
+    listen = parse_host_port(settings.http) if settings.http else None
     spool = Spool(settings.spool_path(), max_windows=settings.spool_max_windows)
-    status_topic = f"edgekit/{settings.fleet}/{settings.device_id}/status"
-    will = Message(status_topic, json.dumps({"state": "offline", "device": settings.device_id,
-                                             "fleet": settings.fleet, "reason": "connection lost"}).encode(),
-                   qos=1, retain=True)
+    offline = {"state": "offline", "device": settings.device_id, "fleet": settings.fleet, "reason": "connection lost"}
+    will = Message(status_topic(settings.fleet, settings.device_id), json.dumps(offline).encode(), qos=1, retain=True)
     publisher = MqttPublisher(broker, client_id=f"edgekit-{settings.fleet}-{settings.device_id}", will=will)
     agent = Agent(
         settings.bundle, public_key=_public_key(settings.pubkey), require_signature=settings.require_signature,
@@ -145,8 +132,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"cannot listen on {settings.http}: {exc}") from exc
         server.start()
         log.info("HTTP API on %s", server.url)
-    log.info("agent %s/%s running; windows every %ss to %s:%d, spool %s", settings.fleet, settings.device_id,
-             settings.window_seconds, broker.host, broker.port, spool.path)
+    log.info("agent %s/%s running; windows every %ss to %s, spool %s", settings.fleet, settings.device_id,
+             settings.window_seconds, broker.address, spool.path)
     try:
         stop.wait()
     finally:
@@ -162,32 +149,5 @@ COMMANDS = {"run": cmd_run, "predict": cmd_predict, "verify": cmd_verify}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    configure_logging(args.debug, args.quiet)
-    try:
-        result = COMMANDS[args.command](args)
-    except EdgeKitError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"edge-agent: error: {exc}", file=sys.stderr)
-        if args.json:
-            extra = {"member": exc.member} if isinstance(exc, VerificationError) else {}
-            print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code, **extra}))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("edge-agent: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # the one place that turns surprises into exit 1
-        if args.debug:
-            traceback.print_exc()
-        print(f"edge-agent: unexpected error: {exc!r} (run again with --debug for the traceback)", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"ok": False, "error": repr(exc), "exit_code": EXIT_UNEXPECTED}))
-        return EXIT_UNEXPECTED
-    if args.json:
-        print(json.dumps({"ok": True, **result} if "ok" not in result else result, default=str))
-    return 0
+    return run_cli("edge-agent", build_parser(), argv, lambda args: COMMANDS[args.command](args),
+                   noisy_loggers=("paho",))

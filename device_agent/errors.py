@@ -2,7 +2,25 @@
 
 It lives in ``device_agent`` because the agent may not import ``edge_kit``; the server side
 re-exports it from ``edge_kit.errors``. Every error carries the exit code the CLIs return and a
-message that says what went wrong and how to fix it.
+message that says what went wrong and how to fix it. Mixins (ValueError, RuntimeError) stay where
+callers catch the builtin. The tree, with the exit code and where each class is defined::
+
+    EdgeKitError (1)                               device_agent.errors
+    ├── UsageError (2)
+    │   ├── ConfigError (2)                        a config key or flag: `.key`
+    │   ├── DataError (2)
+    │   │   └── CalibrationError (2)               calibration.errors
+    │   ├── InputError (2)                         an inference request
+    │   └── ForeignCheckpointError (2)             edge_kit.train.checkpoint
+    ├── PayloadError (2), ValueError               a summary or status message: `.kind`
+    ├── AlertError (2), ValueError                 an alert action: `.status` (HTTP)   edge_kit.errors
+    ├── SpoolError (1), RuntimeError               the agent's disk spool cannot store
+    ├── GateFailedError (3)                        edge_kit.compile.gate (carries the gate's result)
+    ├── VerificationError (4)                      a bundle: `.member`
+    ├── TrainingInterrupted (75)
+    ├── ExportMismatchError (1)                    edge_kit.train.export
+    ├── CheckpointWriteError (1)                   edge_kit.train.checkpoint
+    └── WorkerFailed (1)                           edge_kit.bench.runner
 
 Exit codes (DESIGN.md section 3): 0 success, 1 unexpected error, 2 bad usage or bad config,
 3 accuracy gate failed, 4 verification failed, 75 training interrupted by SIGTERM (resumable).
@@ -63,6 +81,20 @@ class VerificationError(EdgeKitError):
 
 class InputError(UsageError):
     """An inference request has the wrong shape, dtype, or non-finite values."""
+
+
+class PayloadError(EdgeKitError, ValueError):
+    """A summary or status payload that cannot be accepted; `kind` names the class of problem for metrics."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class SpoolError(EdgeKitError, RuntimeError):
+    """The spool could not store a window (disk full, read-only, I/O error)."""
 
 
 class TrainingInterrupted(EdgeKitError):

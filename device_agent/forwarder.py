@@ -18,7 +18,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from device_agent.spool import Spool, SpoolError
+from device_agent.errors import SpoolError
+from device_agent.spool import Spool
 from device_agent.transport import Message, Publisher
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,13 @@ MAX_UNSPOOLED = 1000
 
 class Forwarder:
     def __init__(self, spool: Spool, publisher: Publisher, *, resend_after: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 retry_refused: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.spool = spool
         self.publisher = publisher
         self.resend_after = resend_after
+        # A window the broker did not take (refused, or no subscriber yet) is sent again after this.
+        self.retry_refused = min(retry_refused, resend_after)
+        self._refusing = False  # log a run of refusals once, not once per window per pass
         self._clock = clock
         self._in_flight: dict[int, float] = {}  # spool id -> when sent
         self._unspooled: deque[tuple[str, Message]] = deque(maxlen=MAX_UNSPOOLED)
@@ -116,13 +120,19 @@ class Forwarder:
     def _ack_handler(self, window_id: int) -> Callable[[bool], None]:
         def on_ack(ok: bool) -> None:
             with self._lock:
-                self._in_flight.pop(window_id, None)
+                if ok:
+                    self._in_flight.pop(window_id, None)
+                else:  # hold it back `retry_refused` seconds: the resend rule in pump() frees it then
+                    self._in_flight[window_id] = self._clock() - self.resend_after + self.retry_refused
             if ok:
                 self.spool.delete(window_id)
                 self.acked += 1
+                self._refusing = False
                 self._wake.set()  # room for the next batch
-            else:
-                log.warning("broker refused window %d; it stays spooled and is retried", window_id)
+            elif not self._refusing:
+                self._refusing = True
+                log.warning("the broker did not take window %d (refused, or no subscriber yet); it stays "
+                            "spooled and is sent again every %.0fs", window_id, self.retry_refused)
         return on_ack
 
     @property

@@ -28,7 +28,6 @@ from http import HTTPStatus
 from typing import Any
 
 from device_agent.agent import Agent
-from device_agent.errors import UsageError
 from device_agent.http_protocol import CONTINUE, HttpError, HttpLimits, Request, Response, encode_response, parse_head
 from device_agent.http_routes import Routes, error_response
 
@@ -44,13 +43,6 @@ WORKERS = 1
 # Bodies being received or answered, all connections together, may hold at most this many times the
 # body limit: 64 connections each sending 8 MiB must not take a small device to 512 MB.
 BODY_BUDGET_FACTOR = 2
-
-
-def parse_listen(spec: str) -> tuple[str, int]:
-    host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UsageError(f"--http {spec!r}: expected HOST:PORT, e.g. 127.0.0.1:8081")
-    return host or "127.0.0.1", int(port)
 
 
 class _Connection(asyncio.Protocol):

@@ -35,7 +35,7 @@ from typing import Any
 from device_agent.errors import ConfigError
 from device_agent.http_protocol import HttpLimits
 from device_agent.strict_toml import check_sections, check_value, read_toml, section_values
-from device_agent.transport import BrokerConfig
+from device_agent.wire import BrokerConfig, parse_broker_url, topic_level_problem
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class AgentSettings:
         for key in ("ca_certs", "certfile", "keyfile"):
             if options[key] is not None and not Path(options[key]).is_file():
                 raise ConfigError(f"mqtt.{key}", f"file not found: {options[key]}")
-        return BrokerConfig.from_url(m.broker, **options)
+        return parse_broker_url(m.broker, what="mqtt.broker", **options)
 
 
 def _str(p: Path | None) -> str | None:
@@ -175,6 +175,7 @@ def apply_flags(settings: AgentSettings, args: argparse.Namespace) -> AgentSetti
     if not merged.device_id:
         raise ConfigError("agent.device_id", "required: pass --device-id ID or set it in the config")
     for key, value in (("device_id", merged.device_id), ("fleet", merged.fleet)):
-        if any(c in value for c in "/+#") or not value.strip():
-            raise ConfigError(f"agent.{key}", f"{value!r} cannot be an MQTT topic level (no '/', '+', '#')")
+        problem = topic_level_problem(value)
+        if problem is not None:
+            raise ConfigError(f"agent.{key}", problem)
     return merged

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_agent.errors import SpoolError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_WINDOWS = 10_000
@@ -34,10 +36,6 @@ CREATE TABLE IF NOT EXISTS windows (
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-
-
-class SpoolError(RuntimeError):
-    """The spool could not store a window (disk full, read-only, I/O error)."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.dispersion import BlockCounts, pit_scores
+from device_agent.errors import PayloadError
 from device_agent.reference import Reference
 
 SCHEMA = "edgekit.summary/1"
@@ -31,14 +32,6 @@ CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_ZLIB = "application/json+zlib"
 # A decoded payload larger than this is refused (protects the server from zlib bombs).
 MAX_DECODED_BYTES = 4 * 1024 * 1024
-
-
-class PayloadError(ValueError):
-    """A summary payload that cannot be accepted; `kind` names the class of problem for metrics."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
 
 
 class Histogrammer:

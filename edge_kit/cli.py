@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
-import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from device_agent.cli_runner import Parser, add_common_flags, run_cli
 from edge_kit import __version__
-from edge_kit.errors import EXIT_UNEXPECTED, EXIT_USAGE, EdgeKitError
 
 log = logging.getLogger("edge_kit")
 
@@ -34,14 +31,13 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print one JSON object describing the result on stdout")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+# Third-party libraries that are chatty at INFO; their warnings still come through.
+NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "dvc", "neural_compressor", "torch", "onnxscript", "onnx_ir", "paho")
+_common = add_common_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-kit", description=__doc__.splitlines()[0])
+    parser = Parser(prog="edge-kit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"edge-kit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -98,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = sub.add_parser("fleet", help="fleet drift service")
     fleet_sub = fleet.add_subparsers(dest="fleet_command", metavar="SUBCOMMAND")
     p = fleet_sub.add_parser("serve", help="ingest summaries over MQTT, detect drift, serve the dashboard")
-    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT (mqtts:// for TLS)")
+    p.add_argument("--broker", required=True,
+                   help="mqtt://[USER@]HOST:PORT (mqtts:// for TLS); the password from $EDGEKIT_MQTT_PASSWORD")
+    p.add_argument("--mqtt-ca-certs", dest="mqtt_ca_certs", help="CA (PEM) the broker certificate chains to")
+    p.add_argument("--mqtt-certfile", dest="mqtt_certfile", help="client certificate (PEM), if the broker wants one")
+    p.add_argument("--mqtt-keyfile", dest="mqtt_keyfile", help="the client certificate's private key (PEM)")
+    p.add_argument("--mqtt-tls-insecure", dest="mqtt_tls_insecure", action="store_true",
+                   help="skip the broker certificate check (testing only)")
     p.add_argument("--db", default="sqlite:///fleet.db", help="sqlite:///PATH (default) or postgresql://...")
     p.add_argument("--http", default="127.0.0.1:8080", help="HOST:PORT for the dashboard and API")
     p.add_argument("--fleet", default="default", help="fleet name (MQTT topic level)")
@@ -116,15 +118,6 @@ def _command_key(args: argparse.Namespace) -> str | None:
     return args.command
 
 
-def configure_logging(debug: bool, quiet: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not debug:
-        # Third-party libraries are chatty at INFO; their warnings still come through.
-        for noisy in ("mlflow", "alembic", "urllib3", "dvc", "neural_compressor", "torch", "onnxscript", "onnx_ir"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def run_command(args: argparse.Namespace) -> dict[str, Any] | None:
     key = _command_key(args)
     assert key is not None
@@ -134,43 +127,8 @@ def run_command(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if _command_key(args) is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    debug = bool(getattr(args, "debug", False))
-    configure_logging(debug, bool(getattr(args, "quiet", False)))
-    try:
-        result = run_command(args)
-    except EdgeKitError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"edge-kit: error: {exc}", file=sys.stderr)
-        if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code, **_extra(exc)}))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("edge-kit: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # the one place that turns surprises into exit 1
-        if debug:
-            traceback.print_exc()
-        print(f"edge-kit: unexpected error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return EXIT_UNEXPECTED
-    if getattr(args, "json", False):
-        print(json.dumps(result if result is not None else {}, default=str))
-    return int((result or {}).get("exit_code", 0))
-
-
-def _extra(exc: EdgeKitError) -> dict[str, Any]:
-    """Structured fields an error carries (e.g. the failing bundle member) for --json output."""
-    extra: dict[str, Any] = {}
-    for name in ("member", "key", "report"):
-        if hasattr(exc, name):
-            extra[name] = str(getattr(exc, name))
-    return extra
+    return run_cli("edge-kit", build_parser(), argv, run_command, command_of=_command_key,
+                   noisy_loggers=NOISY_LOGGERS)
 
 
 if __name__ == "__main__":

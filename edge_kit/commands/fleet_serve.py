@@ -15,10 +15,13 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from device_agent.wire import BrokerConfig, parse_broker_url, parse_host_port
 from edge_kit.errors import UsageError
-from edge_kit.fleet.ingest import ConsumerConfig, parse_broker_url, run_consumer
+from edge_kit.fleet.consumer_state import ConsumerState
+from edge_kit.fleet.ingest import SESSION_EXPIRY_SECONDS, ConsumerConfig, run_consumer
 from edge_kit.fleet.references import ReferenceStore
 from edge_kit.fleet.server import make_server, serve_in_thread
 from edge_kit.fleet.service import FleetService
@@ -28,11 +31,14 @@ from edge_kit.fleet.storage import Storage
 log = logging.getLogger(__name__)
 
 
-def _host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise UsageError(f"--http must be HOST:PORT, got {value!r}")
-    return host, int(port)
+def broker_config(args: argparse.Namespace) -> BrokerConfig:
+    """--broker plus the --mqtt-* TLS flags, with the same parser and options the agent uses."""
+    files = {"ca_certs": args.mqtt_ca_certs, "certfile": args.mqtt_certfile, "keyfile": args.mqtt_keyfile}
+    for key, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"--mqtt-{key.replace('_', '-')}: file not found: {path}")
+    return parse_broker_url(args.broker, session_expiry=SESSION_EXPIRY_SECONDS, insecure=args.mqtt_tls_insecure,
+                            **{k: v for k, v in files.items() if v is not None})
 
 
 def _worker_main(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event, level: int) -> None:
@@ -43,8 +49,8 @@ def _worker_main(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event, l
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_settings(args.config)
-    parse_broker_url(args.broker)
-    host, port = _host_port(args.http)
+    broker = broker_config(args)
+    host, port = parse_host_port(args.http)
     if args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
     if not args.bundle and not args.bundles:
@@ -52,6 +58,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     references = ReferenceStore(args.bundle, args.bundles)  # bad bundles fail before anything is created
     storage = Storage(args.db)  # creates the schema before any worker touches it
     service = FleetService(storage, references, settings)
+    consumers = ConsumerState(args.workers)
+    service.consumers = consumers
     try:
         http = make_server(service, host, port)
     except OSError as exc:
@@ -63,10 +71,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     level = logging.getLogger().getEffectiveLevel()
 
     def config(i: int) -> ConsumerConfig:
-        return ConsumerConfig(broker=args.broker, db=args.db, fleet=args.fleet, group=group, worker=i,
+        return ConsumerConfig(broker=broker, db=args.db, fleet=args.fleet, group=group, worker=i,
                               bundles=tuple(args.bundle), bundles_dir=args.bundles, settings=settings,
                               subscribe_status=(i == 0),
-                              client_id=f"{group}-{socket.gethostname()}-{i}")
+                              client_id=f"{group}-{socket.gethostname()}-{i}", state=consumers)
 
     def start_worker(i: int) -> multiprocessing.process.BaseProcess:
         p = ctx.Process(target=_worker_main, args=(config(i), stop, level), name=f"fleet-consumer-{i}")
@@ -85,6 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while not stopping.wait(1.0):
             for i, p in enumerate(workers):
                 if not p.is_alive():
+                    consumers.set_connected(i, False)  # a dead consumer must not look connected
                     log.error("consumer %d exited (code %s); restarting it", i, p.exitcode)
                     restarts += 1
                     time.sleep(min(restarts, 10))  # back off if the broker is down

@@ -20,19 +20,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edge_kit.errors import AlertError as AlertError  # re-exported: server.py imports it from here
 from edge_kit.fleet.settings import AlertSettings
 from edge_kit.fleet.storage import Storage
 
 log = logging.getLogger(__name__)
 OUTPUT_TAIL = 4000
-
-
-class AlertError(ValueError):
-    """An alert action that does not apply (unknown id, wrong state); `status` is the HTTP code."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class AlertManager:

@@ -18,19 +18,26 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 import numpy as np
 import orjson  # parses summaries ~4x faster than json (134 -> 30 us each): most of the ingest budget
 
-from device_agent.summary import PayloadError, WindowSummary
-from edge_kit.errors import UsageError
+from device_agent.errors import PayloadError
+from device_agent.mqtt_connection import MqttConnection
+from device_agent.summary import WindowSummary
+from device_agent.wire import (
+    BrokerConfig,
+    parse_broker_url,
+    parse_topic,
+    shared_topic,
+    status_topic,
+    summary_topic,
+)
 from edge_kit.fleet import dispersion
+from edge_kit.fleet.consumer_state import ConsumerState
 from edge_kit.fleet.references import ModelReference, ReferenceStore
 from edge_kit.fleet.settings import FleetSettings, IngestSettings
 from edge_kit.fleet.storage import Storage, WindowRow, encode_counts
@@ -45,47 +52,11 @@ SESSION_EXPIRY_SECONDS = 24 * 3600
 MAX_BATCH_DELAY = 0.05  # seconds a received message may wait for its batch to fill
 
 
-def summary_topic(fleet: str, device: str = "+") -> str:
-    return f"edgekit/{fleet}/{device}/summary"
-
-
-def status_topic(fleet: str, device: str = "+") -> str:
-    return f"edgekit/{fleet}/{device}/status"
-
-
-def shared_topic(group: str, topic: str) -> str:
-    return f"$share/{group}/{topic}"
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """mqtt[s]://[USER[:PASSWORD]@]HOST:PORT; the password may come from EDGEKIT_MQTT_PASSWORD instead
-    (so it does not show in `ps`)."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise UsageError(f"--broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}")
-    tls = parsed.scheme == "mqtts"
-    try:
-        port = parsed.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise UsageError(f"--broker has a bad port: {url!r}") from exc
-    password = parsed.password or os.environ.get("EDGEKIT_MQTT_PASSWORD")
-    return BrokerAddress(parsed.hostname, port, tls, parsed.username, password if parsed.username else None)
-
-
 def _topic_parts(topic: str) -> tuple[str, str, str]:
-    parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != "edgekit":
+    parts = parse_topic(topic)
+    if parts is None:
         raise PayloadError("topic", f"unexpected topic {topic!r}")
-    return parts[1], parts[2], parts[3]
+    return parts
 
 
 class Validator:
@@ -236,7 +207,7 @@ class Ingestor:
 
 @dataclass(frozen=True)
 class ConsumerConfig:
-    broker: str
+    broker: str | BrokerConfig  # a URL is parsed with the consumer defaults below
     db: str
     fleet: str
     group: str
@@ -246,6 +217,12 @@ class ConsumerConfig:
     settings: FleetSettings
     subscribe_status: bool = True
     client_id: str | None = None
+    state: ConsumerState | None = None  # where /metrics and /healthz read whether this worker is connected
+
+    def broker_config(self) -> BrokerConfig:
+        if isinstance(self.broker, BrokerConfig):
+            return self.broker
+        return parse_broker_url(self.broker, session_expiry=SESSION_EXPIRY_SECONDS)
 
 
 class Flag(Protocol):
@@ -257,39 +234,45 @@ class Flag(Protocol):
 
 
 def run_consumer(cfg: ConsumerConfig, stop: Flag | None = None, ready: Flag | None = None) -> dict[str, int]:
-    """Consume until `stop` is set (or forever). Runs in its own process under `--workers N`."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
+    """Consume until `stop` is set (or forever). Runs in its own process under `--workers N`.
 
-    broker = parse_broker_url(cfg.broker)
+    The shared `MqttConnection` keeps the link up: it reconnects with backoff and jitter after a
+    broker restart, and every (re)connect resubscribes. Acknowledgements belong to the connection
+    that delivered the message, so when the link drops the pending batch is stored but not
+    acknowledged: the broker redelivers it on the persistent session and the duplicates are dropped.
+    """
+    broker = cfg.broker_config()
     storage = Storage(cfg.db)
     references = ReferenceStore(list(cfg.bundles), cfg.bundles_dir)
     ingestor = Ingestor(storage, references, cfg.settings.ingest)
     client_id = cfg.client_id or f"edgekit-fleet-{cfg.fleet}-{cfg.group}-{cfg.worker}"
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5, manual_ack=True)
-    if broker.tls:
-        client.tls_set_context(ssl.create_default_context())
-    if broker.username:
-        client.username_pw_set(broker.username, broker.password)
-    subscribed = {"done": False}
+    # MQTT 5 Receive Maximum: how many unacknowledged messages the broker may send us; it must
+    # exceed a batch, since acknowledgements wait for the batch's commit.
+    link = MqttConnection(broker, client_id, manual_ack=True, receive_maximum=4 * cfg.settings.ingest.batch_size)
+    client = link.client
+    state = cfg.state
 
-    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if reason.is_failure:
-            log.error("broker refused the connection: %s", reason)
-            return
+    def on_connect() -> None:
         subs = [(shared_topic(cfg.group, summary_topic(cfg.fleet)), 1)]
         if cfg.subscribe_status:
             subs.append((status_topic(cfg.fleet), 1))
-        c.subscribe(subs)
+        client.subscribe(subs)
+        if state is not None:
+            if link.connects > 1:
+                state.count_reconnect(cfg.worker)
+            state.set_connected(cfg.worker, True)
+
+    def on_disconnect() -> None:
+        if state is not None:
+            state.set_connected(cfg.worker, False)
+        if ingestor.batch.mids:  # keep the rows, drop the acks (see the docstring)
+            _store(ingestor)
 
     def on_subscribe(c: Any, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         failed = [r for r in reasons if r.is_failure]
         if failed:
             log.error("subscription refused by the broker: %s (does it support MQTT 5 shared subscriptions?)",
                       failed)
-        subscribed["done"] = True
         if ready is not None:
             ready.set()
 
@@ -297,40 +280,47 @@ def run_consumer(cfg: ConsumerConfig, stop: Flag | None = None, ready: Flag | No
         content_type = getattr(msg.properties, "ContentType", None) if msg.properties else None
         ingestor.receive(msg.topic, msg.payload, content_type, msg.mid, msg.qos)
 
-    client.on_connect = on_connect
+    link.add_on_connect(on_connect)
+    link.add_on_disconnect(on_disconnect)
     client.on_subscribe = on_subscribe
     client.on_message = on_message
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
-    # MQTT 5 Receive Maximum: how many unacknowledged messages the broker may send us; it must
-    # exceed a batch, since acknowledgements wait for the batch's commit.
-    props.ReceiveMaximum = min(4 * cfg.settings.ingest.batch_size, 65535)
-    client.connect(broker.host, broker.port, keepalive=30, clean_start=False, properties=props)
     batch_size = cfg.settings.ingest.batch_size
+    if state is not None:
+        state.set_connected(cfg.worker, False)
     try:
         while stop is None or not stop.is_set():
-            client.loop(timeout=0.02)
+            link.step(0.02)
             # One transaction (one fsync) per batch: flush when it is full, or when its oldest message
             # has waited MAX_BATCH_DELAY (light load, or a broker that caps in-flight messages lower).
             if ingestor.batch.mids and (len(ingestor.batch) >= batch_size
                                         or time.monotonic() - ingestor.batch.first_at > MAX_BATCH_DELAY):
-                _flush_and_ack(client, ingestor)
-        _flush_and_ack(client, ingestor)
-        client.loop(timeout=0.05)  # send the last acknowledgements
+                _flush_and_ack(link, ingestor)
+        _flush_and_ack(link, ingestor)
+        if link.connected:
+            client.loop(timeout=0.05)  # send the last acknowledgements
     finally:
-        client.disconnect()
+        link.close()
+        if state is not None:
+            state.set_connected(cfg.worker, False)
         storage.close()
     return ingestor.totals
 
 
-def _flush_and_ack(client: Any, ingestor: Ingestor) -> None:
+def _store(ingestor: Ingestor) -> list[tuple[int, int]] | None:
+    """Commit the batch and return the acks it earned; None when storing failed (nothing to ack)."""
     try:
-        mids = ingestor.flush()
-    except Exception:  # the batch stays unacknowledged: the broker redelivers it after a reconnect
-        log.exception("storing a batch failed; reconnecting so the broker redelivers it")
+        return ingestor.flush()
+    except Exception:
+        log.exception("storing a batch failed; it stays unacknowledged and the broker redelivers it")
         ingestor.batch = IngestBatch()
-        client.reconnect()
+        return None
+
+
+def _flush_and_ack(link: MqttConnection, ingestor: Ingestor) -> None:
+    mids = _store(ingestor)
+    if mids is None:
+        link.drop()  # the broker redelivers unacknowledged messages only on a new connection
         return
     for mid, qos in mids:
         if qos > 0:
-            client.ack(mid, qos)
+            link.client.ack(mid, qos)

@@ -10,6 +10,7 @@ GET  /api/alerts               alerts with their triggers; ?format=csv exports t
 POST /api/alerts/<id>/approve  run the retraining command (rate-limited); /dismiss silences it
 POST /api/labels               {"device", "model_sha256", "confusion" | "true" + "pred"}
 GET  /metrics                  Prometheus text format
+GET  /healthz                  200 when every MQTT consumer is connected, else 503 (not ready)
 
 No authentication: it listens on 127.0.0.1 by default; expose it through a reverse proxy that
 authenticates operators, since approving an alert runs a command.
@@ -84,6 +85,9 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send(200, _alerts_csv(alerts).encode(), "text/csv; charset=utf-8")
                 else:
                     self._json({"alerts": alerts, "approval": s.settings.alerts.approval})
+            elif url.path == "/healthz":
+                ready, doc = s.health()
+                self._json(doc, 200 if ready else 503)
             elif url.path == "/metrics":
                 self._send(200, s.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
             else:

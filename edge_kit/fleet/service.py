@@ -14,6 +14,7 @@ import numpy as np
 
 from edge_kit.fleet import concept, drift
 from edge_kit.fleet.alerts import AlertManager
+from edge_kit.fleet.consumer_state import ConsumerState
 from edge_kit.fleet.references import ModelReference, ReferenceStore
 from edge_kit.fleet.settings import FleetSettings
 from edge_kit.fleet.storage import Storage
@@ -28,6 +29,8 @@ class FleetService:
         self.settings = settings
         self.alerts = AlertManager(storage, settings.alerts)
         self.evaluations: dict[str, drift.Evaluation] = {}
+        # Set by `fleet serve`: whether each MQTT consumer process is connected (None: no consumers here).
+        self.consumers: ConsumerState | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -180,6 +183,12 @@ class FleetService:
         self.storage.add_labels(device, ref.sha256, m.tobytes())
         return {"ok": True, "n": int(m.sum())}
 
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, document) for GET /healthz: not ready while any MQTT consumer is disconnected."""
+        consumers = self.consumers.snapshot() if self.consumers is not None else []
+        ready = all(c["connected"] for c in consumers)
+        return ready, {"ready": ready, "broker_connected": ready, "consumers": consumers}
+
     def metrics(self) -> str:
         """Prometheus text exposition: ingest counters, device gauges, drift gauges, alerts."""
         lines: list[str] = []
@@ -196,6 +205,14 @@ class FleetService:
         for name, value in sorted(counters.items()):
             if name.startswith("rejected:"):
                 lines.append(f'edgekit_fleet_rejected_total{{kind="{_esc(name[9:])}"}} {value}')
+        if self.consumers is not None:
+            consumers = self.consumers.snapshot()
+            family("edgekit_fleet_mqtt_connected", "gauge", "1 while the consumer is connected to the broker.")
+            lines += [f'edgekit_fleet_mqtt_connected{{worker="{c["worker"]}"}} {int(c["connected"])}'
+                      for c in consumers]
+            family("edgekit_fleet_mqtt_reconnects_total", "counter", "Reconnections to the broker after a loss.")
+            lines += [f'edgekit_fleet_mqtt_reconnects_total{{worker="{c["worker"]}"}} {c["reconnects"]}'
+                      for c in consumers]
         dev = self.devices()
         family("edgekit_fleet_devices", "gauge", "Devices by state.")
         lines.append(f'edgekit_fleet_devices{{state="online"}} {dev["online"]}')

@@ -99,13 +99,19 @@ class AgentProcess:
 class Subscriber:
     """paho subscriber with a persistent session, collecting summaries (decoded) and status messages."""
 
-    def __init__(self, port: int, topic: str = "edgekit/#", client_id: str | None = None) -> None:
+    def __init__(self, port: int, topic: str = "edgekit/#", client_id: str | None = None, *,
+                 user: tuple[str, str] | None = None, tls: tuple[str, str, str] | None = None) -> None:
+        """`user` = (name, password); `tls` = (CA, client certificate, client key) PEM paths."""
         self.summaries: list[tuple[dict[str, Any], str]] = []  # (payload, content type)
         self.status: list[tuple[dict[str, Any], bool]] = []  # (payload, retained)
         self.lock = threading.Lock()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=client_id or f"test-sub-{os.getpid()}-{port}", protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(0.1, 0.5)
+        if user is not None:
+            self.client.username_pw_set(*user)
+        if tls is not None:
+            self.client.tls_set(ca_certs=tls[0], certfile=tls[1], keyfile=tls[2])
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_message = self._on_message
         props = Properties(PacketTypes.CONNECT)

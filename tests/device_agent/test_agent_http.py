@@ -16,7 +16,8 @@ import pytest
 from device_agent.agent import Agent
 from device_agent.errors import UsageError
 from device_agent.http_protocol import HttpLimits
-from device_agent.http_server import AgentHTTPServer, parse_listen
+from device_agent.http_server import AgentHTTPServer
+from device_agent.wire import parse_host_port
 from tests.helpers.bundles import digits_like_inputs
 
 
@@ -94,10 +95,10 @@ def test_labels_status_and_unknown_routes(served: tuple[Agent, str]) -> None:
 
 
 def test_listen_spec() -> None:
-    assert parse_listen("127.0.0.1:8081") == ("127.0.0.1", 8081)
-    assert parse_listen(":9000") == ("127.0.0.1", 9000)
+    assert parse_host_port("127.0.0.1:8081") == ("127.0.0.1", 8081)
+    assert parse_host_port(":9000") == ("127.0.0.1", 9000)
     with pytest.raises(UsageError):
-        parse_listen("localhost")
+        parse_host_port("localhost")
 
 
 def test_an_oversized_body_is_refused_without_reading_it(bundle_v1: Path) -> None:

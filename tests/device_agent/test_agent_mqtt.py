@@ -149,7 +149,16 @@ def test_refused_credentials_are_logged_and_the_agent_keeps_serving(bundle_v1: P
 
         (tmp_path / "pw").write_text("right\n")
         agent = AgentProcess(tmp_path, *_args(bundle_v1, broker, tmp_path / "s.db"), config=config)
-        wait_until(lambda: agent.status()["spool"]["pending"] == 0, 15, "spool drained once the password is right")
+        # Connected, but nobody subscribes yet: the broker answers "no matching subscribers" and the
+        # window stays spooled (it would be lost otherwise); it leaves once a subscriber is there.
+        wait_until(lambda: "no subscriber yet" in agent.log, 15, "the window held back for a subscriber")
+        assert agent.status()["connected"] is True and agent.status()["spool"]["pending"] >= 1
+        sub = Subscriber(broker.port, user=("dev", "right"))
+        try:
+            wait_until(lambda: agent.status()["spool"]["pending"] == 0, 15, "spool drained once subscribed")
+            assert sub.summaries
+        finally:
+            sub.close()
     finally:
         if agent is not None:
             agent.stop()
@@ -198,9 +207,13 @@ def test_tls_with_a_client_certificate(bundle_v1: Path, tmp_path: Path) -> None:
         args = _args(bundle_v1, broker, tmp_path / "s.db")
         args[args.index("--broker") + 1] = f"mqtts://127.0.0.1:{broker.port}"
         agent = AgentProcess(tmp_path, *args, config=tls)
-        agent.post("/predict", {"inputs": digits_like_inputs(3).tolist()})
-        wait_until(lambda: agent.status()["connected"], 15, "a TLS connection")
-        wait_until(lambda: agent.status()["spool"]["acked"] >= 1, 15, "a window acknowledged over TLS")
+        sub = Subscriber(broker.port, tls=(str(pki["ca"]), str(pki["client"]), str(pki["client_key"])))
+        try:
+            agent.post("/predict", {"inputs": digits_like_inputs(3).tolist()})
+            wait_until(lambda: agent.status()["connected"], 15, "a TLS connection")
+            wait_until(lambda: agent.status()["spool"]["acked"] >= 1, 15, "a window acknowledged over TLS")
+        finally:
+            sub.close()
         agent.stop()
 
         # Without the client certificate the broker refuses the handshake: logged, still serving.

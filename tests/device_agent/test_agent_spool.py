@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from device_agent.errors import SpoolError
 from device_agent.forwarder import Forwarder
-from device_agent.spool import Spool, SpoolError
-from device_agent.transport import Backoff, BrokerConfig, MemoryPublisher, Message
+from device_agent.mqtt_connection import Backoff
+from device_agent.spool import Spool
+from device_agent.transport import MemoryPublisher, Message
+from device_agent.wire import parse_broker_url
 from tests.conftest import cli_env
 
 
@@ -102,14 +105,22 @@ def test_in_flight_windows_without_an_answer_are_sent_again(tmp_path: Path) -> N
     assert len(forwarder.spool) == 0
 
 
-def test_a_refused_publish_stays_spooled(tmp_path: Path) -> None:
+def test_a_refused_publish_stays_spooled_and_is_retried_at_a_pace(tmp_path: Path) -> None:
+    now = [0.0]
     publisher = MemoryPublisher(auto_ack=False)
-    forwarder = Forwarder(Spool(tmp_path / "s.db"), publisher)
+    forwarder = Forwarder(Spool(tmp_path / "s.db"), publisher, retry_refused=5, clock=lambda: now[0])
     forwarder.submit("k", Message("t", b"p"))
     forwarder.pump()
-    publisher.ack_all(ok=False)
-    assert len(forwarder.spool) == 1 and forwarder.in_flight == 0
+    publisher.ack_all(ok=False)  # refused, or PUBACK "no matching subscribers"
+    assert len(forwarder.spool) == 1
+    # Not hammered every pass (a broker without subscribers answers every publish the same way)...
+    now[0] = 4
+    assert forwarder.pump() == 0
+    # ...but sent again after `retry_refused`, and deleted once it is taken.
+    now[0] = 6
     assert forwarder.pump() == 1
+    publisher.ack_all()
+    assert len(forwarder.spool) == 0
 
 
 def test_backoff_doubles_with_jitter_and_resets() -> None:
@@ -125,14 +136,14 @@ def test_backoff_doubles_with_jitter_and_resets() -> None:
 
 
 def test_broker_urls() -> None:
-    c = BrokerConfig.from_url("mqtt://127.0.0.1:1999")
+    c = parse_broker_url("mqtt://127.0.0.1:1999")
     assert (c.host, c.port, c.tls) == ("127.0.0.1", 1999, False)
-    c = BrokerConfig.from_url("mqtts://u:p@broker.example")
+    c = parse_broker_url("mqtts://u:p@broker.example")
     assert (c.port, c.tls, c.username, c.password) == (8883, True, "u", "p")
     from device_agent.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="broker"):
-        BrokerConfig.from_url("http://x:1")
+    with pytest.raises(ConfigError, match=r"mqtt\.broker"):
+        parse_broker_url("http://x:1", what="mqtt.broker")
 
 
 def test_spool_is_sqlite_in_wal_mode(tmp_path: Path) -> None:

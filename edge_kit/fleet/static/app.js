@@ -174,7 +174,24 @@ async function refreshAlerts() {
   }).join("");
 }
 
+// Loaded on its own: /healthz answers 503 while a consumer is disconnected, and that must show.
+async function refreshBroker() {
+  const el = $("broker");
+  try {
+    const res = await fetch("/healthz", { cache: "no-store" });
+    const h = await res.json();
+    const down = h.consumers.filter((c) => !c.connected).length;
+    el.textContent = down === 0 ? "broker: connected"
+      : `broker: DISCONNECTED (${down} of ${h.consumers.length} consumers), ingest paused`;
+    el.classList.toggle("down", down > 0);
+  } catch (err) {
+    el.textContent = `broker: unknown (${err.message})`;
+    el.classList.add("down");
+  }
+}
+
 async function refresh() {
+  refreshBroker();
   try {
     const devices = await refreshDevices();
     await Promise.all([refreshDrift(devices), refreshAlerts(), refreshConcept()]);

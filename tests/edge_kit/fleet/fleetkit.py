@@ -17,6 +17,7 @@ from device_agent.bundle import REFERENCE, canonical_json, read_bundle, write_bu
 from device_agent.channels import MonitorPlan
 from device_agent.reference import Reference, build_reference
 from device_agent.summary import Histogrammer, WindowSummary
+from device_agent.wire import summary_topic
 
 LABELS = [str(i) for i in range(10)]
 
@@ -121,5 +122,5 @@ def populate(ingestor: object, bundle: DigitsBundle, *, devices: int = 8, drifti
             name = f"dev{d:02d}"
             x, _ = sample_images(n, rng, noise=noise if name in drifting else 0.0)
             s = summary(bundle, name, start, x, fleet=fleet, seq=w, end=start + 290.0)
-            ingestor.receive(f"edgekit/{fleet}/{name}/summary", *s.to_bytes())  # type: ignore[attr-defined]
+            ingestor.receive(summary_topic(fleet, name), *s.to_bytes())  # type: ignore[attr-defined]
         ingestor.flush()  # type: ignore[attr-defined]

@@ -54,3 +54,26 @@ def test_dashboard_shows_charts_and_approves_an_alert(http: str, service: FleetS
     assert alert is not None and alert["approved_by"] == "dashboard"
     assert alert["triggers"][-1]["outcome"] == "succeeded"
     assert not external, f"the page fetched from outside the server: {external}"
+
+
+def test_the_header_says_when_a_consumer_is_disconnected(http: str, service: FleetService) -> None:
+    """The broker pill follows /healthz, which follows the consumers' shared state (no reload needed)."""
+    from playwright.sync_api import sync_playwright
+
+    from edge_kit.fleet.consumer_state import ConsumerState
+
+    state = ConsumerState(2)
+    state.set_connected(0, True)  # worker 1 cannot reach the broker
+    service.consumers = state
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(http + "/")
+            page.wait_for_function("() => document.getElementById('broker').textContent.includes('DISCONNECTED')")
+            assert "1 of 2" in page.locator("#broker").inner_text()
+            state.set_connected(1, True)
+            page.wait_for_function("() => document.getElementById('broker').textContent === 'broker: connected'",
+                                   timeout=20_000)
+        finally:
+            browser.close()

@@ -19,6 +19,7 @@ from fleetkit import DigitsBundle, sample_images, summary
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from device_agent.wire import status_topic, summary_topic
 from tests.conftest import MosquittoBroker, cli_env, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -99,23 +100,23 @@ def test_ingest_dedup_bad_input_and_restart_without_loss(tmp_path: Path, mosquit
         server.start()
         wait_for_port(port, timeout=60)
         # A retained status reaches the (non-shared) status subscription once the consumer is subscribed.
-        _publish(pub, f"edgekit/{FLEET}/dev0/status", b'{"state": "online"}', "application/json", retain=True)
+        _publish(pub, status_topic(FLEET, "dev0"), b'{"state": "online"}', "application/json", retain=True)
         _wait(lambda: any(d["device"] == "dev0" for d in json.load(urllib.request.urlopen(f"{base}/api/devices"))
                           ["devices"]), 60, "the consumer to subscribe")
         messages = []
         for w in range(10):
             for d in range(3):
                 x, _ = sample_images(60, rng)
-                messages.append((f"edgekit/{FLEET}/dev{d}/summary",
+                messages.append((summary_topic(FLEET, f"dev{d}"),
                                  *summary(digits_bundle, f"dev{d}", now - 3000 + 60 * w, x, fleet=FLEET).to_bytes()))
         for m in messages:
             _publish(pub, *m)
         for m in messages[:5]:  # QoS-1 redeliveries
             _publish(pub, *m)
-        _publish(pub, f"edgekit/{FLEET}/dev1/summary", b"{broken", "application/json")
+        _publish(pub, summary_topic(FLEET, "dev1"), b"{broken", "application/json")
         future = summary(digits_bundle, "dev1", now + 7200, sample_images(10, rng)[0], fleet=FLEET)
-        _publish(pub, f"edgekit/{FLEET}/dev1/summary", *future.to_bytes(compress=False))
-        _publish(pub, f"edgekit/{FLEET}/dev2/summary", *summary(digits_bundle, "dev1", now - 100, x,
+        _publish(pub, summary_topic(FLEET, "dev1"), *future.to_bytes(compress=False))
+        _publish(pub, summary_topic(FLEET, "dev2"), *summary(digits_bundle, "dev1", now - 100, x,
                                                                   fleet=FLEET).to_bytes())  # spoofed topic
         key = 'edgekit_fleet_summaries_total{outcome="accepted"}'
         _wait(lambda: _metrics(base).get(key) == 30, 30, "30 accepted summaries")
@@ -133,7 +134,7 @@ def test_ingest_dedup_bad_input_and_restart_without_loss(tmp_path: Path, mosquit
         later = []
         for w in range(4):
             x, _ = sample_images(60, rng)
-            later.append((f"edgekit/{FLEET}/dev0/summary",
+            later.append((summary_topic(FLEET, "dev0"),
                           *summary(digits_bundle, "dev0", now - 1200 + 60 * w, x, fleet=FLEET).to_bytes()))
         for msg in later:
             _publish(pub, *msg)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_kit.errors import ConfigError, UsageError
-from edge_kit.fleet.alerts import AlertError, AlertManager
+from edge_kit.errors import AlertError, ConfigError, UsageError
+from edge_kit.fleet.alerts import AlertManager
 from edge_kit.fleet.settings import AlertSettings, load_settings, parse_settings
 from edge_kit.fleet.storage import Storage
 

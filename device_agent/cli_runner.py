@@ -1,0 +1,106 @@
+"""The one command-line runner of both programs, `edge-kit` and `edge-agent` (DESIGN.md section 3).
+
+Each program builds its argparse parser (with `Parser`, so usage errors come here instead of
+exiting) and a dispatch function; `run_cli` does the rest the same way for both:
+
+- logging to stderr, configured here and only here (library code never configures logging);
+- errors -> exit codes: an `EdgeKitError` exits with its own code, a usage error 2, Ctrl-C 130,
+  anything else 1; one line on stderr, the traceback only with `--debug`;
+- the `--json` contract: stdout holds exactly one JSON object whatever happens, the result on
+  success and `{"ok": false, "error", "exit_code", ...}` on ANY error, the unexpected ones too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn
+
+from device_agent.errors import EXIT_UNEXPECTED, EXIT_USAGE, EdgeKitError, UsageError
+
+EXIT_CTRL_C = 130  # the shell's 128 + SIGINT
+Dispatch = Callable[[argparse.Namespace], "dict[str, Any] | None"]
+# Fields an error may carry (the failing bundle member, the config key, the report written) for --json.
+ERROR_FIELDS = ("member", "key", "report")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting, so `--json` still gets its object."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object describing the result on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+
+
+def configure_logging(debug: bool, quiet: bool, noisy: Iterable[str] = ()) -> None:
+    """stderr logging for a CLI process; `noisy` third-party loggers are held at WARNING unless --debug."""
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not debug:
+        for name in noisy:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def error_document(exc: BaseException, exit_code: int) -> dict[str, Any]:
+    """The one JSON object printed for a failed command."""
+    message = str(exc) if isinstance(exc, EdgeKitError) else f"{type(exc).__name__}: {exc}"
+    doc: dict[str, Any] = {"ok": False, "error": message, "exit_code": exit_code}
+    for name in ERROR_FIELDS:
+        if isinstance(exc, EdgeKitError) and getattr(exc, name, None) is not None:
+            doc[name] = str(getattr(exc, name))
+    return doc
+
+
+def run_cli(program: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None, dispatch: Dispatch, *,
+            command_of: Callable[[argparse.Namespace], str | None] = lambda a: a.command,
+            noisy_loggers: Iterable[str] = ()) -> int:
+    """Parse `argv`, run the command `dispatch` picks, and return the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    want_json = "--json" in argv  # known before parsing, so even a usage error answers in JSON
+    debug = "--debug" in argv
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        return _fail(program, exc, EXIT_USAGE, want_json, debug=False)
+    want_json = bool(getattr(args, "json", want_json))
+    debug = bool(getattr(args, "debug", debug))
+    if command_of(args) is None:
+        parser.print_help(sys.stderr)
+        return _fail(program, UsageError("no command given"), EXIT_USAGE, want_json, debug=False)
+    configure_logging(debug, bool(getattr(args, "quiet", False)), noisy_loggers)
+    try:
+        result = dispatch(args) or {}
+    except EdgeKitError as exc:
+        return _fail(program, exc, exc.exit_code, want_json, debug)
+    except KeyboardInterrupt as exc:
+        return _fail(program, exc, EXIT_CTRL_C, want_json, debug, "interrupted")
+    except Exception as exc:  # the one place that turns surprises into exit 1
+        return _fail(program, exc, EXIT_UNEXPECTED, want_json, debug)
+    code = int(result.get("exit_code", 0))
+    if want_json:
+        print(json.dumps(result if "ok" in result else {"ok": code == 0, **result}, default=str))
+    return code
+
+
+def _fail(program: str, exc: BaseException, code: int, want_json: bool, debug: bool, line: str | None = None) -> int:
+    if debug:
+        traceback.print_exception(exc)
+    if line is None:
+        if isinstance(exc, EdgeKitError):
+            line = f"error: {exc}"
+        else:
+            line = f"unexpected error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)"
+    print(f"{program}: {line}", file=sys.stderr)
+    if want_json:
+        print(json.dumps(error_document(exc, code), default=str))
+    return code
