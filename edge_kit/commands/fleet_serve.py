@@ -19,9 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from edge_kit.errors import UsageError
+from edge_kit.fleet.http_security import HttpSecurity, load_token
 from edge_kit.fleet.ingest import ConsumerConfig, parse_broker_url, run_consumer
 from edge_kit.fleet.references import ReferenceStore
-from edge_kit.fleet.server import make_server, serve_in_thread
+from edge_kit.fleet.server import HttpLimits, make_server, serve_in_thread
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import load_settings
 from edge_kit.fleet.storage import Storage
@@ -92,8 +93,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     references = ReferenceStore(args.bundle, args.bundles)  # bad bundles fail before anything is created
     storage = Storage(args.db)  # creates the schema before any worker touches it
     service = FleetService(storage, references, settings)
+    if args.http_max_connections < 1 or args.http_timeout <= 0:
+        raise UsageError("--http-max-connections must be at least 1 and --http-timeout positive")
+    limits = HttpLimits(request_timeout=args.http_timeout, max_connections=args.http_max_connections)
+    token = load_token(args.token_file)
+    security = HttpSecurity(
+        token=token, allowed_hosts=frozenset(args.allowed_host), allowed_origins=frozenset(args.allowed_origin),
+        # Without a token nothing can authenticate and nothing can be changed; reads then stay
+        # possible from loopback only, so a fresh install still shows its dashboard on the machine.
+        open_reads=args.open_reads or token is None,
+    )
     try:
-        http = make_server(service, host, port)
+        http = make_server(service, host, port, security, limits)
     except OSError as exc:
         raise UsageError(f"--http {args.http}: cannot listen: {exc}") from exc
 

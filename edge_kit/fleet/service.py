@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,8 @@ class FleetService:
         self.evaluations: dict[str, drift.Evaluation] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # (name, check) pairs for /healthz: a check returns None when fine, else what is wrong.
+        self.readiness_checks: list[tuple[str, Callable[[], str | None]]] = []
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -196,6 +199,22 @@ class FleetService:
                 raise ValueError(f"'true' and 'pred' must be class indices in [0, {k})") from exc
         self.storage.add_labels(device, ref.sha256, m.tobytes())
         return {"ok": True, "n": int(m.sum())}
+
+    def health(self) -> dict[str, Any]:
+        """GET /healthz: ready when every check passes. Checks read state the service already has (the
+        database here; consumer connection state can be added to `readiness_checks` the same way)."""
+        checks: dict[str, str] = {}
+        for name, check in [("database", self._database_ok), *self.readiness_checks]:
+            try:
+                problem = check()
+            except Exception as exc:  # a failing check is a "not ready", never a crash of the probe
+                problem = f"{type(exc).__name__}: {exc}"[:200]
+            checks[name] = problem or "ok"
+        return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
+
+    def _database_ok(self) -> str | None:
+        self.storage.counters()
+        return None
 
     def metrics(self) -> str:
         """Prometheus text exposition: ingest counters, device gauges, drift gauges, alerts."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from fleetkit import OPERATOR_TOKEN
 
 from edge_kit.fleet.service import FleetService
 
@@ -40,6 +41,16 @@ def test_dashboard_shows_charts_and_approves_an_alert(http: str, service: FleetS
             page.locator("tr[data-device='dev00']").click()
             page.wait_for_function("() => window.edgekitCharts.device.data.datasets.length > 0")
             assert "dev00" in page.locator("#device-title").inner_text()
+            # Without the operator token the approval is refused and nothing runs ...
+            page.once("dialog", lambda d: d.dismiss())
+            page.locator(f"#alert-{target} button[data-action='approve']").click()
+            page.wait_for_function("() => document.querySelector('#token-form').classList.contains('needed')")
+            assert service.storage.alert(target)["state"] == "pending_approval"  # type: ignore[index]
+            # ... the operator types it into the page (kept in sessionStorage, sent as a header) and retries.
+            page.locator("#token").fill(OPERATOR_TOKEN)
+            page.locator("#token-form button").click()
+            page.wait_for_function(f"() => !document.querySelector('#alert-{target} button[data-action=approve]')"
+                                   f".disabled")
             # Approve the alert with a click; the retraining command runs and the row updates in place.
             page.locator(f"#alert-{target} button[data-action='approve']").click()
             page.wait_for_function(f"() => ['retraining', 'retrained'].includes("
