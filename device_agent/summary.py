@@ -378,7 +378,9 @@ def _channels_ok(channels: dict[str, Any], n: int) -> bool:
     if set(map(sum, lists)) != {n}:
         return False
     stats = [c.get(k) for c in values for k in ("min", "max", "sum", "sumsq")]
-    return _all_numbers_or_null(stats)
+    if not _all_numbers_or_null(stats):
+        return False
+    return [v is None for v in stats[0::4]] == [v is None for v in stats[1::4]]  # min and max come together
 
 
 def _check_channels_one_by_one(channels: dict[str, Any], n: int) -> None:
@@ -392,6 +394,8 @@ def _check_channels_one_by_one(channels: dict[str, Any], n: int) -> None:
         for stat in ("min", "max", "sum", "sumsq"):
             if c.get(stat) is not None and not _is_number(c[stat]):
                 raise PayloadError("malformed", f"channel {name!r} {stat} must be a finite number or null")
+        if (c.get("min") is None) != (c.get("max") is None):
+            raise PayloadError("malformed", f"channel {name!r} has a min without a max or a max without a min")
 
 
 def _check_payload(p: Any) -> dict[str, Any]:
