@@ -7,13 +7,16 @@ keep-alive response). And when more than `max_connections` are open, the oldest 
 is not running a request is closed to make room, so idle sockets cannot lock an operator or a
 health probe out; only when every connection is busy does uvicorn's `limit_concurrency` answer 503.
 
-asyncio sets TCP_NODELAY on every accepted socket, so the separate writes of headers and body do
-not meet Nagle's algorithm and delayed ACKs (the 40 ms keep-alive stall of `http.server`).
+uvicorn writes the headers and the body of an answer separately; TCP_NODELAY is set on every
+connection here so those writes do not meet Nagle's algorithm and the client's delayed ACK (the 40 ms
+keep-alive stall of the former `http.server`). asyncio sets it only when the listening socket was made
+with proto IPPROTO_TCP, which a socket bound beforehand by `socket.create_server` is not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -27,6 +30,9 @@ class DeadlineH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.opened_at = time.monotonic()
         self._deadline: asyncio.TimerHandle | None = None
         self._arm()
