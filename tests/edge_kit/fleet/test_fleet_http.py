@@ -177,3 +177,32 @@ def test_answers_are_strict_json() -> None:
     text = dumps({"a": math.nan, "b": [math.inf, 1.5], "c": np.float64("nan"), "d": np.array([1.0, np.inf])})
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"emitted {c}")) == {
         "a": None, "b": [None, 1.5], "c": None, "d": [1.0, None]}
+
+
+def test_keep_alive_connections_have_nodelay(tmp_path: Path) -> None:
+    # Headers and body leave in separate writes; without TCP_NODELAY a keep-alive client waits for its
+    # delayed ACK (~40 ms) on every answer. Checked on the server's own sockets, not with a timer.
+    import socket as socket_module
+
+    from edge_kit.fleet.references import ReferenceStore
+    from edge_kit.fleet.storage import Storage
+
+    svc = FleetService(Storage(f"sqlite:///{tmp_path}/f.db"), ReferenceStore([]), parse_settings({}))
+    server = make_server(svc, "127.0.0.1", 0)
+    serve_in_thread(server)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        for _ in range(3):  # one connection, several requests
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            assert response.status == 200 and response.getheader("connection") != "close"
+            response.read()
+        connections = list(server.uvicorn.server_state.connections)
+        assert connections
+        for c in connections:
+            sock = c.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY) == 1
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
