@@ -206,3 +206,21 @@ def test_keep_alive_connections_have_nodelay(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_operator_token_sources_and_bad_tokens(tmp_path: Path) -> None:
+    from edge_kit.errors import UsageError
+    from edge_kit.fleet.http_security import load_token
+
+    f = tmp_path / "token"
+    f.write_text(OPERATOR_TOKEN + "\n")
+    assert load_token(str(f), {}) == OPERATOR_TOKEN
+    assert load_token(None, {"EDGEKIT_FLEET_TOKEN": OPERATOR_TOKEN}) == OPERATOR_TOKEN
+    assert load_token(None, {}) is None
+    for bad in ("short", "has a space in it, long enough", "x" * 15):
+        f.write_text(bad)
+        with pytest.raises(UsageError) as exc:
+            load_token(str(f), {})
+        assert exc.value.exit_code == 2
+    with pytest.raises(UsageError):
+        load_token(str(tmp_path / "missing"), {})
