@@ -3,7 +3,7 @@
 #   docker run --rm -v "$PWD:/work" -e EDGEKIT_IMAGE_DIGEST="$(docker inspect -f '{{index .RepoDigests 0}}' edge-kit)" \
 #       edge-kit train --config examples/digits/edgekit.toml --json
 # An image cannot contain its own digest, so the platform passes it in (EDGEKIT_IMAGE_DIGEST); the
-# training run records it beside the lock file's sha256 (edge_kit/provenance.py).
+# training run records it beside the lock file's sha256 (edge_kit/train/provenance.py).
 #
 # Pin the base by digest in CI (docker buildx imagetools inspect python:3.11.7-slim-bookworm) and pass it
 # with --build-arg PYTHON_IMAGE=python:3.11.7-slim-bookworm@sha256:<digest>.

@@ -10,7 +10,7 @@ KEYS   := .keys
 DIST   := dist
 EXAMPLE := examples/digits/edgekit.toml
 
-.PHONY: install system-deps demo test test-fast lint bench fleet-demo lock clean
+.PHONY: install system-deps demo test test-fast lint bench fleet-demo docs lock clean
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench: install
 #   make fleet-demo ARGS="--headless --duration 90"
 fleet-demo: install system-deps
 	$(PY) -m edge_kit.demo.fleet $(ARGS)
+
+# Pages generated from code: docs/config.md from the field declarations in edge_kit/config.py
+# (a test fails while the checked-in page differs from what this writes).
+docs: install
+	$(PY) -m edge_kit.config --markdown > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
 
 # Re-pin every version after changing dependencies in pyproject.toml.
 lock:

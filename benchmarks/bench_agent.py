@@ -13,7 +13,12 @@ int8 CNN made here with ONNX Runtime's quantizer):
 - payload bytes per window (zlib JSON, as sent; plain JSON for reference);
 - resident memory of `edge-agent run` while serving HTTP requests and publishing to Mosquitto;
 - time from process start to the first answered prediction (`edge-agent run` over HTTP, and the
-  Python API in a fresh interpreter).
+  Python API in a fresh interpreter);
+- the HTTP serving table (needs `wrk`; `--only-http` runs just this): requests/s and p50/p95/p99 at
+  batch 1 and 32 with 8 keep-alive connections, one keep-alive connection, and ~500 requests/s
+  offered, for the previous ThreadingHTTPServer (from git), the current server (with and without
+  orjson) and a minimal uvicorn + Starlette endpoint on the same ORT session (the ceiling); their
+  RSS, the peak RSS with 8 clients sending bodies at the 8 MiB limit, and install sizes.
 """
 
 from __future__ import annotations
@@ -255,6 +260,252 @@ def serving_process(bundle: Path, tmp: Path, quick: bool) -> dict[str, Any]:
     return out
 
 
+# -- HTTP serving: the previous server, the current one, and a uvicorn + Starlette ceiling ------------
+
+# The last commit with the ThreadingHTTPServer front end: the "old" column is that file, unchanged.
+OLD_SERVER_COMMIT = "35a2645"
+SERVERS = ("old", "new", "new_stdlib_json", "starlette")  # new_stdlib_json: a base install, without orjson
+WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "socket_errors": %d, "non_2xx": %d, '
+    .. '"p50_us": %d, "p95_us": %d, "p99_us": %d}\\n', summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+
+def _serve(kind: str, bundle: Path, port: int) -> None:
+    """`--serve KIND`: run one server in this process until killed (the benchmark's child process)."""
+    logging.basicConfig(level=logging.WARNING)
+    if kind == "new_stdlib_json":
+        import importlib
+
+        sys.modules["orjson"] = None  # type: ignore[assignment]  # import fails: device_agent.jsonio falls back
+        import device_agent.jsonio as jsonio
+
+        if importlib.reload(jsonio).orjson is not None:
+            raise RuntimeError("orjson still in use")
+    if kind == "starlette":
+        _serve_starlette(bundle, port)
+        return
+    if kind == "old":
+        old = Path(tempfile.mkdtemp(prefix="bench-old-server-")) / "old_http_server.py"
+        source = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_SERVER_COMMIT}:device_agent/http_server.py"],
+                                capture_output=True, text=True, check=True).stdout
+        old.write_text(source)
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("old_http_server", old)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        server = module.AgentHTTPServer(("127.0.0.1", port), Agent(bundle, window_seconds=1e9))
+    else:  # new, new_stdlib_json
+        from device_agent.http_server import AgentHTTPServer
+
+        server = AgentHTTPServer(("127.0.0.1", port), Agent(bundle, window_seconds=1e9))
+    server.start()
+    print("serving", flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+
+
+def _serve_starlette(bundle: Path, port: int) -> None:
+    """The ceiling of Python serving: one Starlette route calling the same ORT session, no checks, no monitoring."""
+    import onnxruntime as ort
+    import orjson
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    runtime = load_model(bundle).runtime
+    model_bytes = zipfile.ZipFile(bundle).read("model.onnx")
+    session = ort.InferenceSession(model_bytes, sess_options=session_options(), providers=["CPUExecutionProvider"])
+    input_name, shape = session.get_inputs()[0].name, runtime.sample_shape
+    mean, std = runtime.mean, runtime.std
+
+    async def predict(request: Request) -> Response:
+        x = np.asarray(orjson.loads(await request.body())["inputs"], dtype=np.float32).reshape((-1, *shape))
+        logits = session.run(None, {input_name: ((x - mean) / std).astype(np.float32)})[0]
+        return Response(orjson.dumps({"outputs": logits}, option=orjson.OPT_SERIALIZE_NUMPY),
+                        media_type="application/json")
+
+    app = Starlette(routes=[Route("/predict", predict, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def _wrk(url: str, body_path: Path, *, seconds: int, connections: int, delay_ms: int = 0) -> dict[str, Any]:
+    script = body_path.with_suffix(f".{delay_ms}.lua")
+    lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"',
+             f'local f = io.open("{body_path}"); wrk.body = f:read("*a"); f:close()']
+    if delay_ms:  # closed loop with think time: each connection waits delay_ms between requests
+        lines.append(f"delay = function() return {delay_ms} end")
+    script.write_text("\n".join(lines) + WRK_DONE)
+    out = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
+                          "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no result: {out.stdout} {out.stderr}")
+    r = json.loads(line.removeprefix("WRKJSON "))
+    return {"requests_per_s": round(r["requests"] / (r["duration_us"] / 1e6), 1),
+            "p50_ms": r["p50_us"] / 1e3, "p95_ms": r["p95_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
+            "errors": r["socket_errors"] + r["non_2xx"]}
+
+
+def _install_mb(dists: tuple[str, ...]) -> float:
+    from importlib import metadata
+
+    total = 0
+    for name in dists:
+        try:
+            files = metadata.distribution(name).files or []
+        except metadata.PackageNotFoundError:
+            continue
+        paths = [Path(str(f.locate())) for f in files]
+        total += sum(p.stat().st_size for p in paths if p.is_file())
+    return round(total / 1e6, 1)
+
+
+def body_limit_rss(bundle: Path, quick: bool) -> dict[str, Any]:
+    """Peak RSS of the agent's HTTP server while 8 clients send bodies at the default 8 MiB limit.
+
+    Half the requests are JSON with 4096 samples whose numbers are written long enough to fill
+    8 MiB (parsed, then run), half are 8 MiB .npy bodies (32,768 samples: read and decoded, then
+    refused by the sample cap). Issue 10's aim: under 150 MB."""
+    import http.client
+    import io
+    import threading
+
+    from device_agent.http_protocol import HttpLimits
+    from tests.conftest import free_port, wait_for_port
+
+    limit = HttpLimits().max_body_bytes
+    shape = load_model(bundle).runtime.sample_shape
+    x = raw_inputs(shape, 4096, seed=3)
+    per_value = (limit - 2 * len(x) - 64) // x.size - 2  # JSON just under the limit
+    json_body = ("{\"inputs\": [" + ",".join(
+        "[" + ",".join(f"{v:.{per_value}f}"[:per_value + 1] for v in row) + "]" for row in x.reshape(len(x), -1))
+        + "]}").encode()
+    buf = io.BytesIO()
+    np.save(buf, raw_inputs(shape, (limit - 128) // (4 * int(np.prod(shape))), seed=4))
+    npy_body = buf.getvalue()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", "new", "--bundle", str(bundle),
+                             "--port", str(port)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    statuses: list[int] = []
+    try:
+        wait_for_port(port, timeout=60)
+        idle = _rss_kib(proc.pid)["VmRSS"]
+
+        def client(i: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            for k in range(2 if quick else 4):
+                body, ctype = (json_body, "application/json") if (i + k) % 2 else (npy_body, "application/x-npy")
+                try:
+                    conn.request("POST", "/predict", body, {"Content-Type": ctype})
+                    resp = conn.getresponse()
+                    resp.read()
+                    statuses.append(resp.status)
+                    keep = resp.getheader("Connection") != "close"
+                except OSError:  # refused mid-body (503: the body budget is taken), the server closed
+                    statuses.append(0)
+                    keep = False
+                if not keep:
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        mem = _rss_kib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    return {"body_limit_json_bytes": len(json_body), "body_limit_npy_bytes": len(npy_body),
+            "body_limit_statuses": {str(k) if k else "reset": statuses.count(k) for k in sorted(set(statuses))},
+            "body_limit_idle_rss_mb": round(idle / 1024, 1), "body_limit_peak_rss_mb": round(mem["VmHWM"] / 1024, 1)}
+
+
+AGENT_DISTS = ("numpy", "onnxruntime", "paho-mqtt", "cryptography", "cffi", "pycparser", "protobuf", "flatbuffers",
+               "coloredlogs", "humanfriendly", "packaging", "sympy", "mpmath")
+ASGI_DISTS = ("uvicorn", "starlette", "h11", "anyio", "click", "sniffio", "idna", "typing_extensions")
+
+
+def serving_table(bundle: Path, tmp: Path, quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """wrk against the three servers, same bundle and bodies, in one run (skipped when wrk is missing).
+
+    All three run at once (an idle one costs nothing) and are measured in short runs that rotate
+    through them, load by load, several rounds: on a shared machine the load from other processes
+    then falls on all of them alike. requests/s is total requests over total time; latency
+    percentiles are the median over rounds of each run's percentile."""
+    import shutil
+
+    from tests.conftest import free_port, wait_for_port
+
+    if shutil.which("wrk") is None:
+        print("wrk not found (apt-get install -y wrk): serving table skipped")
+        return [], {}
+    seconds, rounds = (2, 2) if quick else (3, 4)
+    shape = load_model(bundle).runtime.sample_shape
+    bodies = {}
+    for batch in (1, 32):
+        bodies[batch] = tmp / f"body{batch}.json"
+        bodies[batch].write_text(json.dumps({"inputs": raw_inputs(shape, batch, seed=batch).tolist()}))
+    loads = [("b1 c8", bodies[1], 8, 0), ("b32 c8", bodies[32], 8, 0), ("b1 c1", bodies[1], 1, 0),
+             ("b1 ~500/s", bodies[1], 10, 18)]  # 10 connections, 18 ms think time: ~500 requests/s
+    procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    try:
+        for kind in SERVERS:
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", kind, "--bundle",
+                                     str(bundle), "--port", str(port)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs[kind] = (proc, f"http://127.0.0.1:{port}/predict")
+            wait_for_port(port, timeout=60)
+        for _, url in procs.values():
+            _wrk(url, bodies[1], seconds=1, connections=8)  # warm-up
+        for r in range(rounds):
+            for label, body, conns, delay in loads:
+                for kind in SERVERS[r % len(SERVERS):] + SERVERS[: r % len(SERVERS)]:
+                    run = _wrk(procs[kind][1], body, seconds=seconds, connections=conns, delay_ms=delay)
+                    results.setdefault((kind, label), []).append(run)
+        figures: dict[str, Any] = {}
+        for kind, (proc, _) in procs.items():
+            mem = _rss_kib(proc.pid)
+            figures[f"http_{kind}_rss_mb"] = round(mem["VmRSS"] / 1024, 1)
+            figures[f"http_{kind}_peak_rss_mb"] = round(mem["VmHWM"] / 1024, 1)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    rows: list[dict[str, Any]] = []
+    for label, *_ in loads:
+        for kind in SERVERS:
+            runs = results[(kind, label)]
+            row = {"server": kind, "load": label,
+                   "requests_per_s": round(statistics.mean(x["requests_per_s"] for x in runs), 1),
+                   **{p: round(statistics.median(x[p] for x in runs), 2) for p in ("p50_ms", "p95_ms", "p99_ms")},
+                   "errors": sum(x["errors"] for x in runs)}
+            rows.append(row)
+            key = label.replace(" ", "_").replace("~", "").replace("/", "per")
+            figures[f"http_{kind}_{key}_requests_per_s"] = row["requests_per_s"]
+            figures[f"http_{kind}_{key}_p99_ms"] = row["p99_ms"]
+    figures.update(body_limit_rss(bundle, quick))
+    figures["install_mb_agent_base"] = _install_mb(AGENT_DISTS)
+    figures["install_mb_new_server_adds"] = 0.0  # standard library only
+    figures["install_mb_uvicorn_starlette_would_add"] = _install_mb(ASGI_DISTS)
+    return rows, figures
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and requests")
@@ -262,21 +513,36 @@ def main() -> None:
     parser.add_argument("--skip-serving", action="store_true",
                         help="skip the edge-agent process figures (RSS, cold start), e.g. where Mosquitto is missing")
     parser.add_argument("--name", default="agent", help="result name (benchmarks/results/NAME.json)")
+    parser.add_argument("--only-http", action="store_true", help="only the HTTP serving table")
+    parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)  # child process of the serving table
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        _serve(args.serve, Path(args.bundle), args.port)
+        return
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp_dir:
         tmp = Path(tmp_dir)
         bundle, source = find_bundle(tmp, args.bundle)
         print(f"bundle: {bundle} ({source})")
-        rows, figures = throughput(bundle, args.quick)
-        print_table(rows)
-        payload = window_payload(bundle)
-        serving = {} if args.skip_serving else serving_process(bundle, tmp, args.quick)
+        http_rows, http_figures = serving_table(bundle, tmp, args.quick)
+        print_table(http_rows)
+        rows: list[dict[str, Any]] = []
+        figures: dict[str, Any] = {}
+        payload: dict[str, Any] = {}
+        serving: dict[str, Any] = {}
+        if not args.only_http:
+            rows, figures = throughput(bundle, args.quick)
+            print_table(rows)
+            payload = window_payload(bundle)
+            serving = {} if args.skip_serving else serving_process(bundle, tmp, args.quick)
+    figures.update(http_figures)
     figures.update(payload)
     figures.update(serving)
     print_table([{"figure": k, "value": v} for k, v in {**payload, **serving}.items()])
+    print_table([{"figure": k, "value": v} for k, v in http_figures.items() if k.startswith("install")])
     path = write_result(
-        args.name, figures, rows=rows, bundle_source=source,
+        args.name, figures, rows=rows, http_rows=http_rows, bundle_source=source,
         conditions=("2-core shared VM with other engineers' jobs running; variants interleaved in short "
                     "rotating rounds, total time / total calls; ORT: 1 intra-op thread (agent default), no spin"),
         quick=args.quick, load_average_1_5_15=[round(v, 2) for v in os.getloadavg()],

@@ -115,8 +115,8 @@ def plain_defaults(fp32: Path, out: Path, calib: np.ndarray) -> Path:
 def edge_kit_int8(fp32: Path, workdir: Path, calib: np.ndarray) -> Path:
     """What `edge-kit build` does (ORT backend, x86-vnni preset, per-channel, minmax)."""
     from calibration import select_calibration
+    from edge_kit.compile.quantize import make_ort_quantizer
     from edge_kit.config import QuantizeSection
-    from edge_kit.quantize import make_ort_quantizer
 
     sel = select_calibration(list(range(len(calib))), len(calib), seed=0)
     q = make_ort_quantizer(QuantizeSection(), fp32, workdir, calib, sel, None)
@@ -133,7 +133,7 @@ def throughputs(paths: dict[str, Path], x: np.ndarray, batch: int, rounds: int,
     """
     import statistics
 
-    from edge_kit.evaluate import session
+    from edge_kit.compile.evaluate import session
 
     xb = np.ascontiguousarray(x[:batch], dtype=np.float32)
     runners = {}
@@ -213,10 +213,10 @@ def digits_build(tmp: Path) -> tuple[float, dict[str, Any]]:
 
 def digits_rows(tmp: Path, build: dict[str, Any], repeat: int) -> list[dict[str, Any]]:
     from device_agent.bundle import read_bundle
+    from edge_kit.compile.evaluate import accuracy, predict_logits
     from edge_kit.config import load_config
-    from edge_kit.data import load_dataset
-    from edge_kit.evaluate import accuracy, predict_logits
-    from edge_kit.tracking import client_for
+    from edge_kit.train.data import load_dataset
+    from edge_kit.train.tracking import client_for
 
     config = load_config(Path(build["project"]) / "edgekit.toml")
     ds = load_dataset(config)
@@ -241,7 +241,7 @@ def digits_rows(tmp: Path, build: dict[str, Any], repeat: int) -> list[dict[str,
 def mobilenet_rows(tmp: Path, repeat: int) -> list[dict[str, Any]]:
     import torch
 
-    from edge_kit.evaluate import predict_logits
+    from edge_kit.compile.evaluate import predict_logits
 
     model = mobilenet_v2()
     fp32 = tmp / "mnv2-fp32.onnx"

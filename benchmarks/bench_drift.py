@@ -3,11 +3,12 @@
 1. Time to evaluate 10,000 devices x 100 channels (32 bins each): in memory, and from SQLite.
 2. Power of the binned KS (and of the KS + chi-square channel test the service uses) against the
    raw-sample KS (scipy.stats.ks_2samp) for shifts of 0.25 and 0.5 reference sd at n = 50..1000.
-3. Digits with Gaussian pixel noise: detection rate of the service's per-window decision (every channel,
-   Bonferroni) from bins vs the same decision with raw-sample KS on the channel values.
-4. False alarm rate with no drift (Gaussian world and digits).
+3. False alarm rate with no drift (Gaussian world, 100 channels).
+4. The Failing Loudly style suite on digits (benchmarks/drift_suite.py): 13 shifts and none, window
+   sizes 50-500, i.i.d. and correlated streams, power and false alarms per cell for edge-kit and
+   raw-sample KS (Evidently and alibi-detect only when importable), into results/drift_suite.json.
 
-    python benchmarks/bench_drift.py [--quick]
+    python benchmarks/bench_drift.py [--quick] [--suite-only]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "edge_kit" / "fleet")]
 
 from benchmarks.common import print_table, write_result  # noqa: E402
+from benchmarks.drift_suite import run_suite  # noqa: E402
 from device_agent.channels import MonitorPlan  # noqa: E402
 from device_agent.reference import bin_counts, build_reference, quantile_edges  # noqa: E402
 from edge_kit.fleet import drift, stats  # noqa: E402
@@ -123,45 +125,6 @@ def bench_power(quick: bool) -> list[dict]:
     return rows
 
 
-def bench_digits(quick: bool) -> tuple[list[dict], list[dict]]:
-    from fleetkit import make_bundle, sample_images
-
-    trials = 60 if quick else 200
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = make_bundle(Path(tmp))
-    ref = ModelReference.from_reference(bundle.reference, sha256=bundle.sha256, name="digits", version="1",
-                                        labels=bundle.model["name"] and [str(i) for i in range(10)])
-    from fleetkit import digits_model
-
-    x_train = digits_model()[0]
-    ref_values = bundle.values(x_train)
-    settings = DriftSettings(alpha=0.01, effect_wasserstein=0.0, effect_class_tvd=0.0, min_n=10)
-    rng = np.random.default_rng(3)
-    c = len(ref.channel_names)
-    numeric = [i for i, k in enumerate(ref.kinds) if k != "class"]
-    rows = []
-    far_rows = []
-    for noise in (0.0, 0.01, 0.02, 0.03, 0.05):
-        for n in (100, 200, 500):
-            binned_hits = raw_hits = 0
-            for _ in range(trials):
-                x, _ = sample_images(n, rng, noise=noise)
-                values = bundle.values(x)
-                counts = bundle.histogrammer.counts(values)
-                r = drift.test_windows(ref, counts[None, :, : ref.width], settings)
-                binned_hits += bool((r.p_adjusted <= settings.alpha).any())
-                raw_p = np.array([sps.ks_2samp(ref_values[:, j], values[:, j]).pvalue for j in numeric])
-                raw_hits += bool((np.minimum(raw_p * c, 1.0) <= settings.alpha).any())
-            if noise == 0.0:
-                far_rows.append({"world": "digits (30 channels)", "alpha": settings.alpha, "n": n,
-                                 "windows": trials, "false_alarm_rate": binned_hits / trials,
-                                 "raw_ks_false_alarm_rate": raw_hits / trials})
-            else:
-                rows.append({"noise_sd": noise, "n": n, "raw_ks_detect": raw_hits / trials,
-                             "binned_service_detect": binned_hits / trials})
-    return rows, far_rows
-
-
 def bench_false_alarms(quick: bool) -> list[dict]:
     """Whole-model decision (100 channels, Bonferroni, BH-free) under no drift, Gaussian world."""
     ref = wide_reference()
@@ -179,22 +142,32 @@ def bench_false_alarms(quick: bool) -> list[dict]:
     return rows
 
 
+def bench_suite(quick: bool) -> tuple[list[dict], dict]:
+    if quick:
+        return run_suite(trials=8, sizes=(50, 200), streams=("iid", "repeat"), null_trials=30)
+    return run_suite(trials=30, sizes=(50, 200, 500), streams=("iid", "repeat", "ar1"), null_trials=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--suite-only", action="store_true", help="only the digits suite (drift_suite.json)")
     args = parser.parse_args()
-    evaluation = bench_evaluation(args.quick)
-    print_table(evaluation)
-    power = bench_power(args.quick)
-    print_table(power)
-    digits, digits_far = bench_digits(args.quick)
-    print_table(digits)
-    far = bench_false_alarms(args.quick)
-    print_table(far + digits_far)
-    out = write_result("fleet_drift", {"evaluation": evaluation, "power_gaussian_shift": power,
-                                       "digits_noise": digits, "false_alarms_gaussian": far,
-                                       "false_alarms_digits": digits_far},
-                       quick=args.quick, conditions="2-core shared VM, other engineers' jobs running concurrently")
+    conditions = "2-core shared VM, other engineers' jobs running concurrently"
+    if not args.suite_only:
+        evaluation = bench_evaluation(args.quick)
+        print_table(evaluation)
+        power = bench_power(args.quick)
+        print_table(power)
+        far = bench_false_alarms(args.quick)
+        print_table(far)
+        out = write_result("fleet_drift", {"evaluation": evaluation, "power_gaussian_shift": power,
+                                           "false_alarms_gaussian": far}, quick=args.quick, conditions=conditions)
+        print(f"wrote {out}")
+    rows, summary = bench_suite(args.quick)
+    print_table(rows)
+    print(summary)
+    out = write_result("drift_suite", {"summary": summary, "cells": rows}, quick=args.quick, conditions=conditions)
     print(f"wrote {out}")
 
 

@@ -78,10 +78,10 @@ def pipeline_wall_times(workdir: Path, warm_runs: int) -> dict[str, Any]:
 def checkpoint_share(workdir: Path, repeats: int) -> dict[str, Any]:
     import torch
 
-    from edge_kit.checkpoint import CheckpointManager
     from edge_kit.config import load_config
-    from edge_kit.data import load_dataset
-    from edge_kit.train import StopFlag, Trainer, deterministic_algorithms
+    from edge_kit.train.checkpoint import CheckpointManager
+    from edge_kit.train.data import load_dataset
+    from edge_kit.train.trainer import StopFlag, Trainer, deterministic_algorithms
 
     config = load_config(make_copy(workdir / "ckpt"))
     dataset = load_dataset(config)

@@ -24,13 +24,13 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from edge_kit.checkpoint import CheckpointManager  # noqa: E402
 from edge_kit.config import parse_config  # noqa: E402
-from edge_kit.data import Dataset, fit_preprocessing, split_ids  # noqa: E402
 from edge_kit.errors import TrainingInterrupted  # noqa: E402
-from edge_kit.export import export_and_check  # noqa: E402
-from edge_kit.snapshot import SnapshotInfo  # noqa: E402
-from edge_kit.train import StopFlag, Trainer, deterministic_algorithms, select_device  # noqa: E402
+from edge_kit.train.checkpoint import CheckpointManager  # noqa: E402
+from edge_kit.train.data import Dataset, fit_preprocessing, split_ids  # noqa: E402
+from edge_kit.train.export import export_and_check  # noqa: E402
+from edge_kit.train.snapshot import SnapshotInfo  # noqa: E402
+from edge_kit.train.trainer import StopFlag, Trainer, deterministic_algorithms, select_device  # noqa: E402
 
 EPOCHS = 4
 STOP_AT = 30  # mid-epoch (23 steps per epoch)

@@ -30,7 +30,7 @@ from device_agent.bundle import MODEL, REFERENCE, read_bundle
 from device_agent.errors import EdgeKitError, InputError, VerificationError
 from device_agent.forwarder import Forwarder
 from device_agent.host import cpu_model, int8_isa
-from device_agent.monitor import WindowMonitor, histogrammer_for
+from device_agent.monitor import DEFAULT_REQUEST_MEMORY_BYTES, WindowMonitor, histogrammer_for
 from device_agent.runtime import ModelRuntime
 from device_agent.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
 from device_agent.transport import Message
@@ -94,6 +94,7 @@ class Agent:
         compress: bool = True,
         intra_op_threads: int = 0,
         monitoring: bool = True,
+        request_memory_bytes: int = DEFAULT_REQUEST_MEMORY_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if window_seconds <= 0:
@@ -106,6 +107,7 @@ class Agent:
         self.compress = compress
         self.intra_op_threads = intra_op_threads
         self.monitoring = monitoring
+        self.request_memory_bytes = request_memory_bytes  # predictions kept for labels naming a request id
         self._clock = clock
         self.closed_windows: deque[WindowSummary] = deque(maxlen=100)
         self.started_at = clock()
@@ -161,6 +163,7 @@ class Agent:
         return WindowMonitor(
             loaded.runtime.plan, loaded.histogrammer, fleet=self.fleet, device=self.device_id,
             model=loaded.runtime.info.as_dict(), window_start=start, seq=seq,
+            request_memory_bytes=self.request_memory_bytes,
         )
 
     # -- inference ---------------------------------------------------------------------------------

@@ -39,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", dest="device_id", help="this device's id (an MQTT topic level)")
     p.add_argument("--fleet", help="fleet name (MQTT topic level, default 'default')")
     p.add_argument("--spool", help="spool database path (default $STATE_DIRECTORY/spool.db or ./edge-agent-spool.db)")
-    p.add_argument("--http", help="HOST:PORT for POST /predict, POST /labels, GET /healthz, GET /status")
+    p.add_argument("--http", help="HOST:PORT for POST /predict, POST /labels, GET /healthz, GET /status and the "
+                   "Open Inference Protocol under /v2")
+    p.add_argument("--http-max-body-bytes", dest="http_max_body_bytes", type=int, metavar="BYTES",
+                   help="largest request body the HTTP API reads (default 8 MiB)")
+    p.add_argument("--http-max-samples", dest="http_max_samples", type=int, metavar="N",
+                   help="most samples in one HTTP request (default 4096)")
+    p.add_argument("--http-max-connections", dest="http_max_connections", type=int, metavar="N",
+                   help="most open HTTP connections; one more closes the longest idle (default 64)")
+    p.add_argument("--http-timeout", dest="http_timeout", type=float, metavar="S",
+                   help="seconds a client has to send a request, or may stay idle (default 10)")
     p.add_argument("--window-seconds", dest="window_seconds", type=float, help="summary window length (default 60)")
     p.add_argument("--pubkey", help="Ed25519 public key (PEM): bundles must be signed by it")
     _common(p)
@@ -117,6 +126,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         settings.bundle, public_key=_public_key(settings.pubkey), require_signature=settings.require_signature,
         fleet=settings.fleet, device_id=settings.device_id, window_seconds=settings.window_seconds,
         forwarder=Forwarder(spool, publisher), compress=settings.mqtt.compress, intra_op_threads=settings.threads,
+        request_memory_bytes=settings.http_limits.request_memory_bytes,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     server = None
     if listen is not None:
         try:
-            server = AgentHTTPServer(listen, agent)
+            server = AgentHTTPServer(listen, agent, settings.http_limits)
         except OSError as exc:
             agent.stop()
             from device_agent.errors import UsageError

@@ -51,12 +51,6 @@ class DataError(UsageError):
     """Input data is missing, corrupt, or does not match its recorded snapshot."""
 
 
-class GateFailedError(EdgeKitError):
-    """No quantized candidate met the accuracy budget; no bundle was written."""
-
-    exit_code = EXIT_GATE_FAILED
-
-
 class VerificationError(EdgeKitError):
     """A bundle failed verification: bad signature, hash mismatch, truncation, wrong key."""
 

@@ -1,30 +1,49 @@
-"""The agent's local HTTP API (DESIGN.md section 6): /predict, /labels, /healthz, /status.
+"""The agent's local HTTP server: its own /predict API and the Open Inference Protocol v2, one event loop.
 
-Standard library only (`ThreadingHTTPServer`): a device needs a handful of requests per second
-from a local application, not a web framework. A bad request gets a 4xx with a one-line JSON error
-and is counted; the server keeps serving.
+Standard library only (asyncio), chosen by measurement (benchmarks/bench_agent.py, docs/agent.md):
+the former `ThreadingHTTPServer` made one thread per connection, parsed headers with the email
+package and wrote each response in several small writes (a 40 ms Nagle/delayed-ACK stall per
+keep-alive request). Here one thread runs an asyncio loop; each response leaves in one write on a
+TCP_NODELAY socket; small requests (the common case on a device) are answered inline on the loop,
+and requests with a large body go to one worker thread (created once), so a big
+batch never holds up `/healthz`.
+
+Hostile clients are bounded (docs/security.md, "Agent HTTP"): the body limit is checked against
+Content-Length before a byte of the body is read; a request must arrive whole within `timeout`
+seconds and an idle keep-alive connection is closed after `timeout`; at most `max_connections` are
+open, and one more evicts the longest-idle connection instead of being refused, so a pile of idle
+sockets cannot lock out a health check.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import asyncio
+import contextlib
 import logging
+import socket
 import threading
-import uuid
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import numpy as np
-
 from device_agent.agent import Agent
-from device_agent.errors import InputError, UsageError
+from device_agent.errors import UsageError
+from device_agent.http_protocol import CONTINUE, HttpError, HttpLimits, Request, Response, encode_response, parse_head
+from device_agent.http_routes import Routes, error_response
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
-NPY_TYPES = ("application/x-npy", "application/octet-stream")
+# Requests with bodies up to this size run inline on the event loop: a digits batch of 32 in JSON
+# is ~10 KB and costs less than a hand-off to a thread would. Bigger ones go to the worker.
+INLINE_BODY_BYTES = 64 * 1024
+# One worker: a large request's memory (its JSON parsed into Python objects, ONNX Runtime's
+# activations for thousands of samples) is then held once at a time, which keeps the agent under
+# 150 MB at the body limit (bench_agent.py); the loop keeps answering small requests meanwhile.
+WORKERS = 1
+# Bodies being received or answered, all connections together, may hold at most this many times the
+# body limit: 64 connections each sending 8 MiB must not take a small device to 512 MB.
+BODY_BUDGET_FACTOR = 2
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -34,122 +53,205 @@ def parse_listen(spec: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: AgentHTTPServer
-    protocol_version = "HTTP/1.1"
+class _Connection(asyncio.Protocol):
+    """One client connection: buffers bytes, cuts requests out of them, answers them in order."""
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+    def __init__(self, server: AgentHTTPServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.request: Request | None = None  # head parsed, body still arriving
+        self.busy = False  # a request is being answered (by the worker)
+        self.write_paused = False
+        self.closing = False
+        self.last_activity = time.monotonic()
+        self.request_started: float | None = None  # first byte of the request being received
+        self.reserved = 0  # bytes of the server's body budget held by the current request
+        self.body: bytearray | None = None  # a large body, filled in place as it arrives
+        self.body_fill = 0
 
-    # -- helpers ---------------------------------------------------------------------------------
+    # -- asyncio callbacks -------------------------------------------------------------------------
 
-    def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Belt and braces with the one-write responses: nothing ever waits for a delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server._admit(self)
 
-    def _error(self, status: int, message: str) -> None:
-        self._send(status, {"error": message})
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server._connections.discard(self)
+        self._release()
 
-    def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            raise _TooLarge(f"body is {length} bytes, the limit is {MAX_BODY_BYTES}")
-        return self.rfile.read(length)
+    def _release(self) -> None:
+        self.server._body_bytes -= self.reserved
+        self.reserved = 0
 
-    def _json_body(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self._body() or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"body is not valid JSON: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise InputError("body must be a JSON object")
-        return doc
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.last_activity = now
+        if self.request_started is None:
+            self.request_started = now
+        self.buf += data
+        if not self.busy and not self.write_paused:
+            self._process()
 
-    # -- routes ----------------------------------------------------------------------------------
+    def pause_writing(self) -> None:  # the client does not read its answers: stop taking requests
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
 
-    def do_GET(self) -> None:
-        agent = self.server.agent
-        if self.path == "/healthz":
-            self._send(HTTPStatus.OK, {"ok": True, "model": agent.model.runtime.info.as_dict()})
-        elif self.path == "/status":
-            self._send(HTTPStatus.OK, agent.status())
-        else:
-            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.busy and not self.closing:
+            self.transport.resume_reading()
+            self._process()
 
-    def do_POST(self) -> None:
-        try:
-            if self.path == "/predict":
-                self._predict()
-            elif self.path == "/labels":
-                self._labels()
+    # -- requests ----------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        limits = self.server.limits
+        while not (self.busy or self.closing or self.write_paused):
+            if self.request is None:
+                if not self.buf:
+                    self.request_started = None
+                    return
+                try:
+                    parsed = parse_head(self.buf, limits.max_body_bytes)
+                except HttpError as exc:
+                    self.server.agent.count_bad_request()
+                    self._reply(error_response(exc.status, str(exc)), keep_alive=False)
+                    return
+                if parsed is None:
+                    return
+                self.request, head_len = parsed
+                del self.buf[:head_len]
+                if not self.server._reserve(self, self.request.content_length):
+                    self._reply(error_response(HTTPStatus.SERVICE_UNAVAILABLE,
+                                               "too many large requests in progress, try again"), keep_alive=False)
+                    return
+                if self.request.expect_continue and len(self.buf) < self.request.content_length:
+                    assert self.transport is not None
+                    self.transport.write(CONTINUE)
+            request = self.request
+            n = request.content_length
+            if n > INLINE_BODY_BYTES:
+                # One exact buffer for a large body, so it is held once, not as a growing bytearray
+                # plus the copy cut from it (twice the body limit per request).
+                if self.body is None:
+                    self.body, self.body_fill = bytearray(n), 0
+                take = min(n - self.body_fill, len(self.buf))
+                if take:
+                    self.body[self.body_fill : self.body_fill + take] = self.buf[:take]
+                    del self.buf[:take]
+                    self.body_fill += take
+                if self.body_fill < n:
+                    return
+                request.body, self.body = self.body, None
             else:
-                self.close_connection = True  # the body was not read: do not reuse the connection
-                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
-        except _TooLarge as exc:
-            self.close_connection = True
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc))
-        except InputError as exc:
-            self._error(HTTPStatus.BAD_REQUEST, str(exc))
-        except Exception as exc:  # one failed request must not take the server down
-            log.exception("request %s failed", self.path)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {exc}")
+                if len(self.buf) < n:
+                    return
+                request.body = bytes(self.buf[:n]) if n else b""
+                del self.buf[:n]
+            self.request = None
+            self._dispatch(request)
 
-    def _predict(self) -> None:
-        content_type = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
-        request_id = self.headers.get("X-Request-Id") or uuid.uuid4().hex
-        if content_type in NPY_TYPES:
-            try:
-                inputs = np.load(io.BytesIO(self._body()), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                self.server.agent.count_bad_request()
-                raise InputError(f"body is not a .npy array: {exc}") from exc
-        else:
-            doc = self._json_body()
-            if "inputs" not in doc:
-                self.server.agent.count_bad_request()
-                raise InputError('JSON body needs "inputs": a sample or a batch of samples')
-            try:
-                inputs = np.asarray(doc["inputs"], dtype=np.float64)
-            except (ValueError, TypeError) as exc:
-                self.server.agent.count_bad_request()
-                raise InputError(f'"inputs" is not a rectangular array of numbers: {exc}') from exc
-            request_id = str(doc.get("request_id") or request_id)
-        result = self.server.agent.predict(inputs, request_id=request_id)
-        self._send(HTTPStatus.OK, {
-            "outputs": result.outputs.tolist(),
-            "predictions": result.labels,
-            "classes": result.classes.tolist(),
-            "request_id": request_id,
-            "model": self.server.agent.model.runtime.info.as_dict(),
-        })
+    def _dispatch(self, request: Request) -> None:
+        if request.content_length <= INLINE_BODY_BYTES:
+            response = self.server.routes.handle(request)
+            self._release()
+            self._reply(response, keep_alive=request.keep_alive, http10=request.version == "HTTP/1.0")
+            return
+        self.busy = True
+        assert self.transport is not None
+        self.transport.pause_reading()
+        future = self.server._pool.submit(self.server.routes.handle, request)
+        loop = self.server._loop
+        assert loop is not None
+        future.add_done_callback(lambda f: self._call_soon(loop, request, f))
 
-    def _labels(self) -> None:
-        doc = self._json_body()
-        labels = doc.get("labels")
-        if not isinstance(labels, list):
+    def _call_soon(self, loop: asyncio.AbstractEventLoop, request: Request, future: Future[Response]) -> None:
+        # RuntimeError: the server stopped while the worker ran, and nobody is waiting for the answer.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._finish, request, future)
+
+    def _finish(self, request: Request, future: Future[Response]) -> None:
+        self.busy = False
+        self._release()
+        if self.closing:
+            return
+        try:
+            response = future.result()
+        except Exception as exc:  # Routes.handle answers every error itself; this is a last resort
+            log.exception("request %s failed", request.path)
+            response = error_response(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {exc}")
+        self._reply(response, keep_alive=request.keep_alive, http10=request.version == "HTTP/1.0")
+        if not self.closing and self.transport is not None:
+            self.transport.resume_reading()
+            self._process()
+
+    def _reply(self, response: Response, *, keep_alive: bool, http10: bool = False) -> None:
+        keep = keep_alive and not response.close and not self.server._stopping
+        assert self.transport is not None
+        self.transport.write(encode_response(response, keep_alive=keep, http10=http10))
+        self.last_activity = time.monotonic()
+        self.request_started = time.monotonic() if self.buf else None
+        if not keep:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closing and self.transport is not None:
+            self.closing = True
+            self.transport.close()  # sends what is buffered, then closes
+
+    # -- time limits -------------------------------------------------------------------------------
+
+    def expired(self, now: float, timeout: float) -> bool:
+        if self.busy:
+            return False
+        if self.request_started is not None:
+            return now - self.request_started > timeout
+        return now - self.last_activity > timeout
+
+    def time_out(self) -> None:
+        if self.request_started is not None and not self.write_paused:
             self.server.agent.count_bad_request()
-            raise InputError('JSON body needs "labels": a list of class names or indices')
-        request_id = doc.get("request_id")
-        counted = self.server.agent.feed_labels(labels, None if request_id is None else str(request_id))
-        self._send(HTTPStatus.OK, {"counted": counted})
+            self._reply(error_response(HTTPStatus.REQUEST_TIMEOUT,
+                                       f"request not received within {self.server.limits.timeout:g}s (http.timeout)"),
+                        keep_alive=False)
+        elif self.transport is not None:
+            self.closing = True
+            self.transport.abort()
 
 
-class _TooLarge(Exception):
-    pass
+class AgentHTTPServer:
+    """Binds at construction (so a busy port fails early), serves from its own thread after `start()`."""
 
-
-class AgentHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], agent: Agent) -> None:
-        super().__init__(address, _Handler)
+    def __init__(self, address: tuple[str, int], agent: Agent, limits: HttpLimits | None = None) -> None:
         self.agent = agent
+        self.limits = limits or HttpLimits()
+        self.routes = Routes(agent, self.limits)
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind(address)
+            self._sock.listen(1024)
+        except OSError:
+            self._sock.close()
+            raise
+        self._sock.setblocking(False)
+        self.server_address: tuple[Any, ...] = self._sock.getsockname()
+        self._connections: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="http-worker")
         self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._stopping = False
+        self._body_bytes = 0  # reserved by requests in progress (see BODY_BUDGET_FACTOR)
 
     @property
     def url(self) -> str:
@@ -157,11 +259,67 @@ class AgentHTTPServer(ThreadingHTTPServer):
         return f"http://{host!s}:{port}"
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
         self._thread.start()
+        self._started.wait(10)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        server = loop.run_until_complete(loop.create_server(lambda: _Connection(self), sock=self._sock))
+        loop.call_soon(self._sweep)
+        self._started.set()
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            for conn in list(self._connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+    def _admit(self, conn: _Connection) -> None:
+        if len(self._connections) >= self.limits.max_connections:
+            idle = [c for c in self._connections if not c.busy]
+            if idle:
+                victim = min(idle, key=lambda c: c.last_activity)
+                log.warning("%d connections open (http.max_connections): closing the longest idle one",
+                            len(self._connections))
+                victim.closing = True
+                if victim.transport is not None:
+                    victim.transport.abort()
+                self._connections.discard(victim)
+            else:
+                conn._reply(error_response(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections, try again"),
+                            keep_alive=False)
+                return
+        self._connections.add(conn)
+
+    def _reserve(self, conn: _Connection, n: int) -> bool:
+        if n and self._body_bytes + n > BODY_BUDGET_FACTOR * self.limits.max_body_bytes:
+            return False
+        conn.reserved = n
+        self._body_bytes += n
+        return True
+
+    def _sweep(self) -> None:
+        if self._stopping or self._loop is None:
+            return
+        now = time.monotonic()
+        timeout = self.limits.timeout
+        for conn in [c for c in self._connections if c.expired(now, timeout)]:
+            conn.time_out()
+        self._loop.call_later(min(1.0, timeout / 4), self._sweep)
+
+    def connection_count(self) -> int:
+        return len(self._connections)
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        if self._thread is not None:
+        self._stopping = True
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+        else:
+            self._sock.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)

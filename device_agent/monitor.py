@@ -8,8 +8,9 @@ overlaps inference: ONNX Runtime and numpy's heavy loops both release the GIL, a
 thread per inference a second core is otherwise idle. At most one chunk is in flight; a second
 full buffer waits for it (backpressure), and closing a window waits for it too.
 
-Ground-truth labels come back later, for the most recent predictions or for a request id; they add
-to the confusion counts of the window that is open when they arrive.
+Ground-truth labels come back later, for the most recent predictions made without a request id or
+for one request id; they add to the confusion counts of the window that is open when they arrive,
+and consume the predictions they label (labelled once at most; never more labels than predictions).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ DEFAULT_CHUNK = 8192
 # cheaper per sample (fixed per-flush costs amortised; sorting grows only as n log n).
 CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_LABEL_MEMORY = 4096
-DEFAULT_REQUEST_MEMORY = 1024
+# Predictions remembered under a request id, for labels that name it: bounded in bytes (ids
+# included), oldest forgotten first, so clients cannot grow the agent by sending many or big requests.
+DEFAULT_REQUEST_MEMORY_BYTES = 1024 * 1024
+_ENTRY_OVERHEAD = 96  # bytes an entry costs beyond its predictions and id (dict slot, small objects)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,7 @@ class WindowMonitor:
         n_outputs: int | None = None,
         chunk: int = DEFAULT_CHUNK,
         label_memory: int = DEFAULT_LABEL_MEMORY,
+        request_memory_bytes: int = DEFAULT_REQUEST_MEMORY_BYTES,
         background: bool = True,
     ) -> None:
         self.plan = plan
@@ -106,6 +111,8 @@ class WindowMonitor:
         self._recent_next = 0
         self._recent_count = 0
         self._requests: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._request_bytes = 0
+        self._request_budget = request_memory_bytes
         self.summary = self._zero(window_start, seq)
 
     def _zero(self, start: float, seq: int) -> WindowSummary:
@@ -175,6 +182,9 @@ class WindowMonitor:
                 log.exception("summarising a chunk of predictions failed; its counts are missing")
 
     def _remember(self, predicted: np.ndarray, request_id: str | None) -> None:
+        if request_id is not None:  # kept apart from the ring: labelled by id only, never twice
+            self._remember_request(predicted, request_id)
+            return
         size = len(self._recent)
         p = predicted[-size:]
         start = self._recent_next
@@ -184,28 +194,51 @@ class WindowMonitor:
             self._recent[(start + np.arange(len(p))) % size] = p
         self._recent_next = (start + len(p)) % size
         self._recent_count = min(size, self._recent_count + len(p))
-        if request_id is not None:
-            self._requests[request_id] = predicted.copy()
-            self._requests.move_to_end(request_id)
-            while len(self._requests) > DEFAULT_REQUEST_MEMORY:
-                self._requests.popitem(last=False)
+
+    def _remember_request(self, predicted: np.ndarray, request_id: str) -> None:
+        self._forget_request(request_id)  # a reused id names the newest request
+        kept = predicted.astype(np.int32)
+        cost = kept.nbytes + len(request_id) + _ENTRY_OVERHEAD
+        if cost > self._request_budget:
+            log.debug("request %r has too many samples to remember for labels", request_id[:64])
+            return
+        self._requests[request_id] = kept
+        self._request_bytes += cost
+        while self._request_bytes > self._request_budget:
+            self._forget_request(next(iter(self._requests)))
+
+    def _forget_request(self, request_id: str) -> np.ndarray | None:
+        kept = self._requests.pop(request_id, None)
+        if kept is not None:
+            self._request_bytes -= kept.nbytes + len(request_id) + _ENTRY_OVERHEAD
+        return kept
+
+    @property
+    def remembered_request_bytes(self) -> int:
+        return self._request_bytes
 
     def feed_labels(self, labels: Sequence[Any], request_id: str | None = None) -> int:
-        """Ground truth for the most recent predictions (or one request's); returns how many were counted."""
+        """Ground truth for the most recent unlabelled predictions made without a request id, or for one
+        request's; returns how many were counted. Labels consume what they label: a prediction is
+        labelled at most once, so there are never more labels than predictions."""
         true = self._class_indices(labels)
         with self._lock:
             if request_id is not None:
                 predicted = self._requests.get(request_id)
                 if predicted is None:
-                    raise InputError(f"unknown or expired request id {request_id!r}")
+                    raise InputError(f"unknown, expired or already labelled request id {request_id!r}")
                 if len(predicted) != len(true):
                     raise InputError(f"request {request_id!r} had {len(predicted)} samples, got {len(true)} labels")
+                self._forget_request(request_id)
             else:
                 if len(true) > self._recent_count:
-                    raise InputError(f"{len(true)} labels but only {self._recent_count} recent predictions remembered")
+                    raise InputError(f"{len(true)} labels but only {self._recent_count} unlabelled recent "
+                                     "predictions remembered")
                 size = len(self._recent)
                 idx = (self._recent_next - len(true) + np.arange(len(true))) % size
                 predicted = self._recent[idx]
+                self._recent_next = (self._recent_next - len(true)) % size
+                self._recent_count -= len(true)
             with self._summary_lock:
                 self.summary.update_labels(true, predicted)
         return len(true)

@@ -13,6 +13,13 @@
     watch_interval = 2.0                     compress = true
     threads = 0
 
+    [http]                                   # limits of the local HTTP API (--http-* flags)
+    max_body_bytes = 8388608                 # 8 MiB; a bigger Content-Length gets 413 unread
+    max_samples = 4096                       # samples in one request (and labels in one call)
+    max_connections = 64                     # one more closes the longest-idle connection
+    timeout = 10.0                           # seconds to send one request, or to sit idle
+    request_memory_bytes = 1048576           # predictions kept for labels naming a request id
+
 Strict like the project config: an unknown key or a wrong type is exit 2 naming the dotted key.
 Relative paths are relative to the config file.
 """
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import ConfigError
+from device_agent.http_protocol import HttpLimits
 from device_agent.strict_toml import check_sections, check_value, read_toml, section_values
 from device_agent.transport import BrokerConfig
 
@@ -61,6 +69,7 @@ class AgentSettings:
     watch_interval: float = 2.0
     threads: int = 0
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
     def spool_path(self) -> Path:
         if self.spool is not None:
@@ -116,7 +125,8 @@ def _coerce(dotted: str, value: Any, annotation: str, base: Path) -> Any:
 
 
 def _section(cls: type[Any], name: str, data: Any, base: Path) -> dict[str, Any]:
-    return section_values(name, cls, data, lambda key, value, ann: _coerce(key, value, ann, base), skip=("mqtt",))
+    return section_values(name, cls, data, lambda key, value, ann: _coerce(key, value, ann, base),
+                          skip=("mqtt", "http_limits"))
 
 
 def load_settings(path: str | Path | None) -> AgentSettings:
@@ -124,11 +134,20 @@ def load_settings(path: str | Path | None) -> AgentSettings:
     if path is None:
         return AgentSettings()
     data = read_toml(path)
-    check_sections(data, ("agent", "mqtt"))
+    check_sections(data, ("agent", "mqtt", "http"))
     base = Path(path).resolve().parent
     agent = _section(AgentSettings, "agent", data.get("agent", {}), base)
     mqtt = _section(MqttSettings, "mqtt", data.get("mqtt", {}), base)
-    return AgentSettings(**agent, mqtt=MqttSettings(**mqtt))
+    http = _section(HttpLimits, "http", data.get("http", {}), base)
+    _check_http(http, "http.")
+    return AgentSettings(**agent, mqtt=MqttSettings(**mqtt), http_limits=HttpLimits(**http))
+
+
+def _check_http(values: dict[str, Any], prefix: str) -> None:
+    # Zero would make the API useless (every request refused), so these must be positive.
+    for key in ("max_body_bytes", "max_samples", "max_connections"):
+        if key in values and values[key] < 1:
+            raise ConfigError(f"{prefix}{key}", f"must be a positive integer, got {values[key]!r}")
 
 
 def apply_flags(settings: AgentSettings, args: argparse.Namespace) -> AgentSettings:
@@ -145,7 +164,12 @@ def apply_flags(settings: AgentSettings, args: argparse.Namespace) -> AgentSetti
             raise ConfigError("window_seconds", "must be a positive number of seconds")
         agent["window_seconds"] = float(args.window_seconds)
     mqtt = replace(settings.mqtt, broker=args.broker) if getattr(args, "broker", None) else settings.mqtt
-    merged = replace(settings, **agent, mqtt=mqtt)
+    http = {key: getattr(args, f"http_{key}") for key in ("max_body_bytes", "max_samples", "max_connections", "timeout")
+            if getattr(args, f"http_{key}", None) is not None}
+    _check_http(http, "--http-")
+    if http.get("timeout", 1.0) <= 0:
+        raise ConfigError("--http-timeout", f"must be a positive number of seconds, got {http['timeout']!r}")
+    merged = replace(settings, **agent, mqtt=mqtt, http_limits=replace(settings.http_limits, **http))
     if merged.bundle is None:
         raise ConfigError("agent.bundle", "required: pass --bundle PATH or set it in the config")
     if not merged.device_id:

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "reproduce": "reproduce",
     "keygen": "keygen",
     "bench": "bench",
+    "promote": "promote",
     "fleet serve": "fleet_serve",
 }
 
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.md, report.json and charts")
     p.add_argument("--config", help="project config (for the fp32 model, checkpoint and test split)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for smoke tests)")
+    _common(p)
+
+    p = sub.add_parser("promote", help="make a bundle's registered MLflow model version the champion")
+    p.add_argument("bundle")
+    p.add_argument("--tracking-uri",
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the one the bundle names)")
     _common(p)
 
     fleet = sub.add_parser("fleet", help="fleet drift service")

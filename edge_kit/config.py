@@ -2,6 +2,11 @@
 
 Validation is strict on purpose: an unknown key is a typo until proven otherwise, and a typo that
 is silently ignored trains the wrong model. Every error names the dotted key and what is allowed.
+
+Each key is declared once, with its default, a one-line description and its rule (bounds, choices
+or a check), by `setting`; docs/config.md is generated from these declarations:
+
+    python -m edge_kit.config --markdown > docs/config.md     # or: make docs
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,67 +22,266 @@ from typing import Any
 from device_agent.strict_toml import check_sections, read_toml, section_values
 from edge_kit.errors import ConfigError
 
+# -- fields that carry their own rules ---------------------------------------------------------
+# A section is a frozen dataclass whose fields are declared with `setting(...)`: default, one-line
+# description and rule (bounds, choices or a check) together. `check_rules` enforces them on a parsed
+# config and `markdown` renders the same declarations as docs/config.md, so the page cannot drift
+# from the code. Adding a key is one line: `workers: int = setting(1, "what it does", lo=1)`.
+
+# (dotted key, value, the whole config) -> None; raises ConfigError. For rules that need files or
+# other keys (a source path that must exist, a label column a csv source requires).
+Check = Callable[[str, Any, Any], None]
+Choices = Sequence[str] | Callable[[], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False  # True: the bound itself is not allowed
+    open_hi: bool = False
+    choices: Choices | None = None  # a callable is resolved when checked (for lists owned elsewhere)
+    check: Check | None = None
+    allowed: str | None = None  # how the docs describe what `check` allows
+
+    def allowed_choices(self) -> tuple[str, ...]:
+        found = self.choices() if callable(self.choices) else self.choices
+        return tuple(found or ())
+
+    def verify(self, key: str, value: Any, config: Any) -> None:
+        if value is None:  # only optional fields default to None; the type check let it through
+            return
+        if self.choices is not None:
+            allowed = self.allowed_choices()
+            if value not in allowed:
+                raise ConfigError(key, f"{value!r} is not allowed", hint=f"allowed: {', '.join(allowed)}")
+        if (self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo)) or (
+                self.hi is not None and (value >= self.hi if self.open_hi else value > self.hi)):
+            raise ConfigError(key, f"must be {self.bounds()}, got {value}")
+        if self.check is not None:
+            self.check(key, value, config)
+
+    def bounds(self) -> str:
+        """The allowed range in words, as the error message and the docs say it."""
+        lo, hi = (None if b is None else f"{b:g}" for b in (self.lo, self.hi))
+        if lo is not None and hi is not None:
+            if self.open_lo and self.open_hi:
+                return f"between {lo} and {hi}"
+            excluded = (" (excluded)" if self.open_lo else "", " (excluded)" if self.open_hi else "")
+            return f"between {lo}{excluded[0]} and {hi}{excluded[1]}"
+        if lo is not None:
+            if self.open_lo:
+                return "positive" if lo == "0" else f"more than {lo}"
+            return "0 or more" if lo == "0" else f"at least {lo}"
+        if hi is not None:
+            return f"less than {hi}" if self.open_hi else f"at most {hi}"
+        return ""
+
+    def describe_allowed(self) -> str:
+        parts = []
+        if self.choices is not None:
+            parts.append(", ".join(f"`{c}`" for c in self.allowed_choices()))
+        if self.bounds():
+            parts.append(self.bounds() + (" (both excluded)" if self.open_lo and self.open_hi else ""))
+        if self.allowed:
+            parts.append(self.allowed)
+        return "; ".join(parts)
+
+
+def setting(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None, open_lo: bool = False,
+            open_hi: bool = False, choices: Choices | None = None, check: Check | None = None,
+            allowed: str | None = None) -> Any:
+    """A dataclass field with its default, description and rule (typed Any, as `dataclasses.field` is).
+
+    A mutable default (a table) is given as its type, `dict`, and built fresh for every config.
+    """
+    rule = Rule(doc, lo, hi, open_lo, open_hi, choices, check, allowed)
+    if default in (dict, list):
+        return dataclasses.field(default_factory=default, metadata={"rule": rule})
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+def rule_of(f: dataclasses.Field[Any]) -> Rule:
+    rule = f.metadata.get("rule")
+    if not isinstance(rule, Rule):
+        raise TypeError(f"config field {f.name} is not declared with setting(): it has no description or rule")
+    return rule
+
+
+def check_rules(config: Any, sections: Mapping[str, type]) -> None:
+    """Enforce every field's rule, section by section in declaration order (the first error is raised)."""
+    for name in sections:
+        section = getattr(config, name)
+        for f in dataclasses.fields(section):
+            rule_of(f).verify(f"{name}.{f.name}", getattr(section, f.name), config)
+
+
+def _toml(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "{}" if not value else "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return repr(value)
+
+
+def _type_name(annotation: Any) -> str:
+    spec = str(annotation).replace(" ", "")
+    optional = spec.endswith("|None")
+    base = spec.removesuffix("|None")
+    base = "table" if base.startswith("dict") else "list of strings" if base == "list[str]" else base
+    return f"{base} (optional)" if optional else base
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def markdown(title: str, intro: str, sections: Mapping[str, type]) -> str:
+    """A reference page: per section its description and a table of keys, then a file of all defaults."""
+    lines = [f"# {title}", "", intro.strip(), ""]
+    for name, cls in sections.items():
+        lines += [f"## [{name}]", "", (cls.__doc__ or "").strip().splitlines()[0], "",
+                  "| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            rule = rule_of(f)
+            cells = [f"`{f.name}`", _type_name(f.type), f"`{_toml(_default(f))}`", rule.describe_allowed(), rule.doc]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
+    lines += ["## Every key at its default", "", "```toml"]
+    for name, cls in sections.items():
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(cls):
+            value = _default(f)
+            lines.append(f"# {f.name} = (unset)" if value is None else f"{f.name} = {_toml(value)}")
+        lines.append("")
+    lines[-1] = "```"
+    return "\n".join(lines) + "\n"
+
+
+# -- the project config -------------------------------------------------------------------
+
 SKLEARN_DATASETS = ("digits", "breast_cancer", "wine", "iris")
 QUANT_BACKENDS = ("ort", "inc")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("x86-vnni", "x86-avx2", "arm64")
 GATE_METRICS = ("accuracy",)
+TRAIN_DEVICES = ("auto", "cpu", "cuda")
+
+
+def calibration_methods() -> tuple[str, ...]:
+    """The calibration presets `calibration.methods` defines (the one list of their names).
+
+    Imported when a config is checked, not when this module is: `calibration` loads ONNX Runtime's
+    quantization tools, and `--help` and the fleet never need them.
+    """
+    from calibration.methods import CALIBRATION_METHODS
+
+    return tuple(CALIBRATION_METHODS)
+
+
+def check_source(key: str, source: str, c: Any) -> None:
+    kind, _, rest = source.partition(":")
+    if kind == "sklearn":
+        if rest not in SKLEARN_DATASETS:
+            raise ConfigError(key, f"unknown dataset {rest!r}", hint=f"allowed: {SKLEARN_DATASETS}")
+    elif kind in ("npz", "csv"):
+        if not rest:
+            raise ConfigError(key, f"'{kind}:' needs a path, e.g. '{kind}:data/train.{kind}'")
+        if not c.resolve(rest).is_file():
+            raise ConfigError(key, f"file not found: {c.resolve(rest)}")
+        if kind == "csv" and not c.data.label_column:
+            raise ConfigError("data.label_column", "is required for a csv source")
+    else:
+        raise ConfigError(key, f"unknown source {source!r}", hint="use sklearn:NAME, npz:PATH or csv:PATH")
+
+
+def check_factory(key: str, factory: str, c: Any) -> None:
+    if ":" not in factory:
+        raise ConfigError(key, f"must look like 'module:function', got {factory!r}")
 
 
 @dataclass(frozen=True)
 class ProjectSection:
-    name: str = "model"
-    version: str = "1.0.0"
+    """Names the model: the bundle is written as `<name>-<version>.edgebundle`."""
+
+    name: str = setting("model", "model name, written into the bundle's manifest and file name")
+    version: str = setting("1.0.0", "model version, written into the bundle's manifest and file name")
 
 
 @dataclass(frozen=True)
 class DataSection:
-    source: str = "sklearn:digits"
-    test_fraction: float = 0.2
-    seed: int = 0
-    label_column: str | None = None
+    """Where the training data comes from and how it is split."""
+
+    source: str = setting("sklearn:digits", "`sklearn:NAME`, `npz:PATH` (arrays X, y) or `csv:PATH`",
+                          check=check_source,
+                          allowed=f"sklearn:{'/'.join(SKLEARN_DATASETS)}, npz:PATH, csv:PATH (file must exist)")
+    test_fraction: float = setting(0.2, "share of the data held out for evaluation and the accuracy gate",
+                                   lo=0.0, hi=1.0, open_lo=True, open_hi=True)
+    seed: int = setting(0, "seed of the train/test split")
+    label_column: str | None = setting(None, "the label column of a `csv:` source (required there)")
 
 
 @dataclass(frozen=True)
 class ModelSection:
-    factory: str = "edge_kit.models:small_cnn"
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    """The model to train, built by a factory function."""
+
+    factory: str = setting("edge_kit.models:small_cnn",
+                           "`module:function` returning the torch model, importable from the config's folder",
+                           check=check_factory, allowed="module:function")
+    kwargs: dict[str, Any] = setting(dict, "keyword arguments passed to the factory")
 
 
 @dataclass(frozen=True)
 class TrainSection:
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    device: str = "auto"
-    # CPU threads for training (0 = torch's default, all cores). Part of what makes a run bitwise
-    # repeatable, and small models train fastest on one thread, above all on a shared machine.
-    threads: int = 1
+    """Training: epochs, optimiser, checkpointing."""
+
+    epochs: int = setting(15, "passes over the training data", lo=1)
+    batch_size: int = setting(64, "samples per optimizer step", lo=1)
+    lr: float = setting(1e-3, "learning rate", lo=0.0, open_lo=True)
+    seed: int = setting(0, "seed of weight init and batch shuffling")
+    checkpoint_every: int = setting(50, "optimizer steps between checkpoints (resume point after a crash)", lo=1)
+    keep_checkpoints: int = setting(3, "checkpoints kept on disk, newest first", lo=1)
+    device: str = setting("auto", "where to train: `auto` takes CUDA when present", choices=TRAIN_DEVICES)
+    # Part of what makes a run bitwise repeatable; small models train fastest on one thread, above
+    # all on a shared machine.
+    threads: int = setting(1, "CPU threads for training; 0 = torch's default (all cores)", lo=0)
 
 
 @dataclass(frozen=True)
 class QuantizeSection:
-    backend: str = "ort"
-    calibration: str = "minmax"
-    calibration_samples: int = 256
-    per_channel: bool = True
-    target: str = "x86-vnni"
+    """Int8 quantization: backend, calibration, target CPU."""
+
+    backend: str = setting("ort", "quantizer: ONNX Runtime (`ort`) or Intel Neural Compressor (`inc`)",
+                           choices=QUANT_BACKENDS)
+    calibration: str = setting("minmax", "how activation ranges are estimated from the calibration samples",
+                               choices=calibration_methods)
+    calibration_samples: int = setting(256, "training samples used for calibration", lo=1)
+    per_channel: bool = setting(True, "per-channel weight scales (more accurate) instead of per-tensor")
+    target: str = setting("x86-vnni", "CPU the int8 model is tuned for", choices=TARGETS)
 
 
 @dataclass(frozen=True)
 class GateSection:
-    metric: str = "accuracy"
-    max_drop: float = 0.01
-    max_relative_drop: float | None = None
-    max_fallback_rounds: int = 4
+    """The accuracy gate: how much the int8 model may lose against fp32 before the build fails (exit 3)."""
+
+    metric: str = setting("accuracy", "metric compared between fp32 and int8 on the test split", choices=GATE_METRICS)
+    max_drop: float = setting(0.01, "largest allowed absolute drop of the metric", lo=0.0, hi=1.0)
+    max_relative_drop: float | None = setting(None, "largest allowed drop relative to fp32 (optional)",
+                                              lo=0.0, hi=1.0)
+    max_fallback_rounds: int = setting(4, "rounds of moving culprit nodes back to fp32 before giving up", lo=0)
 
 
 @dataclass(frozen=True)
 class MonitorSection:
-    bins: int = 32
+    """Drift monitoring: the reference histograms written into the bundle."""
+
+    bins: int = setting(32, "histogram bins per monitored channel", lo=2, hi=256)
 
 
 @dataclass(frozen=True)
@@ -128,7 +333,7 @@ class Config:
         return hashlib.sha256(blob).hexdigest()
 
 
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "project": ProjectSection,
     "data": DataSection,
     "model": ModelSection,
@@ -145,68 +350,36 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(raw: dict[str, Any], config_path: Path) -> Config:
-    check_sections(raw, _SECTIONS)
-    sections = {name: cls(**section_values(name, cls, raw.get(name, {}))) for name, cls in _SECTIONS.items()}
+    check_sections(raw, SECTIONS)
+    sections = {name: cls(**section_values(name, cls, raw.get(name, {}))) for name, cls in SECTIONS.items()}
     config = Config(path=config_path, **sections)
-    _check_values(config)
+    check_rules(config, SECTIONS)
     return config
 
 
-def _check_values(c: Config) -> None:
-    _check_source(c)
-    if not 0.0 < c.data.test_fraction < 1.0:
-        raise ConfigError("data.test_fraction", f"must be between 0 and 1, got {c.data.test_fraction}")
-    if ":" not in c.model.factory:
-        raise ConfigError("model.factory", f"must look like 'module:function', got {c.model.factory!r}")
-    positive = {
-        "train.epochs": c.train.epochs,
-        "train.batch_size": c.train.batch_size,
-        "train.checkpoint_every": c.train.checkpoint_every,
-        "train.keep_checkpoints": c.train.keep_checkpoints,
-        "quantize.calibration_samples": c.quantize.calibration_samples,
-        "monitor.bins": c.monitor.bins,
-    }
-    for key, count in positive.items():
-        if count < 1:
-            raise ConfigError(key, f"must be at least 1, got {count}")
-    if c.train.threads < 0:
-        raise ConfigError("train.threads", f"must be 0 (all cores) or more, got {c.train.threads}")
-    if not c.train.lr > 0:
-        raise ConfigError("train.lr", f"must be positive, got {c.train.lr}")
-    if c.train.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError("train.device", f"must be one of auto, cpu, cuda, got {c.train.device!r}")
-    choices = {
-        "quantize.backend": (c.quantize.backend, QUANT_BACKENDS),
-        "quantize.calibration": (c.quantize.calibration, CALIBRATION_METHODS),
-        "quantize.target": (c.quantize.target, TARGETS),
-        "gate.metric": (c.gate.metric, GATE_METRICS),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(key, f"{value!r} is not allowed", hint=f"allowed: {', '.join(allowed)}")
-    if not 0.0 <= c.gate.max_drop <= 1.0:
-        raise ConfigError("gate.max_drop", f"must be between 0 and 1, got {c.gate.max_drop}")
-    if c.gate.max_relative_drop is not None and not 0.0 <= c.gate.max_relative_drop <= 1.0:
-        raise ConfigError("gate.max_relative_drop", f"must be between 0 and 1, got {c.gate.max_relative_drop}")
-    if c.gate.max_fallback_rounds < 0:
-        raise ConfigError("gate.max_fallback_rounds", "must be 0 or more")
-    if not 2 <= c.monitor.bins <= 256:
-        raise ConfigError("monitor.bins", f"must be between 2 and 256, got {c.monitor.bins}")
+CONFIG_DOC_INTRO = """\
+<!-- Generated from edge_kit/config.py by `make docs` (python -m edge_kit.config --markdown): do not edit. -->
+
+The project config is one TOML file (`edgekit.toml`), passed as `--config` to `edge-kit train`, `build`,
+`reproduce` and `bench`. Sections and keys left out take the defaults below. Every path is relative to the
+config file's folder. An unknown section or key, a value of the wrong type or outside what is allowed is an
+error naming the dotted key (exit code 2), never ignored."""
 
 
-def _check_source(c: Config) -> None:
-    kind, _, rest = c.data.source.partition(":")
-    if kind == "sklearn":
-        if rest not in SKLEARN_DATASETS:
-            raise ConfigError("data.source", f"unknown dataset {rest!r}", hint=f"allowed: {SKLEARN_DATASETS}")
-    elif kind in ("npz", "csv"):
-        if not rest:
-            raise ConfigError("data.source", f"'{kind}:' needs a path, e.g. '{kind}:data/train.{kind}'")
-        if not c.resolve(rest).is_file():
-            raise ConfigError("data.source", f"file not found: {c.resolve(rest)}")
-        if kind == "csv" and not c.data.label_column:
-            raise ConfigError("data.label_column", "is required for a csv source")
-    else:
-        raise ConfigError(
-            "data.source", f"unknown source {c.data.source!r}", hint="use sklearn:NAME, npz:PATH or csv:PATH"
-        )
+def config_markdown() -> str:
+    """docs/config.md: every section and key with its type, default, what is allowed and what it does."""
+    return markdown("Project config reference", CONFIG_DOC_INTRO, SECTIONS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m edge_kit.config", description="The project config reference.")
+    parser.add_argument("--markdown", action="store_true", required=True, help="print docs/config.md to stdout")
+    parser.parse_args(argv)
+    print(config_markdown(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,8 @@
-"""Server-side view of the shared exception tree (defined in ``device_agent.errors``)."""
+"""Server-side view of the shared exception tree (defined in ``device_agent.errors``).
+
+The accuracy gate's error, ``GateFailedError`` (exit 3), lives with the gate in ``edge_kit.compile.gate``
+because it carries the gate's result, which only the build server knows.
+"""
 
 from device_agent.errors import (
     EXIT_GATE_FAILED,
@@ -10,7 +14,6 @@ from device_agent.errors import (
     ConfigError,
     DataError,
     EdgeKitError,
-    GateFailedError,
     InputError,
     TrainingInterrupted,
     UsageError,
@@ -27,7 +30,6 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EdgeKitError",
-    "GateFailedError",
     "InputError",
     "TrainingInterrupted",
     "UsageError",

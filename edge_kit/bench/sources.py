@@ -24,7 +24,7 @@ from device_agent.bundle import MODEL, read_bundle
 from edge_kit.bench.plan import FP32, INT8, PYTORCH, BenchPlan, BenchSettings, EngineSpec, EvalData, TorchModelSpec
 from edge_kit.bench.tracking import run_location, unreachable_reason
 from edge_kit.errors import EdgeKitError, UsageError
-from edge_kit.tracking import CHECKPOINT_ARTIFACT, ONNX_ARTIFACT
+from edge_kit.train.tracking import CHECKPOINT_ARTIFACT, ONNX_ARTIFACT
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _describe(path: Path, run_files: dict[str, Path], kind: str, manifest: dict[
 
 def local_run_files(config: Any, manifest: dict[str, Any]) -> dict[str, Path]:
     """The training run's own folder on this machine (`.edgekit/runs/<run_id>/`), when it is here."""
-    from edge_kit.train import FINAL_CHECKPOINT, ONNX_FILE, run_folder
+    from edge_kit.train.trainer import FINAL_CHECKPOINT, ONNX_FILE, run_folder
 
     _, run_id = run_location(manifest)
     if not run_id:
@@ -159,7 +159,7 @@ def _pick(artifacts: list[str], suffixes: tuple[str, ...], known: str) -> str | 
 def held_out_split(config: Any, manifest: dict[str, Any]) -> tuple[EvalData, str | None]:
     """The config's held-out test split, preprocessed as the model expects (the training pipeline's code),
     and a warning when its data snapshot is not the one the bundle was built from."""
-    from edge_kit.data import load_dataset
+    from edge_kit.train.data import load_dataset
 
     dataset = load_dataset(config)
     x = np.asarray(dataset.preprocess(np.asarray(dataset.X_test)), dtype=np.float32)

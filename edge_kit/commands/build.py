@@ -13,9 +13,9 @@ log = logging.getLogger(__name__)
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from device_agent.signing import load_private_key
-    from edge_kit.build import build
     from edge_kit.commands.quiet import quiet_third_party
     from edge_kit.config import load_config
+    from edge_kit.ship.build import build
 
     quiet_third_party(bool(getattr(args, "debug", False)))
     config = load_config(args.config)

@@ -22,11 +22,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": m.get("quantization", {}),
         "gate": m.get("gate", {}),
         "provenance": m.get("provenance", {}),
-        "monitoring": {"channels": len(m.get("monitoring", {}).get("channels", []))},
+        "monitoring": {"channels": len(m.get("monitoring", {}).get("channels", [])),
+                       "untestable": _untestable(bundle.reference)},
     }
     if not getattr(args, "json", False):
         print(render(info))
     return info
+
+
+def _untestable(reference: dict[str, Any] | None) -> dict[str, str]:
+    """Channels the fleet cannot test, with the reason (bundles from before the reason was stored too)."""
+    from device_agent.reference import Reference
+
+    if not reference:
+        return {}
+    try:
+        return Reference.from_json(reference).untestable()
+    except (KeyError, TypeError, ValueError):
+        return {}
 
 
 def render(info: dict[str, Any]) -> str:
@@ -49,7 +62,8 @@ def render(info: dict[str, Any]) -> str:
         f"  data      {data.get('path')} md5 {data.get('dvc_md5')}",
         f"  calib     {calib.get('method')} x{calib.get('samples')} ids {str(calib.get('ids_sha256'))[:16]}…",
         f"  mlflow    run {ml.get('run_id')} at {ml.get('tracking_uri')}",
-        f"  monitor   {info['monitoring']['channels']} channels",
+        f"  monitor   {info['monitoring']['channels']} channels"
+        + "".join(f"; untestable {k}: {v}" for k, v in info["monitoring"].get("untestable", {}).items()),
         "  members   " + ", ".join(f"{k} ({v} B)" for k, v in info["members"].items()),
     ]
     return "\n".join(lines)

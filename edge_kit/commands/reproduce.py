@@ -13,7 +13,7 @@ from edge_kit.errors import EXIT_VERIFICATION
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from edge_kit.commands.quiet import quiet_third_party
     from edge_kit.config import load_config
-    from edge_kit.reproduce import reproduce
+    from edge_kit.ship.reproduce import reproduce
 
     quiet_third_party(bool(getattr(args, "debug", False)))
 

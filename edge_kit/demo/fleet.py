@@ -341,7 +341,7 @@ class FleetDemo:
 def held_out_digits(config: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Raw held-out digits (never used for training or calibration), their labels and the class names."""
     from edge_kit.config import load_config
-    from edge_kit.data import load_dataset
+    from edge_kit.train.data import load_dataset
 
     dataset = load_dataset(load_config(config))
     return np.asarray(dataset.X_test, dtype=np.float32), np.asarray(dataset.y_test), list(dataset.labels)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import special
 
+from edge_kit.fleet import dispersion as disp
 from edge_kit.fleet import stats
 from edge_kit.fleet.references import ModelReference
 from edge_kit.fleet.settings import DriftSettings
@@ -56,6 +57,7 @@ class ChannelResults:
     effect_ok: np.ndarray
     psi: np.ndarray | None = None
     ks_bound: np.ndarray | None = None
+    dispersion: np.ndarray | None = None  # (W, C) design effect phi the tests divided by
 
 
 @dataclass(frozen=True)
@@ -108,16 +110,20 @@ def prepare(ref: ModelReference, settings: DriftSettings) -> PreparedReference:
 
 
 def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSettings,
-                 *, details: bool = False) -> ChannelResults:
+                 *, details: bool = False, dispersion: np.ndarray | None = None) -> ChannelResults:
     """Run every channel's tests on (W, C, B) counts.
 
     The same statistics as `stats.ks_statistic`, `stats.chi_square`, `stats.wasserstein` and
     `stats.total_variation` (tests check they agree), fused into a few float32 passes over the
     counts: 10,000 devices x 100 channels x 32 bins is 32 million cells per evaluation.
+    `dispersion` is the (W, C) design effect phi of each window (`stats.dispersion_factor`;
+    None: independent draws): KS uses n / phi, chi-square X / phi.
     """
     prep = prepare(ref, settings)
     counts = np.asarray(counts)
     n = counts[:, 0, :].sum(axis=-1, dtype=np.float64)
+    phi = np.ones(counts.shape[:2]) if dispersion is None else np.maximum(np.asarray(dispersion, np.float64), 1.0)
+    n_eff = n[:, None] / phi
     n_ref = ref.n.astype(np.float64)
     q = counts * (1.0 / np.maximum(n, 1.0)).astype(np.float32)[:, None, None]
     q = q.astype(np.float32, copy=False)
@@ -130,7 +136,7 @@ def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSetting
     ks = gap.max(axis=-1).astype(np.float64)
     w = np.einsum("wcb,cb->wc", gap, prep.w1_weights).astype(np.float64)
     del gap
-    ks_p = stats.ks_pvalue(ks, n_ref[None, :], n[:, None])
+    ks_p = stats.ks_pvalue(ks, n_ref[None, :], n_eff)
     # Chi-square, closed form for 2 x B: N n sum (p - q)^2 / (R + C).
     q -= prep.fractions
     np.square(q, out=q)
@@ -140,20 +146,40 @@ def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSetting
     df = np.broadcast_to(prep.ref_bins_used - 1, chi2.shape).copy()
     if prep.empty_ref_bins.any():  # bins only the window hit add a degree of freedom
         df += ((counts > 0) & prep.empty_ref_bins).sum(axis=-1)
-    chi2_valid = (n[:, None] >= prep.chi_min_n[None, :]) & (df > 0) & (n[:, None] > 0)
-    chi2_p = np.where(chi2_valid, special.chdtrc(np.maximum(df, 1), chi2), 1.0)
+    chi2_valid = (n_eff >= prep.chi_min_n[None, :]) & (df > 0) & (n[:, None] > 0)
+    chi2_p = np.where(chi2_valid, special.chdtrc(np.maximum(df, 1), chi2 / phi), 1.0)
     is_class = ref.is_class
+    _simulated_class_pvalues(ref, counts, n, chi2 / phi, chi2_valid, chi2_p)
     # Numeric: KS and chi-square, Bonferroni over the two (chi-square counts only when valid).
     numeric_p = np.where(chi2_valid, np.minimum(2.0 * np.minimum(ks_p, chi2_p), 1.0), ks_p)
     p_channel = np.where(is_class[None, :], chi2_p, numeric_p)
-    p_adjusted = stats.bonferroni(p_channel, len(ref.channel_names))
+    # Untestable channels (fewer than 2 reference bins) are neither tested nor counted.
+    testable = ref.testable
+    p_channel = np.where(testable[None, :], p_channel, 1.0)
+    p_adjusted = stats.bonferroni(p_channel, max(int(testable.sum()), 1))
     effect = np.where(is_class[None, :], tvd, w)
     result = ChannelResults(n, ks, ks_p, chi2, chi2_p, chi2_valid, w, tvd, p_channel, p_adjusted, effect,
-                            effect >= prep.thresholds[None, :])
+                            (effect >= prep.thresholds[None, :]) & testable[None, :], dispersion=phi)
     if details:
         result.psi = stats.psi(ref.counts, counts, ref.bins[None, :])
         result.ks_bound = stats.ks_binning_bound(ref.counts, counts)
     return result
+
+
+def _simulated_class_pvalues(ref: ModelReference, counts: np.ndarray, n: np.ndarray, statistic: np.ndarray,
+                             valid: np.ndarray, p: np.ndarray) -> None:
+    """Class channels where chi-square's approximation fails get a Monte-Carlo p-value (in place in `p`).
+
+    Before, such windows got p = 1: a small window could never flag a changed class mix.
+    """
+    for c in np.nonzero(ref.is_class & ref.testable)[0]:
+        rows = np.nonzero(~valid[:, c] & (n > 0))[0]
+        if not rows.size:
+            continue
+        bins = int(ref.bins[c])
+        for size in np.unique(n[rows]):
+            same = rows[n[rows] == size]
+            p[same, c] = stats.simulated_chi_square_pvalue(ref.counts[c, :bins], int(size), statistic[same, c])
 
 
 @dataclass
@@ -201,11 +227,21 @@ def _fleet_rows(ref: ModelReference, bucket: float, r: ChannelResults, i: int,
             "p_raw": float(r.p_channel[i, c]),
             "ks_binning_bound": None if r.ks_bound is None else float(r.ks_bound[i, c]),
             "effect_name": "tvd" if is_class else "wasserstein_sd",
+            "dispersion": None if r.dispersion is None else float(r.dispersion[i, c]),
+            "untestable": ref.untestable.get(name),
         }
-        rows.append((ref.sha256, bucket, name, int(r.n[i]), "chi2" if is_class else "ks+chi2",
+        rows.append((ref.sha256, bucket, name, int(r.n[i]), _test_name(ref, r, i, c),
                      float(r.chi2[i, c] if is_class else r.ks[i, c]), float(r.p_adjusted[i, c]),
                      float(r.effect[i, c]), int(drifted[i, c]), _json(detail)))
     return rows
+
+
+def _test_name(ref: ModelReference, r: ChannelResults, i: int, c: int) -> str:
+    if not ref.testable[c]:
+        return "untestable"
+    if ref.kinds[c] == "class":
+        return "chi2" if r.chi2_valid[i, c] else "chi2 (simulated)"
+    return "ks+chi2"
 
 
 def _json(obj: Any) -> str:
@@ -216,19 +252,24 @@ def _json(obj: Any) -> str:
 
 def evaluate_counts(ref: ModelReference, devices: np.ndarray, starts: np.ndarray, flat_counts: np.ndarray,
                     settings: DriftSettings, now: float | None = None,
-                    fleet: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Evaluation:
+                    fleet: tuple[Any, ...] | None = None, *,
+                    dispersion: np.ndarray | None = None, fleet_devices: np.ndarray | None = None) -> Evaluation:
     """Fleet and per-device decisions from stored windows (arrays, one entry per window).
 
     `flat_counts` is (W, sum(bins)) as stored; windows must be sorted by start time. `fleet`
-    optionally gives other (devices, starts, flat counts) for the fleet level; by default it pools
-    the same windows the device level tests.
+    optionally gives other (starts, flat counts[, dispersion]) for the fleet level, with
+    `fleet_devices` naming their devices (for the per-device weight cap; without it no cap); by
+    default it pools the same windows the device level tests. `dispersion` is (W, C, 4), the agent's
+    dispersion signal per channel (X, df, S, k; NaN where a window has none; None: no window has it).
     """
     t0 = time.perf_counter()
     ev = Evaluation(model=ref.sha256, evaluated_at=time.time() if now is None else now, cutoff=0.0)
-    f_devices, f_starts, f_flat = fleet if fleet is not None else (devices, starts, flat_counts)
-    f_flat = cap_device_weight(ref, f_devices, f_starts, f_flat, settings)
-    _evaluate_fleet(ev, ref, f_starts, f_flat, settings)
-    _evaluate_devices(ev, ref, devices, starts, flat_counts, settings)
+    fleet_args = fleet if fleet is not None else (starts, flat_counts, dispersion)
+    f_devices = fleet_devices if fleet is not None else devices
+    f_flat = fleet_args[1] if f_devices is None else cap_device_weight(ref, f_devices, fleet_args[0], fleet_args[1],
+                                                                       settings)
+    _evaluate_fleet(ev, ref, fleet_args[0], f_flat, settings, fleet_args[2] if len(fleet_args) > 2 else None)
+    _evaluate_devices(ev, ref, devices, starts, flat_counts, settings, dispersion)
     ev.seconds = time.perf_counter() - t0
     return ev
 
@@ -265,7 +306,7 @@ def cap_device_weight(ref: ModelReference, devices: np.ndarray, starts: np.ndarr
 
 
 def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, flat_counts: np.ndarray,
-                    settings: DriftSettings) -> None:
+                    settings: DriftSettings, dispersion: np.ndarray | None = None) -> None:
     """Fleet level: pool the windows of each time bucket; test the last m buckets with enough data."""
     w_total = len(starts)
     buckets = np.floor(starts / settings.fleet_window_seconds) * settings.fleet_window_seconds
@@ -279,8 +320,14 @@ def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, fla
         np.add.at(pooled, inverse, flat_counts)
     bucket_n = pooled[:, : int(ref.bins[0])].sum(axis=1) if len(bucket_ids) else np.zeros(0)
     tested = np.nonzero(bucket_n >= settings.min_n)[0][-settings.m :]
+    phi = None
+    if dispersion is not None and tested.size:  # X and df add over the pooled windows
+        pooled_disp = np.zeros((len(bucket_ids), *dispersion.shape[1:]))
+        np.add.at(pooled_disp, inverse, np.nan_to_num(dispersion))
+        phi = disp.window_phi(pooled_disp[tested])
     if tested.size:
-        r = test_windows(ref, ref.unflatten(pooled[tested], pooled.dtype.type), settings, details=True)
+        r = test_windows(ref, ref.unflatten(pooled[tested], pooled.dtype.type), settings, details=True,
+                         dispersion=phi)
         drifted = (r.p_adjusted <= settings.alpha) & r.effect_ok
         for i, b in enumerate(tested):
             ev.fleet_rows += _fleet_rows(ref, float(bucket_ids[b]), r, i, drifted)
@@ -293,7 +340,7 @@ def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, fla
 
 
 def _evaluate_devices(ev: Evaluation, ref: ModelReference, devices: np.ndarray, starts: np.ndarray,
-                      flat_counts: np.ndarray, settings: DriftSettings) -> None:
+                      flat_counts: np.ndarray, settings: DriftSettings, dispersion: np.ndarray | None = None) -> None:
     """Device level: each device's last m windows with enough inferences, BH across all of them."""
     w_total = len(starts)
     n_window = flat_counts[:, : int(ref.bins[0])].sum(axis=1) if w_total else np.zeros(0, dtype=np.int64)
@@ -315,7 +362,8 @@ def _evaluate_devices(ev: Evaluation, ref: ModelReference, devices: np.ndarray, 
     ok_chunks: list[np.ndarray] = []
     for lo in range(0, order.size, CHUNK):
         idx = order[lo : lo + CHUNK]
-        r = test_windows(ref, ref.unflatten(flat_counts[idx], np.float32), settings)
+        phi = None if dispersion is None else disp.window_phi(dispersion[idx])
+        r = test_windows(ref, ref.unflatten(flat_counts[idx], np.float32), settings, dispersion=phi)
         p_dev[lo : lo + len(idx)] = r.p_adjusted.min(axis=1)
         # Keep only what the decision needs, as float32, to bound memory at large fleets.
         p_adj_chunks.append(r.p_adjusted)
@@ -347,17 +395,20 @@ def _evaluate_devices(ev: Evaluation, ref: ModelReference, devices: np.ndarray, 
 def load_windows(storage: Storage, ref: ModelReference, since: float,
                  device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(devices, starts, flat counts) of stored windows, oldest first."""
-    return _arrays(ref, storage.windows(ref.sha256, since, device))
+    return _arrays(ref, storage.windows(ref.sha256, since, device))[:3]
 
 
-def _arrays(ref: ModelReference, rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _arrays(ref: ModelReference, rows: list[tuple[Any, ...]]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(devices, starts, flat counts, dispersion (W, C, 4) or None when no window carries it)."""
     total = int(ref.bins.sum())
     if not rows:
-        return np.array([], dtype=object), np.zeros(0), np.zeros((0, total), dtype=np.int64)
+        return np.array([], dtype=object), np.zeros(0), np.zeros((0, total), dtype=np.int64), None
     devices = np.array([r[0] for r in rows], dtype=object)
     starts = np.array([r[1] for r in rows], dtype=np.float64)
-    flat = decode_counts([bytes(r[4]) for r in rows], total)
-    return devices, starts, flat
+    blobs, dispersion = disp.split([bytes(r[4]) for r in rows], total, len(ref.channel_names))
+    flat = decode_counts(blobs, total)
+    return devices, starts, flat, None if np.isnan(dispersion).all() else dispersion
 
 
 def evaluate_model(storage: Storage, ref: ModelReference, settings: DriftSettings,
@@ -368,9 +419,11 @@ def evaluate_model(storage: Storage, ref: ModelReference, settings: DriftSetting
     # Fleet: the last FLEET_BUCKETS_READ x m bucket periods (room for buckets below min_n).
     span = settings.fleet_window_seconds
     fleet_since = max(since, (np.floor(now / span) - FLEET_BUCKETS_READ * settings.m + 1) * span)
-    fleet_windows = load_windows(storage, ref, fleet_since)
-    devices, starts, flat = _arrays(ref, storage.latest_windows(ref.sha256, since, settings.m, settings.min_n))
-    ev = evaluate_counts(ref, devices, starts, flat, settings, now, fleet=fleet_windows)
+    fleet_devices, fleet_starts, fleet_flat, fleet_disp = _arrays(ref, storage.windows(ref.sha256, fleet_since))
+    devices, starts, flat, dispersion = _arrays(
+        ref, storage.latest_windows(ref.sha256, since, settings.m, settings.min_n))
+    ev = evaluate_counts(ref, devices, starts, flat, settings, now, fleet=(fleet_starts, fleet_flat, fleet_disp),
+                         dispersion=dispersion, fleet_devices=fleet_devices)
     ev.untested_small_windows = storage.small_window_count(ref.sha256, since, settings.min_n)
     storage.save_evaluation(ref.sha256, ev.evaluated_at, ev.detail(), ev.fleet_rows, ev.device_rows)
     return ev
@@ -380,12 +433,13 @@ def device_channels(storage: Storage, ref: ModelReference, device: str, settings
                     cutoff: float, now: float | None = None) -> list[dict[str, Any]]:
     """Per-channel results of one device's last m tested windows, flagged with the fleet's BH cutoff."""
     now = time.time() if now is None else now
-    _, starts, flat = load_windows(storage, ref, now - settings.lookback_seconds, device)
+    _, starts, flat, dispersion = _arrays(ref, storage.windows(ref.sha256, now - settings.lookback_seconds, device))
     n = flat[:, : int(ref.bins[0])].sum(axis=1) if len(starts) else np.zeros(0)
     keep = np.nonzero(n >= settings.min_n)[0][-settings.m :]
     if not keep.size:
         return []
-    r = test_windows(ref, ref.unflatten(flat[keep]), settings, details=True)
+    phi = None if dispersion is None else disp.window_phi(dispersion[keep])
+    r = test_windows(ref, ref.unflatten(flat[keep]), settings, details=True, dispersion=phi)
     drifted = (r.p_adjusted <= cutoff) & r.effect_ok
     out = []
     for i, w in enumerate(keep):
@@ -393,7 +447,7 @@ def device_channels(storage: Storage, ref: ModelReference, device: str, settings
             is_class = ref.kinds[c] == "class"
             out.append({
                 "model": ref.sha256, "scope": "device", "device": device, "window_start": float(starts[w]),
-                "n": int(r.n[i]), "channel": name, "test": "chi2" if is_class else "ks+chi2",
+                "n": int(r.n[i]), "channel": name, "test": _test_name(ref, r, i, c),
                 "statistic": float(r.chi2[i, c] if is_class else r.ks[i, c]), "p_value": float(r.p_adjusted[i, c]),
                 "effect": float(r.effect[i, c]), "effect_name": "tvd" if is_class else "wasserstein_sd",
                 "drifted": bool(drifted[i, c]),

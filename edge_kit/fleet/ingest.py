@@ -32,6 +32,7 @@ import orjson  # parses summaries ~4x faster than json (134 -> 30 us each): most
 
 from device_agent.summary import PayloadError, WindowSummary
 from edge_kit.errors import UsageError
+from edge_kit.fleet import dispersion
 from edge_kit.fleet.references import ModelReference, ReferenceStore
 from edge_kit.fleet.settings import FleetSettings, IngestSettings
 from edge_kit.fleet.storage import Storage, WindowRow, encode_counts
@@ -145,7 +146,8 @@ class Validator:
             # Name and version from the matched reference: the sha256 is what was checked, the payload's
             # words for it are not.
             seq=s.seq, n=s.n, fleet=fleet, model_name=ref.name, model_version=ref.version,
-            received_at=now, counts=encode_counts(flat), confusion=confusion,
+            received_at=now, confusion=confusion,
+            counts=dispersion.attach(encode_counts(flat), None if s.dispersion is None else s.dispersion[order]),
         )
 
     def _order(self, ref: ModelReference, names: list[str]) -> np.ndarray:

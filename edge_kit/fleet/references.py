@@ -11,7 +11,7 @@ import functools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ class ModelReference:
     labels: list[str]
     gate_accuracy: float | None  # the int8 accuracy the build's gate measured on held-out data
     source: str
+    untestable: dict[str, str] = field(default_factory=dict)  # channel -> why it is not tested
 
     @classmethod
     def from_reference(
@@ -80,7 +81,13 @@ class ModelReference:
             labels=list(labels),
             gate_accuracy=gate_accuracy,
             source=source,
+            untestable=reference.untestable(),
         )
+
+    @functools.cached_property
+    def testable(self) -> np.ndarray:
+        """(C,) bool: channels that are tested and count in the multiple-testing correction."""
+        return np.array([name not in self.untestable for name in self.channel_names])
 
     @property
     def width(self) -> int:
@@ -114,6 +121,7 @@ class ModelReference:
             "labels": self.labels,
             "gate_accuracy": self.gate_accuracy,
             "source": self.source,
+            "untestable": dict(self.untestable),
         }
 
 

@@ -13,6 +13,15 @@ statistic D, and inside bin i each CDF moves by at most its own bin mass, so
 where r_i and c_i are the reference and current fractions in bin i (about 1/B for quantile bins).
 Because D_b <= D, its p-value is never smaller than the raw test's: the binned KS is conservative,
 its false alarm rate stays at or below alpha, and the price is a little power (benchmarks/bench_drift.py).
+That bound covers KS only. Chi-square on the same bins is a test of the binned distributions in its
+own right (exact in its null, approximate only through its chi-square limit, which is why it is
+used only where Cochran's rule holds, and a simulated p-value replaces it for class counts below).
+
+Dependence. Both tests assume the window's inferences are independent draws. Correlated inputs
+(repeated frames, a slowly moving sensor) make counts over-dispersed against the multinomial by a
+design effect phi >= 1; `dispersion_factor` estimates it from the agent's block statistic and the
+tests then use the effective sample size n / phi (KS) and X / phi (chi-square, Rao-Scott's
+first-order correction).
 """
 
 from __future__ import annotations
@@ -93,6 +102,68 @@ def chi_square(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray
     valid = (n_cur >= chi_square_min_n(ref)) & (df > 0) & (n_cur > 0)
     p = np.where(valid, special.chdtrc(np.maximum(df, 1), stat), 1.0)
     return stat, p, valid
+
+
+def chi_square_statistic(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    """The 2 x B homogeneity statistic of `chi_square`, without validity checks: (..., C)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    cur = np.asarray(cur, dtype=np.float64)
+    r, n_ref = _fractions(ref)
+    c, n_cur = _fractions(cur)
+    col = ref + cur
+    used = col > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        term = np.where(used, (r - c) ** 2 / np.where(used, col, 1.0), 0.0)
+    return np.asarray(n_ref * n_cur * term.sum(axis=-1))
+
+
+SIMULATIONS = 1999  # p-values resolve to 1/2000: enough below alpha / channels for 30-100 channels
+_SIMULATED: dict[tuple[bytes, int], np.ndarray] = {}
+
+
+def simulated_chi_square_pvalue(ref: np.ndarray, n: int, statistic: np.ndarray, *, seed: int = 0,
+                                simulations: int = SIMULATIONS) -> np.ndarray:
+    """Monte-Carlo p-value of the homogeneity statistic of one channel's class counts.
+
+    For windows too small for chi-square's approximation. Both samples are drawn from the
+    reference fractions (the null: one common distribution), the same statistic is computed, and
+    p = (1 + #{simulated >= observed}) / (simulations + 1), which is a valid p-value at any n.
+    Seeded and cached per (reference, n), so a window gets the same answer on every evaluation.
+    """
+    counts = np.asarray(ref, dtype=np.int64)
+    key = (counts.tobytes(), int(n))
+    null = _SIMULATED.get(key)
+    if null is None:
+        rng = np.random.default_rng([seed, int(n)])
+        p = counts / max(int(counts.sum()), 1)
+        sim_ref = rng.multinomial(int(counts.sum()), p, size=simulations)
+        sim_cur = rng.multinomial(int(n), p, size=simulations)
+        null = np.sort(chi_square_statistic(sim_ref, sim_cur))
+        if len(_SIMULATED) > 256:
+            _SIMULATED.clear()
+        _SIMULATED[key] = null
+    # Observed values within float rounding of a simulated one count as ties (>=).
+    above = null.size - np.searchsorted(null, np.asarray(statistic, dtype=np.float64) * (1 - 1e-9), side="left")
+    return np.asarray((1.0 + above) / (null.size + 1.0))
+
+
+def dispersion_factor(chi2: np.ndarray, df: np.ndarray, prior_df: float = 30.0) -> np.ndarray:
+    """Design effect phi >= 1 per channel from the agent's between-block chi-square (X, df).
+
+    Under independent draws E[X] = df, so X / df estimates the over-dispersion of the counts. A
+    channel with few degrees of freedom is noisy on its own: its estimate is shrunk towards the
+    window's average over channels (`prior_df` pseudo degrees of freedom). Where no statistic came
+    (old payloads, df = 0) phi is 1: the tests are then those of independent draws, as before.
+    Arrays are (..., C); NaN means "not reported".
+    """
+    x = np.nan_to_num(np.asarray(chi2, dtype=np.float64))
+    d = np.nan_to_num(np.asarray(df, dtype=np.float64))
+    total_d = d.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = np.where(total_d > 0, x.sum(axis=-1, keepdims=True) / total_d, 1.0)
+        phi = np.where(d + prior_df > 0, (x + prior_df * pooled) / (d + prior_df), 1.0)
+    phi = np.where(total_d > 0, phi, 1.0)
+    return np.asarray(np.maximum(phi, 1.0))
 
 
 def wasserstein(ref: np.ndarray, cur: np.ndarray, edges: np.ndarray, ref_std: np.ndarray) -> np.ndarray:

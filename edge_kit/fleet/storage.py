@@ -25,43 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_kit.errors import UsageError
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS windows (
-    device TEXT NOT NULL, model_sha256 TEXT NOT NULL, window_start DOUBLE PRECISION NOT NULL,
-    window_end DOUBLE PRECISION NOT NULL, seq BIGINT NOT NULL, n BIGINT NOT NULL, fleet TEXT NOT NULL,
-    model_name TEXT NOT NULL, model_version TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL,
-    counts BYTES NOT NULL, confusion BYTES,
-    PRIMARY KEY (device, model_sha256, window_start));
-CREATE INDEX IF NOT EXISTS windows_by_model_time ON windows (model_sha256, window_start);
-CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY, fleet TEXT NOT NULL, state TEXT NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
-    status_at DOUBLE PRECISION, model_sha256 TEXT, model_name TEXT, model_version TEXT, status TEXT);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
-CREATE TABLE IF NOT EXISTS labels (
-    id SERIAL_PK, device TEXT NOT NULL, model_sha256 TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL,
-    confusion BYTES NOT NULL);
-CREATE TABLE IF NOT EXISTS drift_fleet (
-    model_sha256 TEXT NOT NULL, bucket_start DOUBLE PRECISION NOT NULL, channel TEXT NOT NULL,
-    n BIGINT NOT NULL, test TEXT NOT NULL, statistic DOUBLE PRECISION, p_value DOUBLE PRECISION,
-    effect DOUBLE PRECISION, drifted INTEGER NOT NULL, detail TEXT NOT NULL,
-    PRIMARY KEY (model_sha256, bucket_start, channel));
-CREATE TABLE IF NOT EXISTS drift_device (
-    model_sha256 TEXT NOT NULL, device TEXT NOT NULL, window_start DOUBLE PRECISION NOT NULL,
-    n BIGINT NOT NULL, p_value DOUBLE PRECISION, q_value DOUBLE PRECISION, effect DOUBLE PRECISION,
-    drifted INTEGER NOT NULL, channels TEXT NOT NULL,
-    PRIMARY KEY (model_sha256, device, window_start));
-CREATE TABLE IF NOT EXISTS evaluations (
-    model_sha256 TEXT PRIMARY KEY, evaluated_at DOUBLE PRECISION NOT NULL, detail TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS alerts (
-    id SERIAL_PK, created_at DOUBLE PRECISION NOT NULL, model_sha256 TEXT NOT NULL, scope TEXT NOT NULL,
-    kind TEXT NOT NULL, state TEXT NOT NULL, summary TEXT NOT NULL, detail TEXT NOT NULL,
-    approved_at DOUBLE PRECISION, approved_by TEXT);
-CREATE TABLE IF NOT EXISTS triggers (
-    id SERIAL_PK, alert_id BIGINT NOT NULL, at DOUBLE PRECISION NOT NULL, command TEXT NOT NULL,
-    outcome TEXT NOT NULL, returncode INTEGER, finished_at DOUBLE PRECISION, output TEXT);
-"""
-
+from edge_kit.fleet.dispersion import strip
 
 # Stored counts use the narrowest unsigned type that holds them; the type follows from the blob's
 # length (bins x itemsize), so no header is needed and int64 blobs stay readable.
@@ -76,6 +40,7 @@ def encode_counts(flat: np.ndarray) -> bytes:
 
 def decode_counts(blobs: Sequence[bytes], bins: int) -> np.ndarray:
     """(len(blobs), bins) int64 from blobs written by `encode_counts` (mixed widths allowed)."""
+    blobs = [strip(b, bins) for b in blobs]  # an optional trailer after the counts (dispersion.py)
     out = np.empty((len(blobs), bins), dtype=np.int64)
     by_size: dict[int, list[int]] = {}
     for i, b in enumerate(blobs):
@@ -129,9 +94,7 @@ class Storage:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA busy_timeout=30000")
-            schema = _SCHEMA.replace("BYTES", "BLOB").replace("SERIAL_PK", "INTEGER PRIMARY KEY AUTOINCREMENT")
-            with self._lock:
-                self._conn.executescript(schema)
+            self._migrate(lambda: self._conn)  # the same connection: a :memory: database has no other
         elif url.startswith(("postgresql://", "postgres://")):
             try:
                 import psycopg  # optional: only PostgreSQL deployments need it
@@ -142,13 +105,36 @@ class Storage:
                 self._conn = psycopg.connect(url, autocommit=True)
             except psycopg.Error as exc:
                 raise UsageError(f"--db: cannot connect to PostgreSQL: {exc}") from exc
-            schema = _SCHEMA.replace("BYTES", "BYTEA").replace("SERIAL_PK", "BIGSERIAL PRIMARY KEY")
-            for statement in filter(str.strip, schema.split(";")):
-                self._conn.execute(statement)
+            # Its own transactional connection (the one above autocommits), closed when done.
+            self._migrate(lambda: psycopg.connect(url))
         else:
             raise UsageError(f"--db must be sqlite:///PATH or postgresql://..., got {url!r}")
 
     # -- plumbing ----------------------------------------------------------------------------
+
+    def _migrate(self, connect: Callable[[], Any]) -> None:
+        """Upgrade the schema to this code's head revision (see `edge_kit.fleet.migrations`)."""
+        import sqlalchemy as sa  # imported here: only a running fleet server needs them
+        from sqlalchemy.pool import NullPool, StaticPool
+
+        from edge_kit.fleet import migrations
+
+        if self.dialect == "sqlite":
+            engine = sa.create_engine("sqlite://", creator=connect, poolclass=StaticPool)
+
+            @sa.event.listens_for(engine, "begin")
+            def _write_lock(conn: sa.Connection) -> None:  # not pysqlite's deferred BEGIN: lock first
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            engine = sa.create_engine("postgresql+psycopg://", creator=connect, poolclass=NullPool)
+        try:
+            with self._lock:
+                self.schema_revision = migrations.upgrade(engine)
+        except migrations.SchemaTooNew as exc:
+            raise UsageError(f"--db: {exc}") from exc
+        finally:
+            if self.dialect != "sqlite":
+                engine.dispose()  # (a StaticPool's dispose would close the connection Storage keeps)
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
@@ -181,11 +167,9 @@ class Storage:
                 with self._conn.transaction(), self._conn.cursor() as cur:
                     for sql, rows in statements:
                         rows = rows(counts) if callable(rows) else rows
-                        total = 0
-                        for row in rows:  # per row: psycopg's executemany does not sum rowcounts
-                            cur.execute(self._sql(sql), row)
-                            total += max(cur.rowcount, 0)
-                        counts.append(total)
+                        # One batch (pipelined by psycopg); its rowcount is the sum over the rows.
+                        cur.executemany(self._sql(sql), rows)
+                        counts.append(max(cur.rowcount, 0))
         return counts
 
     def _insert_returning_id(self, sql: str, row: Sequence[Any]) -> int:

@@ -13,7 +13,7 @@ from bench_fixtures import load_report
 
 from device_agent.bundle import read_bundle
 from edge_kit.config import load_config
-from edge_kit.train import FINAL_CHECKPOINT, ONNX_FILE, run_folder
+from edge_kit.train.trainer import FINAL_CHECKPOINT, ONNX_FILE, run_folder
 
 CONFIG = """
 [project]
@@ -33,7 +33,7 @@ lr = 3e-3
 
 def _built_bundle(config_path: Path, out: Path) -> tuple[Path, str]:
     """The real `edge-kit build` (train, quantize, gate, bundle), unsigned; the bundle and its MLflow run id."""
-    from edge_kit.build import build
+    from edge_kit.ship.build import build
 
     result = build(load_config(config_path), out, signing_key=None)
     return result.bundle, result.run_id

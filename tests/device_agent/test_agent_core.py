@@ -143,8 +143,13 @@ def test_labels_fed_back_become_confusion_counts(bundle_v1: Path, tmp_path: Path
         agent.feed_labels([1], request_id="nope")
     with pytest.raises(InputError, match="not one of the classes"):
         agent.feed_labels(["cat"])
+    with pytest.raises(InputError, match="already labelled"):  # labels consume what they label
+        agent.feed_labels([str(c) for c in wrong], request_id="r1")
+    with pytest.raises(InputError, match="remembered"):  # the two anonymous ones are labelled too
+        agent.feed_labels([0])
+    agent.predict(digits_like_inputs(2, seed=3), request_id="r2")
     with pytest.raises(InputError, match="samples"):
-        agent.feed_labels([1], request_id="r1")
+        agent.feed_labels([1], request_id="r2")
     agent.close_window(clock.advance(10))
     assert agent.forwarder is not None
     agent.forwarder.pump()
@@ -152,7 +157,7 @@ def test_labels_fed_back_become_confusion_counts(bundle_v1: Path, tmp_path: Path
     confusion = np.array(payload["labels"]["confusion"])
     assert payload["labels"]["n"] == 5 and confusion.sum() == 5
     assert np.trace(confusion) == 2
-    assert agent.status()["counters"]["bad_requests"] == 3
+    assert agent.status()["counters"]["bad_requests"] == 5
 
 
 def test_bad_requests_are_counted_and_the_agent_keeps_serving(bundle_v1: Path, clock) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from device_agent.agent import Agent
 from device_agent.errors import UsageError
+from device_agent.http_protocol import HttpLimits
 from device_agent.http_server import AgentHTTPServer, parse_listen
 from tests.helpers.bundles import digits_like_inputs
 
@@ -99,11 +100,13 @@ def test_listen_spec() -> None:
         parse_listen("localhost")
 
 
-def test_an_oversized_body_is_refused_without_reading_it(served: tuple[Agent, str], monkeypatch) -> None:
-    import device_agent.http_server as http_server
-
-    monkeypatch.setattr(http_server, "MAX_BODY_BYTES", 1000)
-    _, url = served
-    status, doc = call(f"{url}/predict", json.dumps({"inputs": digits_like_inputs(8).tolist()}).encode())
-    assert status == 413 and "limit" in doc["error"]
-    assert call(f"{url}/healthz")[0] == 200
+def test_an_oversized_body_is_refused_without_reading_it(bundle_v1: Path) -> None:
+    agent = Agent(bundle_v1, window_seconds=60)
+    server = AgentHTTPServer(("127.0.0.1", 0), agent, HttpLimits(max_body_bytes=1000))
+    server.start()
+    try:
+        status, doc = call(f"{server.url}/predict", json.dumps({"inputs": digits_like_inputs(8).tolist()}).encode())
+        assert status == 413 and "limit" in doc["error"]
+        assert call(f"{server.url}/healthz")[0] == 200
+    finally:
+        server.stop()

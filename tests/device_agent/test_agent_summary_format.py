@@ -101,6 +101,8 @@ def test_confusion_counts_merge_and_roundtrip() -> None:
         (lambda p: p["window"].update(end=0.0), "window"),
         (lambda p: p.pop("device"), "malformed"),
         (lambda p: p["labels"].update(confusion=[[1, 2], [3, 4]]), "counts"),
+        (lambda p: p["channels"]["in.mean"].update(disp=[1.0, -1, 0.5, 3]), "malformed"),
+        (lambda p: p["channels"]["in.mean"].update(disp=[1.0, 2]), "malformed"),
     ],
 )
 def test_bad_payloads_are_refused_with_a_kind(mutate, kind: str) -> None:
@@ -119,3 +121,20 @@ def test_zlib_bombs_and_bad_encodings_are_refused() -> None:
     with pytest.raises(PayloadError) as err:
         WindowSummary.from_bytes(b"not zlib", CONTENT_TYPE_ZLIB)
     assert err.value.kind == "bad_encoding"
+
+
+def test_dispersion_signal_roundtrips_adds_on_merge_and_is_absent_from_v1_payloads() -> None:
+    plan, h, rng = _setup(2)
+    a, b = _summary(h, 0.0), _summary(h, 60.0, 1)
+    a.update(h, plan.values(rng.normal(size=(120, 3)), rng.normal(size=(120, 2))))
+    b.update(h, plan.values(rng.normal(size=(90, 3)), rng.normal(size=(90, 2))))
+    da, db = a.dispersion_statistic(), b.dispersion_statistic()
+    assert da is not None and db is not None and da.shape == (len(h.names), 4)
+    merged = a.merge(b)
+    np.testing.assert_allclose(merged.dispersion_statistic(), da + db)
+    decoded = WindowSummary.from_bytes(*merged.to_bytes(compress=True))
+    np.testing.assert_allclose(decoded.dispersion_statistic(), da + db, rtol=1e-4)
+    golden = WindowSummary.from_bytes(GOLDEN.read_bytes(), CONTENT_TYPE_JSON)
+    assert golden.dispersion_statistic() is None
+    # A merge with a window that has no signal has none: it would describe only part of the data.
+    assert golden.merge(golden).dispersion_statistic() is None

@@ -130,7 +130,10 @@ async function refreshFleet() {
     const drifted = fleetRows.filter((r) => r.drifted).sort((a, b) => b.effect - a.effect);
     state.channel = drifted.length ? drifted[0].channel : channels[0];
   }
-  fillSelect($("channel"), channels, state.channel);
+  // Channels the reference cannot test (constant in the reference) say so, with the reason.
+  const untestable = (state.refs[state.model] || {}).untestable || {};
+  fillSelect($("channel"), channels, state.channel,
+    (c) => (untestable[c] ? `${c} (untestable: ${untestable[c]})` : c));
   setLines(charts.fleet, fleetRows, state.channel);
   const ev = hist.evaluations[state.model];
   $("fleet-note").textContent = ev ? `(alpha ${hist.alpha}, evaluated ${fmtTime(ev.evaluated_at)}, big dots = drifted)` : "";

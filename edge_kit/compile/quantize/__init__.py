@@ -1,0 +1,113 @@
+"""The quantize stage: calibration set, backend, and the int8 candidates the gate asks for.
+
+A `Quantizer` turns "these nodes stay fp32" into an int8 ONNX file. The gate drives it; the
+quantizer knows nothing about budgets. Backends: `ort` (ONNX Runtime static QDQ, default) and
+`inc` (Intel Neural Compressor's PyTorch path, see `quantize_inc`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+from calibration import BatchedCalibrationReader, CalibrationSelection, compute_ranges, preset_for
+from calibration.ranges import CalibrationRanges
+from edge_kit.compile.fallback import FallbackUnit, fallback_units
+from edge_kit.compile.quantize.ort import prepare_for_quantization, quantize_ort, target_preset
+from edge_kit.config import QuantizeSection
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_BATCH = 32
+SQNR_SAMPLES = 32
+
+
+class Quantizer(Protocol):
+    backend: str
+    fp32_path: Path  # the fp32 model the int8 candidates are compared with
+
+    @property
+    def units(self) -> list[FallbackUnit]: ...
+
+    def quantize(self, excluded: tuple[str, ...], tag: str) -> Path: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    @property
+    def notes(self) -> list[str]: ...
+
+
+@dataclass
+class OrtQuantizer:
+    """ORT static QDQ quantization with ranges calibrated once and reused by every round."""
+
+    settings: QuantizeSection
+    fp32_path: Path
+    workdir: Path
+    ranges: CalibrationRanges
+    backend: str = "ort"
+    _units: list[FallbackUnit] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    probe: np.ndarray | None = None  # a few preprocessed calibration samples for the SQNR signal
+
+    @property
+    def units(self) -> list[FallbackUnit]:
+        return self._units
+
+    def prefilter(self, int8_path: Path, units: list[FallbackUnit]) -> list[FallbackUnit]:
+        """Order units worst-SQNR first (for models with more units than the gate trials one by one)."""
+        if self.probe is None:
+            return units
+        from edge_kit.compile.sqnr import order_by_sqnr
+
+        return order_by_sqnr(self.fp32_path, int8_path, units, self.probe)
+
+    def quantize(self, excluded: tuple[str, ...], tag: str) -> Path:
+        out = self.workdir / f"int8-{tag}.onnx"
+        quantize_ort(self.fp32_path, out, self.ranges, target=self.settings.target,
+                     per_channel=self.settings.per_channel, nodes_to_exclude=excluded)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        preset = target_preset(self.settings.target)
+        return {
+            "backend": "ort",
+            "format": "QDQ",
+            "per_channel": self.settings.per_channel,
+            "target": preset.name,
+            "activation_type": preset.activation_type.name,
+            "weight_type": preset.weight_type.name,
+            "reduce_range": preset.reduce_range,
+            "target_why": preset.why,
+        }
+
+
+def calibration_inputs(x_train_raw: np.ndarray, selection: CalibrationSelection) -> np.ndarray:
+    return np.asarray(x_train_raw[selection.positions])
+
+
+def make_ort_quantizer(
+    settings: QuantizeSection,
+    fp32_onnx: Path,
+    workdir: Path,
+    calibration_raw: np.ndarray,
+    selection: CalibrationSelection,
+    preprocess: Any,
+) -> OrtQuantizer:
+    """Pre-process the fp32 model, calibrate it once on the selected training samples."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    prepared, notes = prepare_for_quantization(fp32_onnx, workdir / "fp32-prepared.onnx")
+    model = onnx.load(str(prepared))
+    input_name = model.graph.input[0].name
+    reader = BatchedCalibrationReader(calibration_raw, input_name, batch_size=CALIBRATION_BATCH,
+                                      preprocess=preprocess, ids=selection.ids)
+    ranges = compute_ranges(prepared, reader, preset_for(settings.calibration), workdir / "calibration.json")
+    head = np.asarray(calibration_raw[:SQNR_SAMPLES])
+    probe = np.asarray(preprocess(head) if preprocess is not None else head, dtype=np.float32)
+    return OrtQuantizer(settings, prepared, workdir, ranges, _units=fallback_units(model), notes=notes,
+                        probe=probe)

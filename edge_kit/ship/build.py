@@ -1,0 +1,186 @@
+"""`edge-kit build`: train-or-reuse -> calibrate -> quantize -> gate (with fallback) -> reference -> bundle.
+
+Rule zero: the fp32 model always comes from `edge_kit.train.train` (reused only when config, code
+commit and data hash are unchanged), so there is no way to bundle a model the pipeline did not
+train. Nothing is written to the output folder unless the gate passes (the bundle is written
+atomically by `write_bundle`); when it fails, only the report lands there, next to where the
+bundle would have been.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from calibration import CalibrationSelection, select_calibration
+from device_agent.atomic import atomic_write_bytes
+from device_agent.bundle import bundle_filename, sha256_hex
+from edge_kit.compile.evaluate import accuracy, predict_logits
+from edge_kit.compile.gate import GateFailedError, GateResult, run_gate
+from edge_kit.compile.qdq_analysis import summarize_qdq
+from edge_kit.compile.quantize import OrtQuantizer, Quantizer, calibration_inputs, make_ort_quantizer
+from edge_kit.config import Config
+from edge_kit.ship.package import assemble_and_write, io_spec, monitor_plan, reference_json, selftest_npz
+from edge_kit.ship.report import ReportInputs, render_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildResult:
+    bundle: Path
+    run_id: str
+    gate: GateResult
+    model_sha256: str
+    registered: dict[str, Any] | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bundle": str(self.bundle),
+            "run_id": self.run_id,
+            "gate": self.gate.to_manifest(),
+            "model_sha256": self.model_sha256,
+            "registered_model": self.registered,
+            "timings": self.timings,
+        }
+
+
+def failure_report_path(out_dir: Path, config: Config) -> Path:
+    return out_dir / f"{config.project.name}-{config.project.version}.report.md"
+
+
+def build(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    signing_key: Ed25519PrivateKey | None,
+    backend: str | None = None,
+    tracking_uri: str | None = None,
+    register: bool = True,
+    workdir: Path | None = None,
+    reuse: bool = True,
+    resume: str = "auto",
+) -> BuildResult:
+    """Build a signed (or, if signing_key is None, unsigned) bundle; GateFailedError (exit 3) if no candidate passes."""
+    from edge_kit.train.data import load_dataset
+    from edge_kit.train.provenance import collect_provenance
+    from edge_kit.train.trainer import train
+
+    out = Path(out_dir)
+    backend = backend or config.quantize.backend
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    trained = train(config, resume=resume, tracking_uri=tracking_uri, reuse=reuse)
+    timings["train" if not trained.reused else "train (reused)"] = time.perf_counter() - started
+    dataset = load_dataset(config)
+    provenance = collect_provenance(config, dataset)
+    selection = select_calibration(list(dataset.train_ids), config.quantize.calibration_samples, config.data.seed)
+    provenance["calibration"] = selection.to_manifest(config.quantize.calibration)
+    provenance["mlflow"] = {"tracking_uri": trained.tracking_uri, "experiment_id": trained.experiment_id,
+                            "run_id": trained.run_id}
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-build-", dir=workdir) as tmp:
+        t0 = time.perf_counter()
+        quantizer = _make_quantizer(backend, config, dataset, trained, selection, Path(tmp))
+        timings["calibrate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        x_test = dataset.preprocess(dataset.X_test)
+        fp32 = accuracy(predict_logits(quantizer.fp32_path, x_test), dataset.y_test)
+        gate = run_gate(
+            gate=config.gate, fp32_metric=fp32, quantize=quantizer.quantize,
+            evaluate=lambda path: accuracy(predict_logits(path, x_test), dataset.y_test),
+            units=quantizer.units,
+            prefilter=quantizer.prefilter if isinstance(quantizer, OrtQuantizer) else None,
+        )
+        timings["quantize + gate"] = time.perf_counter() - t0
+
+        quantization = quantizer.describe() | {"excluded_nodes": list(gate.best.excluded_nodes)}
+        best = gate.best.path
+        qdq = summarize_qdq(best, gate.best.excluded_nodes)
+        quantization["qdq"] = qdq.to_json()
+        sizes = {"fp32 model": Path(trained.onnx).stat().st_size, "int8 model": best.stat().st_size}
+        report = ReportInputs(
+            config.project.name, config.project.version, gate, quantization,
+            provenance["calibration"], qdq, provenance, sizes, timings, notes=list(quantizer.notes),
+        )
+
+        if not gate.passed:
+            report_path = failure_report_path(out, config)
+            report_md = render_report(report)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(report_path, report_md.encode("utf-8"))
+            _log_failure(register, trained.tracking_uri, trained.run_id, report_md)
+            raise GateFailedError(
+                f"accuracy gate failed: best int8 {gate.metric} {gate.best.metric:.4f} vs fp32 {gate.fp32:.4f} "
+                f"(drop {gate.fp32 - gate.best.metric:.4f} > allowed {config.gate.max_drop}) after "
+                f"{len(gate.rounds) - 1} fallback round(s); no bundle written, report: {report_path}",
+                gate, report_path,
+            )
+
+        t0 = time.perf_counter()
+        model_bytes = best.read_bytes()
+        plan = monitor_plan(dataset.input_kind, tuple(dataset.input_shape), list(dataset.feature_names),
+                            list(dataset.labels))
+        train_logits = predict_logits(best, dataset.preprocess(dataset.X_train))
+        test_logits = predict_logits(best, x_test)
+        reference = reference_json(plan, dataset.X_train, train_logits, dataset.X_test, test_logits,
+                                   config.monitor.bins)
+        timings["reference"] = time.perf_counter() - t0
+        report.bundle = bundle_filename(config.project.name, config.project.version)
+        report_md = render_report(report)
+        model_meta = io_spec(onnx.load_from_string(model_bytes)) | {"preprocessing": dataset.preprocessing}
+        bundle = assemble_and_write(
+            out, name=config.project.name, version=config.project.version, model_bytes=model_bytes,
+            model_meta=model_meta, labels=list(dataset.labels), provenance=provenance,
+            quantization=quantization, gate=gate.to_manifest(), plan=plan, reference=reference,
+            report_md=report_md, selftest=selftest_npz(dataset.X_test, test_logits), signing_key=signing_key,
+        )
+
+    registered = None
+    if register:
+        from edge_kit.ship.registry import log_and_register
+
+        registered = log_and_register(
+            trained.tracking_uri, trained.run_id, config.project.name, bundle, report_md,
+            gate.to_manifest(), quantization, sha256_hex(model_bytes),
+        )
+    timings["total"] = time.perf_counter() - started
+    log.info("wrote %s (gate %s: %s %.4f -> %.4f)", bundle, "passed", gate.metric, gate.fp32, gate.best.metric)
+    return BuildResult(bundle, trained.run_id, gate, sha256_hex(model_bytes), registered, timings)
+
+
+def _make_quantizer(backend: str, config: Config, dataset: Any, trained: Any,
+                    selection: CalibrationSelection, tmp: Path) -> Quantizer:
+    raw = calibration_inputs(dataset.X_train, selection)
+    if not np.isfinite(np.asarray(raw, dtype=np.float64)).all():
+        from calibration import CalibrationError
+
+        raise CalibrationError("calibration data (training split) holds NaN or inf values",
+                               hint="clean the data snapshot; calibration never skips samples silently")
+    if backend == "inc":
+        from edge_kit.compile.quantize.inc import make_inc_quantizer
+
+        return make_inc_quantizer(config, trained, dataset, raw, tmp)
+    return make_ort_quantizer(config.quantize, Path(trained.onnx), tmp, raw, selection, dataset.preprocess)
+
+
+def _log_failure(register: bool, tracking_uri: str, run_id: str, report_md: str) -> None:
+    if not register:
+        return
+    from edge_kit.ship.registry import log_report
+
+    try:
+        log_report(tracking_uri, run_id, report_md)
+    except Exception as exc:  # the gate failure is the error to report, not a tracking hiccup
+        log.warning("could not log the failure report to MLflow run %s: %s", run_id, exc)

@@ -1,0 +1,109 @@
+"""report.md: what the build did and measured, for people (the manifest holds the same for machines).
+
+The gate section is the answer to "accuracy dropped, which layer is to blame?": every check with
+measured vs allowed, every round with the nodes it kept in fp32, and the per-layer fallback
+trials ranked by how much accuracy keeping that layer in fp32 gives back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_kit.compile.gate import GateResult
+from edge_kit.compile.qdq_analysis import QdqSummary
+
+
+@dataclass
+class ReportInputs:
+    name: str
+    version: str
+    gate: GateResult
+    quantization: dict[str, Any]
+    calibration: dict[str, Any]
+    qdq: QdqSummary | None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    bundle: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def render_report(r: ReportInputs) -> str:
+    g = r.gate
+    verdict = "PASSED" if g.passed else "FAILED"
+    lines = [f"# {r.name} {r.version}: int8 build report", ""]
+    lines += [f"**Accuracy gate: {verdict}** ({g.metric}: fp32 {_pct(g.fp32)}, int8 {_pct(g.best.metric)}, "
+              f"chosen round {g.best.round}).", ""]
+    if r.bundle:
+        lines += [f"Bundle: `{r.bundle}`", ""]
+    else:
+        lines += ["No bundle was written: no int8 candidate met the budget.", ""]
+
+    lines += ["## Gate checks (chosen candidate)", "", "| check | measured | allowed | result |", "|---|---|---|---|"]
+    for check in g.best.checks:
+        lines.append(f"| {check.name} | {check.measured:.4f} | {check.allowed:.4f} | "
+                     f"{'pass' if check.passed else 'FAIL'} |")
+    lines += ["", "## Rounds", "", f"| round | nodes kept in fp32 | {g.metric} | drop | result |",
+              "|---|---|---|---|---|"]
+    for cand in g.rounds:
+        kept = ", ".join(f"`{n}`" for n in cand.excluded_nodes) or "none (plain int8)"
+        lines.append(f"| {cand.round} | {kept} | {_pct(cand.metric)} | {_pct(g.fp32 - cand.metric)} | "
+                     f"{'pass' if cand.passed else 'fail'} |")
+    if g.ranking:
+        lines += ["", "## Culprit ranking (per-layer fallback trials)", "",
+                  "Each layer was kept in fp32 alone (with the nodes that read its output) and the model re-measured.",
+                  "", f"| rank | layer | op | {g.metric} with it in fp32 | recovered |", "|---|---|---|---|---|"]
+        for i, b in enumerate(g.ranking, 1):
+            lines.append(f"| {i} | `{b.node}` | {b.op_type} | {_pct(b.metric_with_node_fp32)} | "
+                         f"{100 * b.recovered:+.2f} pts |")
+        if not g.passed:
+            culprits = g.culprits[:5]
+            named = ", ".join(f"`{c}`" for c in culprits) if culprits else "no single layer"
+            lines += ["", f"Culprits: {named}. Keeping them in fp32 was not enough within "
+                      f"{len(g.rounds) - 1} fallback round(s); raise `gate.max_fallback_rounds`, try "
+                      "`quantize.calibration = \"percentile\"` or `\"entropy\"`, or relax `gate.max_drop`."]
+
+    q = r.quantization
+    lines += ["", "## Quantization", ""]
+    for key in ("backend", "format", "target", "per_channel", "activation_type", "weight_type", "reduce_range",
+                "target_why", "excluded_nodes"):
+        if key in q:
+            lines.append(f"- {key}: {q[key]}")
+    if r.qdq is not None:
+        s = r.qdq
+        lines += [f"- QuantizeLinear nodes: {s.quantize_nodes}, DequantizeLinear nodes: {s.dequantize_nodes}",
+                  f"- int8 initializers: {s.int8_initializers}, float initializers: {s.float_initializers}",
+                  f"- layers running int8: {len(s.quantized_nodes)}"]
+        if s.fp32_nodes:
+            lines += ["", "Layers left in fp32:", "", "| node | op | why |", "|---|---|---|"]
+            lines += [f"| `{n.name}` | {n.op_type} | {n.reason} |" for n in s.fp32_nodes]
+    calib = r.calibration
+    lines += ["", "## Calibration", "",
+              f"- method: {calib.get('method')}, samples: {calib.get('samples')} from the training split, "
+              f"seed {calib.get('seed')}",
+              f"- ids sha256: `{calib.get('ids_sha256')}`"]
+    if r.sizes:
+        lines += ["", "## Size", ""]
+        lines += [f"- {k}: {v / 1024:.1f} KiB" for k, v in r.sizes.items()]
+    if r.timings:
+        lines += ["", "## Timings", ""]
+        lines += [f"- {k}: {v:.2f} s" for k, v in r.timings.items()]
+    p = r.provenance
+    if p:
+        git = p.get("git", {})
+        env = p.get("environment", {})
+        data = p.get("data", {})
+        ml = p.get("mlflow", {})
+        lines += ["", "## Provenance", "",
+                  f"- git commit: `{git.get('commit')}` (dirty: {git.get('dirty')})",
+                  f"- lock sha256: `{env.get('lock_sha256')}`, python {env.get('python')}",
+                  f"- data: `{data.get('path')}` dvc md5 `{data.get('dvc_md5')}`",
+                  f"- MLflow run: `{ml.get('run_id')}` ({ml.get('tracking_uri')})"]
+    if r.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in r.notes]
+    return "\n".join(lines) + "\n"

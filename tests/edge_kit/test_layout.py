@@ -1,0 +1,109 @@
+"""The package layout follows the pipeline: every import points the way data flows, never back up.
+
+train -> compile -> ship is the build pipeline; fleet watches devices and needs none of it; bench,
+demo and commands sit on top. `edge_kit.errors` and `edge_kit.config` are shared by every stage.
+This reads the source (every import statement, including the ones inside functions that keep
+`--help` fast), so a lazy upward import fails here too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = {"edge_kit", "edge_kit.errors", "edge_kit.config"}
+
+# area -> the areas it may import from (besides itself and the shared modules)
+ALLOWED: dict[str, set[str]] = {
+    "shared": set(),
+    "train": set(),
+    "compile": {"train"},
+    "ship": {"train", "compile"},
+    "fleet": set(),
+    "bench": {"train", "compile", "ship"},
+    "demo": {"train", "compile", "ship", "fleet"},
+    "commands": {"train", "compile", "ship", "fleet", "bench", "demo"},
+    "cli": {"commands"},
+}
+
+
+def area_of(module: str) -> str:
+    """The area of a dotted module name under edge_kit."""
+    if module in SHARED or module == "edge_kit.__main__":
+        return "shared" if module in SHARED else "cli"
+    parts = module.split(".")
+    if parts[1] == "cli":
+        return "cli"
+    return parts[1]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+            # `from edge_kit import tracking` names a module, not an attribute
+            found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names
+                         if _is_module(node.module, alias.name))
+    return found
+
+
+def _is_module(package: str, name: str) -> bool:
+    base = REPO / package.replace(".", "/") / name
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
+def sources(package: str) -> list[Path]:
+    return sorted((REPO / package).rglob("*.py"))
+
+
+def test_every_stage_folder_exists_with_its_modules() -> None:
+    expected = {
+        "train": {"trainer", "checkpoint", "data", "snapshot", "models", "tracking", "provenance", "export"},
+        "compile": {"gate", "fallback", "sqnr", "qdq_analysis", "evaluate"},
+        "compile/quantize": {"__init__", "ort", "inc"},
+        "ship": {"build", "package", "report", "registry", "reproduce"},
+    }
+    for folder, modules in expected.items():
+        present = {p.stem for p in (REPO / "edge_kit" / folder).glob("*.py")}
+        assert modules <= present, f"edge_kit/{folder} lacks {sorted(modules - present)}"
+    loose = {p.stem for p in (REPO / "edge_kit").glob("*.py")}
+    assert loose == {"__init__", "__main__", "cli", "config", "errors"}, "stage modules belong in their stage folder"
+
+
+@pytest.mark.parametrize("path", sources("edge_kit"), ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_follow_the_pipeline(path: Path) -> None:
+    here = area_of(module_name(path))
+    allowed = ALLOWED[here] | {here, "shared"}
+    upward = [f"line {line}: {name} ({area_of(name)})" for line, name in imported_modules(path)
+              if name.startswith("edge_kit.") and area_of(name) not in allowed]
+    assert not upward, f"{path.relative_to(REPO)} ({here}) imports against the pipeline: {upward}"
+
+
+@pytest.mark.parametrize("path", sources("calibration"), ids=lambda p: str(p.relative_to(REPO)))
+def test_calibration_never_imports_the_server(path: Path) -> None:
+    bad = [name for _, name in imported_modules(path) if name.split(".")[0] == "edge_kit"]
+    assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+def test_the_check_catches_an_upward_import(tmp_path: Path) -> None:
+    """The rule is not vacuous: a train module importing the gate is flagged."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from edge_kit.compile.gate import run_gate\n")
+    names = [name for _, name in imported_modules(bad)]
+    assert names == ["edge_kit.compile.gate"]
+    assert area_of(names[0]) not in ALLOWED["train"] | {"train", "shared"}
