@@ -32,6 +32,9 @@ CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_ZLIB = "application/json+zlib"
 # A decoded payload larger than this is refused (protects the server from zlib bombs).
 MAX_DECODED_BYTES = 4 * 1024 * 1024
+# Every integer is stored as a signed 64-bit column (SQLite INTEGER, PostgreSQL BIGINT): a larger one
+# passes JSON but fails the insert, so it is refused here, where the message can still be named.
+INT64_MAX = 2**63 - 1
 
 
 class Histogrammer:
@@ -342,7 +345,36 @@ def _num(x: float) -> float | None:
 
 
 def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= INT64_MAX
+
+
+# The strings of a payload that reach storage or a page, and how long each may be. A table, so a
+# later schema version's optional fields add a row here. Each must be valid UTF-8 (no lone
+# surrogate, which `json` decodes from "\\ud800" but no database can store) and hold no NUL
+# (PostgreSQL TEXT cannot).
+_STRINGS: tuple[tuple[str, Callable[[dict[str, Any]], list[Any]], int], ...] = (
+    ("fleet", lambda p: [p["fleet"]], 128),
+    ("device", lambda p: [p["device"]], 128),
+    ("model", lambda p: list(p["model"].values()), 256),
+    ("channels", lambda p: list(p["channels"]), 256),
+    ("labels.classes", lambda p: list((p.get("labels") or {}).get("classes") or []), 256),
+)
+
+
+def _check_strings(p: dict[str, Any]) -> None:
+    for where, values, limit in _STRINGS:
+        found = values(p)
+        if not set(map(type, found)) <= {str}:
+            raise PayloadError("malformed", f"{where}: names must be strings")
+        if any(len(v) > limit for v in found):
+            raise PayloadError("strings", f"{where}: a name is longer than {limit} characters")
+        joined = "".join(found)
+        if "\x00" in joined:
+            raise PayloadError("strings", f"{where}: a name holds a NUL character")
+        try:
+            joined.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PayloadError("strings", f"{where}: a name is not valid UTF-8 ({exc.reason})") from exc
 
 
 def _all_counts(values: list[Any]) -> bool:
@@ -388,6 +420,8 @@ def _channels_ok(channels: dict[str, Any], n: int) -> bool:
     stats = [c.get(k) for c in values for k in ("min", "max", "sum", "sumsq")]
     if not _all_numbers_or_null(stats):
         return False
+    if [v is None for v in stats[0::4]] != [v is None for v in stats[1::4]]:  # min and max come together
+        return False
     return _disp_ok([c["disp"] for c in values if "disp" in c])
 
 
@@ -414,6 +448,8 @@ def _check_channels_one_by_one(channels: dict[str, Any], n: int) -> None:
         for stat in ("min", "max", "sum", "sumsq"):
             if c.get(stat) is not None and not _is_number(c[stat]):
                 raise PayloadError("malformed", f"channel {name!r} {stat} must be a finite number or null")
+        if (c.get("min") is None) != (c.get("max") is None):
+            raise PayloadError("malformed", f"channel {name!r} has a min without a max or a max without a min")
         _check_optional(name, c)
 
 
@@ -445,11 +481,12 @@ def _check_payload(p: Any) -> dict[str, Any]:
     if not (_is_number(w.get("start")) and _is_number(w.get("end")) and w["end"] >= w["start"]):
         raise PayloadError("window", "window needs numeric start <= end")
     if not _is_count(w.get("seq", 0)):
-        raise PayloadError("window", "window.seq must be a non-negative integer")
+        raise PayloadError("window", "window.seq must be an integer in [0, 2**63)")
     if not _is_count(p.get("n")):
-        raise PayloadError("counts", "n must be a non-negative integer")
+        raise PayloadError("counts", "n must be an integer in [0, 2**63)")
     if not p["channels"]:
         raise PayloadError("malformed", "no channels")
+    _check_strings(p)
     if not _channels_ok(p["channels"], p["n"]):  # one bulk check; the loop below only names the culprit
         _check_channels_one_by_one(p["channels"], p["n"])
     labels = p.get("labels")
@@ -462,4 +499,6 @@ def _check_payload(p: Any) -> dict[str, Any]:
             raise PayloadError("counts", f"labels.confusion must be {k}x{k}")
         if not all(_is_count(x) for r in m for x in r):
             raise PayloadError("counts", "confusion counts must be non-negative integers")
+        if sum(map(sum, m)) > INT64_MAX:
+            raise PayloadError("counts", "confusion counts add up to more than 2**63 - 1")
     return p

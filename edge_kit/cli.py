@@ -108,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", action="append", default=[], help="bundle whose reference histograms to use")
     p.add_argument("--bundles", help="folder of bundles (re-read when it changes)")
     p.add_argument("--config", help="fleet config (TOML): drift thresholds, alerts, retraining command")
+    p.add_argument("--token-file", help="file holding the operator token (else EDGEKIT_FLEET_TOKEN); "
+                                        "without one the dashboard and API are read-only, for loopback only")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name clients use besides loopback and the --http address (reverse proxy)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
+                   help="another origin whose pages may call the API (e.g. https://ops.example.com)")
+    p.add_argument("--open-reads", action="store_true",
+                   help="let loopback clients read the API and /metrics without the token")
+    p.add_argument("--http-max-connections", type=int, default=256, metavar="N",
+                   help="open HTTP connections before the oldest idle one is closed (default 256)")
+    p.add_argument("--http-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a request may take to arrive in full (default 10)")
     _common(p)
     return parser
 

@@ -15,15 +15,17 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from device_agent.wire import BrokerConfig, parse_broker_url, parse_host_port
 from edge_kit.errors import UsageError
 from edge_kit.fleet.consumer_state import ConsumerState
+from edge_kit.fleet.http_security import HttpSecurity, load_token
 from edge_kit.fleet.ingest import SESSION_EXPIRY_SECONDS, ConsumerConfig, run_consumer
 from edge_kit.fleet.references import ReferenceStore
-from edge_kit.fleet.server import make_server, serve_in_thread
+from edge_kit.fleet.server import HttpLimits, make_server, serve_in_thread
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import load_settings
 from edge_kit.fleet.storage import Storage
@@ -47,6 +49,45 @@ def _worker_main(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event, l
     run_consumer(cfg, stop)
 
 
+class Supervisor:
+    """When to restart each consumer: exponential backoff (1, 2, 4 ... 30 s) while it keeps dying,
+    back to the shortest delay once it has stayed up for HEALTHY_SECONDS (a broker that was down
+    for an hour must not leave every later crash waiting the longest delay)."""
+
+    HEALTHY_SECONDS = 60.0
+    MAX_DELAY = 30.0
+
+    def __init__(self, workers: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.restarts = 0
+        self._failures = [0] * workers
+        self._started = [clock()] * workers
+        self._due: list[float | None] = [None] * workers
+
+    def alive(self, i: int) -> None:
+        if self._failures[i] and self.clock() - self._started[i] >= self.HEALTHY_SECONDS:
+            self._failures[i] = 0
+
+    def exited(self, i: int) -> float:
+        """Record an exit; returns the delay before the restart."""
+        if self.clock() - self._started[i] >= self.HEALTHY_SECONDS:
+            self._failures[i] = 0
+        delay = min(2.0 ** self._failures[i], self.MAX_DELAY)
+        self._failures[i] += 1
+        self._due[i] = self.clock() + delay
+        return delay
+
+    def due(self, i: int) -> bool:
+        """True (once) when worker i's restart time has come."""
+        due = self._due[i]
+        if due is None or self.clock() < due:
+            return False
+        self._due[i] = None
+        self._started[i] = self.clock()
+        self.restarts += 1
+        return True
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_settings(args.config)
     broker = broker_config(args)
@@ -60,8 +101,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     service = FleetService(storage, references, settings)
     consumers = ConsumerState(args.workers)
     service.consumers = consumers
+    if args.http_max_connections < 1 or args.http_timeout <= 0:
+        raise UsageError("--http-max-connections must be at least 1 and --http-timeout positive")
+    limits = HttpLimits(request_timeout=args.http_timeout, max_connections=args.http_max_connections)
+    token = load_token(args.token_file)
+    security = HttpSecurity(
+        token=token, allowed_hosts=frozenset(args.allowed_host), allowed_origins=frozenset(args.allowed_origin),
+        # Without a token nothing can authenticate and nothing can be changed; reads then stay
+        # possible from loopback only, so a fresh install still shows its dashboard on the machine.
+        open_reads=args.open_reads or token is None,
+    )
     try:
-        http = make_server(service, host, port)
+        http = make_server(service, host, port, security, limits)
     except OSError as exc:
         raise UsageError(f"--http {args.http}: cannot listen: {exc}") from exc
 
@@ -83,24 +134,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    workers = [start_worker(i) for i in range(args.workers)]
+    workers: list[multiprocessing.process.BaseProcess | None] = [start_worker(i) for i in range(args.workers)]
     serve_in_thread(http)
     service.start()
     log.info("fleet %s: %d consumer(s) on %s, dashboard http://%s:%d/, %d model(s) known",
              args.fleet, args.workers, args.broker, host, port, len(references.all()))
-    restarts = 0
+    supervisor = Supervisor(len(workers))
     try:
         while not stopping.wait(1.0):
             for i, p in enumerate(workers):
-                if not p.is_alive():
+                if p is not None and p.is_alive():
+                    supervisor.alive(i)
+                    continue
+                if p is not None:
                     consumers.set_connected(i, False)  # a dead consumer must not look connected
-                    log.error("consumer %d exited (code %s); restarting it", i, p.exitcode)
-                    restarts += 1
-                    time.sleep(min(restarts, 10))  # back off if the broker is down
+                    log.error("consumer %d exited (code %s); restarting it in %.0f s", i, p.exitcode,
+                              supervisor.exited(i))
+                    workers[i] = None
+                if supervisor.due(i):  # waits are scheduled, not slept: SIGTERM is handled at once
                     workers[i] = start_worker(i)
     finally:
         stop.set()
-        for p in workers:
+        for p in filter(None, workers):
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
@@ -111,4 +166,4 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         storage.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return {"stopped": True, "workers": args.workers, "restarts": restarts}
+    return {"stopped": True, "workers": args.workers, "restarts": supervisor.restarts}

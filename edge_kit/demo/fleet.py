@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import shutil
 import signal
 import sys
@@ -149,6 +151,8 @@ class FleetDemo:
         return path
 
     def start(self) -> None:
+        # The fleet server (a child: it inherits the environment) refuses changes without an operator token.
+        os.environ.setdefault("EDGEKIT_FLEET_TOKEN", secrets.token_urlsafe(24))
         self.broker = Broker(self.workdir / "broker")
         db = self.workdir / "fleet.db"
         for stale in (db, db.with_name("fleet.db-wal"), db.with_name("fleet.db-shm")):
@@ -350,7 +354,7 @@ def run_demo(options: DemoOptions, stop: threading.Event | None = None) -> dict[
     try:
         demo.prepare()
         demo.start()
-        print(f"\nDashboard: {demo.dashboard}\n"
+        print(f"\nDashboard: {demo.dashboard}#token={os.environ['EDGEKIT_FLEET_TOKEN']}\n"
               f"{len(demo.devices)} devices; shifted: "
               + ", ".join(f"{d.name} ({d.shift.kind})" for d in demo.devices if d.shift.kind != "none")
               + (f"; running for {options.duration:.0f} s" if options.headless else "; Ctrl-C stops"),

@@ -70,8 +70,10 @@ def wait_for_port(port: int, timeout: float, proc: ManagedProcess | None = None)
 def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
     """GET (or POST `body` as JSON) and decode the JSON answer; HTTP errors raise with the server's message."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                     method="GET" if body is None else "POST")
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("EDGEKIT_FLEET_TOKEN"):  # the fleet server's operator token (the demo sets one)
+        headers["Authorization"] = f"Bearer {os.environ['EDGEKIT_FLEET_TOKEN']}"
+    request = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())

@@ -12,8 +12,10 @@ EDGEKIT_ALERT_SCOPE in its environment.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -100,16 +102,7 @@ class AlertManager:
         thread.start()
 
     def _run(self, alert_id: int, trigger_id: int, command: list[str], env: dict[str, str]) -> None:
-        try:
-            proc = subprocess.run(command, env=env, capture_output=True, text=True,
-                                  timeout=self.settings.retrain_timeout_seconds)
-            outcome = "succeeded" if proc.returncode == 0 else "failed"
-            output, code = (proc.stdout + proc.stderr)[-OUTPUT_TAIL:], proc.returncode
-        except subprocess.TimeoutExpired as exc:
-            outcome, code = "timeout", None
-            output = f"killed after {self.settings.retrain_timeout_seconds} s: {exc}"[-OUTPUT_TAIL:]
-        except OSError as exc:  # command not found, not executable
-            outcome, code, output = "failed", None, f"could not start {command[0]!r}: {exc}"
+        outcome, code, output = run_command(command, env, self.settings.retrain_timeout_seconds)
         self.storage.finish_trigger(trigger_id, outcome, code, output)
         self.storage.set_alert_state(alert_id, "retrained" if outcome == "succeeded" else "retrain_failed")
         log.warning("alert %d: retraining %s (exit %s)", alert_id, outcome, code)
@@ -118,3 +111,34 @@ class AlertManager:
         """Wait for running retraining commands (tests, shutdown)."""
         for t in list(self._threads):
             t.join(timeout)
+
+
+def run_command(command: list[str], env: dict[str, str], timeout: float) -> tuple[str, int | None, str]:
+    """Run the retraining command; returns (outcome, exit code, output tail).
+
+    It runs in a session of its own, and a timeout kills that whole process group: a build or
+    `dvc repro` starts children (compilers, data loaders) that would otherwise outlive the kill
+    of their parent and keep running, holding files and CPU, long after the trigger says "timeout".
+    """
+    try:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", start_new_session=True)
+    except OSError as exc:  # command not found, not executable
+        return "failed", None, f"could not start {command[0]!r}: {exc}"
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a grandchild that left the group still holds the pipe
+            proc.kill()
+            out = ""
+        return "timeout", None, f"killed after {timeout} s (process group {proc.pid}):\n{out or ''}"[-OUTPUT_TAIL:]
+    outcome = "succeeded" if proc.returncode == 0 else "failed"
+    return outcome, proc.returncode, (out or "")[-OUTPUT_TAIL:]
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is already gone
+        os.killpg(pgid, signal.SIGKILL)

@@ -253,21 +253,56 @@ def _json(obj: Any) -> str:
 def evaluate_counts(ref: ModelReference, devices: np.ndarray, starts: np.ndarray, flat_counts: np.ndarray,
                     settings: DriftSettings, now: float | None = None,
                     fleet: tuple[Any, ...] | None = None, *,
-                    dispersion: np.ndarray | None = None) -> Evaluation:
+                    dispersion: np.ndarray | None = None, fleet_devices: np.ndarray | None = None) -> Evaluation:
     """Fleet and per-device decisions from stored windows (arrays, one entry per window).
 
     `flat_counts` is (W, sum(bins)) as stored; windows must be sorted by start time. `fleet`
-    optionally gives other (starts, flat counts[, dispersion]) for the fleet level; by default it
-    pools the same windows the device level tests. `dispersion` is (W, C, 4), the agent's
+    optionally gives other (starts, flat counts[, dispersion]) for the fleet level, with
+    `fleet_devices` naming their devices (for the per-device weight cap; without it no cap); by
+    default it pools the same windows the device level tests. `dispersion` is (W, C, 4), the agent's
     dispersion signal per channel (X, df, S, k; NaN where a window has none; None: no window has it).
     """
     t0 = time.perf_counter()
     ev = Evaluation(model=ref.sha256, evaluated_at=time.time() if now is None else now, cutoff=0.0)
     fleet_args = fleet if fleet is not None else (starts, flat_counts, dispersion)
-    _evaluate_fleet(ev, ref, fleet_args[0], fleet_args[1], settings, fleet_args[2] if len(fleet_args) > 2 else None)
+    f_devices = fleet_devices if fleet is not None else devices
+    f_flat = fleet_args[1] if f_devices is None else cap_device_weight(ref, f_devices, fleet_args[0], fleet_args[1],
+                                                                       settings)
+    _evaluate_fleet(ev, ref, fleet_args[0], f_flat, settings, fleet_args[2] if len(fleet_args) > 2 else None)
     _evaluate_devices(ev, ref, devices, starts, flat_counts, settings, dispersion)
     ev.seconds = time.perf_counter() - t0
     return ev
+
+
+def cap_device_weight(ref: ModelReference, devices: np.ndarray, starts: np.ndarray, flat_counts: np.ndarray,
+                      settings: DriftSettings) -> np.ndarray:
+    """Scale each device's windows so that, within a fleet bucket, it counts at most
+    `max_device_weight` x the (lower) median device's n.
+
+    The pooled test weighs a device by its n, which the device itself reports: without a cap one
+    device claiming a huge n speaks for the whole fleet and raises a fleet-wide alert alone. The
+    lower median, so that of two devices the honest one sets the cap. Rows are returned as float64
+    when scaled (the tests take fractional counts); unchanged when no device is over its cap.
+    """
+    factor = settings.max_device_weight
+    if factor <= 0 or len(starts) == 0:
+        return flat_counts
+    n = flat_counts[:, : int(ref.bins[0])].sum(axis=1).astype(np.float64)
+    bucket = np.floor(starts / settings.fleet_window_seconds)
+    _, device_id = np.unique(np.asarray(devices).astype(str), return_inverse=True)
+    _, pair = np.unique(np.stack([bucket, device_id.astype(np.float64)], axis=1), axis=0, return_inverse=True)
+    pair = pair.reshape(-1)
+    pair_n = np.bincount(pair, weights=n)
+    pair_bucket = np.zeros(len(pair_n))
+    pair_bucket[pair] = bucket
+    cap = np.empty(len(pair_n))
+    for b in np.unique(pair_bucket):
+        sel = pair_bucket == b
+        cap[sel] = factor * np.sort(pair_n[sel])[(int(sel.sum()) - 1) // 2]
+    scale = np.minimum(1.0, cap / np.maximum(pair_n, 1.0))
+    if (scale >= 1.0).all():
+        return flat_counts
+    return flat_counts * scale[pair][:, None]
 
 
 def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, flat_counts: np.ndarray,
@@ -276,7 +311,7 @@ def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, fla
     w_total = len(starts)
     buckets = np.floor(starts / settings.fleet_window_seconds) * settings.fleet_window_seconds
     bucket_ids, inverse = np.unique(buckets, return_inverse=True)
-    pooled = np.zeros((len(bucket_ids), flat_counts.shape[1]), dtype=np.int64)
+    pooled = np.zeros((len(bucket_ids), flat_counts.shape[1]), dtype=np.result_type(flat_counts.dtype, np.int64))
     if w_total and np.all(np.diff(starts) >= 0):  # sorted by start: each bucket is one contiguous block
         bounds = np.r_[np.searchsorted(buckets, bucket_ids), w_total]
         for b in range(len(bucket_ids)):
@@ -291,7 +326,8 @@ def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, fla
         np.add.at(pooled_disp, inverse, np.nan_to_num(dispersion))
         phi = disp.window_phi(pooled_disp[tested])
     if tested.size:
-        r = test_windows(ref, ref.unflatten(pooled[tested]), settings, details=True, dispersion=phi)
+        r = test_windows(ref, ref.unflatten(pooled[tested], pooled.dtype.type), settings, details=True,
+                         dispersion=phi)
         drifted = (r.p_adjusted <= settings.alpha) & r.effect_ok
         for i, b in enumerate(tested):
             ev.fleet_rows += _fleet_rows(ref, float(bucket_ids[b]), r, i, drifted)
@@ -383,11 +419,11 @@ def evaluate_model(storage: Storage, ref: ModelReference, settings: DriftSetting
     # Fleet: the last FLEET_BUCKETS_READ x m bucket periods (room for buckets below min_n).
     span = settings.fleet_window_seconds
     fleet_since = max(since, (np.floor(now / span) - FLEET_BUCKETS_READ * settings.m + 1) * span)
-    _, fleet_starts, fleet_flat, fleet_disp = _arrays(ref, storage.windows(ref.sha256, fleet_since))
+    fleet_devices, fleet_starts, fleet_flat, fleet_disp = _arrays(ref, storage.windows(ref.sha256, fleet_since))
     devices, starts, flat, dispersion = _arrays(
         ref, storage.latest_windows(ref.sha256, since, settings.m, settings.min_n))
     ev = evaluate_counts(ref, devices, starts, flat, settings, now, fleet=(fleet_starts, fleet_flat, fleet_disp),
-                         dispersion=dispersion)
+                         dispersion=dispersion, fleet_devices=fleet_devices)
     ev.untested_small_windows = storage.small_window_count(ref.sha256, since, settings.min_n)
     storage.save_evaluation(ref.sha256, ev.evaluated_at, ev.detail(), ev.fleet_rows, ev.device_rows)
     return ev

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -92,6 +94,12 @@ class Validator:
             raise PayloadError("malformed", "a non-empty window needs numeric min and max for every channel")
         if s.n > MAX_WINDOW_N or int(s.counts.max(initial=0)) > MAX_WINDOW_N:
             raise PayloadError("counts", f"n = {s.n} is not a plausible window size")
+        # A device may not claim more inferences than it could have run: n weighs its window in
+        # every pooled test, so an inflated n would let one device speak for the fleet.
+        rate = self.settings.max_inferences_per_second
+        if s.n > max(s.window_end - s.window_start, 1.0) * rate:
+            raise PayloadError("rate", f"n = {s.n} in a {s.window_end - s.window_start:.0f} s window is over "
+                                       f"ingest.max_inferences_per_second = {rate:g}")
         if s.window_end > now + self.settings.max_clock_skew_seconds:
             raise PayloadError("future_window", f"window ends {s.window_end - now:.0f} s in the future")
         if s.window_start < EARLIEST_WINDOW or s.window_end - s.window_start > self.settings.max_window_seconds:
@@ -100,11 +108,15 @@ class Validator:
         if s.confusion is not None:
             if s.label_names != ref.labels:
                 raise PayloadError("labels", "label classes differ from the model's labels")
+            if int(s.confusion.sum()) > s.n:  # never more labels than the window's predictions
+                raise PayloadError("labels_over_n", f"{int(s.confusion.sum())} labels for {s.n} predictions")
             confusion = s.confusion.astype(np.int64).tobytes()
         flat = s.counts[order].reshape(-1)[ref.flat_index]
         return WindowRow(
             device=device, model_sha256=ref.sha256, window_start=s.window_start, window_end=s.window_end,
-            seq=s.seq, n=s.n, fleet=fleet, model_name=s.model["name"], model_version=s.model["version"],
+            # Name and version from the matched reference: the sha256 is what was checked, the payload's
+            # words for it are not.
+            seq=s.seq, n=s.n, fleet=fleet, model_name=ref.name, model_version=ref.version,
             received_at=now, confusion=confusion,
             counts=dispersion.attach(encode_counts(flat), None if s.dispersion is None else s.dispersion[order]),
         )
@@ -131,13 +143,46 @@ class Validator:
         if len(data) > 64 * 1024:
             raise PayloadError("too_large", "status message over 64 KiB")
         try:
-            status = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PayloadError("malformed_json", str(exc)) from exc
+            # NaN/Infinity are refused (the API serves this JSON back; strict parsers reject them).
+            status = json.loads(data, parse_constant=_no_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise PayloadError("malformed_json", str(exc)[:200]) from exc
+        except ValueError as exc:
+            raise PayloadError("status", str(exc)) from exc
         if not isinstance(status, dict) or status.get("state") not in ("online", "offline"):
             raise PayloadError("status", "status needs state 'online' or 'offline'")
+        if not _storable_json(status):
+            raise PayloadError("status", "status holds a non-finite number, an integer beyond 64 bits or a "
+                                         "string that is not valid UTF-8")
         return {"device": device, "fleet": fleet, "state": status["state"],
                 "at": time.time() if now is None else now, "status": status}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in status")
+
+
+def _storable_json(value: Any, depth: int = 0) -> bool:
+    """Finite floats, 64-bit integers and valid UTF-8 strings all the way down (bounded depth)."""
+    if depth > 32:
+        return False
+    if isinstance(value, dict):
+        return all(_storable_json(k, depth + 1) and _storable_json(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable_json(v, depth + 1) for v in value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return "\x00" not in value
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return False
 
 
 @dataclass
@@ -191,18 +236,69 @@ class Ingestor:
                         topic, message, kind)
 
     def flush(self) -> list[tuple[int, int]]:
-        """Commit the batch; returns the (mid, qos) pairs that may now be acknowledged."""
+        """Commit the batch; returns the (mid, qos) pairs that may now be acknowledged.
+
+        A batch the database refuses for its data (a value validation let through) is stored row
+        by row: the culprit is rejected (counted as `rejected:storage`, logged once, acknowledged)
+        and the rest kept. Refusing the whole batch would have the broker redeliver it forever.
+        An operational failure (database down, disk full) still raises: then redelivery is right.
+        """
         batch = self.batch
         if not batch.mids:
             return []
-        new = self.storage.ingest(batch.windows, batch.statuses, batch.counters)
+        try:
+            new = self.storage.ingest(batch.windows, batch.statuses, batch.counters)
+            stored = len(batch.windows)
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            new, stored = self._store_one_by_one(batch)
         counters = dict(batch.counters)
         counters["accepted"] = new
-        counters["duplicate"] = len(batch.windows) - new
+        counters["duplicate"] = stored - new
         for k, v in counters.items():
             self.totals[k] = self.totals.get(k, 0) + v
         self.batch = IngestBatch()
         return batch.mids
+
+    def _store_one_by_one(self, batch: IngestBatch) -> tuple[int, int]:
+        """(new, stored) windows; culprits are counted into the batch's counters, which are stored last."""
+        new = stored = 0
+        for w in batch.windows:
+            try:
+                new += self.storage.ingest([w], [], {})
+                stored += 1
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                self._reject_into(batch, f"edgekit/{w.fleet}/{w.device}/summary", exc)
+        for status in batch.statuses:
+            try:
+                self.storage.ingest([], [status], {})
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                self._reject_into(batch, f"edgekit/{status['fleet']}/{status['device']}/status", exc)
+        self.storage.add_counters(batch.counters)
+        return new, stored
+
+    def _reject_into(self, batch: IngestBatch, topic: str, exc: BaseException) -> None:
+        batch.count("rejected:storage")
+        if "storage" not in self._logged_kinds:
+            self._logged_kinds.add("storage")
+            log.warning("the database refused a message on %s (%s: %s); it is dropped and acknowledged, the rest "
+                        "of its batch kept; further ones are only counted in /metrics", topic,
+                        type(exc).__name__, str(exc)[:200])
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """The database refused a value (too large, bad text), as opposed to being unavailable."""
+    if isinstance(exc, OverflowError | ValueError | UnicodeError | TypeError | sqlite3.IntegrityError
+                  | sqlite3.DataError | sqlite3.InterfaceError | sqlite3.ProgrammingError):
+        return True
+    # psycopg's DataError/IntegrityError, matched by name: psycopg is an optional install.
+    return type(exc).__module__.startswith("psycopg") and any(
+        c.__name__ in ("DataError", "IntegrityError") for c in type(exc).__mro__)
 
 
 @dataclass(frozen=True)

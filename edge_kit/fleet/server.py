@@ -1,6 +1,7 @@
-"""HTTP for the fleet service: the dashboard page, the JSON API and Prometheus `/metrics`.
+"""HTTP for the fleet service (Starlette on uvicorn): the dashboard page, the JSON API, Prometheus `/metrics`.
 
 GET  /                         dashboard (static/index.html; charts by the vendored Chart.js)
+GET  /healthz                  200 when the database answers and every MQTT consumer is connected, else 503
 GET  /api/devices              devices (online/offline, last seen, model) and model versions
 GET  /api/drift                latest fleet results per model and channel, latest per-device flags;
                                ?model=SHA ?device=ID (that device's channels) ?channel=NAME ?history=1
@@ -10,10 +11,10 @@ GET  /api/alerts               alerts with their triggers; ?format=csv exports t
 POST /api/alerts/<id>/approve  run the retraining command (rate-limited); /dismiss silences it
 POST /api/labels               {"device", "model_sha256", "confusion" | "true" + "pred"}
 GET  /metrics                  Prometheus text format
-GET  /healthz                  200 when every MQTT consumer is connected, else 503 (not ready)
 
-No authentication: it listens on 127.0.0.1 by default; expose it through a reverse proxy that
-authenticates operators, since approving an alert runs a command.
+Who may call what is decided in one place, `http_security` (operator token, Host/Origin checks,
+JSON-only writes, body limits); connection limits and timeouts in `http_protocol`. Answers are
+strict JSON: a NaN or infinity anywhere becomes null, so every client's parser accepts them.
 """
 
 from __future__ import annotations
@@ -22,156 +23,251 @@ import csv
 import io
 import json
 import logging
-import mimetypes
+import math
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from edge_kit.fleet.alerts import AlertError
+from edge_kit.fleet.http_protocol import protocol_class
+from edge_kit.fleet.http_security import HttpSecurity, SecurityMiddleware
 from edge_kit.fleet.service import FleetService
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 1024 * 1024
+NO_STORE = {"Cache-Control": "no-store"}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    service: FleetService  # set on the subclass made by make_server
-    server_version = "edgekit-fleet"
+@dataclass(frozen=True)
+class HttpLimits:
+    request_timeout: float = 10.0  # a request must arrive in full within this many seconds
+    keep_alive: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 256  # beyond this the oldest idle connection is closed
+    forwarded_allow_ips: str = "127.0.0.1"  # proxies whose X-Forwarded-For/-Proto are believed
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, obj: Any, status: int = 200) -> None:
-        self._send(status, json.dumps(obj, default=_default).encode(), "application/json")
-
-    def _error(self, status: int, message: str) -> None:
-        self._json({"error": message}, status)
-
-    def do_GET(self) -> None:
-        url = urlparse(self.path)
-        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        s = self.service
-        try:
-            if url.path in ("/", "/index.html"):
-                self._static("index.html")
-            elif url.path.startswith("/static/"):
-                self._static(url.path.removeprefix("/static/"))
-            elif url.path == "/api/devices":
-                self._json(s.devices())
-            elif url.path == "/api/drift":
-                self._json(s.drift(q.get("model"), q.get("device"), q.get("channel"), q.get("history") == "1"))
-            elif url.path == "/api/histogram":
-                if "model" not in q or "channel" not in q:
-                    self._error(400, "histogram needs ?model=SHA&channel=NAME")
-                    return
-                h = s.histogram(q["model"], q["channel"], q.get("device"))
-                self._json(h) if h is not None else self._error(404, "unknown model or channel")
-            elif url.path == "/api/concept":
-                self._json({"models": s.concept(q.get("model"), q.get("device"))})
-            elif url.path == "/api/alerts":
-                alerts = s.storage.alerts()
-                if q.get("format") == "csv":
-                    self._send(200, _alerts_csv(alerts).encode(), "text/csv; charset=utf-8")
-                else:
-                    self._json({"alerts": alerts, "approval": s.settings.alerts.approval})
-            elif url.path == "/healthz":
-                ready, doc = s.health()
-                self._json(doc, 200 if ready else 503)
-            elif url.path == "/metrics":
-                self._send(200, s.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
-            else:
-                self._error(404, f"no such page: {url.path}")
-        except Exception as exc:  # one bad request must not take the server down
-            log.exception("GET %s failed", self.path)
-            self._error(500, f"{type(exc).__name__}: {exc}")
-
-    def do_POST(self) -> None:
-        url = urlparse(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._error(413, f"body over {MAX_BODY} bytes")
-            return
-        raw = self.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._error(400, f"body is not JSON: {exc}")
-            return
-        parts = url.path.strip("/").split("/")
-        try:
-            if url.path == "/api/labels":
-                if not isinstance(body, dict):
-                    raise ValueError("labels body must be a JSON object")
-                self._json(self.service.add_labels(body))
-            elif len(parts) == 4 and parts[:2] == ["api", "alerts"] and parts[3] in ("approve", "dismiss"):
-                alert_id = int(parts[2])
-                who = str(body.get("by", "operator")) if isinstance(body, dict) else "operator"
-                if parts[3] == "approve":
-                    self._json(self.service.alerts.approve(alert_id, who))
-                else:
-                    self._json(self.service.alerts.dismiss(alert_id))
-            else:
-                self._error(404, f"no such endpoint: POST {url.path}")
-        except AlertError as exc:
-            self._error(exc.status, str(exc))
-        except ValueError as exc:
-            self._error(400, str(exc))
-        except Exception as exc:
-            log.exception("POST %s failed", self.path)
-            self._error(500, f"{type(exc).__name__}: {exc}")
-
-    def _static(self, name: str) -> None:
-        path = (STATIC / name).resolve()
-        if STATIC not in path.parents or not path.is_file():
-            self._error(404, f"no such file: {name}")
-            return
-        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        if content_type.startswith("text/") or content_type.endswith("javascript"):
-            content_type += "; charset=utf-8"
-        self._send(200, path.read_bytes(), content_type)
+def dumps(obj: Any) -> bytes:
+    """Strict JSON (no NaN/Infinity tokens, which JSON does not have and browsers refuse)."""
+    try:
+        return json.dumps(obj, default=_default, allow_nan=False).encode()
+    except ValueError:  # a non-finite float somewhere: rare, so the walk happens only then
+        return json.dumps(_finite(obj), default=_default, allow_nan=False).encode()
 
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, bytes):
         return None
-    if hasattr(obj, "item"):
-        return obj.item()
     if hasattr(obj, "tolist"):
-        return obj.tolist()
+        return _finite(obj.tolist())
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _alerts_csv(alerts: list[dict[str, Any]]) -> str:
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return _finite(obj.tolist())
+    return obj
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(dumps(obj), status_code=status, media_type="application/json", headers=NO_STORE)
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _guarded(fn: Handler) -> Handler:
+    """Map expected failures to 4xx; an unexpected one is logged and answered 500 without details."""
+
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except AlertError as exc:
+            return _error(exc.status, str(exc))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        except Exception:  # one bad request must not take the server down, nor leak internals
+            log.exception("%s %s failed", request.method, request.url.path)
+            return _error(500, "internal error (logged on the server)")
+
+    return wrapper
+
+
+def _csv_cell(value: Any) -> str:
+    """A cell a spreadsheet shows as text: one starting with = + - @ (or tab/CR) would be a formula."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def alerts_csv(alerts: list[dict[str, Any]]) -> str:
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(["id", "created_at", "model_sha256", "scope", "kind", "state", "summary", "approved_by",
                 "last_trigger_outcome"])
     for a in alerts:
         last = a["triggers"][-1]["outcome"] if a["triggers"] else ""
-        w.writerow([a["id"], a["created_at"], a["model_sha256"], a["scope"], a["kind"], a["state"], a["summary"],
-                    a["approved_by"] or "", last])
+        w.writerow([_csv_cell(v) for v in (a["id"], a["created_at"], a["model_sha256"], a["scope"], a["kind"],
+                                           a["state"], a["summary"], a["approved_by"] or "", last)])
     return out.getvalue()
 
 
-def make_server(service: FleetService, host: str, port: int) -> ThreadingHTTPServer:
-    handler = type("FleetHandler", (_Handler,), {"service": service})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+def make_app(service: FleetService, security: HttpSecurity) -> Any:
+    """The ASGI application: routes behind the security middleware."""
+    s = service
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers=NO_STORE)
+
+    async def healthz(request: Request) -> Response:
+        health = await run_in_threadpool(s.health)
+        return _json(health, 200 if health["ready"] else 503)
+
+    async def devices(request: Request) -> Response:
+        return _json(await run_in_threadpool(s.devices))
+
+    async def drift(request: Request) -> Response:
+        q = request.query_params
+        return _json(await run_in_threadpool(s.drift, q.get("model"), q.get("device"), q.get("channel"),
+                                             q.get("history") == "1"))
+
+    async def histogram(request: Request) -> Response:
+        q = request.query_params
+        if "model" not in q or "channel" not in q:
+            return _error(400, "histogram needs ?model=SHA&channel=NAME")
+        h = await run_in_threadpool(s.histogram, q["model"], q["channel"], q.get("device"))
+        return _json(h) if h is not None else _error(404, "unknown model or channel")
+
+    async def concept(request: Request) -> Response:
+        q = request.query_params
+        return _json({"models": await run_in_threadpool(s.concept, q.get("model"), q.get("device"))})
+
+    async def alerts(request: Request) -> Response:
+        found = await run_in_threadpool(s.storage.alerts)
+        if request.query_params.get("format") == "csv":
+            return Response(alerts_csv(found), media_type="text/csv; charset=utf-8",
+                            headers={**NO_STORE, "Content-Disposition": 'attachment; filename="alerts.csv"'})
+        return _json({"alerts": found, "approval": s.settings.alerts.approval})
+
+    async def metrics(request: Request) -> Response:
+        return Response(await run_in_threadpool(s.metrics), media_type="text/plain; version=0.0.4; charset=utf-8",
+                        headers=NO_STORE)
+
+    async def labels(request: Request) -> Response:
+        body = _body(await request.body())
+        if not isinstance(body, dict):
+            raise ValueError("labels body must be a JSON object")
+        return _json(await run_in_threadpool(s.add_labels, body))
+
+    async def alert_action(request: Request) -> Response:
+        body = _body(await request.body())
+        alert_id = int(request.path_params["alert_id"])
+        if request.path_params["action"] == "approve":
+            by = body.get("by", "operator") if isinstance(body, dict) else "operator"
+            if not isinstance(by, str) or not 0 < len(by) <= 64 or not by.isprintable():
+                raise ValueError("'by' must be 1 to 64 printable characters")
+            return _json(await run_in_threadpool(s.alerts.approve, alert_id, by))
+        return _json(await run_in_threadpool(s.alerts.dismiss, alert_id))
+
+    async def not_found(request: Request) -> Response:
+        return _error(404, f"no such page: {request.method} {request.url.path}")
+
+    routes = [
+        Route("/", _guarded(index), methods=["GET"]),
+        Route("/index.html", _guarded(index), methods=["GET"]),
+        Route("/healthz", _guarded(healthz), methods=["GET"]),
+        Route("/api/devices", _guarded(devices), methods=["GET"]),
+        Route("/api/drift", _guarded(drift), methods=["GET"]),
+        Route("/api/histogram", _guarded(histogram), methods=["GET"]),
+        Route("/api/concept", _guarded(concept), methods=["GET"]),
+        Route("/api/alerts", _guarded(alerts), methods=["GET"]),
+        Route("/metrics", _guarded(metrics), methods=["GET"]),
+        Route("/api/labels", _guarded(labels), methods=["POST"]),
+        Route("/api/alerts/{alert_id:int}/{action:str}", _guarded(alert_action), methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC)),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: _handler(not_found), 405: _handler(not_found)})
+    return SecurityMiddleware(app, security)
 
 
-def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
+def _handler(fn: Handler) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handle(request: Request, exc: Exception) -> Response:
+        return await fn(request)
+
+    return handle
+
+
+def _body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_no_constant) if raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"body is not JSON: {str(exc)[:200]}") from exc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"body is not strict JSON: {name}")
+
+
+class FleetHttpServer:
+    """uvicorn serving the app on a socket bound at construction (so a busy port fails early)."""
+
+    def __init__(self, app: Any, host: str, port: int, limits: HttpLimits) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family, backlog=1024)
+        self.server_address: tuple[str, int] = self.socket.getsockname()[:2]
+        config = uvicorn.Config(
+            app, http=protocol_class(limits.request_timeout, limits.max_connections), lifespan="off",
+            log_config=None, access_log=False, server_header=False, date_header=False,
+            timeout_keep_alive=int(max(1, limits.keep_alive)), limit_concurrency=limits.max_connections + 1,
+            proxy_headers=True, forwarded_allow_ips=limits.forwarded_allow_ips,
+            h11_max_incomplete_event_size=16 * 1024, timeout_graceful_shutdown=5,
+        )
+        self.uvicorn = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    def serve_forever(self) -> None:
+        self.uvicorn.run(sockets=[self.socket])
+
+    def shutdown(self) -> None:
+        self.uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+
+def make_server(service: FleetService, host: str, port: int, security: HttpSecurity | None = None,
+                limits: HttpLimits | None = None) -> FleetHttpServer:
+    security = security or HttpSecurity()
+    if host not in ("0.0.0.0", "::", ""):  # the address it listens on is a name clients may use
+        security = HttpSecurity(security.token, security.allowed_hosts | {host}, security.allowed_origins,
+                                security.open_reads, security.max_body)
+    return FleetHttpServer(make_app(service, security), host, port, limits or HttpLimits())
+
+
+def serve_in_thread(server: FleetHttpServer) -> threading.Thread:
     thread = threading.Thread(target=server.serve_forever, name="fleet-http", daemon=True)
+    server._thread = thread
     thread.start()
     return thread

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from device_agent.summary import INT64_MAX
 from edge_kit.fleet import concept, drift
 from edge_kit.fleet.alerts import AlertManager
 from edge_kit.fleet.consumer_state import ConsumerState
@@ -33,6 +35,8 @@ class FleetService:
         self.consumers: ConsumerState | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # (name, check) pairs for /healthz: a check returns None when fine, else what is wrong.
+        self.readiness_checks: list[tuple[str, Callable[[], str | None]]] = []
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -44,26 +48,33 @@ class FleetService:
         for ref in self.references.all():
             if ref.sha256 not in recent:
                 continue
-            ev = drift.evaluate_model(self.storage, ref, d, now)
-            self.evaluations[ref.sha256] = ev
-            label = f"{ref.name} {ref.version}"
-            if ev.fleet_alert:
-                self.alerts.raise_alert(ref.sha256, "fleet", "data_drift",
-                                        f"{label}: fleet-wide drift in {len(ev.fleet_channels)} channel(s): "
-                                        f"{', '.join(ev.fleet_channels[:5])}",
-                                        {"channels": ev.fleet_channels, "flags": ev.fleet_flags})
-            for device, channels in ev.device_alerts.items():
-                self.alerts.raise_alert(ref.sha256, f"device:{device}", "data_drift",
-                                        f"{label}: device {device} drifted in {', '.join(channels[:5])}",
-                                        {"device": device, "channels": channels, "cutoff": ev.cutoff})
-            acc = concept.labelled_accuracy(self.storage, ref, now - d.lookback_seconds, self.settings.concept,
-                                            d.alpha)
-            if acc is not None and acc["drifted"]:
-                self.alerts.raise_alert(ref.sha256, "fleet", "accuracy_drop",
-                                        f"{label}: labelled accuracy {acc['accuracy']:.3f} below the gate's "
-                                        f"{acc['gate_accuracy']:.3f} - {self.settings.concept.max_accuracy_drop}",
-                                        {k: acc[k] for k in ("n", "accuracy", "gate_accuracy", "p_value")})
+            try:
+                self._evaluate_one(ref, now)
+            except Exception:  # one model's failure must not stop the others' evaluation and alerts
+                log.exception("drift evaluation of %s %s failed", ref.name, ref.version)
         return self.evaluations
+
+    def _evaluate_one(self, ref: ModelReference, now: float) -> None:
+        d = self.settings.drift
+        ev = drift.evaluate_model(self.storage, ref, d, now)
+        self.evaluations[ref.sha256] = ev
+        label = f"{ref.name} {ref.version}"
+        if ev.fleet_alert:
+            self.alerts.raise_alert(ref.sha256, "fleet", "data_drift",
+                                    f"{label}: fleet-wide drift in {len(ev.fleet_channels)} channel(s): "
+                                    f"{', '.join(ev.fleet_channels[:5])}",
+                                    {"channels": ev.fleet_channels, "flags": ev.fleet_flags})
+        for device, channels in ev.device_alerts.items():
+            self.alerts.raise_alert(ref.sha256, f"device:{device}", "data_drift",
+                                    f"{label}: device {device} drifted in {', '.join(channels[:5])}",
+                                    {"device": device, "channels": channels, "cutoff": ev.cutoff})
+        acc = concept.labelled_accuracy(self.storage, ref, now - d.lookback_seconds, self.settings.concept,
+                                        d.alpha)
+        if acc is not None and acc["drifted"]:
+            self.alerts.raise_alert(ref.sha256, "fleet", "accuracy_drop",
+                                    f"{label}: labelled accuracy {acc['accuracy']:.3f} below the gate's "
+                                    f"{acc['gate_accuracy']:.3f} - {self.settings.concept.max_accuracy_drop}",
+                                    {k: acc[k] for k in ("n", "accuracy", "gate_accuracy", "p_value")})
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="drift-evaluation", daemon=True)
@@ -169,25 +180,52 @@ class FleetService:
         device, model = body.get("device"), body.get("model_sha256")
         if not isinstance(device, str) or not isinstance(model, str):
             raise ValueError("labels need string 'device' and 'model_sha256'")
+        if not 0 < len(device) <= 128 or "\x00" in device or not device.isprintable():
+            raise ValueError("'device' must be 1 to 128 printable characters")
         ref = self.references.get(model)
         if ref is None:
             raise ValueError(f"unknown model sha256 {model[:16]}...")
         k = len(ref.labels)
         if "confusion" in body:
-            m = np.asarray(body["confusion"])
-            if m.shape != (k, k) or m.dtype.kind not in "iu" or (m < 0).any():
-                raise ValueError(f"'confusion' must be a {k}x{k} matrix of non-negative integers")
+            m = np.asarray(body["confusion"])  # object dtype for integers beyond 64 bits: refused below
+            if (m.shape != (k, k) or m.dtype.kind not in "iu" or (m < 0).any()
+                    or int(m.max(initial=0)) > INT64_MAX or sum(int(v) for v in m.reshape(-1)) > INT64_MAX):
+                raise ValueError(f"'confusion' must be a {k}x{k} matrix of non-negative integers under 2**63")
             m = m.astype(np.int64)
         else:
-            m = concept.confusion_from_labels(body.get("true", []), body.get("pred", []), k)
+            t, p = body.get("true", []), body.get("pred", [])
+            if not all(isinstance(v, list) and all(type(x) is int for x in v) for v in (t, p)):
+                raise ValueError("'true' and 'pred' must be lists of integer class indices")
+            try:
+                m = concept.confusion_from_labels(t, p, k)
+            except OverflowError as exc:  # an index beyond 64 bits
+                raise ValueError(f"'true' and 'pred' must be class indices in [0, {k})") from exc
         self.storage.add_labels(device, ref.sha256, m.tobytes())
         return {"ok": True, "n": int(m.sum())}
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        """(ready, document) for GET /healthz: not ready while any MQTT consumer is disconnected."""
+    def health(self) -> dict[str, Any]:
+        """GET /healthz: ready when every check passes: the database answers and every MQTT consumer of
+        this server is connected (consumer processes publish their state into shared memory)."""
+        checks: dict[str, str] = {}
+        for name, check in [("database", self._database_ok), ("broker", self._consumers_connected),
+                            *self.readiness_checks]:
+            try:
+                problem = check()
+            except Exception as exc:  # a failing check is a "not ready", never a crash of the probe
+                problem = f"{type(exc).__name__}: {exc}"[:200]
+            checks[name] = problem or "ok"
         consumers = self.consumers.snapshot() if self.consumers is not None else []
-        ready = all(c["connected"] for c in consumers)
-        return ready, {"ready": ready, "broker_connected": ready, "consumers": consumers}
+        return {"ready": all(v == "ok" for v in checks.values()), "checks": checks,
+                "broker_connected": checks["broker"] == "ok", "consumers": consumers}
+
+    def _database_ok(self) -> str | None:
+        self.storage.counters()
+        return None
+
+    def _consumers_connected(self) -> str | None:
+        consumers = self.consumers.snapshot() if self.consumers is not None else []
+        down = [str(c["worker"]) for c in consumers if not c["connected"]]
+        return f"MQTT consumer(s) {', '.join(down)} not connected to the broker" if down else None
 
     def metrics(self) -> str:
         """Prometheus text exposition: ingest counters, device gauges, drift gauges, alerts."""

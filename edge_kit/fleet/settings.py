@@ -13,6 +13,7 @@ m = 3                        # ... among the last m tested windows
 effect_wasserstein = 0.1     # practical threshold, numeric channels: Wasserstein in reference sd units
 effect_class_tvd = 0.05      # practical threshold, predicted class: total variation distance
 fleet_window_seconds = 300   # device windows starting in the same bucket are pooled for the fleet test
+max_device_weight = 1.0      # in a fleet bucket a device counts at most this x the median device's n (0: no cap)
 lookback_seconds = 86400     # only windows newer than this are evaluated
 evaluate_every_seconds = 10
 
@@ -30,6 +31,7 @@ retrain_timeout_seconds = 3600
 max_payload_bytes = 262144
 max_clock_skew_seconds = 300 # a window ending later than now + this is refused
 max_window_seconds = 86400
+max_inferences_per_second = 100000  # a window's n may be at most its length x this (at least 1 s)
 batch_size = 256             # messages per storage transaction (one fsync each)
 offline_after_seconds = 180  # a device not heard from for this long is shown offline
 ```
@@ -56,6 +58,7 @@ class DriftSettings:
     effect_wasserstein: float = 0.1
     effect_class_tvd: float = 0.05
     fleet_window_seconds: float = 300.0
+    max_device_weight: float = 1.0
     lookback_seconds: float = 86400.0
     evaluate_every_seconds: float = 10.0
 
@@ -79,6 +82,7 @@ class IngestSettings:
     max_payload_bytes: int = 256 * 1024
     max_clock_skew_seconds: float = 300.0
     max_window_seconds: float = 86400.0
+    max_inferences_per_second: float = 100000.0
     batch_size: int = 256
     offline_after_seconds: float = 180.0
 
@@ -137,6 +141,7 @@ def _check_values(s: FleetSettings) -> None:
         "concept.min_labels": s.concept.min_labels,
         "ingest.max_payload_bytes": s.ingest.max_payload_bytes,
         "ingest.max_window_seconds": s.ingest.max_window_seconds,
+        "ingest.max_inferences_per_second": s.ingest.max_inferences_per_second,
         "ingest.batch_size": s.ingest.batch_size,
         "ingest.offline_after_seconds": s.ingest.offline_after_seconds,
         "alerts.retrain_timeout_seconds": s.alerts.retrain_timeout_seconds,
@@ -147,6 +152,7 @@ def _check_values(s: FleetSettings) -> None:
     non_negative = {
         "drift.effect_wasserstein": d.effect_wasserstein,
         "drift.effect_class_tvd": d.effect_class_tvd,
+        "drift.max_device_weight": d.max_device_weight,
         "concept.max_accuracy_drop": s.concept.max_accuracy_drop,
         "alerts.retrain_min_interval_seconds": s.alerts.retrain_min_interval_seconds,
         "ingest.max_clock_skew_seconds": s.ingest.max_clock_skew_seconds,

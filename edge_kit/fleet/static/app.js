@@ -9,10 +9,43 @@ const fmtNum = (x, d = 3) => (x === null || x === undefined ? "" : Number(x).toP
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
-async function api(path, options) {
-  const res = await fetch(path, options);
+// The operator token lives in this tab's sessionStorage (gone when the tab closes) and travels as an
+// Authorization header, never in a URL or a cookie: a page on another site cannot make the browser send it.
+const TOKEN_KEY = "edgekit-fleet-token";
+const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
+(function tokenFromFragment() {
+  // `http://host/#token=...` (printed by the demo): stored, then removed from the address bar and history.
+  const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+})();
+
+async function fetchAuthed(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (token()) headers.Authorization = `Bearer ${token()}`;
+  const res = await fetch(path, { ...options, headers });
+  if (res.status === 401) $("token-form").classList.add("needed");
   if (!res.ok) throw new Error(`${path}: ${res.status} ${await res.text()}`);
-  return res.json();
+  return res;
+}
+
+async function api(path, options) {
+  return (await fetchAuthed(path, options)).json();
+}
+
+// Each panel loads on its own: a failing answer shows in that panel and blanks nothing else.
+async function panel(id, load) {
+  const note = $(id);
+  try {
+    const result = await load();
+    if (note) { note.textContent = ""; note.hidden = true; }
+    return result;
+  } catch (err) {
+    if (note) { note.textContent = `could not load: ${err.message}`; note.hidden = false; }
+    return undefined;
+  }
 }
 
 function lineChart(id, yTitle) {
@@ -88,8 +121,8 @@ async function refreshDevices() {
   return d.devices;
 }
 
-async function refreshDrift(devices) {
-  if (!state.model) return;
+async function refreshFleet() {
+  if (!state.model) return undefined;
   const hist = await api(`/api/drift?model=${state.model}&history=1`);
   const fleetRows = hist.results;
   const channels = [...new Set(fleetRows.map((r) => r.channel))];
@@ -112,8 +145,12 @@ async function refreshDrift(devices) {
     `<td>${fmtNum(r.effect)} ${esc(r.effect_name || "")}${r.psi_band ? ` (PSI ${fmtNum(r.psi, 2)} ${esc(r.psi_band)})` : ""}</td>` +
     `<td class="${r.drifted ? "yes" : "no"}">${r.drifted ? "yes" : "no"}</td></tr>`).join("");
 
-  // Per-device table (latest window flag per device).
-  const latestByDevice = new Map(hist.devices.map((r) => [r.device, r]));
+  return hist;
+}
+
+// Per-device table (latest window flag per device, when the drift answer came).
+function renderDevices(devices, hist) {
+  const latestByDevice = new Map(((hist && hist.devices) || []).map((r) => [r.device, r]));
   $("devices").querySelector("tbody").innerHTML = devices.map((d) => {
     const dr = latestByDevice.get(d.device);
     const flag = dr ? (dr.drifted ? `<span class="yes">yes: ${esc(dr.channels.slice(0, 3).join(", "))}</span>` : `<span class="no">no</span>`) : "";
@@ -122,7 +159,9 @@ async function refreshDrift(devices) {
       `<td class="state-${d.online ? "online" : "offline"}">${d.online ? "online" : "offline"}</td>` +
       `<td>${fmtTime(d.last_seen)}</td><td>${esc(ref ? `${ref.name} ${ref.version}` : d.model_version || "")}</td><td>${flag}</td></tr>`;
   }).join("");
+}
 
+async function refreshDeviceChart() {
   if (state.device) {
     const dev = await api(`/api/drift?model=${state.model}&device=${encodeURIComponent(state.device)}`);
     $("device-title").textContent = state.device;
@@ -131,8 +170,10 @@ async function refreshDrift(devices) {
     $("device-title").textContent = "pick a device";
     charts.device.data.labels = []; charts.device.data.datasets = []; charts.device.update();
   }
+}
 
-  if (state.channel) {
+async function refreshHistogram() {
+  if (state.model && state.channel) {
     const dq = state.device ? `&device=${encodeURIComponent(state.device)}` : "";
     const h = await api(`/api/histogram?model=${state.model}&channel=${encodeURIComponent(state.channel)}${dq}`);
     const labels = h.kind === "class" ? h.reference.map((_, i) => (state.refs[state.model].labels || [])[i] ?? i)
@@ -178,7 +219,9 @@ async function refreshAlerts() {
 async function refreshBroker() {
   const el = $("broker");
   try {
-    const res = await fetch("/healthz", { cache: "no-store" });
+    // 503 is an answer here (not ready), so this reads the body whatever the status.
+    const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
+    const res = await fetch("/healthz", { cache: "no-store", headers });
     const h = await res.json();
     const down = h.consumers.filter((c) => !c.connected).length;
     el.textContent = down === 0 ? "broker: connected"
@@ -192,14 +235,34 @@ async function refreshBroker() {
 
 async function refresh() {
   refreshBroker();
-  try {
-    const devices = await refreshDevices();
-    await Promise.all([refreshDrift(devices), refreshAlerts(), refreshConcept()]);
-    $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
-  } catch (err) {
-    $("updated").textContent = `update failed: ${err.message}`;
-  }
+  const [devices] = await Promise.all([panel("err-devices", refreshDevices), panel("err-alerts", refreshAlerts)]);
+  const [hist] = await Promise.all([panel("err-drift", refreshFleet), panel("err-concept", refreshConcept)]);
+  if (devices) await panel("err-devices", () => renderDevices(devices, hist));
+  await Promise.all([panel("err-device", refreshDeviceChart), panel("err-histogram", refreshHistogram)]);
+  $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
 }
+
+$("token-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("token").value = "";
+  $("token-form").classList.remove("needed");
+  refresh();
+});
+
+// The CSV export goes through fetch, so it carries the token like every other call.
+$("export-csv").addEventListener("click", async () => {
+  try {
+    const blob = await (await fetchAuthed("/api/alerts?format=csv")).blob();
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = "alerts.csv";
+    a.click();
+    URL.revokeObjectURL(a.href);
+  } catch (err) {
+    alert(err.message);
+  }
+});
 
 document.addEventListener("click", async (ev) => {
   const btn = ev.target.closest("button[data-action]");

@@ -9,8 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from collections.abc import Iterator
 
-from fleetkit import DigitsBundle, make_bundle, populate
+from fleetkit import OPERATOR_TOKEN, DigitsBundle, make_bundle, populate
 
+from edge_kit.fleet.http_security import HttpSecurity
 from edge_kit.fleet.ingest import Ingestor
 from edge_kit.fleet.references import ReferenceStore
 from edge_kit.fleet.server import make_server, serve_in_thread
@@ -50,7 +51,8 @@ def service(tmp_path: Path, digits_bundle: DigitsBundle) -> Iterator[FleetServic
 
 @pytest.fixture
 def http(service: FleetService) -> Iterator[str]:
-    server = make_server(service, "127.0.0.1", 0)
+    # Reads open to loopback (as `fleet serve --open-reads`), changes only with the operator token.
+    server = make_server(service, "127.0.0.1", 0, HttpSecurity(token=OPERATOR_TOKEN, open_reads=True))
     serve_in_thread(server)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -37,6 +37,9 @@ def digits_model() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.n
     clf = LogisticRegression(max_iter=2000).fit(x[:split].reshape(split, -1), y[:split])
     return (x[:split, None], y[:split], x[split:, None], y[split:], clf.coef_.T.copy(), clf.intercept_.copy())
 
+# The operator token the `http` fixture's server requires for changes (and reads without open_reads).
+OPERATOR_TOKEN = "fleet-test-operator-token-0123456789"
+
 
 def logits(x: np.ndarray) -> np.ndarray:
     *_, w, b = digits_model()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from fleetkit import OPERATOR_TOKEN
 
 from edge_kit.fleet.service import FleetService
 
@@ -40,6 +41,16 @@ def test_dashboard_shows_charts_and_approves_an_alert(http: str, service: FleetS
             page.locator("tr[data-device='dev00']").click()
             page.wait_for_function("() => window.edgekitCharts.device.data.datasets.length > 0")
             assert "dev00" in page.locator("#device-title").inner_text()
+            # Without the operator token the approval is refused and nothing runs ...
+            page.once("dialog", lambda d: d.dismiss())
+            page.locator(f"#alert-{target} button[data-action='approve']").click()
+            page.wait_for_function("() => document.querySelector('#token-form').classList.contains('needed')")
+            assert service.storage.alert(target)["state"] == "pending_approval"  # type: ignore[index]
+            # ... the operator types it into the page (kept in sessionStorage, sent as a header) and retries.
+            page.locator("#token").fill(OPERATOR_TOKEN)
+            page.locator("#token-form button").click()
+            page.wait_for_function(f"() => !document.querySelector('#alert-{target} button[data-action=approve]')"
+                                   f".disabled")
             # Approve the alert with a click; the retraining command runs and the row updates in place.
             page.locator(f"#alert-{target} button[data-action='approve']").click()
             page.wait_for_function(f"() => ['retraining', 'retrained'].includes("
@@ -54,6 +65,34 @@ def test_dashboard_shows_charts_and_approves_an_alert(http: str, service: FleetS
     assert alert is not None and alert["approved_by"] == "dashboard"
     assert alert["triggers"][-1]["outcome"] == "succeeded"
     assert not external, f"the page fetched from outside the server: {external}"
+
+
+def test_one_failing_api_answer_blanks_no_other_panel(http: str, service: FleetService) -> None:
+    from playwright.sync_api import Route, sync_playwright
+
+    n_alerts = len(service.storage.alerts())
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+
+            def broken(route: Route) -> None:
+                route.fulfill(status=500, content_type="application/json", body='{"error": "boom"}')
+
+            page.route("**/api/devices", broken)
+            page.route("**/api/concept*", broken)
+            page.goto(http + "/")
+            # The alerts panel fills although the devices and accuracy answers failed ...
+            page.wait_for_function(f"() => document.querySelectorAll('#alerts tbody tr').length === {n_alerts}")
+            # ... and the failing panels say so, each in its own place.
+            page.wait_for_function("() => !document.querySelector('#err-devices').hidden")
+            assert "500" in page.locator("#err-devices").inner_text()
+            assert page.locator("#err-alerts").is_hidden()
+            assert not errors, errors
+        finally:
+            browser.close()
 
 
 def test_the_header_says_when_a_consumer_is_disconnected(http: str, service: FleetService) -> None:

@@ -9,7 +9,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from fleetkit import DigitsBundle, sample_images
+from fleetkit import OPERATOR_TOKEN, DigitsBundle, sample_images
 
 from edge_kit.fleet.service import FleetService
 
@@ -21,7 +21,8 @@ def _get(url: str) -> dict:
 
 def _post(url: str, body: object) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {OPERATOR_TOKEN}"})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, json.loads(r.read())

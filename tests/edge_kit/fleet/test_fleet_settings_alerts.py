@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,35 @@ def test_timeout_is_recorded(storage: Storage) -> None:
     alert = storage.alert(a)
     assert alert is not None and alert["triggers"][-1]["outcome"] == "timeout"
     assert alert["state"] == "retrain_failed"
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting to be reaped (a killed orphan may linger as one in a container)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_timed_out_retraining_leaves_no_child_alive(storage: Storage, tmp_path: Path) -> None:
+    # The command starts a child (like a build starting a compiler) and waits; the timeout must kill both.
+    pidfile = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time, pathlib; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              f"pathlib.Path({str(pidfile)!r}).write_text(str(c.pid)); time.sleep(120)")
+    mgr = AlertManager(storage, AlertSettings(retrain_command=[sys.executable, "-c", script],
+                                              retrain_timeout_seconds=2.0, approval="auto"))
+    a, _ = mgr.raise_alert("m", "fleet", "data_drift", "x", {})
+    mgr.wait()
+    alert = storage.alert(a)
+    assert alert is not None and alert["triggers"][-1]["outcome"] == "timeout"
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not _alive(child), f"the retraining command's child {child} outlived the timeout"
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)

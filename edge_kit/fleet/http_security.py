@@ -1,0 +1,215 @@
+"""Who may read and change the fleet server over HTTP: operator token, CSRF and DNS-rebinding checks.
+
+One ASGI middleware in front of every route, so no endpoint can forget a check:
+
+- Host must be an allowed name (loopback names, the address it listens on, `--allowed-host`): a page
+  on another site that rebinds its DNS name to 127.0.0.1 reaches the server under that other name.
+- Origin, when a browser sends one, must be this server's own origin or an `--allowed-origin`.
+- A state-changing request (any method but GET/HEAD) needs `Authorization: Bearer <token>` and
+  `Content-Type: application/json`. A cross-site HTML form can send neither, so it cannot approve an
+  alert (which runs the retraining command). No token configured: writes are refused outright.
+- Reading the API and /metrics needs the token too, unless `open_reads` is set, and then only for
+  clients on the loopback interface. The page itself, its static files and /healthz hold no data
+  and are open, so an operator can load the page and type the token into it.
+- A body-carrying request must state a Content-Length (no chunked bodies), at most `max_body`
+  bytes; it is read in full before the route runs, and never more than stated.
+
+The token is compared with `hmac.compare_digest` (constant time).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_kit.errors import UsageError
+
+TOKEN_ENV = "EDGEKIT_FLEET_TOKEN"
+MIN_TOKEN_CHARS = 16
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+OPEN_PATHS = frozenset({"/", "/index.html", "/healthz"})
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class HttpSecurity:
+    token: str | None = None
+    allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+    allowed_origins: frozenset[str] = field(default_factory=frozenset)
+    open_reads: bool = False  # GET of the API without the token, for loopback clients only
+    max_body: int = 1024 * 1024
+
+    def hosts(self) -> frozenset[str]:
+        return LOOPBACK_HOSTS | {h.lower() for h in self.allowed_hosts}
+
+
+def load_token(token_file: str | None, environ: MutableMapping[str, str] | None = None) -> str | None:
+    """The operator token from `--token-file` (first line) or EDGEKIT_FLEET_TOKEN; None when neither."""
+    env = os.environ if environ is None else environ
+    if token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--token-file {token_file}: cannot read it: {exc}") from exc
+        source = f"--token-file {token_file}"
+    elif env.get(TOKEN_ENV):
+        token, source = env[TOKEN_ENV].strip(), TOKEN_ENV
+    else:
+        return None
+    if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
+        raise UsageError(f"{source}: the operator token must be at least {MIN_TOKEN_CHARS} printable ASCII "
+                         "characters without spaces (make one: python -c 'import secrets; "
+                         "print(secrets.token_urlsafe())')")
+    return token
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    found = None
+    for key, value in scope["headers"]:
+        if key == name:
+            if found is not None:  # a repeated security header is ambiguous: treat as absent/invalid
+                return "\x00duplicate"
+            found = value.decode("latin-1")
+    return found
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_loopback(scope: Scope) -> bool:
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
+async def _refuse(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"cache-control", b"no-store")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class SecurityMiddleware:
+    """The checks above, then the route with the already-read body replayed to it."""
+
+    def __init__(self, app: ASGIApp, security: HttpSecurity) -> None:
+        self.app = app
+        self.security = security
+        self.hosts = security.hosts()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        problem = self.check(scope)
+        if problem is not None:
+            await _refuse(send, *problem)
+            return
+        if scope["method"] in READ_METHODS:
+            await self.app(scope, receive, send)
+            return
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def check(self, scope: Scope) -> tuple[int, str] | None:
+        s = self.security
+        host = _header(scope, b"host")
+        if host is None or _host_name(host) not in self.hosts:
+            return 400, "Host not allowed: add it with --allowed-host (see docs/fleet.md, reverse proxy)"
+        origin = _header(scope, b"origin")
+        if origin is not None and not self._origin_ok(origin, host):
+            return 403, "cross-origin request refused (Origin not allowed)"
+        path, method = scope["path"], scope["method"]
+        if method in READ_METHODS:
+            if path in OPEN_PATHS or path.startswith("/static/"):
+                return None
+            if s.open_reads and _is_loopback(scope):
+                return None
+            return self._authorised(scope)
+        if s.token is None:
+            return 403, "changes are disabled: no operator token configured (--token-file or EDGEKIT_FLEET_TOKEN)"
+        refused = self._authorised(scope)
+        if refused is not None:
+            return refused
+        content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            return 415, "state-changing requests need Content-Type: application/json"
+        return None
+
+    def _authorised(self, scope: Scope) -> tuple[int, str] | None:
+        token = self.security.token
+        if token is None:
+            return 401, "no operator token configured: start with --token-file (or --open-reads to read)"
+        scheme, _, value = (_header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            return 401, "missing or wrong operator token (Authorization: Bearer ...)"
+        return None
+
+    def _origin_ok(self, origin: str, host: str) -> bool:
+        origin = origin.strip().lower().rstrip("/")
+        if origin in {o.lower().rstrip("/") for o in self.security.allowed_origins}:
+            return True
+        scheme, sep, rest = origin.partition("://")
+        # Same origin: the browser's page came from this very Host (which passed the allow-list).
+        return bool(sep) and scheme in ("http", "https") and rest == host.strip().lower()
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole body within the cap, or None after answering 400/413."""
+        if _header(scope, b"transfer-encoding") is not None:
+            await _refuse(send, 400, "chunked bodies are not accepted: send Content-Length")
+            return None
+        declared = _header(scope, b"content-length")
+        if declared is None or not declared.isdigit():  # the HTTP parser refuses -1 and non-numbers first
+            await _refuse(send, 400, "a request with a body needs a valid Content-Length")
+            return None
+        length = int(declared)
+        if length > self.security.max_body:
+            await _refuse(send, 413, f"body over {self.security.max_body} bytes")
+            return None
+        chunks: list[bytes] = []
+        got = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            got += len(chunk)
+            if got > length:  # the parser enforces Content-Length; this is the backstop
+                await _refuse(send, 400, "body longer than its Content-Length")
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
