@@ -21,6 +21,7 @@ QUANT_BACKENDS = ("ort", "inc")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("x86-vnni", "x86-avx2", "arm64")
 GATE_METRICS = ("accuracy",)
+TRAIN_ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,13 @@ class TrainSection:
     # CPU threads for training (0 = torch's default, all cores). Part of what makes a run bitwise
     # repeatable, and small models train fastest on one thread, above all on a shared machine.
     threads: int = 1
+    # "ray": Ray Train with DistributedDataParallel on `workers` workers (docs/training.md). `workers` and
+    # `use_gpu` apply to that engine only; `storage` (a path or a pyarrow filesystem URI) holds its
+    # checkpoints, default `.edgekit/ray/`.
+    engine: str = "local"
+    workers: int = 1
+    use_gpu: bool = False
+    storage: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,7 @@ def _check_values(c: Config) -> None:
         "train.batch_size": c.train.batch_size,
         "train.checkpoint_every": c.train.checkpoint_every,
         "train.keep_checkpoints": c.train.keep_checkpoints,
+        "train.workers": c.train.workers,
         "quantize.calibration_samples": c.quantize.calibration_samples,
         "monitor.bins": c.monitor.bins,
     }
@@ -175,7 +184,12 @@ def _check_values(c: Config) -> None:
         raise ConfigError("train.lr", f"must be positive, got {c.train.lr}")
     if c.train.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("train.device", f"must be one of auto, cpu, cuda, got {c.train.device!r}")
+    if c.train.engine == "local" and (c.train.workers != 1 or c.train.use_gpu):
+        key = "train.workers" if c.train.workers != 1 else "train.use_gpu"
+        raise ConfigError(key, "applies to engine = \"ray\" only (the local engine trains in one process on "
+                          "train.device)", hint="set train.engine = \"ray\", or remove the key")
     choices = {
+        "train.engine": (c.train.engine, TRAIN_ENGINES),
         "quantize.backend": (c.quantize.backend, QUANT_BACKENDS),
         "quantize.calibration": (c.quantize.calibration, CALIBRATION_METHODS),
         "quantize.target": (c.quantize.target, TARGETS),
