@@ -43,5 +43,6 @@ def private_token() -> None:
     """
     if "RAY_AUTH_MODE" in os.environ or "RAY_AUTH_TOKEN" in os.environ or "RAY_AUTH_TOKEN_PATH" in os.environ:
         return
-    os.environ["RAY_AUTH_MODE"] = "token"
+    # Only the token: Ray itself turns token mode on for a new local instance (and refreshes its cached
+    # config; setting RAY_AUTH_MODE here, after `import ray`, would not reach that cache).
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)

@@ -216,8 +216,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         if world_size > 1:
             trainer.forward_model = DistributedDataParallel(
                 trainer.model, device_ids=[device.index] if device.type == "cuda" else None)
-        run = tracking.RunHandle(tracking.client_for(loop_config["tracking_uri"]), run_id, "",
-                                 loop_config["tracking_uri"]) if rank == 0 else None
+        uri = loop_config.get("tracking_uri")  # None: no MLflow (benchmarks/check_ray_gpu.py)
+        run = tracking.RunHandle(tracking.client_for(uri), run_id, "", uri) if rank == 0 and uri else None
 
         def save() -> Path:
             # Every rank reports (Ray Train expects it); only rank 0 holds the state, equal on all ranks.

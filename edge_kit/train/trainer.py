@@ -130,7 +130,7 @@ def shard_order(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
     if world_size == 1:
         return order
     total = math.ceil(len(order) / world_size) * world_size
-    padded = torch.cat([order, order[:total - len(order)]])
+    padded = order.repeat(math.ceil(total / len(order)))[:total]  # repeat: fewer rows than ranks works too
     return padded[rank::world_size]
 
 

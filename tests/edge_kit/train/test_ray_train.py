@@ -23,7 +23,8 @@ from training_helpers import commit_all, make_project, tiny_config
 from edge_kit.train.checkpoint import read_checkpoint
 from tests.helpers.ray_cluster import RayCluster, train_workers
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+# Each Ray run starts a worker group (two Python processes importing torch): minutes on a loaded 2-core VM.
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 
 EPOCHS = 3  # 12 steps per epoch and rank with 2 workers: room for a kill mid-epoch
 RAY_TRAIN = "engine = \"ray\"\nworkers = 2\n"
