@@ -233,7 +233,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 return path
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            if run is not None:
+            # A driver killed just after a checkpoint reached storage, but before Ray's snapshot named it,
+            # resumes from the one before and repeats this epoch's end: its metrics are logged once.
+            if run is not None and not any(m.step == epoch + 1
+                                           for m in run.client.get_metric_history(run_id, "train_loss")):
                 run.log_metrics(metrics, step=epoch + 1)
 
         trainer.run(save=save, on_epoch=on_epoch, stop=StopFlag())
@@ -243,8 +246,8 @@ def writable(dataset: Dataset) -> Dataset:
     """The dataset with its arrays copied: those from Ray's object store are read-only, which torch warns of."""
     import dataclasses
 
-    arrays = {k: np.array(getattr(dataset, k)) for k in ("X_train", "y_train", "X_test", "y_test")}
-    return dataclasses.replace(dataset, **arrays)
+    return dataclasses.replace(dataset, X_train=np.array(dataset.X_train), y_train=np.array(dataset.y_train),
+                               X_test=np.array(dataset.X_test), y_test=np.array(dataset.y_test))
 
 
 def require_ray() -> None:
