@@ -59,7 +59,7 @@ docs: install
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --upgrade pip==$(PIP_VERSION)
-	.venv-lock/bin/pip install --quiet -e '.[server,dev]'
+	.venv-lock/bin/pip install --quiet -e '.[server,dev,ray]'
 	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^edge-kit' > requirements/lock.txt
 	rm -rf .venv-lock
 

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "bench": "bench",
     "promote": "promote",
     "fleet serve": "fleet_serve",
+    "batch-predict": "batch_predict",
 }
 
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", choices=["auto", "never"], default="auto",
                    help="auto: continue from the newest valid checkpoint (default); never: start over")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or a local store)")
+    p.add_argument("--ray-address", help="Ray cluster to train on with engine = \"ray\" (default: RAY_ADDRESS, "
+                                         "else a local instance)")
     _common(p)
 
     p = sub.add_parser("build", help="train (or reuse), quantize, gate and sign a device bundle")
@@ -89,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--tracking-uri",
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the one the bundle names)")
+
+    p = sub.add_parser("batch-predict", help="score input shards with a bundle on Ray, one output per shard")
+    p.add_argument("bundle")
+    p.add_argument("--input", required=True, help="a shard, a folder of shards or a glob (.npy .npz .csv .parquet)")
+    p.add_argument("--output", required=True, help="folder for one <shard>.pred.npz per input shard")
+    p.add_argument("--pubkey", help="Ed25519 public key (PEM) the bundle must be signed by")
+    p.add_argument("--actors", type=int, default=1, help="ONNX Runtime actors (one session each; default 1)")
+    p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local instance)")
     _common(p)
 
     fleet = sub.add_parser("fleet", help="fleet drift service")

@@ -172,6 +172,7 @@ QUANT_BACKENDS = ("ort", "inc")
 TARGETS = ("x86-vnni", "x86-avx2", "arm64")
 GATE_METRICS = ("accuracy",)
 TRAIN_DEVICES = ("auto", "cpu", "cuda")
+TRAIN_ENGINES = ("local", "ray")
 
 
 def calibration_methods() -> tuple[str, ...]:
@@ -199,6 +200,14 @@ def check_source(key: str, source: str, c: Any) -> None:
             raise ConfigError("data.label_column", "is required for a csv source")
     else:
         raise ConfigError(key, f"unknown source {source!r}", hint="use sklearn:NAME, npz:PATH or csv:PATH")
+
+
+def check_engine_only(key: str, value: Any, c: Any) -> None:
+    """`workers` and `use_gpu` describe a Ray Train worker group; the local engine trains in one process."""
+    default = 1 if key.endswith("workers") else False
+    if c.train.engine == "local" and value != default:
+        raise ConfigError(key, "applies to engine = \"ray\" only (the local engine trains in one process on "
+                          "train.device)", hint="set train.engine = \"ray\", or remove the key")
 
 
 def check_factory(key: str, factory: str, c: Any) -> None:
@@ -251,6 +260,13 @@ class TrainSection:
     # Part of what makes a run bitwise repeatable; small models train fastest on one thread, above
     # all on a shared machine.
     threads: int = setting(1, "CPU threads for training; 0 = torch's default (all cores)", lo=0)
+    # Ray Train with DistributedDataParallel (docs/training.md); `storage` holds its checkpoints.
+    engine: str = setting("local", "`ray` trains on a Ray cluster (Ray Train, DDP) instead of this process",
+                          choices=TRAIN_ENGINES)
+    workers: int = setting(1, "Ray Train workers (engine = \"ray\" only)", lo=1, check=check_engine_only)
+    use_gpu: bool = setting(False, "one GPU per Ray Train worker (engine = \"ray\" only)", check=check_engine_only)
+    storage: str = setting("", "Ray checkpoints: a path (relative to the config) or a pyarrow filesystem URI; "
+                           "empty = `.edgekit/ray/`")
 
 
 @dataclass(frozen=True)

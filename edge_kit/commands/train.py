@@ -1,4 +1,4 @@
-"""`edge-kit train --config C [--resume auto|never] [--tracking-uri URI]`."""
+"""`edge-kit train --config C [--resume auto|never] [--tracking-uri URI] [--ray-address ADDR]`."""
 
 from __future__ import annotations
 
@@ -15,5 +15,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     quiet_third_party(bool(getattr(args, "debug", False)))
 
-    result = train(config, resume=args.resume, tracking_uri=args.tracking_uri)
+    result = train(config, resume=args.resume, tracking_uri=args.tracking_uri,
+                   ray_address=getattr(args, "ray_address", None))
     return result.to_dict()

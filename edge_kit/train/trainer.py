@@ -121,6 +121,19 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
+def shard_order(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """One rank's share of an epoch's order (data-parallel training; the whole order for one process).
+
+    Padded by wrapping around to a multiple of the world size, as torch's DistributedSampler does, so
+    every rank takes the same number of steps and DDP's collectives always have all ranks present.
+    """
+    if world_size == 1:
+        return order
+    total = math.ceil(len(order) / world_size) * world_size
+    padded = order.repeat(math.ceil(total / len(order)))[:total]  # repeat: fewer rows than ranks works too
+    return padded[rank::world_size]
+
+
 def rng_state() -> dict[str, Any]:
     np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     state: dict[str, Any] = {
@@ -148,9 +161,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def training_fingerprint(config: Config, dataset: Dataset, device: torch.device) -> str:
     """What decides the trained weights: data, model and optimisation settings, the snapshot, the device type.
 
-    Checkpoint interval and retention are left out: they change when state is saved, not what is computed.
+    Checkpoint interval, retention and storage are left out: they change when and where state is saved,
+    not what is computed. The engine and worker count stay in: data-parallel ranks see other batches.
     """
-    train = {k: v for k, v in config.to_dict()["train"].items() if k not in ("checkpoint_every", "keep_checkpoints")}
+    train = {k: v for k, v in config.to_dict()["train"].items()
+             if k not in ("checkpoint_every", "keep_checkpoints", "storage")}
     train["threads"] = torch.get_num_threads()  # "0" means the machine's default, which differs between machines
     doc = {"data": config.to_dict()["data"], "model": config.to_dict()["model"], "train": train,
            "device": device.type, "data_md5": dataset.snapshot.dvc_md5, "split": dataset.split_sha256}
@@ -249,14 +264,26 @@ def evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, batch_siz
 
 
 class Trainer:
-    def __init__(self, config: Config, dataset: Dataset, device: torch.device) -> None:
+    """The training loop shared by both engines: the local one (one process) and Ray (one per rank, DDP).
+
+    Every rank seeds the same way and takes equal-sized batches, so their RNG states stay equal and
+    rank 0's checkpoint restores all of them. ``forward_model`` is what the loop calls: the model
+    itself, or a DistributedDataParallel wrapper around it (which averages the gradients across ranks).
+    """
+
+    def __init__(self, config: Config, dataset: Dataset, device: torch.device, *, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.config = config
         self.dataset = dataset
         self.device = device
+        self.rank = rank
+        self.world_size = world_size
         seed_everything(config.train.seed)
         self.model = build_model(config, dataset.input_shape, dataset.num_classes).to(device)
+        self.forward_model: torch.nn.Module = self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr)
-        self.steps_per_epoch = math.ceil(len(dataset.X_train) / config.train.batch_size)
+        shard = math.ceil(len(dataset.X_train) / world_size)
+        self.steps_per_epoch = math.ceil(shard / config.train.batch_size)
         self.total_steps = self.steps_per_epoch * config.train.epochs
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
         self.X_train = torch.from_numpy(dataset.preprocess(dataset.X_train)).to(device)
@@ -307,14 +334,14 @@ class Trainer:
         try:
             while not self.finished:
                 pos = self.position
-                order = epoch_order(cfg.seed, pos.epoch, n).to(self.device)
+                order = shard_order(epoch_order(cfg.seed, pos.epoch, n), self.rank, self.world_size).to(self.device)
                 epoch_started = time.perf_counter()
                 samples_this_session = 0
                 while pos.batch < self.steps_per_epoch:
                     step_started = time.perf_counter()
                     idx = order[pos.batch * cfg.batch_size:(pos.batch + 1) * cfg.batch_size]
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(self.model(self.X_train[idx]), self.y_train[idx])
+                    loss = F.cross_entropy(self.forward_model(self.X_train[idx]), self.y_train[idx])
                     loss.backward()
                     self.optimizer.step()
                     self.scheduler.step()
@@ -382,16 +409,21 @@ def _reusable(config: Config, dataset: Dataset, provenance: dict[str, Any], fing
 
 
 def train(config: Config, *, resume: str = "auto", tracking_uri: str | None = None,
-          reuse: bool = False) -> TrainResult:
+          reuse: bool = False, ray_address: str | None = None) -> TrainResult:
     """Train (resuming from the newest valid checkpoint), track it in MLflow and export a checked fp32 ONNX.
 
     reuse=True (used by `edge-kit build`): return the newest FINISHED MLflow run whose training
     fingerprint, git commit (clean tree) and data md5 equal the current ones, if its artifacts exist.
+    With `train.engine = "ray"` the steps run on Ray (``ray_address``, else RAY_ADDRESS, else a local
+    instance); everything before and after them (MLflow run, export, artifacts) is the same code.
     """
     if resume not in ("auto", "never"):
         raise UsageError(f"--resume must be 'auto' or 'never', got {resume!r}")
+    if ray_address and config.train.engine != "ray":
+        raise UsageError("--ray-address needs `[train] engine = \"ray\"` in the config",
+                         hint="set train.engine = \"ray\" (the local engine trains in this process)")
     with project_lock(config.ensure_workdir()), deterministic_algorithms(config.train.threads):
-        return _train(config, resume=resume, tracking_uri=tracking_uri, reuse=reuse)
+        return _train(config, resume=resume, tracking_uri=tracking_uri, reuse=reuse, ray_address=ray_address)
 
 
 @contextmanager
@@ -421,20 +453,30 @@ def project_lock(workdir: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool) -> TrainResult:
+def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool,
+           ray_address: str | None = None) -> TrainResult:
     resolve_factory(config)  # an unimportable factory fails before any work
     dataset = load_dataset(config)
-    device = select_device(config.train.device)
+    # On Ray the workers hold the device: the driver may have no GPU even when they do.
+    ray_engine = config.train.engine == "ray"
+    device = torch.device("cuda" if config.train.use_gpu else "cpu") if ray_engine \
+        else select_device(config.train.device)
     provenance = collect_provenance(config, dataset)
     uri = tracking.resolve_tracking_uri(config, tracking_uri)
     client = tracking.client_for(uri)
     experiment_id = tracking.ensure_experiment(client, config, uri)
-    trainer = Trainer(config, dataset, device)
+    # With Ray this Trainer only rebuilds the model for the signature and, at the end, the export.
+    trainer = Trainer(config, dataset, torch.device("cpu") if ray_engine else device)
     fingerprint = training_fingerprint(config, dataset, device)
     if reuse:
         found = _reusable(config, dataset, provenance, fingerprint, client, experiment_id, uri)
         if found is not None:
             return found
+    if ray_engine:
+        from edge_kit.train.ray_engine import train_on_ray
+
+        return train_on_ray(config, dataset, trainer, provenance, client, experiment_id, uri, fingerprint,
+                            resume=resume, address=ray_address)
 
     checkpoints = CheckpointManager(config.workdir / "checkpoints", config.train.keep_checkpoints)
     latest: LoadedCheckpoint | None = None
@@ -456,12 +498,9 @@ def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool
         log.info("resuming from %s (step %d, epoch %d)", latest.path.name, trainer.position.global_step,
                  trainer.position.epoch + 1)
         if run is not None:
-            _record_provenance_drift(run, provenance)
+            record_provenance_drift(run, provenance)
     if run is None:
-        tags = {**tracking.provenance_tags(provenance), tracking.TAG_FINGERPRINT: config.fingerprint(),
-                tracking.TAG_TRAINING_FINGERPRINT: fingerprint, "edgekit.device": device.type,
-                "edgekit.parameters": str(count_parameters(trainer.model))}
-        run = tracking.start_run(client, experiment_id, uri, config, tags)
+        run = tracking.start_run(client, experiment_id, uri, config, run_tags(config, trainer, provenance, fingerprint))
     log.info("MLflow run %s (experiment %s, %s)", run.run_id, experiment_id, uri)
     assert run is not None
     handle = run
@@ -477,14 +516,14 @@ def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool
         with sigterm_flag() as stop:
             trainer.run(save=save, on_epoch=on_epoch, stop=stop, flush=checkpoints.flush)
         checkpoints.close()
-        result = _finish(config, dataset, trainer, handle, provenance, fingerprint)
+        result = finish_run(config, dataset, trainer, handle, provenance, fingerprint)
     except TrainingInterrupted:
         checkpoints.close(raise_errors=False)
-        _mark_run(handle, "KILLED")
+        mark_run(handle, "KILLED")
         raise
     except BaseException:
         checkpoints.close(raise_errors=False)
-        _mark_run(handle, "FAILED")
+        mark_run(handle, "FAILED")
         raise
     log.info("training done in %.1f s: test accuracy %.4f", time.perf_counter() - started,
              result.metrics["test_accuracy"])
@@ -493,7 +532,14 @@ def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool
     return result
 
 
-def _mark_run(run: tracking.RunHandle, status: str) -> None:
+def run_tags(config: Config, trainer: Trainer, provenance: dict[str, Any], fingerprint: str) -> dict[str, str]:
+    """The tags a new MLflow run starts with: provenance legs, fingerprints, device and model size."""
+    return {**tracking.provenance_tags(provenance), tracking.TAG_FINGERPRINT: config.fingerprint(),
+            tracking.TAG_TRAINING_FINGERPRINT: fingerprint, "edgekit.device": trainer.device.type,
+            "edgekit.parameters": str(count_parameters(trainer.model))}
+
+
+def mark_run(run: tracking.RunHandle, status: str) -> None:
     """Record how the run ended without hiding the error that ended it (the store may be the problem)."""
     try:
         run.finish(status)
@@ -501,7 +547,7 @@ def _mark_run(run: tracking.RunHandle, status: str) -> None:
         log.warning("could not mark MLflow run %s as %s: %s", run.run_id, status, exc)
 
 
-def _record_provenance_drift(run: tracking.RunHandle, provenance: dict[str, Any]) -> None:
+def record_provenance_drift(run: tracking.RunHandle, provenance: dict[str, Any]) -> None:
     """A run resumed on other code or another environment no longer comes from one clean commit: say so.
 
     Its `edgekit.git_dirty` tag becomes "true", so `train(reuse=True)` never hands it out as the model of a
@@ -518,7 +564,7 @@ def _record_provenance_drift(run: tracking.RunHandle, provenance: dict[str, Any]
     run.set_tags({tracking.TAG_DIRTY: "true", "edgekit.resumed_with": json.dumps(changed, sort_keys=True)})
 
 
-def _finish(config: Config, dataset: Dataset, trainer: Trainer, run: tracking.RunHandle,
+def finish_run(config: Config, dataset: Dataset, trainer: Trainer, run: tracking.RunHandle,
             provenance: dict[str, Any], fingerprint: str) -> TrainResult:
     folder = run_folder(config, run.run_id)
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.ray_cluster import ray_cluster  # noqa: F401  (one Ray instance for the session)
+
 
 @pytest.fixture(autouse=True)
 def _quiet_tools(monkeypatch: pytest.MonkeyPatch) -> None:

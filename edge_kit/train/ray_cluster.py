@@ -1,0 +1,48 @@
+"""Reaching Ray: a running cluster (`--ray-address` or RAY_ADDRESS), else a small private local instance.
+
+Kept apart from the training engine so batch scoring can connect without importing torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+
+log = logging.getLogger(__name__)
+
+# A local instance stays small: it shares the machine with the driver and, in CI, with the tests.
+LOCAL_OBJECT_STORE_BYTES = 128 * 1024 * 1024
+
+
+def connect(address: str | None, cpus: int) -> None:
+    """Join the cluster at `address` (else RAY_ADDRESS); with neither, start a local instance on loopback
+    with max(2, cpus) CPUs. A no-op when this process is already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address)
+        return
+    log.info("no --ray-address or RAY_ADDRESS: starting a local Ray instance (%d CPUs)", max(2, cpus))
+    private_token()
+    ray.init(address="local", num_cpus=max(2, cpus), include_dashboard=False,
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1")
+
+
+def private_token() -> None:
+    """Give a private local instance a token of its own, unless the user chose how Ray authenticates.
+
+    Ray's servers listen on every interface (it has no loopback-only switch), so token authentication
+    stays on; but Ray's default token is one file per user (~/.ray/auth_token), which any other Ray
+    instance of the same user may create or replace under a running one. The workers this process
+    starts inherit the variables.
+    """
+    if "RAY_AUTH_MODE" in os.environ or "RAY_AUTH_TOKEN" in os.environ or "RAY_AUTH_TOKEN_PATH" in os.environ:
+        return
+    # Only the token: Ray itself turns token mode on for a new local instance (and refreshes its cached
+    # config; setting RAY_AUTH_MODE here, after `import ray`, would not reach that cache).
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
