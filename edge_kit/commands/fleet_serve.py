@@ -45,6 +45,7 @@ def broker_config(args: argparse.Namespace) -> BrokerConfig:
 
 def _worker_main(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event, level: int) -> None:
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s worker{cfg.worker} %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))  # as the parent CLI holds it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     run_consumer(cfg, stop)
 

@@ -421,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(message)s")
+    if not args.debug:  # Alembic announces every plugin and migration step at INFO when storage opens
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     if args.devices < 1:
         p.error("--devices must be at least 1")
     options = DemoOptions(
