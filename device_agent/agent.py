@@ -191,22 +191,23 @@ class Agent:
         while len(self.rejected) > MAX_REJECTED:
             self.rejected.pop(next(iter(self.rejected)))
 
-    def _check_not_downgrade(self, loaded: LoadedModel) -> None:
+    def _check_not_downgrade(self, loaded: LoadedModel, path: str | Path) -> None:
         """Refuse another model name or a version that is not newer, unless allow_downgrade."""
         if self.allow_downgrade:
             return
         old, new = self._active.runtime.info, loaded.runtime.info
+        where = f"(in {Path(path).name})"
         hint = "start the agent with --allow-downgrade (allow_downgrade = true) to accept it"
         if new.name != old.name:
-            raise VerificationError(MANIFEST, f"bundle is model {new.name!r}, this agent serves {old.name!r}",
+            raise VerificationError(MANIFEST, f"bundle is model {new.name!r}, this agent serves {old.name!r} {where}",
                                     hint=hint)
         upgrade = is_upgrade(old.version, new.version)
         if upgrade is None:
-            raise VerificationError(MANIFEST, f"cannot order version {new.version!r} after {old.version!r}",
+            raise VerificationError(MANIFEST, f"cannot order version {new.version!r} after {old.version!r} {where}",
                                     hint=hint)
         if not upgrade:
             raise VerificationError(MANIFEST, f"version {new.version} is not newer than the {old.version} being "
-                                              "served (downgrade or a rebuilt version)", hint=hint)
+                                              f"served (downgrade or a rebuilt version) {where}", hint=hint)
 
     def _load(self, path: str | Path) -> LoadedModel:
         return load_model(path, public_key=self.public_key, require_signature=self.require_signature,
@@ -301,7 +302,7 @@ class Agent:
                 loaded = self._load(path)
                 same = loaded.runtime.info.sha256 == old.runtime.info.sha256
                 if not same:
-                    self._check_not_downgrade(loaded)
+                    self._check_not_downgrade(loaded, path)
             except EdgeKitError as exc:
                 self._reject(path, exc, at)
                 log.error("update from %s refused, still serving %s: %s", path, self._active.runtime.info.sha256[:12],
