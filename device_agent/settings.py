@@ -113,8 +113,8 @@ _PATH_KEYS = {"bundle", "spool", "pubkey", "password_file", "ca_certs", "certfil
 def _coerce(dotted: str, value: Any, annotation: str, base: Path) -> Any:
     key = dotted.rsplit(".", 1)[-1]
     if key in _PATH_KEYS:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(dotted, "must be a non-empty path string")
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise ConfigError(dotted, "must be a non-empty path string (without NUL)")
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
     checked = check_value(dotted, value, annotation.removesuffix(" | None"))
