@@ -1,6 +1,5 @@
-"""Property-based: any TOML text given to the config readers (device_agent.strict_toml, the agent's
-settings, the project config) gives a config or a UsageError/ConfigError (exit 2), nothing else,
-and a config that loads holds only finite numbers."""
+"""Hypothesis strategies and helpers shared by the config readers' property tests: TOML documents
+made mostly of known sections and keys with edge values (nan, inf, NUL, huge), written as TOML text."""
 
 from __future__ import annotations
 
@@ -10,28 +9,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from device_agent.errors import UsageError
-from device_agent.settings import AgentSettings, MqttSettings, load_settings
-from device_agent.strict_toml import read_toml
-from edge_kit.config import Config, load_config
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-AGENT_KEYS = [f.name for f in dataclasses.fields(AgentSettings) if f.name != "mqtt"]
-MQTT_KEYS = [f.name for f in dataclasses.fields(MqttSettings)]
-PROJECT_SECTIONS = {
-    "project": ["name", "version"],
-    "data": ["source", "test_fraction", "seed", "label_column"],
-    "model": ["factory", "kwargs"],
-    "train": ["epochs", "batch_size", "lr", "seed", "checkpoint_every", "keep_checkpoints", "device", "threads"],
-    "quantize": ["backend", "calibration", "calibration_samples", "per_channel", "target"],
-    "gate": ["metric", "max_drop", "max_relative_drop", "max_fallback_rounds"],
-    "monitor": ["bins"],
-}
 
 EDGE_VALUES = [math.nan, math.inf, -math.inf, 0.0, -1.0, 1e308, 0, -1, 2**63 - 1, -(2**63), True, "", "\0",
                "npz:a\0b", "csv:\0", "/nonexistent/\0", "a" * 300,
@@ -88,11 +71,6 @@ def documents(sections: dict[str, list[str]]) -> st.SearchStrategy[dict[str, dic
     return build()
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cfg")
-
-
 def finite_numbers(obj: Any) -> bool:
     if dataclasses.is_dataclass(obj):
         return all(finite_numbers(getattr(obj, f.name)) for f in dataclasses.fields(obj))
@@ -110,33 +88,3 @@ def load_or_refuse(loader: Any, path: Path, text: str | bytes) -> Any:
         return loader(path)
     except UsageError:  # ConfigError is a UsageError: exit 2 with the key named
         return None
-
-
-@settings(FUZZ, max_examples=30)
-@given(text=st.one_of(st.text(max_size=200), st.binary(max_size=200)))
-def test_any_text_to_any_reader(folder: Path, text: str | bytes) -> None:
-    for loader in (read_toml, load_settings, load_config):
-        load_or_refuse(loader, folder / "any.toml", text)
-
-
-@FUZZ
-@example(doc={"agent": {"window_seconds": math.nan}})
-@example(doc={"agent": {"watch_interval": math.inf}})
-@example(doc={"agent": {"spool": "a\0b"}})
-@given(doc=documents({"agent": AGENT_KEYS, "mqtt": MQTT_KEYS}))
-def test_agent_settings(folder: Path, doc: dict[str, dict[str, Any]]) -> None:
-    loaded = load_or_refuse(load_settings, folder / "agent.toml", toml_text(doc))
-    if loaded is not None:
-        assert isinstance(loaded, AgentSettings) and finite_numbers(loaded) and finite_numbers(loaded.mqtt)
-
-
-@FUZZ
-@example(doc={"data": {"source": "npz:a\0b"}})
-@example(doc={"gate": {"max_relative_drop": math.nan}})
-@example(doc={"data": {"source": "npz:" + "a" * 300}})
-@given(doc=documents(PROJECT_SECTIONS))
-def test_project_config(folder: Path, doc: dict[str, dict[str, Any]]) -> None:
-    loaded = load_or_refuse(load_config, folder / "project.toml", toml_text(doc))
-    if loaded is not None:
-        assert isinstance(loaded, Config) and all(
-            finite_numbers(getattr(loaded, f.name)) for f in dataclasses.fields(loaded) if f.name != "path")
