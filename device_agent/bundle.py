@@ -254,7 +254,8 @@ def _check_central_directory(path: Path) -> None:
         # zipfile's own end-of-central-directory finder; private but unchanged since Python 2.
         end = zipfile._EndRecData(f)  # type: ignore[attr-defined]
     if end is None:
-        raise VerificationError(path.name, "not a zip archive (no end of central directory record)")
+        raise VerificationError(path.name, "not a readable bundle archive (truncated or corrupt): "
+                                           "no end of central directory record")
     entries, size = int(end[zipfile._ECD_ENTRIES_TOTAL]), int(end[zipfile._ECD_SIZE])  # type: ignore[attr-defined]
     if entries > MAX_ENTRIES:
         raise VerificationError(path.name, f"archive lists {entries} entries, a bundle has at most {MAX_ENTRIES}")
