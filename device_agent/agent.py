@@ -27,7 +27,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent import wire
-from device_agent.bundle import MODEL, REFERENCE, read_bundle
+from device_agent.bundle import MANIFEST, MODEL, REFERENCE, read_bundle, read_manifest
 from device_agent.errors import EdgeKitError, InputError, VerificationError
 from device_agent.forwarder import Forwarder
 from device_agent.host import cpu_model, int8_isa
@@ -35,11 +35,13 @@ from device_agent.monitor import DEFAULT_REQUEST_MEMORY_BYTES, WindowMonitor, hi
 from device_agent.runtime import ModelRuntime
 from device_agent.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
 from device_agent.transport import Message
+from device_agent.versions import is_upgrade, version_key
 from device_agent.watcher import bundle_candidates, resolve_bundle
 
 log = logging.getLogger(__name__)
 
 SEQ_META = "next_seq"
+MAX_REJECTED = 16  # refused bundles remembered for the status message, newest kept
 
 
 @dataclass(slots=True)
@@ -88,6 +90,7 @@ class Agent:
         *,
         public_key: Ed25519PublicKey | None = None,
         require_signature: bool = False,
+        allow_downgrade: bool = False,
         fleet: str = "default",
         device_id: str = "local",
         window_seconds: float = 60.0,
@@ -102,6 +105,8 @@ class Agent:
             raise ValueError("window_seconds must be positive")
         self.public_key = public_key
         self.require_signature = require_signature or public_key is not None
+        self.allow_downgrade = allow_downgrade
+        self.rejected: dict[str, dict[str, Any]] = {}  # path -> why it was refused (status message)
         self.fleet, self.device_id = fleet, device_id
         self.window_seconds = float(window_seconds)
         self.forwarder = forwarder
@@ -145,16 +150,64 @@ class Agent:
         return self._active
 
     def _load_newest_good(self, path: str | Path) -> LoadedModel:
-        """At start-up, a directory's newest bundle that passes; so a garbage file dropped in before a
-        reboot does not keep the device down while the previous good bundle is still there."""
-        candidates = bundle_candidates(path)
+        """At start-up, the best candidate that passes: a garbage file dropped in before a reboot does
+        not keep the device down while the previous good bundle is still there, and (unless downgrades
+        are allowed) an older version with a newer file date does not win over the newest version."""
+        candidates = self._startup_order(bundle_candidates(path))
         for candidate in candidates[:-1]:
             try:
                 return self._load(candidate)
             except EdgeKitError as exc:
                 log.error("skipping %s at start-up: %s", candidate, exc)
-                self.last_update = {"ok": False, "path": str(candidate), "error": str(exc), "at": self._clock()}
+                self._reject(candidate, exc, self._clock())
         return self._load(candidates[-1])
+
+    def _startup_order(self, candidates: list[Path]) -> list[Path]:
+        """Highest version first (newest file among equals); a candidate whose manifest already fails
+        is reported and dropped. With allow_downgrade, simply the newest file first, as an operator
+        rolling back expects."""
+        if self.allow_downgrade or len(candidates) < 2:
+            return candidates
+        ranked: list[tuple[tuple[bool, Any], int, Path]] = []
+        for i, candidate in enumerate(candidates):  # newest file first
+            try:
+                manifest, _ = read_manifest(candidate, public_key=self.public_key,
+                                            require_signature=self.require_signature)
+            except EdgeKitError as exc:
+                log.error("skipping %s at start-up: %s", candidate, exc)
+                self._reject(candidate, exc, self._clock())
+                continue
+            key = version_key(str(manifest["version"]))
+            ranked.append(((key is not None, key or ()), -i, candidate))
+        if not ranked:
+            return candidates[-1:]  # every one is bad: loading the oldest raises the error to show
+        ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
+        return [c for _, _, c in ranked]
+
+    def _reject(self, path: str | Path, exc: EdgeKitError, at: float) -> None:
+        self.last_update = {"ok": False, "path": str(path), "error": str(exc), "at": at}
+        self.rejected.pop(str(path), None)
+        self.rejected[str(path)] = {"error": str(exc), "at": at}
+        while len(self.rejected) > MAX_REJECTED:
+            self.rejected.pop(next(iter(self.rejected)))
+
+    def _check_not_downgrade(self, loaded: LoadedModel, path: str | Path) -> None:
+        """Refuse another model name or a version that is not newer, unless allow_downgrade."""
+        if self.allow_downgrade:
+            return
+        old, new = self._active.runtime.info, loaded.runtime.info
+        where = f"(in {Path(path).name})"
+        hint = "start the agent with --allow-downgrade (allow_downgrade = true) to accept it"
+        if new.name != old.name:
+            raise VerificationError(MANIFEST, f"bundle is model {new.name!r}, this agent serves {old.name!r} {where}",
+                                    hint=hint)
+        upgrade = is_upgrade(old.version, new.version)
+        if upgrade is None:
+            raise VerificationError(MANIFEST, f"cannot order version {new.version!r} after {old.version!r} {where}",
+                                    hint=hint)
+        if not upgrade:
+            raise VerificationError(MANIFEST, f"version {new.version} is not newer than the {old.version} being "
+                                              f"served (downgrade or a rebuilt version) {where}", hint=hint)
 
     def _load(self, path: str | Path) -> LoadedModel:
         return load_model(path, public_key=self.public_key, require_signature=self.require_signature,
@@ -244,16 +297,20 @@ class Agent:
         """Verify, load and self-test a new bundle, then swap it in; on failure keep serving the old one."""
         with self._update_lock:
             at = self._clock()
+            old = self._active
             try:
                 loaded = self._load(path)
+                same = loaded.runtime.info.sha256 == old.runtime.info.sha256
+                if not same:
+                    self._check_not_downgrade(loaded, path)
             except EdgeKitError as exc:
-                self.last_update = {"ok": False, "path": str(path), "error": str(exc), "at": at}
+                self._reject(path, exc, at)
                 log.error("update from %s refused, still serving %s: %s", path, self._active.runtime.info.sha256[:12],
                           exc)
                 self.publish_status()
                 raise
-            old = self._active
-            if loaded.runtime.info.sha256 == old.runtime.info.sha256:
+            self.rejected.pop(str(path), None)
+            if same:
                 self.last_update = {"ok": True, "path": str(path), "changed": False, "at": at}
                 return self.last_update
             old_monitor = self._monitor
@@ -289,6 +346,7 @@ class Agent:
             "counters": counters,
             "window": {"seconds": self.window_seconds, "seq": self._monitor.summary.seq, "open_n": self._monitor.n},
             "update": self.last_update,
+            "rejected_bundles": [{"path": p, **r} for p, r in self.rejected.items()],
             "host": self._host,
         }
         if self.forwarder is not None:

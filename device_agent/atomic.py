@@ -15,12 +15,18 @@ from typing import BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
-    """Open a temp file for writing; on a clean exit it replaces `path`, on any error it is removed."""
+def atomic_file(path: str | Path, *, mode: int | None = None) -> Iterator[BinaryIO]:
+    """Open a temp file for writing; on a clean exit it replaces `path`, on any error it is removed.
+
+    The file is 0600 (mkstemp's mode) unless `mode` says otherwise: bundles pass 0o644 so the
+    service user that runs them can read them; secrets keep the default.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -32,8 +38,8 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     _fsync_dir(target.parent)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_file(path) as f:
+def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> None:
+    with atomic_file(path, mode=mode) as f:
         f.write(data)
 
 

@@ -12,6 +12,7 @@
     spool_max_windows = 10000                reconnect_max = 60
     watch_interval = 2.0                     compress = true
     threads = 0
+    allow_downgrade = false   # true: accept an older version or another model name (a rollback)
 
     [http]                                   # limits of the local HTTP API (--http-* flags)
     max_body_bytes = 8388608                 # 8 MiB; a bigger Content-Length gets 413 unread
@@ -66,6 +67,7 @@ class AgentSettings:
     window_seconds: float = 60.0
     pubkey: Path | None = None
     require_signature: bool = False
+    allow_downgrade: bool = False
     watch_interval: float = 2.0
     threads: int = 0
     mqtt: MqttSettings = field(default_factory=MqttSettings)
@@ -111,8 +113,8 @@ _PATH_KEYS = {"bundle", "spool", "pubkey", "password_file", "ca_certs", "certfil
 def _coerce(dotted: str, value: Any, annotation: str, base: Path) -> Any:
     key = dotted.rsplit(".", 1)[-1]
     if key in _PATH_KEYS:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(dotted, "must be a non-empty path string")
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise ConfigError(dotted, "must be a non-empty path string (without NUL)")
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
     checked = check_value(dotted, value, annotation.removesuffix(" | None"))
@@ -163,6 +165,8 @@ def apply_flags(settings: AgentSettings, args: argparse.Namespace) -> AgentSetti
         if args.window_seconds <= 0:
             raise ConfigError("window_seconds", "must be a positive number of seconds")
         agent["window_seconds"] = float(args.window_seconds)
+    if getattr(args, "allow_downgrade", False):
+        agent["allow_downgrade"] = True
     mqtt = replace(settings.mqtt, broker=args.broker) if getattr(args, "broker", None) else settings.mqtt
     http = {key: getattr(args, f"http_{key}") for key in ("max_body_bytes", "max_samples", "max_connections", "timeout")
             if getattr(args, f"http_{key}", None) is not None}
@@ -172,6 +176,11 @@ def apply_flags(settings: AgentSettings, args: argparse.Namespace) -> AgentSetti
     merged = replace(settings, **agent, mqtt=mqtt, http_limits=replace(settings.http_limits, **http))
     if merged.bundle is None:
         raise ConfigError("agent.bundle", "required: pass --bundle PATH or set it in the config")
+    if merged.require_signature and merged.pubkey is None:
+        # Without a key there is nothing to check a signature against: a signed-looking bundle from
+        # anyone would pass. Refuse the configuration instead of pretending.
+        raise ConfigError("agent.require_signature", "is true but no public key is set",
+                          hint="set agent.pubkey or pass --pubkey PUB.pem")
     if not merged.device_id:
         raise ConfigError("agent.device_id", "required: pass --device-id ID or set it in the config")
     for key, value in (("device_id", merged.device_id), ("fleet", merged.fleet)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -16,11 +17,16 @@ PUBLIC_KEY_NAME = "edgekit.pub"
 
 
 def generate_keypair(out_dir: str | Path, *, force: bool = False) -> tuple[Path, Path]:
-    """Write a new private key (mode 0600) and its public key as PEM files; returns their paths."""
+    """Write a new private key (mode 0600) and its public key as PEM files; returns their paths.
+
+    The folder is made (or tightened to) 0700. Each file is written to a new temp name opened with
+    O_EXCL|O_NOFOLLOW and renamed over the old one: an existing world-readable key file does not keep
+    its mode, and a symlink planted at the key's path is replaced, never followed.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _private_folder(out)
     private_path, public_path = out / PRIVATE_KEY_NAME, out / PUBLIC_KEY_NAME
-    if not force and (private_path.exists() or public_path.exists()):
+    if not force and (os.path.lexists(private_path) or os.path.lexists(public_path)):
         raise UsageError(f"a key pair already exists in {out}", hint="pass --force to overwrite it")
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
@@ -29,11 +35,33 @@ def generate_keypair(out_dir: str | Path, *, force: bool = False) -> tuple[Path,
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem)
-    public_path.write_bytes(public_pem)
+    _replace_file(private_path, private_pem, 0o600)
+    _replace_file(public_path, public_pem, 0o644)
     return private_path, public_path
+
+
+def _private_folder(folder: Path) -> None:
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.stat().st_mode & 0o077:
+        try:
+            folder.chmod(0o700)
+        except OSError as exc:
+            raise UsageError(f"cannot make the key folder {folder} private (0700): {exc}") from exc
+
+
+def _replace_file(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # replaces a symlink at `path` itself, not what it points to
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:

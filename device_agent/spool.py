@@ -5,8 +5,10 @@ and power loss; a delete happens only after the broker's PUBACK. Each row carrie
 key (device, model sha256, window start), so re-spooling the same window is a no-op. The spool is
 bounded: when full, the oldest windows are dropped first and the number dropped is kept (and
 reported in the status message), because on a device the newest data is worth more than a full
-disk. A spool file that is not a readable database is moved aside (never deleted) and a new one
-started, so one corrupt file cannot keep the agent down.
+disk. A spool file that is corrupt (SQLite says NOTADB or CORRUPT, or `quick_check` fails) is moved
+aside (never deleted) and a new one started, so one corrupt file cannot keep the agent down. A spool
+that is merely busy (another process holds its lock) or cannot be opened is NOT corrupt: the agent
+waits up to `lock_timeout` and then stops with a clear error, and the windows in it stay where they are.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent.errors import SpoolError
+from device_agent.errors import SpoolError, UsageError
 
 log = logging.getLogger(__name__)
+
+# SQLite primary result codes that mean the file itself is damaged (everything else, BUSY and
+# LOCKED above all, says nothing about the windows inside it).
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 DEFAULT_MAX_WINDOWS = 10_000
 
@@ -38,6 +45,22 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
+class SpoolUnavailableError(UsageError):
+    """The spool exists but cannot be opened now (locked by another process, permissions): exit 2."""
+
+
+class _CorruptSpool(sqlite3.DatabaseError):
+    """quick_check found damage."""
+
+
+def is_corruption(exc: sqlite3.Error) -> bool:
+    """True only when SQLite says the file is damaged, not when it is busy, locked or unreadable."""
+    if isinstance(exc, _CorruptSpool):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
 @dataclass(frozen=True)
 class SpooledWindow:
     id: int
@@ -50,30 +73,47 @@ class SpooledWindow:
 class Spool:
     """A bounded, durable FIFO of encoded summary messages. Safe to use from several threads."""
 
-    def __init__(self, path: str | Path, *, max_windows: int = DEFAULT_MAX_WINDOWS) -> None:
+    def __init__(self, path: str | Path, *, max_windows: int = DEFAULT_MAX_WINDOWS,
+                 lock_timeout: float = 10.0) -> None:
         if max_windows < 1:
             raise ValueError("max_windows must be at least 1")
         self.path = Path(path)
         self.max_windows = max_windows
+        self.lock_timeout = lock_timeout
         self.recovered_from: Path | None = None
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._open()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
+            if not is_corruption(exc):
+                raise self._unavailable(exc) from exc
             self.recovered_from = self._move_aside(exc)
-            self._db = self._open()
+            try:
+                self._db = self._open()
+            except sqlite3.Error as again:
+                raise self._unavailable(again) from again
+
+    def _unavailable(self, exc: sqlite3.Error) -> SpoolUnavailableError:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            return SpoolUnavailableError(
+                f"spool {self.path} is locked by another process (waited {self.lock_timeout:g}s); "
+                "its windows are kept", hint="is another edge-agent running with the same --spool?")
+        return SpoolUnavailableError(f"cannot open spool {self.path}: {exc}; its windows are kept")
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        # `timeout` is SQLite's busy wait: a lock held by another process is waited for, not
+        # mistaken for damage.
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=self.lock_timeout)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
             row = db.execute("PRAGMA quick_check").fetchone()
             if row is None or row[0] != "ok":
-                raise sqlite3.DatabaseError(f"integrity check failed: {row}")
-        except sqlite3.DatabaseError:
+                raise _CorruptSpool(f"integrity check failed: {row}")
+        except sqlite3.Error:
             db.close()
             raise
         return db

@@ -8,6 +8,7 @@ Lives in device_agent (stdlib only) so the agent's settings use it too.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -76,4 +77,10 @@ def check_value(key: str, value: Any, annotation: str) -> Any:
         return float(value)
     if not isinstance(value, expected):
         raise ConfigError(key, f"must be {base}, got {type(value).__name__} {value!r}")
+    # TOML allows nan and inf; no setting means either (every comparison with nan is False, so a
+    # range check would let it through).
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(key, "must not contain a NUL character")
     return value

@@ -6,8 +6,10 @@ next to the old one, or replace the file in place with an atomic rename. The wat
 file's identity (inode, size, mtime) every few seconds: polling needs no extra dependency and a
 device sees a handful of updates a year, so a couple of seconds of latency costs nothing.
 
-A candidate that fails to load is remembered by identity and not retried until it changes again,
-so a garbage file logs one error, not one per poll.
+Every candidate in the folder is watched, not only the newest: new or changed ones are offered to
+the agent newest first until one is accepted, so a stray file dropped after a good bundle does not
+hide it. A candidate that fails to load is remembered by identity and not retried until it changes
+again, so a garbage file logs one error, not one per poll.
 """
 
 from __future__ import annotations
@@ -52,32 +54,53 @@ def bundle_identity(path: str | Path) -> Identity | None:
     return (str(target), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def candidate_identities(path: str | Path) -> dict[str, Identity]:
+    """Identity of every candidate `path` stands for (a vanished file is simply absent)."""
+    try:
+        candidates = bundle_candidates(path)
+    except (OSError, UsageError):
+        return {}
+    found: dict[str, Identity] = {}
+    for c in candidates:
+        try:
+            st = os.stat(c)
+        except OSError:
+            continue
+        found[str(c)] = (str(c), st.st_ino, st.st_size, st.st_mtime_ns)
+    return found
+
+
 class BundleWatcher:
-    """Polls a bundle path and calls `on_change(path)` when what it points at changed."""
+    """Polls a bundle path and calls `on_change(path)` for candidates that appeared or changed.
+
+    New or changed candidates are offered newest first until `on_change` accepts one (returns
+    without raising): a stray or refused file next to a good new bundle does not hide it. Each one
+    offered is remembered by identity, so it is not offered again until it changes.
+    """
 
     def __init__(self, path: str | Path, on_change: Callable[[Path], Any], *, interval: float = 2.0) -> None:
         self.path = Path(path)
         self.on_change = on_change
         self.interval = interval
-        self._seen = bundle_identity(self.path)
+        self._seen = candidate_identities(self.path)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     def check(self) -> bool:
         """One poll; True if a change was handed to `on_change` (whatever its outcome)."""
-        identity = bundle_identity(self.path)
-        if identity is None or identity == self._seen:
-            return False
-        self._seen = identity
-        target = Path(identity[0])
-        log.info("bundle changed: %s", target)
-        try:
-            self.on_change(target)
-        except EdgeKitError:
-            pass  # the agent logged and reported it; wait for the next change
-        except Exception:
-            log.exception("loading %s failed unexpectedly; still serving the previous bundle", target)
-        return True
+        current = candidate_identities(self.path)
+        fresh = [Path(name) for name, ident in current.items() if self._seen.get(name) != ident]  # newest first
+        self._seen = current
+        for target in fresh:
+            log.info("bundle changed: %s", target)
+            try:
+                self.on_change(target)
+                break
+            except EdgeKitError:
+                continue  # the agent logged and reported it; try the next newest
+            except Exception:
+                log.exception("loading %s failed unexpectedly; still serving the previous bundle", target)
+        return bool(fresh)
 
     def start(self) -> None:
         def loop() -> None:

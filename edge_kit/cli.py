@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show what a bundle holds and where it came from")
     p.add_argument("bundle")
+    p.add_argument("--pubkey", help="Ed25519 public key (PEM) to verify the signature with")
     _common(p)
 
     p = sub.add_parser("reproduce", help="rebuild a bundle from its provenance and compare bytes")

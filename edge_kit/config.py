@@ -194,7 +194,11 @@ def check_source(key: str, source: str, c: Any) -> None:
     elif kind in ("npz", "csv"):
         if not rest:
             raise ConfigError(key, f"'{kind}:' needs a path, e.g. '{kind}:data/train.{kind}'")
-        if not c.resolve(rest).is_file():
+        try:
+            found = c.resolve(rest).is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL, a symlink loop
+            raise ConfigError(key, f"cannot use {rest!r} as a path: {exc}") from exc
+        if not found:
             raise ConfigError(key, f"file not found: {c.resolve(rest)}")
         if kind == "csv" and not c.data.label_column:
             raise ConfigError("data.label_column", "is required for a csv source")

@@ -1,4 +1,7 @@
-"""`edge-kit inspect BUNDLE [--json]`: what a bundle holds and where it came from (hashes checked)."""
+"""`edge-kit inspect BUNDLE [--pubkey PUB] [--json]`: what a bundle holds and where it came from.
+
+Hashes are always checked; the signature only with --pubkey, and the output says which.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,19 @@ import argparse
 from typing import Any
 
 
+def signature_state(signed: bool, verified_by: str | None) -> str:
+    """What can honestly be said of the signature: a signature nobody checked proves nothing."""
+    if verified_by is not None:
+        return f"signature verified (key {verified_by})"
+    return "signature present, not verified" if signed else "UNSIGNED"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from device_agent.bundle import read_bundle
+    from device_agent.signing import load_public_key
 
-    bundle = read_bundle(args.bundle)
+    pubkey = getattr(args, "pubkey", None)
+    bundle = read_bundle(args.bundle, public_key=load_public_key(pubkey) if pubkey else None)
     m = bundle.manifest
     info = {
         "bundle": str(bundle.path),
@@ -17,6 +29,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "version": bundle.version,
         "created_at": m.get("created_at"),
         "signed": bundle.signed,
+        "signature_verified": bundle.signed_by is not None,
+        "signed_by": bundle.signed_by,
+        "signature": signature_state(bundle.signed, bundle.signed_by),
         "model": m.get("model", {}),
         "members": {name: len(data) for name, data in sorted(bundle.members.items())},
         "quantization": m.get("quantization", {}),
@@ -47,7 +62,7 @@ def render(info: dict[str, Any]) -> str:
     git, env, data = p.get("git", {}), p.get("environment", {}), p.get("data", {})
     calib, ml = p.get("calibration", {}), p.get("mlflow", {})
     lines = [
-        f"{info['name']} {info['version']}  ({'signed' if info['signed'] else 'UNSIGNED'}, "
+        f"{info['name']} {info['version']}  ({info['signature']}, "
         f"created {info['created_at']})",
         f"  model     {model.get('precision')} sha256 {str(model.get('sha256'))[:16]}…  "
         f"inputs {[(i['name'], i['shape']) for i in model.get('inputs', [])]}",

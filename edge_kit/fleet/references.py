@@ -126,27 +126,32 @@ class ModelReference:
 
 
 def model_reference_from_bundle(path: str | Path) -> ModelReference:
-    """Verify a bundle (hashes; signature checked by the agent) and lay out its reference."""
+    """Verify a bundle (hashes; signature checked by the agent) and lay out its reference.
+
+    Every way a bundle can be bad is an EdgeKitError (VerificationError from the reader, UsageError
+    for a reference that cannot be laid out), so a folder scan can skip it and carry on.
+    """
     bundle = read_bundle(path)
     if not bundle.reference:
         raise UsageError(f"bundle {path} has no reference.json: it cannot be monitored")
     try:
         reference = Reference.from_json(bundle.reference)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"bundle {path}: reference.json is malformed: {exc}") from exc
-    monitoring = bundle.manifest.get("monitoring") or {}
-    labels = [str(x) for x in monitoring.get("labels", bundle.manifest.get("model", {}).get("labels", []))]
-    gate = bundle.manifest.get("gate") or {}
-    gate_accuracy = gate.get("int8") if isinstance(gate.get("int8"), int | float) else None
-    return ModelReference.from_reference(
-        reference,
-        sha256=bundle.model_sha256,
-        name=bundle.name,
-        version=bundle.version,
-        labels=labels,
-        gate_accuracy=None if gate_accuracy is None else float(gate_accuracy),
-        source=str(path),
-    )
+        monitoring = bundle.manifest.get("monitoring") or {}
+        labels = [str(x) for x in monitoring.get("labels", bundle.manifest.get("model", {}).get("labels", []))]
+        gate = bundle.manifest.get("gate") or {}
+        gate_accuracy = gate.get("int8") if isinstance(gate.get("int8"), int | float) else None
+        return ModelReference.from_reference(
+            reference,
+            sha256=bundle.model_sha256,
+            name=bundle.name,
+            version=bundle.version,
+            labels=labels,
+            gate_accuracy=None if gate_accuracy is None else float(gate_accuracy),
+            source=str(path),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"bundle {path}: reference.json or the manifest's monitoring entry is malformed: {exc}"
+                         ) from exc
 
 
 class ReferenceStore:
@@ -188,7 +193,7 @@ class ReferenceStore:
             self._seen[path] = mtime
             try:
                 self.add(model_reference_from_bundle(path))
-            except EdgeKitError as exc:  # one bad bundle must not stop the others being monitored
+            except EdgeKitError as exc:  # one bad (or stray) bundle must not stop the others being monitored
                 log.warning("skipping bundle %s: %s", path, exc)
 
     def get(self, sha256: str) -> ModelReference | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.errors import SpoolError
+from device_agent.errors import EdgeKitError, SpoolError
 from device_agent.forwarder import Forwarder
 from device_agent.mqtt_connection import Backoff
 from device_agent.spool import Spool
@@ -63,6 +63,62 @@ def test_a_corrupt_spool_is_moved_aside_and_a_new_one_started(tmp_path: Path) ->
     assert spool.recovered_from is not None and spool.recovered_from.read_bytes().startswith(b"this is not")
     assert spool.put("k", "t", b"x", "application/json") and len(spool) == 1
     assert spool.stats()["recovered_from"] == str(spool.recovered_from)
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sqlite3, sys, time
+    db = sqlite3.connect(sys.argv[1], isolation_level=None)
+    # Exclusive locking mode: even readers are kept out, as a backup tool or a second agent mid-write does.
+    db.execute("PRAGMA locking_mode=EXCLUSIVE")
+    db.execute("BEGIN EXCLUSIVE")
+    db.execute("INSERT INTO meta (name, value) VALUES ('holder', 1) ON CONFLICT(name) DO UPDATE SET value = 1")
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+    db.execute("COMMIT")
+""")
+
+
+def _hold_lock(path: Path, seconds: float) -> subprocess.Popen[str]:
+    """A real second process holding SQLite's exclusive lock on the spool for `seconds`."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path), str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _spool_with_windows(path: Path, n: int) -> None:
+    spool = Spool(path)
+    for i in range(n):
+        spool.put(f"k{i}", "t", f"w{i}".encode(), "application/json")
+    spool.close()
+
+
+@pytest.mark.slow
+def test_a_spool_locked_by_another_process_is_refused_clearly_not_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    _spool_with_windows(path, 3)
+    holder = _hold_lock(path, 60)
+    try:
+        with pytest.raises(EdgeKitError) as err:
+            Spool(path)  # the default wait, then a clear error
+        assert err.value.exit_code == 2 and "locked by another process" in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not list(tmp_path.glob("*corrupt*"))
+    assert [w.payload for w in Spool(path).pending()] == [b"w0", b"w1", b"w2"]  # nothing lost
+
+
+def test_a_spool_locked_for_a_moment_is_waited_for(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    _spool_with_windows(path, 2)
+    holder = _hold_lock(path, 1.0)
+    try:
+        spool = Spool(path, lock_timeout=20)
+        assert spool.recovered_from is None and len(spool) == 2
+    finally:
+        holder.wait(timeout=30)
+    assert not list(tmp_path.glob("*corrupt*"))
 
 
 def _fill_disk(spool: Spool) -> None:
