@@ -17,7 +17,7 @@ from calibration.errors import CalibrationError
 Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
-class BatchedCalibrationReader(CalibrationDataReader):
+class BatchedCalibrationReader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no types
     def __init__(
         self,
         raw: np.ndarray,

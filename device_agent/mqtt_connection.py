@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -54,7 +55,7 @@ class Backoff:
 
 
 def publish_properties(content_type: str) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
     props.ContentType = content_type
     return props
 
@@ -70,7 +71,7 @@ class MqttConnection:
     def __init__(self, config: BrokerConfig, client_id: str, *, manual_ack: bool = False,
                  receive_maximum: int | None = None) -> None:
         self.config = config
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5, manual_ack=manual_ack)
         if config.username:
             self.client.username_pw_set(config.username, config.password)
@@ -79,7 +80,7 @@ class MqttConnection:
                                 cert_reqs=ssl.CERT_NONE if config.insecure else ssl.CERT_REQUIRED)
             if config.insecure:
                 self.client.tls_insecure_set(True)
-        self._props = Properties(PacketTypes.CONNECT)
+        self._props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         self._props.SessionExpiryInterval = config.session_expiry
         if receive_maximum is not None:
             # How many unacknowledged QoS>0 messages the broker may send us at once.

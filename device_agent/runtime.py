@@ -148,7 +148,7 @@ class ModelRuntime:
 
     def preprocess(self, batch: np.ndarray) -> np.ndarray:
         """`(raw - mean) / std` in float32, the build's arithmetic (one temporary, divided in place)."""
-        x = np.subtract(batch, self.mean, dtype=np.float32)
+        x: np.ndarray = np.subtract(batch, self.mean, dtype=np.float32)
         x /= self.std
         return x
 

@@ -336,7 +336,8 @@ def decode_payload(data: bytes, content_type: str | None, *,
 def _add_optional(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     if a is None or b is None:  # a merge with a window that has no signal has none for the whole
         return None
-    return a + b
+    total: np.ndarray = a + b
+    return total
 
 
 def _num(x: float) -> float | None:
