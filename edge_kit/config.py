@@ -19,7 +19,7 @@ from edge_kit.errors import ConfigError
 SKLEARN_DATASETS = ("digits", "breast_cancer", "wine", "iris")
 QUANT_BACKENDS = ("ort", "inc")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-TARGETS = ("x86-vnni", "x86-avx2", "arm64")
+TARGETS = ("auto", "x86-vnni", "x86-avx2", "arm64")
 GATE_METRICS = ("accuracy",)
 
 
