@@ -21,6 +21,7 @@ QUANT_BACKENDS = ("ort", "inc")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("auto", "x86-vnni", "x86-avx2", "arm64")
 GATE_METRICS = ("accuracy",)
+OBJECTIVES = ("latency", "throughput", "size")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,14 @@ class QuantizeSection:
     calibration_samples: int = 256
     per_channel: bool = True
     target: str = "x86-vnni"
+    # The candidate search after the gate (edge_kit/compile/search.py): what "fastest" means, the
+    # settings it is timed at on the build host, how long the timing may take (0 = no search: ship
+    # the gate's choice), and whether an fp32 model may ship when it wins.
+    objective: str = "latency"
+    batch_size: int = 1
+    threads: int = 1
+    search_seconds: float = 3.0
+    allow_fp32: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,9 @@ class GateSection:
     max_drop: float = 0.01
     max_relative_drop: float | None = None
     max_fallback_rounds: int = 4
+    # Least share of multiply-accumulates an int8 bundle must run in int8 (exit 3 under it): a "repair"
+    # that keeps most of the model in fp32 passes the accuracy gate but is not an int8 model.
+    min_int8_coverage: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,8 @@ def _check_values(c: Config) -> None:
         "train.checkpoint_every": c.train.checkpoint_every,
         "train.keep_checkpoints": c.train.keep_checkpoints,
         "quantize.calibration_samples": c.quantize.calibration_samples,
+        "quantize.batch_size": c.quantize.batch_size,
+        "quantize.threads": c.quantize.threads,
         "monitor.bins": c.monitor.bins,
     }
     for key, count in positive.items():
@@ -179,15 +193,21 @@ def _check_values(c: Config) -> None:
         "quantize.backend": (c.quantize.backend, QUANT_BACKENDS),
         "quantize.calibration": (c.quantize.calibration, CALIBRATION_METHODS),
         "quantize.target": (c.quantize.target, TARGETS),
+        "quantize.objective": (c.quantize.objective, OBJECTIVES),
         "gate.metric": (c.gate.metric, GATE_METRICS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(key, f"{value!r} is not allowed", hint=f"allowed: {', '.join(allowed)}")
+    if not 0.0 <= c.quantize.search_seconds <= 3600.0:
+        raise ConfigError("quantize.search_seconds", f"must be between 0 (no search) and 3600, "
+                          f"got {c.quantize.search_seconds}")
     if not 0.0 <= c.gate.max_drop <= 1.0:
         raise ConfigError("gate.max_drop", f"must be between 0 and 1, got {c.gate.max_drop}")
     if c.gate.max_relative_drop is not None and not 0.0 <= c.gate.max_relative_drop <= 1.0:
         raise ConfigError("gate.max_relative_drop", f"must be between 0 and 1, got {c.gate.max_relative_drop}")
+    if not 0.0 <= c.gate.min_int8_coverage <= 1.0:
+        raise ConfigError("gate.min_int8_coverage", f"must be between 0 and 1, got {c.gate.min_int8_coverage}")
     if c.gate.max_fallback_rounds < 0:
         raise ConfigError("gate.max_fallback_rounds", "must be 0 or more")
     if not 2 <= c.monitor.bins <= 256:

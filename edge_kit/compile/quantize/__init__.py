@@ -75,6 +75,19 @@ class OrtQuantizer:
                      per_channel=self.settings.per_channel, nodes_to_exclude=excluded)
         return out
 
+    def quantize_variant(self, excluded: tuple[str, ...], per_channel: bool, tag: str) -> Path:
+        """A search candidate: the same ranges, another weight granularity and/or fp32 node set."""
+        out = self.workdir / f"int8-{tag}.onnx"
+        quantize_ort(self.fp32_path, out, self.ranges, target=self.settings.target, per_channel=per_channel,
+                     nodes_to_exclude=excluded)
+        return out
+
+    def dense_nodes(self) -> tuple[str, ...]:
+        """Fully connected layers (Gemm/MatMul) with the nodes that keep their outputs float."""
+        from edge_kit.compile.search import DENSE_OPS
+
+        return tuple(m for u in self._units if u.op_type in DENSE_OPS for m in u.members)
+
     def describe(self) -> dict[str, Any]:
         preset = target_preset(self.settings.target)
         return {
