@@ -26,6 +26,7 @@ from device_agent.bundle import bundle_filename, sha256_hex
 from edge_kit.compile.coverage import model_int8_coverage
 from edge_kit.compile.evaluate import accuracy, predict_logits
 from edge_kit.compile.gate import GateFailedError, GateResult, run_gate
+from edge_kit.compile.preprocess_graph import embed_preprocessing
 from edge_kit.compile.qdq_analysis import summarize_qdq
 from edge_kit.compile.quantize import OrtQuantizer, Quantizer, calibration_inputs, make_ort_quantizer
 from edge_kit.compile.search import Decision, search_candidates
@@ -167,17 +168,21 @@ def build(
             )
 
         t0 = time.perf_counter()
-        model_bytes = best.read_bytes()
+        # Preprocessing becomes the model's first nodes: the device runs raw inputs through the session.
+        shipped_path = Path(tmp) / "shipped.onnx"
+        model_bytes = embed_preprocessing(onnx.load(str(best)), dataset.preprocessing).SerializeToString()
+        shipped_path.write_bytes(model_bytes)
         plan = monitor_plan(dataset.input_kind, tuple(dataset.input_shape), list(dataset.feature_names),
                             list(dataset.labels))
-        train_logits = predict_logits(best, dataset.preprocess(dataset.X_train))
-        test_logits = predict_logits(best, x_test)
+        train_logits = predict_logits(shipped_path, dataset.X_train)
+        test_logits = predict_logits(shipped_path, dataset.X_test)
         reference = reference_json(plan, dataset.X_train, train_logits, dataset.X_test, test_logits,
                                    config.monitor.bins)
         timings["reference"] = time.perf_counter() - t0
         report.bundle = bundle_filename(config.project.name, config.project.version)
         report_md = render_report(report)
-        model_meta = io_spec(onnx.load_from_string(model_bytes)) | {"preprocessing": dataset.preprocessing}
+        model_meta = io_spec(onnx.load_from_string(model_bytes)) | {
+            "preprocessing": dataset.preprocessing | {"in_graph": True}}
         bundle = assemble_and_write(
             out, name=config.project.name, version=config.project.version, model_bytes=model_bytes,
             model_meta=model_meta, labels=list(dataset.labels), provenance=provenance,

@@ -75,10 +75,12 @@ def test_build_writes_a_complete_signed_bundle(built, edge_kit_cli) -> None:
     # Self-test: the recorded outputs are what the bundled model computes for the recorded raw inputs.
     with np.load(io.BytesIO(bundle.members[SELFTEST])) as st:
         inputs, outputs = st["inputs"], st["outputs"]
-    pre = m["model"]["preprocessing"]
-    x = ((inputs - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)).astype(np.float32)
+    # Preprocessing is inside the model (its first nodes): raw inputs go straight to the session.
+    assert m["model"]["preprocessing"]["in_graph"] is True
+    model = onnx.load_from_string(bundle.model_bytes)
+    assert [n.op_type for n in model.graph.node[:2]] == ["Sub", "Div"]
     sess = ort.InferenceSession(bundle.model_bytes, providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(sess.run(None, {"input": x})[0], outputs, atol=1e-5)
+    np.testing.assert_allclose(sess.run(None, {"input": inputs.astype(np.float32)})[0], outputs, atol=1e-5)
     assert "**Accuracy gate: PASSED**" in bundle.members[REPORT].decode()
 
     ok = edge_kit_cli("verify", out["bundle"], "--pubkey", str(keys / "edgekit.pub"), "--json")
