@@ -1,13 +1,19 @@
-"""Compiler benchmark: fp32 vs edge-kit int8 vs ORT's plain `quantize_static` defaults, in one run.
+"""Compiler benchmark: edge-kit int8 against fp32 and plain ONNX Runtime, side by side, in one run.
 
-Models: the digits example (trained by the real pipeline: `edge-kit build` end to end, timed) and
-a MobileNetV2-style network at 224x224 (random weights, defined below; nothing downloaded).
-Figures: throughput at batch 1 and 16 with ONNX Runtime on this host's cores, model size, and the
-accuracy drop on the digits test split (for the random MobileNetV2, top-1 agreement with fp32 on
-random inputs instead). Everything is measured side by side in this one process, so ratios are
-comparable even on a shared machine; the absolute numbers move with the load of the moment.
+Part 1, MobileNetV2 and ResNet-18 at 224x224 (random weights, defined below: torchvision does not
+import beside this torch build; nothing downloaded), at batch 1 on 1 thread and batch 16 on 2 threads:
+  fp32; fp32 again (a same-model control: its distance from 1.00x is the noise floor of the run);
+  edge-kit int8 (ORT backend, target "auto" = the preset for this host, per-channel, minmax);
+  plain ORT QDQ per-channel u8/s8 after `quant_pre_process` (TorchScript export, as ORT's docs do);
+  plain ORT QOperator (same settings).
+All variants of one model and setting are timed interleaved, round after round (a load burst on this
+shared machine hits all of them alike); a row's figure is the median latency over the rounds and its
+ratio is against fp32 in the same run. Every row carries the host's int8 instruction set.
 
-Usage: python benchmarks/bench_compile.py [--quick]
+Part 2, digits: `edge-kit build` of examples/digits end to end (timed, with the candidate search's
+share of it), then the shipped model against fp32 at batch 1 and 16.
+
+Usage: python benchmarks/bench_compile.py [--quick] [--skip-digits]
 """
 
 from __future__ import annotations
@@ -84,6 +90,49 @@ def mobilenet_v2(num_classes: int = 1000) -> Any:
     return model
 
 
+# --- ResNet-18 (He et al. 2016), defined here for the same reason ----------------------------------
+
+def resnet18(num_classes: int = 1000) -> Any:
+    import torch
+    from torch import nn
+
+    class Basic(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+            self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+            return torch.relu(y + self.down(x))
+
+    class ResNet18(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                      nn.MaxPool2d(3, 2, 1))
+            blocks, cin = [], 64
+            for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+                blocks += [Basic(cin, cout, stride), Basic(cout, cout, 1)]
+                cin = cout
+            self.blocks = nn.Sequential(*blocks)
+            self.fc = nn.Linear(512, num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+    torch.manual_seed(0)
+    model = ResNet18().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 # --- quantizers under comparison ---------------------------------------------------------------
 
 class _Reader:
@@ -101,84 +150,100 @@ class _Reader:
         self.i = 0
 
 
-def plain_defaults(fp32: Path, out: Path, calib: np.ndarray) -> Path:
-    """ORT's `quantize_static` with every default (QDQ, per-tensor, s8/s8, MinMax, no pre-processing)."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+def export(model: Any, path: Path, dynamo: bool) -> Path:
+    import torch
+
+    example = (torch.randn(1, 3, 224, 224),)
+    if dynamo:
+        torch.onnx.export(model, example, str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, verbose=False,
+                          external_data=False)
+    else:  # TorchScript export, what ORT's quantization docs start from
+        torch.onnx.export(model, example, str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    return path
+
+
+def plain_ort(fp32: Path, out: Path, calib: np.ndarray, fmt: str) -> Path:
+    """ORT's recommended recipe: quant_pre_process, then quantize_static per-channel u8 activations, s8 weights."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(_Reader, CalibrationDataReader):
         pass
 
-    quantize_static(str(fp32), str(out), Reader(calib))
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(str(pre), str(out), Reader(calib),
+                    quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
 
 
 def edge_kit_int8(fp32: Path, workdir: Path, calib: np.ndarray) -> Path:
-    """What `edge-kit build` does (ORT backend, x86-vnni preset, per-channel, minmax)."""
+    """What `edge-kit build` quantizes (ORT backend, target auto, per-channel, minmax) before its search."""
     from calibration import select_calibration
     from edge_kit.compile.quantize import make_ort_quantizer
     from edge_kit.config import QuantizeSection
 
     sel = select_calibration(list(range(len(calib))), len(calib), seed=0)
-    q = make_ort_quantizer(QuantizeSection(), fp32, workdir, calib, sel, None)
+    q = make_ort_quantizer(QuantizeSection(target="auto"), fp32, workdir, calib, sel, None)
     return q.quantize((), "bench")
 
 
-def throughputs(paths: dict[str, Path], x: np.ndarray, batch: int, rounds: int,
-                threads: int) -> dict[str, dict[str, float]]:
-    """Samples per second per model at one batch size: {"median": ..., "best": ...}.
-
-    The models are timed interleaved (a, b, c, a, b, c, ...), so a burst of load from other
-    processes on this shared machine hits all of them alike. "median" is over the rounds; "best"
-    is the fastest round, the figure least disturbed by other load (contention only adds time).
-    """
-    import statistics
-
+def latencies(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, calls: int) -> dict[str, float]:
+    """Median ms per call for each model, timed interleaved (a, b, c, a, b, c, ...)."""
     from edge_kit.compile.evaluate import session
 
-    xb = np.ascontiguousarray(x[:batch], dtype=np.float32)
     runners = {}
     for name, path in paths.items():
         sess = session(path, threads=threads)
-        feed = {sess.get_inputs()[0].name: xb}
-        runners[name] = (sess, feed)
-        for _ in range(3):
+        feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
+        for _ in range(2):
             sess.run(None, feed)
+        runners[name] = (sess, feed)
     samples: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, (sess, feed) in runners.items():
-            t = time_repeated(lambda sess=sess, feed=feed: sess.run(None, feed), repeat=3, warmup=0)
-            samples[name].append(t["median"])
-    return {name: {"median": batch / statistics.median(v), "best": batch / min(v)} for name, v in samples.items()}
+            t = time_repeated(lambda sess=sess, feed=feed: sess.run(None, feed), repeat=calls, warmup=0)
+            samples[name].append(1000.0 * t["median"])
+    return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+def side_by_side(label: str, model: Any, tmp: Path, rounds: int, isa: str, calib_n: int = 16) -> list[dict[str, Any]]:
+    from edge_kit.compile.evaluate import predict_logits
+    from edge_kit.compile.fusion import fused_int8_ops
+
+    rng = np.random.default_rng(0)
+    calib = rng.normal(size=(calib_n, 3, 224, 224)).astype(np.float32)
+    probe = rng.normal(size=(16, 3, 224, 224)).astype(np.float32)
+    fp32 = export(model, tmp / f"{label}-fp32.onnx", dynamo=True)
+    control = tmp / f"{label}-fp32-control.onnx"
+    shutil.copy(fp32, control)
+    ts = export(model, tmp / f"{label}-fp32-ts.onnx", dynamo=False)
+    paths = {
+        "fp32": fp32,
+        "fp32 (control)": control,
+        "edge-kit int8": edge_kit_int8(fp32, tmp / f"{label}-ek", calib),
+        "ORT QDQ per-channel u8/s8": plain_ort(ts, tmp / f"{label}-qdq.onnx", calib, "QDQ"),
+        "ORT QOperator": plain_ort(ts, tmp / f"{label}-qop.onnx", calib, "QOperator"),
+    }
+    ref = predict_logits(fp32, probe, batch_size=16).argmax(axis=1)
+    agree = {n: float(np.mean(predict_logits(p, probe, batch_size=16).argmax(axis=1) == ref)) for n, p in paths.items()}
+    rows = []
+    for batch, threads in ((1, 1), (16, 2)):
+        ms = latencies(paths, probe[:batch], threads, rounds, calls=3 if batch == 1 else 1)
+        for name, path in paths.items():
+            kernels = fused_int8_ops(path)
+            rows.append({"model": label, "batch": batch, "threads": threads, "variant": name,
+                         "ms": ms[name], "vs_fp32": ms["fp32"] / ms[name], "size_kib": model_size(path) / 1024,
+                         "top1_agree": agree[name], "int8_kernels": sum(kernels.values()), "host_isa": isa})
+    return rows
 
 
 def model_size(path: Path) -> int:
     """Bytes of the model including any external-data files next to it."""
     return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
-
-
-def compare(label: str, fp32: Path, variants: dict[str, Path], x: np.ndarray, repeat: int,
-            score: Any) -> list[dict[str, Any]]:
-    paths = {"fp32": fp32, **variants}
-    cores = os.cpu_count() or 1
-    tp = {b: throughputs(paths, x, b, repeat, cores) for b in (1, 16)}
-    # One intra-op thread as well: on a small (or shared, hyperthreaded) CPU the int8 kernels gain less
-    # from a second thread than fp32 does, so the all-cores ratio understates what int8 buys per core.
-    tp1 = {b: throughputs(paths, x, b, repeat, 1) for b in (1, 16)}
-    scores = {name: score(path) for name, path in paths.items()}
-    base_size = model_size(fp32)
-    rows = []
-    for name, path in paths.items():
-        rows.append({"model": label, "variant": name, "size_kib": model_size(path) / 1024,
-                     "smaller": base_size / model_size(path),
-                     "speedup_b1": tp[1][name]["median"] / tp[1]["fp32"]["median"],
-                     "speedup_b16": tp[16][name]["median"] / tp[16]["fp32"]["median"],
-                     "best_speedup_b1": tp[1][name]["best"] / tp[1]["fp32"]["best"],
-                     "best_speedup_b16": tp[16][name]["best"] / tp[16]["fp32"]["best"],
-                     "speedup_b1_1thread": tp1[1][name]["median"] / tp1[1]["fp32"]["median"],
-                     "speedup_b16_1thread": tp1[16][name]["median"] / tp1[16]["fp32"]["median"],
-                     "per_s_b1": tp[1][name]["median"], "per_s_b16": tp[16][name]["median"],
-                     "metric": scores[name], "drop_pts": 100 * (scores["fp32"] - scores[name])})
-    return rows
 
 
 # --- the two workloads ---------------------------------------------------------------------------
@@ -211,77 +276,61 @@ def digits_build(tmp: Path) -> tuple[float, dict[str, Any]]:
     return elapsed, json.loads(res.stdout) | {"project": str(project)}
 
 
-def digits_rows(tmp: Path, build: dict[str, Any], repeat: int) -> list[dict[str, Any]]:
+def digits_rows(tmp: Path, build: dict[str, Any], rounds: int, isa: str) -> list[dict[str, Any]]:
+    """The shipped digits model against the fp32 model it came from, at the search's settings and batch 16."""
     from device_agent.bundle import read_bundle
-    from edge_kit.compile.evaluate import accuracy, predict_logits
     from edge_kit.config import load_config
-    from edge_kit.train.data import load_dataset
-    from edge_kit.train.tracking import client_for
 
     config = load_config(Path(build["project"]) / "edgekit.toml")
-    ds = load_dataset(config)
     bundle = read_bundle(Path(build["project"]) / build["bundle"])
-    uri = bundle.manifest["provenance"]["mlflow"]["tracking_uri"]
-    # The fp32 ONNX the pipeline exported for this run (the one the bundle was quantized from).
     run_dir = config.workdir / "runs" / build["run_id"]
-    fp32 = next(run_dir.rglob("*.onnx"), None)
-    if fp32 is None:
-        local = client_for(uri).download_artifacts(build["run_id"], "", str(tmp / "art"))
-        fp32 = next(Path(local).rglob("*.onnx"))
-    int8 = tmp / "digits-edgekit.onnx"
-    int8.write_bytes(bundle.model_bytes)
-    x_train, x_test = ds.preprocess(ds.X_train), ds.preprocess(ds.X_test)
-    sel = np.random.default_rng(0).choice(len(x_train), 256, replace=False)
-    plain = plain_defaults(fp32, tmp / "digits-plain.onnx", x_train[np.sort(sel)])
-    x = np.concatenate([x_test] * 2)
-    return compare("digits", fp32, {"edge-kit int8": int8, "plain quantize_static": plain}, x, repeat,
-                   lambda p: accuracy(predict_logits(p, x_test), ds.y_test))
-
-
-def mobilenet_rows(tmp: Path, repeat: int) -> list[dict[str, Any]]:
-    import torch
-
-    from edge_kit.compile.evaluate import predict_logits
-
-    model = mobilenet_v2()
-    fp32 = tmp / "mnv2-fp32.onnx"
-    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(fp32), input_names=["input"],
-                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                      dynamo=True, verbose=False, external_data=False)
-    rng = np.random.default_rng(0)
-    calib = rng.normal(size=(32, 3, 224, 224)).astype(np.float32)
-    probe = rng.normal(size=(32, 3, 224, 224)).astype(np.float32)
-    ours = edge_kit_int8(fp32, tmp / "mnv2-ek", calib)
-    plain = plain_defaults(fp32, tmp / "mnv2-plain.onnx", calib)
-    ref = predict_logits(fp32, probe, batch_size=16).argmax(axis=1)
-
-    def agreement(p: Path) -> float:
-        return float(np.mean(predict_logits(p, probe, batch_size=16).argmax(axis=1) == ref))
-
-    return compare("mobilenetv2-224", fp32, {"edge-kit int8": ours, "plain quantize_static": plain}, probe,
-                   repeat, agreement)
+    fp32 = next(run_dir.rglob("*.onnx"))
+    shipped = tmp / "digits-shipped.onnx"
+    shipped.write_bytes(bundle.model_bytes)
+    x = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    rows = []
+    chosen = bundle.manifest["quantization"].get("search", {}).get("chosen", {}).get("name", "gate's choice")
+    for batch in (1, 16):
+        paths = {"fp32": fp32, f"shipped: {chosen}": shipped}
+        ms = latencies(paths, x[:batch], 1, rounds, calls=200)
+        for name, path in paths.items():
+            rows.append({"model": "digits", "batch": batch, "threads": 1, "variant": name, "ms": ms[name],
+                         "vs_fp32": ms["fp32"] / ms[name], "size_kib": model_size(path) / 1024,
+                         "top1_agree": None, "int8_kernels": None, "host_isa": isa})
+    return rows
 
 
 def main() -> None:
+    from device_agent.host import host_info
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--skip-digits", action="store_true", help="only the side-by-side models")
     args = parser.parse_args()
-    repeat = 5 if args.quick else 15
+    rounds = 3 if args.quick else 6
+    host = host_info()
+    isa = f"{host['cpu']}, {host['int8_isa']}"
+    rows: list[dict[str, Any]] = []
+    figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-compile-") as tmp_name:
         tmp = Path(tmp_name)
-        build_seconds, build = digits_build(tmp)
-        rows = digits_rows(tmp, build, repeat) + mobilenet_rows(tmp, repeat)
+        calib_n = 8 if args.quick else 16
+        rows += side_by_side("mobilenetv2", mobilenet_v2(), tmp, rounds, isa, calib_n)
+        rows += side_by_side("resnet18", resnet18(), tmp, rounds, isa, calib_n)
+        if not args.skip_digits:
+            build_seconds, build = digits_build(tmp)
+            rows += digits_rows(tmp, build, rounds, isa)
+            figures |= {"digits_build_seconds": build_seconds, "digits_build_timings": build.get("timings")}
     print_table(rows)
-    print(f"\nwhole digits build (keygen + train + quantize + gate + signed bundle, 2 CLI processes): "
-          f"{build_seconds:.1f} s")
-    figures = {"rows": rows, "digits_build_seconds": build_seconds, "digits_build_timings": build.get("timings"),
-               "digits_gate": build.get("gate", {}) and {k: build["gate"][k] for k in ("fp32", "int8", "drop")}}
-    out = write_result("compile", figures, repeat=repeat,
-                       conditions="ORT CPUExecutionProvider, intra-op threads = all cores (and 1 for *_1thread), "
-                                  "models timed interleaved; "
-                                  "speedup = median over rounds, best_speedup = fastest round; "
-                                  "metric = accuracy (digits test split) or top-1 agreement with fp32 "
-                                  "(random-weight MobileNetV2 on random inputs)")
+    if "digits_build_timings" in figures:
+        t = figures["digits_build_timings"] or {}
+        print(f"\nwhole digits build: {figures['digits_build_seconds']:.1f} s, of which the candidate search "
+              f"{t.get('candidate search', 0):.1f} s")
+    out = write_result("compile", figures | {"rows": rows}, rounds=rounds,
+                       conditions="ORT CPUExecutionProvider; batch 1 on 1 intra-op thread, batch 16 on 2; the "
+                                  "variants of one model and setting timed interleaved; ms = median over rounds; "
+                                  "vs_fp32 = fp32 ms / variant ms in the same run; fp32 (control) = the same "
+                                  "fp32 model timed as another variant (noise floor)")
     print(f"wrote {out}")
 
 

@@ -1,7 +1,9 @@
 """The model of a verified bundle as an ONNX Runtime session: preprocessing, input checks, inference.
 
-The bundle's model takes PREPROCESSED float32 input, `(raw - mean) / std` with mean/std from the
-manifest (`model.preprocessing`), so the agent applies exactly the arithmetic the build used.
+Bundles built with `model.preprocessing.in_graph = true` standardise inside the model (its first
+nodes), so raw float32 goes straight to the session. Older bundles' models take PREPROCESSED input,
+`(raw - mean) / std` with mean/std from the manifest, which the agent applies here with exactly the
+arithmetic the build used.
 Requests are checked before they reach the session (shape, dtype, NaN/inf) and refused with an
 `InputError` that says what was expected; the session itself is never handed garbage.
 """
@@ -98,6 +100,7 @@ class ModelRuntime:
         self.std = _broadcast_stat(pre.get("std", 1.0), self.sample_shape, "std")
         if np.any(self.std == 0):
             raise VerificationError("manifest.json", "model.preprocessing.std contains zeros")
+        self.in_graph = pre.get("in_graph") is True
         self._sample_size = int(np.prod(self.sample_shape))
         self.selftest = _read_selftest(bundle)
 
@@ -148,6 +151,8 @@ class ModelRuntime:
 
     def preprocess(self, batch: np.ndarray) -> np.ndarray:
         """`(raw - mean) / std` in float32, the build's arithmetic (one temporary, divided in place)."""
+        if self.in_graph:  # the model's own first nodes do it
+            return batch
         x: np.ndarray = np.subtract(batch, self.mean, dtype=np.float32)
         x /= self.std
         return x

@@ -169,10 +169,11 @@ def markdown(title: str, intro: str, sections: Mapping[str, type]) -> str:
 
 SKLEARN_DATASETS = ("digits", "breast_cancer", "wine", "iris")
 QUANT_BACKENDS = ("ort", "inc")
-TARGETS = ("x86-vnni", "x86-avx2", "arm64")
+TARGETS = ("auto", "x86-vnni", "x86-avx2", "arm64")
 GATE_METRICS = ("accuracy",)
 TRAIN_DEVICES = ("auto", "cpu", "cuda")
 TRAIN_ENGINES = ("local", "ray")
+OBJECTIVES = ("latency", "throughput", "size")
 
 
 def calibration_methods() -> tuple[str, ...]:
@@ -283,7 +284,15 @@ class QuantizeSection:
                                choices=calibration_methods)
     calibration_samples: int = setting(256, "training samples used for calibration", lo=1)
     per_channel: bool = setting(True, "per-channel weight scales (more accurate) instead of per-tensor")
-    target: str = setting("x86-vnni", "CPU the int8 model is tuned for", choices=TARGETS)
+    target: str = setting("x86-vnni", "CPU the int8 model is tuned for; `auto` picks the build host's", choices=TARGETS)
+    # The candidate search after the gate (edge_kit/compile/search.py), timed on the build host.
+    objective: str = setting("latency", "what the candidate search ships: the fastest call, the most samples "
+                             "per second, or the smallest file", choices=OBJECTIVES)
+    batch_size: int = setting(1, "batch size the candidates are timed at", lo=1)
+    threads: int = setting(1, "ONNX Runtime intra-op threads the candidates are timed with", lo=1)
+    search_seconds: float = setting(3.0, "time budget of the candidate search; 0 ships the gate's choice untimed",
+                                    lo=0.0, hi=3600.0)
+    allow_fp32: bool = setting(False, "let an fp32 model ship when it is the fastest candidate that passes")
 
 
 @dataclass(frozen=True)
@@ -295,6 +304,9 @@ class GateSection:
     max_relative_drop: float | None = setting(None, "largest allowed drop relative to fp32 (optional)",
                                               lo=0.0, hi=1.0)
     max_fallback_rounds: int = setting(4, "rounds of moving culprit nodes back to fp32 before giving up", lo=0)
+    # A "repair" that keeps most of the model in fp32 passes the accuracy gate but is not an int8 model.
+    min_int8_coverage: float = setting(0.5, "least share of multiply-accumulates an int8 bundle runs in int8 "
+                                       "(exit 3 under it)", lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)

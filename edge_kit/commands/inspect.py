@@ -72,6 +72,9 @@ def render(info: dict[str, Any]) -> str:
         f"  gate      {'PASSED' if g.get('passed') else 'FAILED'}: {g.get('metric')} fp32 {g.get('fp32', 0):.4f} "
         f"int8 {g.get('int8', 0):.4f} drop {g.get('drop', 0):.4f} (max {g.get('max_drop')}), "
         f"{len(g.get('rounds', []))} round(s)",
+        *([f"  int8      {100 * q['int8_coverage']:.1f}% of multiply-accumulates run in int8"]
+          if "int8_coverage" in q else []),
+        *_candidate_lines(q),
         f"  git       {git.get('commit')} dirty={git.get('dirty')}",
         f"  env       python {env.get('python')}, lock {str(env.get('lock_sha256'))[:16]}…",
         f"  data      {data.get('path')} md5 {data.get('dvc_md5')}",
@@ -82,3 +85,22 @@ def render(info: dict[str, Any]) -> str:
         "  members   " + ", ".join(f"{k} ({v} B)" for k, v in info["members"].items()),
     ]
     return "\n".join(lines)
+
+
+def _candidate_lines(q: dict[str, Any]) -> list[str]:
+    """The candidate search: what shipped, on which host, and every candidate with why it did not."""
+    search = q.get("search")
+    if not search:
+        return []
+    host = search.get("host") or {}
+    chosen = search.get("chosen", {})
+    lines = [f"  search    shipped {chosen.get('name')!r} ({chosen.get('precision')}); objective "
+             f"{search.get('objective')}, batch {search.get('batch_size')}, {search.get('threads')} thread(s), "
+             f"on {host.get('cpu')} ({host.get('int8_isa')})" + (" [replayed]" if search.get("replayed") else "")]
+    for c in search.get("candidates", []):
+        p50, p95, tput = c.get("latency_p50_ms"), c.get("latency_p95_ms"), c.get("throughput_per_s")
+        timing = f"p50 {p50:.3f} ms p95 {p95:.3f} ms {tput:.0f}/s" if p50 is not None else "not timed"
+        lines.append(f"    {c.get('name')}: metric {c.get('metric', 0):.4f}, int8 MACs "
+                     f"{100 * c.get('int8_coverage', 0):.0f}%, {timing}, {c.get('size_bytes')} B"
+                     f" - {c.get('rejected') or 'shipped'}")
+    return lines

@@ -23,10 +23,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from calibration import CalibrationSelection, select_calibration
 from device_agent.atomic import atomic_write_bytes
 from device_agent.bundle import bundle_filename, sha256_hex
+from edge_kit.compile.coverage import model_int8_coverage
 from edge_kit.compile.evaluate import accuracy, predict_logits
 from edge_kit.compile.gate import GateFailedError, GateResult, run_gate
+from edge_kit.compile.preprocess_graph import embed_preprocessing
 from edge_kit.compile.qdq_analysis import summarize_qdq
 from edge_kit.compile.quantize import OrtQuantizer, Quantizer, calibration_inputs, make_ort_quantizer
+from edge_kit.compile.search import Decision, search_candidates
 from edge_kit.config import Config
 from edge_kit.ship.package import assemble_and_write, io_spec, monitor_plan, reference_json, selftest_npz
 from edge_kit.ship.report import ReportInputs, render_report
@@ -69,8 +72,13 @@ def build(
     workdir: Path | None = None,
     reuse: bool = True,
     resume: str = "auto",
+    replay: dict[str, Any] | None = None,
 ) -> BuildResult:
-    """Build a signed (or, if signing_key is None, unsigned) bundle; GateFailedError (exit 3) if no candidate passes."""
+    """Build a signed (or, if signing_key is None, unsigned) bundle; GateFailedError (exit 3) if no candidate passes.
+
+    `replay` (a bundle's `quantization.search`) rebuilds the candidate that bundle shipped instead of timing
+    the candidates again: what `reproduce` needs, since timings vary run to run.
+    """
     from edge_kit.train.data import load_dataset
     from edge_kit.train.provenance import collect_provenance
     from edge_kit.train.trainer import train
@@ -106,21 +114,52 @@ def build(
         timings["quantize + gate"] = time.perf_counter() - t0
 
         quantization = quantizer.describe() | {"excluded_nodes": list(gate.best.excluded_nodes)}
-        best = gate.best.path
-        qdq = summarize_qdq(best, gate.best.excluded_nodes)
+        decision: Decision | None = None
+        if gate.passed:
+            t0 = time.perf_counter()
+            decision = search_candidates(quantizer, gate, config.quantize, config.gate, x_test, dataset.y_test,
+                                         replay)
+            if decision is not None:
+                timings["candidate search"] = time.perf_counter() - t0
+        shipped = decision.chosen if decision is not None else None
+        best = shipped.path if shipped is not None else gate.best.path
+        excluded = shipped.spec.excluded_nodes if shipped is not None else gate.best.excluded_nodes
+        precision = shipped.spec.precision if shipped is not None else "int8"
+        notes = list(quantizer.notes)
+        if decision is not None:
+            quantization["excluded_nodes"] = list(excluded)
+            quantization["per_channel"] = shipped.spec.per_channel if shipped is not None else None
+            quantization["search"] = decision.to_manifest(quantization.get("host", {}))
+            if (note := decision.fp32_faster_note()) is not None:
+                notes.append(note)
+        qdq = summarize_qdq(best, excluded)
         quantization["qdq"] = qdq.to_json()
-        sizes = {"fp32 model": Path(trained.onnx).stat().st_size, "int8 model": best.stat().st_size}
+        coverage = model_int8_coverage(best) if precision == "int8" else 0.0
+        quantization["int8_coverage"] = round(coverage, 4)
+        # An int8 bundle that runs (nearly) everything in fp32 is not what was asked for: refuse it.
+        # fp32 shipped on purpose (quantize.allow_fp32) says so in model.precision instead.
+        too_little_int8 = gate.passed and precision == "int8" and coverage < config.gate.min_int8_coverage
+        sizes = {"fp32 model": Path(trained.onnx).stat().st_size, f"shipped model ({precision})": best.stat().st_size}
         report = ReportInputs(
             config.project.name, config.project.version, gate, quantization,
-            provenance["calibration"], qdq, provenance, sizes, timings, notes=list(quantizer.notes),
+            provenance["calibration"], qdq, provenance, sizes, timings, notes=notes, search=decision,
         )
 
-        if not gate.passed:
+        if not gate.passed or too_little_int8:
             report_path = failure_report_path(out, config)
+            if too_little_int8:
+                report.notes.append(f"int8 coverage {100 * coverage:.1f}% of multiply-accumulates is under "
+                                    f"gate.min_int8_coverage {100 * config.gate.min_int8_coverage:.0f}%: no bundle")
             report_md = render_report(report)
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(report_path, report_md.encode("utf-8"))
             _log_failure(register, trained.tracking_uri, trained.run_id, report_md)
+            if too_little_int8:
+                raise GateFailedError(
+                    f"int8 coverage gate failed: the model that passed the accuracy gate runs {100 * coverage:.1f}% "
+                    f"of its multiply-accumulates in int8, under gate.min_int8_coverage "
+                    f"{100 * config.gate.min_int8_coverage:.0f}% (fp32 nodes: {len(excluded)}); no bundle "
+                    f"written, report: {report_path}", gate, report_path)
             raise GateFailedError(
                 f"accuracy gate failed: best int8 {gate.metric} {gate.best.metric:.4f} vs fp32 {gate.fp32:.4f} "
                 f"(drop {gate.fp32 - gate.best.metric:.4f} > allowed {config.gate.max_drop}) after "
@@ -129,22 +168,27 @@ def build(
             )
 
         t0 = time.perf_counter()
-        model_bytes = best.read_bytes()
+        # Preprocessing becomes the model's first nodes: the device runs raw inputs through the session.
+        shipped_path = Path(tmp) / "shipped.onnx"
+        model_bytes = embed_preprocessing(onnx.load(str(best)), dataset.preprocessing).SerializeToString()
+        shipped_path.write_bytes(model_bytes)
         plan = monitor_plan(dataset.input_kind, tuple(dataset.input_shape), list(dataset.feature_names),
                             list(dataset.labels))
-        train_logits = predict_logits(best, dataset.preprocess(dataset.X_train))
-        test_logits = predict_logits(best, x_test)
+        train_logits = predict_logits(shipped_path, dataset.X_train)
+        test_logits = predict_logits(shipped_path, dataset.X_test)
         reference = reference_json(plan, dataset.X_train, train_logits, dataset.X_test, test_logits,
                                    config.monitor.bins)
         timings["reference"] = time.perf_counter() - t0
         report.bundle = bundle_filename(config.project.name, config.project.version)
         report_md = render_report(report)
-        model_meta = io_spec(onnx.load_from_string(model_bytes)) | {"preprocessing": dataset.preprocessing}
+        model_meta = io_spec(onnx.load_from_string(model_bytes)) | {
+            "preprocessing": dataset.preprocessing | {"in_graph": True}}
         bundle = assemble_and_write(
             out, name=config.project.name, version=config.project.version, model_bytes=model_bytes,
             model_meta=model_meta, labels=list(dataset.labels), provenance=provenance,
             quantization=quantization, gate=gate.to_manifest(), plan=plan, reference=reference,
             report_md=report_md, selftest=selftest_npz(dataset.X_test, test_logits), signing_key=signing_key,
+            precision=precision,
         )
 
     registered = None

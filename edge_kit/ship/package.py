@@ -90,12 +90,13 @@ def assemble_and_write(
     selftest: bytes,
     signing_key: Ed25519PrivateKey | None,
     extra: dict[str, Any] | None = None,
+    precision: str = "int8",
 ) -> Path:
     manifest: dict[str, Any] = {
         "name": name,
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {**model_meta, "precision": "int8", "output_kind": "logits", "labels": labels},
+        "model": {**model_meta, "precision": precision, "output_kind": "logits", "labels": labels},
         "labels": labels,
         "provenance": provenance,
         "quantization": quantization,

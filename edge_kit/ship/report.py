@@ -12,6 +12,7 @@ from typing import Any
 
 from edge_kit.compile.gate import GateResult
 from edge_kit.compile.qdq_analysis import QdqSummary
+from edge_kit.compile.search import Decision
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ReportInputs:
     timings: dict[str, float] = field(default_factory=dict)
     bundle: str | None = None
     notes: list[str] = field(default_factory=list)
+    search: Decision | None = None
 
 
 def _pct(v: float) -> str:
@@ -36,7 +38,8 @@ def _pct(v: float) -> str:
 def render_report(r: ReportInputs) -> str:
     g = r.gate
     verdict = "PASSED" if g.passed else "FAILED"
-    lines = [f"# {r.name} {r.version}: int8 build report", ""]
+    precision = r.search.chosen.spec.precision if r.search is not None else "int8"
+    lines = [f"# {r.name} {r.version}: {precision} build report", ""]
     lines += [f"**Accuracy gate: {verdict}** ({g.metric}: fp32 {_pct(g.fp32)}, int8 {_pct(g.best.metric)}, "
               f"chosen round {g.best.round}).", ""]
     if r.bundle:
@@ -68,12 +71,16 @@ def render_report(r: ReportInputs) -> str:
                       f"{len(g.rounds) - 1} fallback round(s); raise `gate.max_fallback_rounds`, try "
                       "`quantize.calibration = \"percentile\"` or `\"entropy\"`, or relax `gate.max_drop`."]
 
+    if r.search is not None:
+        lines += ["", *render_candidates(r.search, g.metric)]
     q = r.quantization
     lines += ["", "## Quantization", ""]
     for key in ("backend", "format", "target", "per_channel", "activation_type", "weight_type", "reduce_range",
                 "target_why", "excluded_nodes"):
         if key in q:
             lines.append(f"- {key}: {q[key]}")
+    if "int8_coverage" in q:
+        lines.append(f"- int8 coverage: {100 * q['int8_coverage']:.1f}% of the multiply-accumulates run in int8")
     if r.qdq is not None:
         s = r.qdq
         lines += [f"- QuantizeLinear nodes: {s.quantize_nodes}, DequantizeLinear nodes: {s.dequantize_nodes}",
@@ -107,3 +114,29 @@ def render_report(r: ReportInputs) -> str:
     if r.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r.notes]
     return "\n".join(lines) + "\n"
+
+
+def render_candidates(d: Decision, metric: str) -> list[str]:
+    """Every candidate with its figures, the one shipped and why each other one was not."""
+    host = "this host"
+    if d.replayed:
+        return ["## Candidate search", "",
+                f"Replayed a recorded decision (no timing): shipped `{d.chosen.spec.name}` "
+                f"({d.chosen.spec.precision}), {metric} {_pct(d.chosen.metric)}."]
+    lines = ["## Candidate search", "",
+             f"Timed on {host} with ONNX Runtime, interleaved: objective **{d.objective}**, batch {d.batch_size}, "
+             f"{d.threads} thread(s), {d.spent_s:.1f} s of timing (budget {d.budget_s:.1f} s). "
+             f"Shipped: **{d.chosen.spec.name}**.", "",
+             f"| candidate | {metric} | int8 MACs | latency p50 ms | p95 ms | throughput /s | size KiB | result |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def f(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for c in d.candidates:
+        verdict = "**shipped**" if c is d.chosen else (c.rejected or "")
+        lines.append(f"| {c.spec.name} | {_pct(c.metric)} | {100 * c.coverage:.0f}% | {f(c.p50, '.3f')} | "
+                     f"{f(c.p95, '.3f')} | {f(c.throughput, '.0f')} | {c.size / 1024:.1f} | {verdict} |")
+    if (note := d.fp32_faster_note()) is not None:
+        lines += ["", f"**{note[0].upper() + note[1:]}.** Set `quantize.allow_fp32 = true` to ship it."]
+    return lines

@@ -121,14 +121,21 @@ def reproduce(bundle_path: str | Path, config: Config, *, workdir: Path | None =
         raise UsageError(f"bundle is {manifest.get('name')} {manifest.get('version')} but the config builds "
                          f"{config.project.name} {config.project.version}")
     checks = check_provenance(manifest, collect_provenance(config, load_dataset(config)))
-    backend = manifest.get("quantization", {}).get("backend")
+    quantization = manifest.get("quantization", {})
+    backend = quantization.get("backend")
+    # Replay the bundle's decisions rather than re-take them: the candidate its search shipped (timings
+    # vary run to run) and, for target = "auto", the preset it resolved to on the host it was built on.
+    replay = quantization.get("search")
+    if config.quantize.target == "auto" and quantization.get("target"):
+        config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize,
+                                                                           target=quantization["target"]))
     with tempfile.TemporaryDirectory(prefix="edgekit-reproduce-", dir=workdir) as tmp:
         state = Path(tmp) / "state"
         state.mkdir()
         log.info("rebuilding %s %s from scratch in %s", config.project.name, config.project.version, tmp)
         rebuilt = build(isolated(config, state), Path(tmp) / "out", signing_key=None, backend=backend,
                         tracking_uri=f"sqlite:///{state / 'mlflow.db'}", register=False, workdir=Path(tmp),
-                        reuse=False, resume="never")
+                        reuse=False, resume="never", replay=replay)
         new_bytes = read_bundle(rebuilt.bundle).model_bytes
     old_bytes = bundle.model_bytes
     identical = old_bytes == new_bytes

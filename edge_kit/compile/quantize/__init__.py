@@ -7,6 +7,7 @@ quantizer knows nothing about budgets. Backends: `ort` (ONNX Runtime static QDQ,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import onnx
 from calibration import BatchedCalibrationReader, CalibrationSelection, compute_ranges, preset_for
 from calibration.ranges import CalibrationRanges
 from edge_kit.compile.fallback import FallbackUnit, fallback_units
-from edge_kit.compile.quantize.ort import prepare_for_quantization, quantize_ort, target_preset
+from edge_kit.compile.quantize.ort import prepare_for_quantization, quantize_ort, resolve_target, target_preset
 from edge_kit.config import QuantizeSection
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class OrtQuantizer:
     _units: list[FallbackUnit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     probe: np.ndarray | None = None  # a few preprocessed calibration samples for the SQNR signal
+    requested_target: str = ""  # as configured ("auto" or a preset); settings.target is the resolved preset
 
     @property
     def units(self) -> list[FallbackUnit]:
@@ -73,6 +75,19 @@ class OrtQuantizer:
                      per_channel=self.settings.per_channel, nodes_to_exclude=excluded)
         return out
 
+    def quantize_variant(self, excluded: tuple[str, ...], per_channel: bool, tag: str) -> Path:
+        """A search candidate: the same ranges, another weight granularity and/or fp32 node set."""
+        out = self.workdir / f"int8-{tag}.onnx"
+        quantize_ort(self.fp32_path, out, self.ranges, target=self.settings.target, per_channel=per_channel,
+                     nodes_to_exclude=excluded)
+        return out
+
+    def dense_nodes(self) -> tuple[str, ...]:
+        """Fully connected layers (Gemm/MatMul) with the nodes that keep their outputs float."""
+        from edge_kit.compile.search import DENSE_OPS
+
+        return tuple(m for u in self._units if u.op_type in DENSE_OPS for m in u.members)
+
     def describe(self) -> dict[str, Any]:
         preset = target_preset(self.settings.target)
         return {
@@ -84,7 +99,17 @@ class OrtQuantizer:
             "weight_type": preset.weight_type.name,
             "reduce_range": preset.reduce_range,
             "target_why": preset.why,
+            "target_requested": self.requested_target or preset.name,
+            "host": build_host(),
         }
+
+
+def build_host() -> dict[str, Any]:
+    """The machine the gate measured on (and the candidates were timed on): its int8 kernels decide both."""
+    from device_agent.host import host_info
+
+    info = host_info(packages=("onnxruntime",))
+    return {k: info[k] for k in ("cpu", "machine", "cores", "int8_isa", "isa_flags", "packages")}
 
 
 def calibration_inputs(x_train_raw: np.ndarray, selection: CalibrationSelection) -> np.ndarray:
@@ -101,6 +126,9 @@ def make_ort_quantizer(
 ) -> OrtQuantizer:
     """Pre-process the fp32 model, calibrate it once on the selected training samples."""
     workdir.mkdir(parents=True, exist_ok=True)
+    target, warning = resolve_target(settings.target)
+    requested = settings.target
+    settings = dataclasses.replace(settings, target=target)
     prepared, notes = prepare_for_quantization(fp32_onnx, workdir / "fp32-prepared.onnx")
     model = onnx.load(str(prepared))
     input_name = model.graph.input[0].name
@@ -109,5 +137,8 @@ def make_ort_quantizer(
     ranges = compute_ranges(prepared, reader, preset_for(settings.calibration), workdir / "calibration.json")
     head = np.asarray(calibration_raw[:SQNR_SAMPLES])
     probe = np.asarray(preprocess(head) if preprocess is not None else head, dtype=np.float32)
+    if warning:
+        log.warning("%s", warning)
+        notes = [*notes, warning]
     return OrtQuantizer(settings, prepared, workdir, ranges, _units=fallback_units(model), notes=notes,
-                        probe=probe)
+                        probe=probe, requested_target=requested)

@@ -57,7 +57,10 @@ class IncQuantizer:
 
 def make_inc_quantizer(config: Config, trained: Any, dataset: Any, calibration_raw: np.ndarray,
                        workdir: Path) -> IncQuantizer:
-    if config.quantize.target == "arm64":
+    from edge_kit.compile.quantize.ort import resolve_target
+
+    target, warning = resolve_target(config.quantize.target)
+    if target == "arm64":
         raise ConfigError("quantize.target", "'arm64' is not supported by the inc backend (INC's pt2e path "
                           "targets x86)", hint="use quantize.backend = \"ort\" for arm64")
     import torch
@@ -116,9 +119,13 @@ def make_inc_quantizer(config: Config, trained: Any, dataset: Any, calibration_r
     folded = fold_weight_quantization(onnx.load(str(raw_path)))
     onnx.save(folded, str(int8_path))
     details = {"backend": "inc", "format": "QDQ", "per_channel": config.quantize.per_channel,
-               "target": config.quantize.target, "engine": "neural_compressor pt2e (X86InductorQuantizer)",
+               "target": target, "target_requested": config.quantize.target,
+               "engine": "neural_compressor pt2e (X86InductorQuantizer)",
                "tolerable_loss_relative": tolerable, "activation_type": "QUInt8", "weight_type": "QInt8"}
-    return IncQuantizer(Path(trained.onnx), int8_path, details, notes=[note])
+    from edge_kit.compile.quantize import build_host
+
+    details["host"] = build_host()
+    return IncQuantizer(Path(trained.onnx), int8_path, details, notes=[note] + ([warning] if warning else []))
 
 
 def fold_weight_quantization(model: onnx.ModelProto) -> onnx.ModelProto:

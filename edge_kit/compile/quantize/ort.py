@@ -3,17 +3,23 @@
 The ranges come from `calibration.compute_ranges` (ORT's calibration cache), so re-quantizing with
 a different set of fp32 nodes, as each fallback round of the gate does, costs no calibration.
 Given the same fp32 model and the same ranges, the output bytes are identical run to run.
+
+The output is ORT's own, unedited: an earlier post-pass removed all-zero weight/bias zero points
+(2.5% of a MobileNetV2's file) but stopped ORT fusing Gemm into QGemm, so a float Gemm and a
+per-inference weight dequantization ran instead (+3.6 to 4.7 ms of 53 to 67 ms at batch 1 on an
+AVX2-only AMD EPYC). No post-pass goes here unless ORT's optimized graph keeps the same int8
+kernels with it (`edge_kit.compile.fusion.fused_int8_ops`; tested with a Linear head).
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -49,6 +55,45 @@ TARGETS: dict[str, TargetPreset] = {
         "signed int8 activations: Arm's sdot/smmla kernels are s8 x s8",
     ),
 }
+
+
+# The preset whose kernels this host's best int8 instruction set runs (device_agent.host.int8_isa).
+ISA_TARGETS = {
+    "AMX-INT8": "x86-vnni", "AVX-512 VNNI": "x86-vnni", "AVX-VNNI": "x86-vnni",
+    "AVX-512BW (no VNNI)": "x86-avx2", "AVX2 (no VNNI)": "x86-avx2",
+    "Arm i8mm": "arm64", "Arm dot product": "arm64",
+}
+
+
+def host_target(isa: str | None = None) -> str:
+    """The preset for the build host: the one its int8 kernels are gated and timed with."""
+    from device_agent.host import int8_isa
+
+    found = int8_isa() if isa is None else isa
+    if found in ISA_TARGETS:
+        return ISA_TARGETS[found]
+    return "arm64" if platform.machine().lower() in ("aarch64", "arm64") else "x86-avx2"
+
+
+def resolve_target(name: str, isa: str | None = None) -> tuple[str, str | None]:
+    """(preset name, warning or None): `auto` becomes the host's preset; a preset for other CPUs is
+    kept, with a warning, because the gate and the timings measure this host's kernels, not the device's
+    (an x86-vnni model gated on AVX2 measures saturation a VNNI device would not have; the reverse misses it)."""
+    here = host_target(isa)
+    if name == "auto":
+        return here, None
+    target_preset(name)
+    if name == here:
+        return name, None
+    return name, (f"quantize.target {name!r} does not match this build host (int8 ISA "
+                  f"{isa or _host_isa()}, preset {here!r}): the gate's accuracy and the timings are this "
+                  f"host's, not the target device's; build on the target's kind of CPU or set target = \"auto\"")
+
+
+def _host_isa() -> str:
+    from device_agent.host import int8_isa
+
+    return int8_isa()
 
 
 def target_preset(name: str) -> TargetPreset:
@@ -118,34 +163,4 @@ def quantize_ort(
         nodes_to_exclude=sorted(nodes_to_exclude),
         extra_options=dict(preset.extra_options),
     )
-    model = onnx.load(str(out))
-    if drop_zero_zero_points(model):
-        onnx.save(model, str(out))
     return QuantizedModel(out, "ort", target, per_channel, tuple(sorted(nodes_to_exclude)))
-
-
-def drop_zero_zero_points(model: onnx.ModelProto) -> int:
-    """Remove all-zero zero points of int8/int32 DequantizeLinear inputs (the ONNX default is 0).
-
-    Symmetric int8 weights and int32 biases get one zero point per channel from ORT's quantizer:
-    about 2.5% of a MobileNetV2's int8 size, all zeros. The outputs are bit-identical without them
-    and ORT still fuses the int8 kernels. Returns how many were dropped.
-    """
-    inits = {t.name: t for t in model.graph.initializer}
-    dropped = 0
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or len(node.input) != 3 or node.input[2] not in inits:
-            continue
-        zero_point = inits[node.input[2]]
-        if zero_point.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.INT32):
-            continue
-        if numpy_helper.to_array(zero_point).any():
-            continue
-        del node.input[2]
-        dropped += 1
-    if dropped:
-        used = {name for node in model.graph.node for name in node.input}
-        keep = [t for t in model.graph.initializer if t.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-    return dropped

@@ -27,7 +27,7 @@ def test_budget_reports_every_check_measured_against_allowed() -> None:
 
 def _outlier_quantizer(case: TinyCase, tmp: Path) -> OrtQuantizer:
     sel = select_calibration(list(range(len(case.x_train))), 256, seed=0)
-    return make_ort_quantizer(QuantizeSection(), case.onnx, tmp, case.x_train[sel.positions], sel, None)
+    return make_ort_quantizer(QuantizeSection(target="auto"), case.onnx, tmp, case.x_train[sel.positions], sel, None)
 
 
 def _outlier_layer(q: OrtQuantizer) -> str:

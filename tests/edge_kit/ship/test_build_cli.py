@@ -75,10 +75,12 @@ def test_build_writes_a_complete_signed_bundle(built, edge_kit_cli) -> None:
     # Self-test: the recorded outputs are what the bundled model computes for the recorded raw inputs.
     with np.load(io.BytesIO(bundle.members[SELFTEST])) as st:
         inputs, outputs = st["inputs"], st["outputs"]
-    pre = m["model"]["preprocessing"]
-    x = ((inputs - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)).astype(np.float32)
+    # Preprocessing is inside the model (its first nodes): raw inputs go straight to the session.
+    assert m["model"]["preprocessing"]["in_graph"] is True
+    model = onnx.load_from_string(bundle.model_bytes)
+    assert [n.op_type for n in model.graph.node[:2]] == ["Sub", "Div"]
     sess = ort.InferenceSession(bundle.model_bytes, providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(sess.run(None, {"input": x})[0], outputs, atol=1e-5)
+    np.testing.assert_allclose(sess.run(None, {"input": inputs.astype(np.float32)})[0], outputs, atol=1e-5)
     assert "**Accuracy gate: PASSED**" in bundle.members[REPORT].decode()
 
     ok = edge_kit_cli("verify", out["bundle"], "--pubkey", str(keys / "edgekit.pub"), "--json")
@@ -164,6 +166,31 @@ def test_inspect_human_and_json(built, edge_kit_cli) -> None:
     assert info["gate"]["passed"] is True
     human = edge_kit_cli("inspect", out["bundle"])
     assert human.returncode == 0 and "gate      PASSED" in human.stdout and out["run_id"] in human.stdout
+
+
+def test_build_records_the_search_and_inspect_and_report_show_every_candidate(built, edge_kit_cli) -> None:
+    from device_agent.host import int8_isa
+
+    _, _, out = built
+    b = read_bundle(out["bundle"])
+    q = b.manifest["quantization"]
+    search = q["search"]
+    assert search["objective"] == "latency" and search["batch_size"] == 1 and search["replayed"] is False
+    assert search["host"]["int8_isa"] == int8_isa() and q["host"]["cpu"]
+    names = [c["name"] for c in search["candidates"]]
+    assert "fp32" in names and len(names) >= 4
+    chosen = search["chosen"]
+    assert chosen["precision"] == "int8" == b.manifest["model"]["precision"]  # allow_fp32 is off by default
+    timed = [c for c in search["candidates"] if c["latency_p50_ms"] is not None]
+    shipped = next(c for c in timed if c["rejected"] is None)
+    assert shipped["name"] == chosen["name"] and shipped["passed"]
+    assert search["chosen_figures"]["latency_p50_ms"] == shipped["latency_p50_ms"]
+    assert all(c["rejected"] for c in search["candidates"] if c is not shipped)
+    report = b.members[REPORT].decode()
+    assert "## Candidate search" in report and all(n in report for n in names)
+    human = edge_kit_cli("inspect", out["bundle"])
+    assert f"search    shipped {chosen['name']!r}" in human.stdout
+    assert all(f"    {n}: metric" in human.stdout for n in names)
 
 
 def test_reproduce_gives_identical_bytes_and_a_diff_when_they_are_not(built, edge_kit_cli, tmp_path) -> None:
