@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent.cli_runner import Parser, add_common_flags, run_cli
+from device_agent.cli_runner import Parser, add_common_flags, add_verify_command, run_cli
 
 log = logging.getLogger("device_agent")
 
@@ -58,10 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pubkey", help="Ed25519 public key (PEM) the bundle must be signed by")
     _common(p)
 
-    p = sub.add_parser("verify", help="check a bundle's signature, every hash, and its self-test")
-    p.add_argument("bundle")
-    p.add_argument("--pubkey", help="Ed25519 public key (PEM); without it only hashes are checked")
-    _common(p)
+    add_verify_command(sub, "check a bundle's signature, every hash, and its self-test")
     return parser
 
 

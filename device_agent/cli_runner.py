@@ -41,6 +41,15 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
 
 
+def add_verify_command(sub: Any, help_text: str) -> argparse.ArgumentParser:
+    """`verify BUNDLE [--pubkey PUB.pem]`, the same contract in both programs (DESIGN.md section 3)."""
+    p: argparse.ArgumentParser = sub.add_parser("verify", help=help_text)
+    p.add_argument("bundle")
+    p.add_argument("--pubkey", help="Ed25519 public key (PEM); without it only hashes are checked")
+    add_common_flags(p)
+    return p
+
+
 def configure_logging(debug: bool, quiet: bool, noisy: Iterable[str] = ()) -> None:
     """stderr logging for a CLI process; `noisy` third-party loggers are held at WARNING unless --debug."""
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from device_agent.cli_runner import Parser, add_common_flags, run_cli
+from device_agent.cli_runner import Parser, add_common_flags, add_verify_command, run_cli
 from edge_kit import __version__
 
 log = logging.getLogger("edge_kit")
@@ -61,10 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     _common(p)
 
-    p = sub.add_parser("verify", help="check a bundle's signature and every hash")
-    p.add_argument("bundle")
-    p.add_argument("--pubkey", help="Ed25519 public key (PEM); without it only hashes are checked")
-    _common(p)
+    add_verify_command(sub, "check a bundle's signature and every hash")
 
     p = sub.add_parser("inspect", help="show what a bundle holds and where it came from")
     p.add_argument("bundle")
