@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--tracking-uri",
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the one the bundle names)")
+    _common(p)
 
     p = sub.add_parser("batch-predict", help="score input shards with a bundle on Ray, one output per shard")
     p.add_argument("bundle")

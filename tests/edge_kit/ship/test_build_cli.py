@@ -259,7 +259,10 @@ def test_gate_failure_exits_3_keeps_the_old_bundle_and_writes_the_report(tmp_pat
     assert "**Accuracy gate: FAILED**" in report and "No bundle was written" in report
     assert res.json()["report"].endswith("spiky-0.1.0.report.md")
     # The same project with fallback rounds allowed: repaired, and the report names the culprit layer.
-    config.write_text(config.read_text().replace("max_fallback_rounds = 0", "max_fallback_rounds = 4"))
+    # One layer of this three-layer net is ~60% of its multiply-accumulates, so the repaired model runs
+    # ~40% in int8: the coverage floor is lowered for it (the floor itself: tests/edge_kit/compile/test_search.py).
+    config.write_text(config.read_text().replace("max_fallback_rounds = 0",
+                                                 "max_fallback_rounds = 4\nmin_int8_coverage = 0.3"))
     res = edge_kit_cli("build", "--config", str(config), "--out", str(dist), "--unsigned", "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     gate = res.json()["gate"]

@@ -111,8 +111,8 @@ def test_candidate_follows_passing_builds_and_promote_moves_champion(tmp_path: P
     # The tracking URI comes from the bundle's provenance when not given.
     out = edge_kit_cli("promote", str(first), "--json")
     assert out.returncode == 0, out.stderr
-    assert out.json() | {"source": None} == {"name": "tiny", "version": "1", "alias": CHAMPION, "previous": None,
-                                             "model_uri": f"models:/tiny@{CHAMPION}", "source": None}
+    assert out.json() | {"source": None} == {"ok": True, "name": "tiny", "version": "1", "alias": CHAMPION,
+                                             "previous": None, "model_uri": f"models:/tiny@{CHAMPION}", "source": None}
     assert str(client.get_model_version_by_alias("tiny", CHAMPION).version) == "1"
     out = edge_kit_cli("promote", str(second), "--tracking-uri", uri, "--json")
     assert out.returncode == 0 and out.json()["previous"] == "1"
