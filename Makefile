@@ -31,6 +31,7 @@ $(KEYS)/edgekit.key: | install
 demo: install $(KEYS)/edgekit.key
 	$(VENV)/bin/edge-kit build --config $(EXAMPLE) --out $(DIST) --key $(KEYS)/edgekit.key
 	$(VENV)/bin/edge-kit verify $(DIST)/digits-1.0.0.edgebundle --pubkey $(KEYS)/edgekit.pub
+	$(VENV)/bin/edge-kit inspect $(DIST)/digits-1.0.0.edgebundle --pubkey $(KEYS)/edgekit.pub
 
 lint: install
 	$(VENV)/bin/ruff check .
