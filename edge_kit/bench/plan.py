@@ -88,6 +88,9 @@ class EngineSpec:
     onnx: Path | None = None
     torch: TorchModelSpec | None = None
     source: str | None = None  # where the model came from, in words, when `onnx` is a temporary copy
+    # The model standardises its own inputs (a bundle with `model.preprocessing.in_graph`): it is fed
+    # the raw test inputs, as a device feeds it, not the preprocessed ones the fp32 and torch models take.
+    raw_inputs: bool = False
 
     def __post_init__(self) -> None:
         if (self.onnx is None) == (self.torch is None):
@@ -112,6 +115,7 @@ class EngineSpec:
             "onnx": str(self.onnx) if self.onnx else None,
             "torch": self.torch.to_json() if self.torch else None,
             "source": self.source or str(self.model_file),
+            "inputs": "x_raw" if self.raw_inputs else "x",
         }
 
 
@@ -119,12 +123,15 @@ class EngineSpec:
 class EvalData:
     """Model-ready (already preprocessed) inputs, with class indices when the split has labels.
 
+    `x_raw` are the same samples before preprocessing, for a model that preprocesses inside its graph
+    (None where the data has no preprocessing step, e.g. synthetic inputs: then `x` serves both).
     `source` says in words where the data came from, for the report.
     """
 
     x: np.ndarray
     y: np.ndarray | None
     source: str
+    x_raw: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) == 0:

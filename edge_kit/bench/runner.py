@@ -34,7 +34,8 @@ def measure_engines(plan: BenchPlan, workdir: Path, *,
                     progress: bool | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Figures per engine name, and the error of each engine that could not be measured."""
     data_path = workdir / "test-data.npz"
-    arrays: dict[str, np.ndarray] = {"x": plan.data.x}
+    arrays: dict[str, np.ndarray] = {"x": plan.data.x, "x_raw": plan.data.x if plan.data.x_raw is None
+                                     else plan.data.x_raw}
     if plan.data.y is not None:
         arrays["y"] = plan.data.y
     np.savez(data_path, **arrays)  # type: ignore[arg-type]

@@ -50,7 +50,8 @@ def plan_for_bundle(
     notes: list[str] = []
     int8_file = workdir / "int8-model.onnx"
     int8_file.write_bytes(bundle.model_bytes)
-    engines = [EngineSpec(INT8, onnx=int8_file, source=f"{bundle.path}:{MODEL}")]
+    in_graph = ((manifest.get("model") or {}).get("preprocessing") or {}).get("in_graph") is True
+    engines = [EngineSpec(INT8, onnx=int8_file, source=f"{bundle.path}:{MODEL}", raw_inputs=in_graph)]
 
     config = None
     if config_path is not None:
@@ -163,8 +164,10 @@ def held_out_split(config: Any, manifest: dict[str, Any]) -> tuple[EvalData, str
 
     dataset = load_dataset(config)
     x = np.asarray(dataset.preprocess(np.asarray(dataset.X_test)), dtype=np.float32)
+    raw = np.ascontiguousarray(np.asarray(dataset.X_test, dtype=np.float32))
     y = class_indices(np.asarray(dataset.y_test), manifest)
-    data = EvalData(np.ascontiguousarray(x), y, f"held-out split of {config.data.source}, {len(x)} samples")
+    data = EvalData(np.ascontiguousarray(x), y, f"held-out split of {config.data.source}, {len(x)} samples",
+                    x_raw=raw)
     built_from = ((manifest.get("provenance") or {}).get("data") or {}).get("dvc_md5")
     current = dataset.snapshot.dvc_md5
     if built_from and current and built_from != current:

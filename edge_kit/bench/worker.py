@@ -124,7 +124,7 @@ def _load_torch_model(spec: dict[str, Any]) -> Any:
 def measure(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     settings = job["settings"]
     data = np.load(job["data"])
-    x = np.ascontiguousarray(data["x"])
+    x = np.ascontiguousarray(data[job.get("inputs", "x")])
     y = data["y"] if "y" in data.files else None
     rss_before = rss_mb()
 
