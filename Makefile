@@ -43,7 +43,7 @@ test: install system-deps lint
 test-fast: install
 	$(PY) -m pytest -m "not slow and not integration and not demo"
 
-bench: install
+bench: install system-deps
 	$(PY) benchmarks/run_all.py
 
 # The whole loop on this machine (needs Mosquitto: system-deps installs it). Headless:

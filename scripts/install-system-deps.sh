@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system services the tests start themselves: Mosquitto (MQTT broker), Chromium
-# (headless browser for the dashboard test) and PostgreSQL (fleet storage test). Debian/Ubuntu
+# (headless browser for the dashboard test) and PostgreSQL (fleet storage test), and wrk for make bench. Debian/Ubuntu
 # packages; needs root or sudo.
 set -euo pipefail
 
@@ -9,6 +9,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need+=(chromium)
 # PostgreSQL server binaries (initdb, pg_ctl): the fleet storage test starts a throwaway cluster.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+# wrk: the HTTP load generator of benchmarks/bench_agent.py and bench_fleet_http.py (make bench).
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
