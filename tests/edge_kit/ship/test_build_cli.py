@@ -16,6 +16,7 @@ import pytest
 
 from device_agent.bundle import MANIFEST, MODEL, REFERENCE, REPORT, SELFTEST, SIGNATURE, read_bundle, write_bundle
 from tests.edge_kit.ship.projects import OUTLIER_NET, git, make_project
+from tests.helpers import mlflow_default_uri
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -104,9 +105,8 @@ def test_bundle_and_report_are_in_mlflow_and_the_model_is_registered(built) -> N
 
     assert version.source == f"runs:/{out['run_id']}/int8_model"
     assert str(client.get_model_version_by_alias("tiny", "candidate").version) == str(version.version)
-    mlflow.set_registry_uri(uri)
-    mlflow.set_tracking_uri(uri)
-    loaded = mlflow.onnx.load_model(f"models:/tiny/{version.version}")
+    with mlflow_default_uri(uri):
+        loaded = mlflow.onnx.load_model(f"models:/tiny/{version.version}")
     assert loaded.SerializeToString() == read_bundle(out["bundle"]).model_bytes
 
 

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from device_agent.bundle import read_bundle, write_bundle
 from edge_kit.ship.package import io_spec
 from edge_kit.ship.registry import CANDIDATE, CHAMPION, MODEL_ARTIFACTS, log_and_register
+from tests.helpers import mlflow_default_uri
 
 pytestmark = pytest.mark.slow  # MLflow's import and store creation take seconds
 
@@ -85,19 +86,18 @@ def test_registered_version_is_an_onnx_model_mlflow_loads_and_predicts_with(tmp_
     files = {f.path for f in client.list_artifacts(version.run_id, "bundle")}
     assert files == {f"bundle/{bundle.name}", "bundle/report.md"}  # the bundle and report of the same run
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    x = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)
-    expected = ort.InferenceSession(read_bundle(bundle).model_bytes).run(None, {"input": x})[0]
-    loaded = mlflow.onnx.load_model("models:/tiny/1")
-    assert loaded.SerializeToString() == read_bundle(bundle).model_bytes  # exactly the model that ships
-    assert {n.op_type for n in loaded.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
-    pyfunc = mlflow.pyfunc.load_model(f"models:/tiny@{CANDIDATE}")
-    signature = pyfunc.metadata.signature
-    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 64)},
-                                           "name": "input"}]
-    assert signature.outputs.input_names() == ["logits"]
-    np.testing.assert_array_equal(pyfunc.predict(x)["logits"], expected)
+    with mlflow_default_uri(uri):
+        x = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)
+        expected = ort.InferenceSession(read_bundle(bundle).model_bytes).run(None, {"input": x})[0]
+        loaded = mlflow.onnx.load_model("models:/tiny/1")
+        assert loaded.SerializeToString() == read_bundle(bundle).model_bytes  # exactly the model that ships
+        assert {n.op_type for n in loaded.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+        pyfunc = mlflow.pyfunc.load_model(f"models:/tiny@{CANDIDATE}")
+        signature = pyfunc.metadata.signature
+        assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 64)},
+                                               "name": "input"}]
+        assert signature.outputs.input_names() == ["logits"]
+        np.testing.assert_array_equal(pyfunc.predict(x)["logits"], expected)
 
 
 def test_candidate_follows_passing_builds_and_promote_moves_champion(tmp_path: Path, store, edge_kit_cli) -> None:
