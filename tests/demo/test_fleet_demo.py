@@ -40,16 +40,11 @@ def test_headless_demo_flags_exactly_the_shifted_devices_and_loses_no_window(tmp
     by_device = {d["device"]: d for d in summary["devices"]}
     for name, d in by_device.items():
         assert d["windows_closed"] >= 5, d
-        # Nothing lost: every closed window is stored, or still in the device's spool when the demo stops the
-        # agent (its last window's PUBACK may not arrive within the agent's 2 s shutdown grace on a busy
-        # 2-core host; a spooled window is sent on the agent's next start). It happened once in ~4 runs.
-        assert d["windows_lost"] == 0, d
-        assert d["windows_stored"] + d["windows_in_spool"] == d["windows_closed"], d
-        assert d["windows_in_spool"] <= 1, d
+        assert d["windows_stored"] == d["windows_closed"], d
+        assert d["windows_in_spool"] == 0 and d["windows_lost"] == 0, d
         assert d["request_errors"] == 0, d
         if name in summary["shifted"]:
             # Detected after the shift began, within a few windows of it.
             assert 0 < d["detection_seconds"] < 8 * summary["window_seconds"], d
     assert summary["windows_lost"] == 0
-    spooled = sum(d["windows_in_spool"] for d in summary["devices"])
-    assert summary["windows_stored"] + spooled == summary["windows_closed"] > 0
+    assert summary["windows_stored"] == summary["windows_closed"] > 0
