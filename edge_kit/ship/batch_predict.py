@@ -16,7 +16,6 @@ again writes only the rest, and every input row ends up in exactly one output ro
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from edge_kit.errors import DataError, EdgeKitError, UsageError
+from edge_kit.train.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,6 @@ def plan_outputs(sources: list[Path], out_dir: Path) -> list[Shard]:
         seen[output] = source
         shards.append(Shard(source, output))
     return shards
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_complete(output: Path, bundle_sha256: str) -> bool:
@@ -166,7 +158,7 @@ def batch_predict(bundle: Path, inputs: str, out_dir: Path, *, pubkey: str | Non
         raise UsageError("--actors must be at least 1")
     key = load_public_key(pubkey) if pubkey else None
     loaded = load_model(bundle, public_key=key, require_signature=key is not None)  # exit 4 before any work
-    bundle_sha256 = file_sha256(loaded.path)
+    bundle_sha256 = sha256_file(loaded.path)
     shards = plan_outputs(expand_inputs(inputs), out_dir)
     todo = [s for s in shards if not is_complete(s.output, bundle_sha256)]
     log.info("%d shards, %d already scored, %d to do", len(shards), len(shards) - len(todo), len(todo))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from device_agent.agent import load_model
-from edge_kit.ship.batch_predict import OUTPUT_SUFFIX, expand_inputs, file_sha256, is_complete, plan_outputs
+from edge_kit.ship.batch_predict import OUTPUT_SUFFIX, expand_inputs, is_complete, plan_outputs
+from edge_kit.train.provenance import sha256_file
 from tests.helpers.bundles import digits_like_inputs, make_bundle
 from tests.helpers.ray_cluster import RayCluster
 
@@ -130,7 +131,7 @@ def test_killed_mid_job_and_run_again_writes_every_row_exactly_once(tmp_path: Pa
     for name, mtime in first.items():  # complete outputs were skipped, not written again
         assert (out / name).stat().st_mtime_ns == mtime
 
-    sha = file_sha256(bundle)
+    sha = sha256_file(bundle)
     outputs = sorted(out.glob(f"*{OUTPUT_SUFFIX}"))
     assert [o.name for o in outputs] == [f"{s.name}{OUTPUT_SUFFIX}" for s in shards]
     assert not [p for p in out.iterdir() if not p.name.endswith(OUTPUT_SUFFIX)]  # no temp file left behind
