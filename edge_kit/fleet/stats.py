@@ -91,14 +91,9 @@ def chi_square(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """
     ref = np.asarray(ref, dtype=np.float64)
     cur = np.asarray(cur, dtype=np.float64)
-    r, n_ref = _fractions(ref)
-    c, n_cur = _fractions(cur)
-    col = ref + cur
-    used = col > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        term = np.where(used, (r - c) ** 2 / np.where(used, col, 1.0), 0.0)
-    stat = n_ref * n_cur * term.sum(axis=-1)
-    df = used.sum(axis=-1) - 1
+    stat = chi_square_statistic(ref, cur)
+    n_cur = cur.sum(axis=-1)
+    df = ((ref + cur) > 0).sum(axis=-1) - 1
     valid = (n_cur >= chi_square_min_n(ref)) & (df > 0) & (n_cur > 0)
     p = np.where(valid, special.chdtrc(np.maximum(df, 1), stat), 1.0)
     return stat, p, valid
