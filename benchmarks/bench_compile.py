@@ -37,6 +37,18 @@ from benchmarks.common import print_table, time_repeated, write_result  # noqa: 
 
 # --- MobileNetV2 (Sandler et al. 2018), width 1.0, defined here so nothing is downloaded ----------
 
+
+def _random_bn_statistics(model: Any) -> Any:
+    """Random BN statistics, so activations have realistic, layer-dependent ranges (seeded by the caller)."""
+    import torch
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
 def mobilenet_v2(num_classes: int = 1000) -> Any:
     import torch
     from torch import nn
@@ -80,14 +92,7 @@ def mobilenet_v2(num_classes: int = 1000) -> Any:
             return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
     torch.manual_seed(0)
-    model = MobileNetV2().eval()
-    # Random BN statistics, so activations have realistic, layer-dependent ranges.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
+    return _random_bn_statistics(MobileNetV2().eval())
 
 
 # --- ResNet-18 (He et al. 2016), defined here for the same reason ----------------------------------
@@ -124,13 +129,7 @@ def resnet18(num_classes: int = 1000) -> Any:
             return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
 
     torch.manual_seed(0)
-    model = ResNet18().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
+    return _random_bn_statistics(ResNet18().eval())
 
 
 # --- quantizers under comparison ---------------------------------------------------------------
