@@ -113,6 +113,36 @@ class OutlierMlp(nn.Module):
         return self.head(h)
 
 
+class ConcatStretchMlp(nn.Module):
+    """A correct classifier whose classifier input is stretched by a constant, information-free channel.
+
+    `embed` is an exact map of the class scores x @ W into positive and negative parts; a constant
+    5000 is concatenated to it and `head` ignores it, so fp32 accuracy is perfect. But per-tensor
+    calibration of the Concat output must cover 5000, which rounds every class score to zero: plain
+    int8 is at chance. The constant comes from Expand, not from a layer, so the only layer-level repair
+    keeps `embed` and everything after it in fp32; keeping the Concat output float is enough.
+    """
+
+    def __init__(self, w: np.ndarray) -> None:
+        super().__init__()
+        features, classes = w.shape
+        self.embed = nn.Linear(features, 2 * classes)
+        self.head = nn.Linear(2 * classes + 1, classes)
+        wt = torch.from_numpy(w.T.astype(np.float32))
+        with torch.no_grad():
+            for layer in (self.embed, self.head):
+                layer.weight.zero_()
+                layer.bias.zero_()
+            self.embed.weight[:classes] = wt
+            self.embed.weight[classes:] = -wt
+            self.head.weight[:, :classes] = torch.eye(classes)
+            self.head.weight[:, classes : 2 * classes] = -torch.eye(classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.embed(x))
+        return self.head(torch.cat([h, torch.full_like(h[:, :1], 5000.0)], 1))
+
+
 def tabular_data(
     n: int = 800, seed: int = 0, features: int = 8, classes: int = 4
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -86,10 +86,10 @@ def likely_reasons(int8: dict[str, Any], fp32: dict[str, Any], host: dict[str, A
         reasons.append(
             f"quantization format {q['format']!r}: ONNX Runtime's fused int8 kernels are matched on QDQ models"
         )
-    excluded = q.get("excluded_nodes") or []
+    excluded = [*(q.get("excluded_nodes") or []), *(f"tensor {t}" for t in q.get("float_tensors") or [])]
     if excluded:
         reasons.append(
-            f"the accuracy gate kept {len(excluded)} node(s) in fp32 ({', '.join(map(str, excluded[:5]))}"
+            f"the accuracy gate kept {len(excluded)} node(s)/tensor(s) in float ({', '.join(map(str, excluded[:5]))}"
             f"{', ...' if len(excluded) > 5 else ''}); every int8/fp32 boundary adds Quantize/DequantizeLinear work"
         )
     fp32_p50 = min((e["p50"] for e in fp32.get("latency_ms", [])), default=None)

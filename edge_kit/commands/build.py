@@ -30,5 +30,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not getattr(args, "json", False):
         g = result.gate
         print(f"{result.bundle}\n  gate passed: {g.metric} fp32 {g.fp32:.4f} -> int8 {g.best.metric:.4f} "
-              f"(round {g.best.round}, {len(g.best.excluded_nodes)} node(s) kept in fp32)")
+              f"(round {g.best.round}, {len(g.best.excluded_nodes)} node(s) and "
+              f"{len(g.best.float_tensors)} tensor(s) kept in float)")
     return result.to_json()

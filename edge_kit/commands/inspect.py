@@ -68,7 +68,8 @@ def render(info: dict[str, Any]) -> str:
         f"inputs {[(i['name'], i['shape']) for i in model.get('inputs', [])]}",
         f"  labels    {model.get('labels')}",
         f"  quantize  backend {q.get('backend')}, {q.get('format')}, target {q.get('target')}, "
-        f"per-channel {q.get('per_channel')}, fp32 nodes {q.get('excluded_nodes') or 'none'}",
+        f"per-channel {q.get('per_channel')}, fp32 nodes {q.get('excluded_nodes') or 'none'}"
+        + (f", float tensors {q['float_tensors']}" if q.get("float_tensors") else ""),
         f"  gate      {'PASSED' if g.get('passed') else 'FAILED'}: {g.get('metric')} fp32 {g.get('fp32', 0):.4f} "
         f"int8 {g.get('int8', 0):.4f} drop {g.get('drop', 0):.4f} (max {g.get('max_drop')}), "
         f"{len(g.get('rounds', []))} round(s)",

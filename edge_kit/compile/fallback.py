@@ -5,6 +5,10 @@ quantizer lets a Relu/Clip/MaxPool/reshape inherit the quantization of its neigh
 one node alone rarely helps: its output still gets a Q/DQ pair for the next layer. A fallback
 unit is the layer plus everything that reads its output up to and including the next compute
 layers, which is the smallest set that keeps the damaged activation in float.
+
+A tensor unit is finer: one activation's Q/DQ pair dropped (`edge_kit.compile.float_tensors`), every
+node left as quantized as it can be. It reaches what no layer unit can, such as a Concat or Add
+output, and keeps the producing layer in int8.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from edge_kit.compile.float_tensors import quantized_activations
 from edge_kit.compile.qdq_analysis import LAYOUT_OPS, QDQ_OPS
 
 # Nodes that pass an activation through without doing float maths worth quantizing on their own.
@@ -22,9 +27,14 @@ PASS_THROUGH = LAYOUT_OPS | {"Relu", "Clip", "MaxPool", "Dropout"}
 
 @dataclass(frozen=True)
 class FallbackUnit:
-    node: str  # the layer whose output is kept in float
+    node: str  # the layer whose output is kept in float (a tensor unit: the tensor's producer)
     op_type: str
     members: tuple[str, ...]  # every node name to put in nodes_to_exclude
+    tensors: tuple[str, ...] = ()  # activations whose Q/DQ pair is dropped (tensor units only)
+
+    @property
+    def label(self) -> str:
+        return f"tensor {self.tensors[0]}" if self.tensors and not self.members else self.node
 
 
 def fallback_units(model: onnx.ModelProto) -> list[FallbackUnit]:
@@ -52,3 +62,8 @@ def fallback_units(model: onnx.ModelProto) -> list[FallbackUnit]:
                     frontier.extend(reader.output)
         units.append(FallbackUnit(node.name, node.op_type, tuple(dict.fromkeys(members))))
     return units
+
+
+def tensor_units(qdq_model: onnx.ModelProto) -> list[FallbackUnit]:
+    """One unit per quantized activation of a QDQ model (the gate's round 0), in graph order."""
+    return [FallbackUnit(t.producer or t.name, t.producer_op, (), (t.name,)) for t in quantized_activations(qdq_model)]

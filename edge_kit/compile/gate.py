@@ -1,10 +1,12 @@
 """The accuracy gate: measure fp32 and int8 on the held-out split, and repair before refusing.
 
-Round 0 is plain int8. If it misses the budget, every quantized node gets a fallback trial
-(quantize again with only that node in fp32, measure) and the nodes are ranked by how much
-accuracy keeping them in fp32 gives back: the culprits. Round k keeps the k worst in fp32. The
-first candidate that meets the budget wins (fewest fp32 nodes, so most of the speed-up stays);
-if none does, the best one is reported with every round's figures and GateFailedError is raised.
+Round 0 is plain int8. If it misses the budget, fallback trials measure what each repair gives
+back: every layer kept in fp32 with the nodes that read its output (a layer unit), and every
+quantized activation tensor kept float on its own (a tensor unit: a Concat or Add output, with the
+layers around it still int8). The trials are ranked by accuracy recovered, then by the int8
+coverage they keep, so the smallest repair that works comes first: the culprits. Round k keeps the
+k best-ranked units in float. The first candidate that meets the budget wins; if none does, the best
+one is reported with every round's figures and GateFailedError is raised.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from edge_kit.compile.coverage import model_int8_coverage
 from edge_kit.compile.fallback import FallbackUnit
 from edge_kit.config import GateSection
 from edge_kit.errors import EXIT_GATE_FAILED, EdgeKitError
 
 log = logging.getLogger(__name__)
 
-# Above this many quantized nodes the per-node trials would cost more than the build; the ranking
-# then tries only the nodes with the largest output error (lowest SQNR) first.
+# Above this many units (layers and tensors) the trials would cost more than the build; the ranking
+# then tries only the units with the largest output error (lowest SQNR) first.
 MAX_NODE_TRIALS = 24
 
 
@@ -44,6 +47,7 @@ class Candidate:
     path: Path
     metric: float
     checks: tuple[MetricCheck, ...]
+    float_tensors: tuple[str, ...] = ()  # activations whose Q/DQ pair was dropped
 
     @property
     def passed(self) -> bool:
@@ -53,6 +57,7 @@ class Candidate:
         return {
             "round": self.round,
             "excluded_nodes": list(self.excluded_nodes),
+            "float_tensors": list(self.float_tensors),
             "int8": self.metric,
             "drop": fp32 - self.metric,
             "passed": self.passed,
@@ -62,17 +67,25 @@ class Candidate:
 
 @dataclass(frozen=True)
 class NodeBlame:
-    """A fallback trial: the metric with only this node kept in fp32, and what that gives back."""
+    """A fallback trial: the metric with only this unit kept in float, and what that gives back."""
 
-    node: str
+    node: str  # the layer, or for a tensor unit the tensor's producer
     op_type: str
     members: tuple[str, ...]
     metric_with_node_fp32: float
     recovered: float
+    tensors: tuple[str, ...] = ()
+    int8_coverage: float | None = None  # of the trial model: what this repair leaves in int8
+
+    @property
+    def label(self) -> str:
+        return f"tensor {self.tensors[0]}" if self.tensors and not self.members else self.node
 
     def to_json(self) -> dict[str, Any]:
         return {"node": self.node, "op_type": self.op_type, "fp32_nodes": list(self.members),
-                "metric_with_node_fp32": self.metric_with_node_fp32, "recovered": self.recovered}
+                "float_tensors": list(self.tensors), "unit": self.label,
+                "metric_with_node_fp32": self.metric_with_node_fp32, "recovered": self.recovered,
+                "int8_coverage": None if self.int8_coverage is None else round(self.int8_coverage, 4)}
 
 
 @dataclass
@@ -91,7 +104,7 @@ class GateResult:
 
     @property
     def culprits(self) -> list[str]:
-        return [b.node for b in self.ranking if b.recovered > 0]
+        return [b.label for b in self.ranking if b.recovered > 0]
 
     def to_manifest(self) -> dict[str, Any]:
         return {
@@ -132,7 +145,12 @@ def check_budget(metric: str, fp32: float, int8: float, gate: GateSection) -> tu
     return tuple(checks)
 
 
-QuantizeFn = Callable[[tuple[str, ...], str], Path]  # (nodes kept fp32, tag) -> int8 model path
+class QuantizeFn(Protocol):
+    def __call__(self, excluded: tuple[str, ...], tag: str, float_tensors: tuple[str, ...] = ()) -> Path:
+        """The int8 model with `excluded` nodes in fp32 and `float_tensors` left unquantized."""
+        ...
+
+
 EvaluateFn = Callable[[Path], float]
 
 
@@ -143,44 +161,64 @@ def run_gate(
     quantize: QuantizeFn,
     evaluate: EvaluateFn,
     units: Sequence[FallbackUnit],
+    tensor_units: Callable[[Path], list[FallbackUnit]] | None = None,
     prefilter: Callable[[Path, list[FallbackUnit]], list[FallbackUnit]] | None = None,
 ) -> GateResult:
     """Run round 0 and, while the budget is missed, up to `gate.max_fallback_rounds` fallback rounds.
 
-    `units` are the layers that may be kept in fp32 (see `edge_kit.compile.fallback`); `prefilter`, given
-    round 0's model, orders them by a cheap error signal when there are too many to trial each.
+    `units` are the layers that may be kept in fp32 (see `edge_kit.compile.fallback`); `tensor_units`,
+    given round 0's model, lists its quantized activations; `prefilter`, given round 0's model, orders
+    the units by a cheap error signal when there are too many to trial each.
     """
     metric = gate.metric
 
-    def candidate(round_no: int, excluded: tuple[str, ...], tag: str) -> Candidate:
-        path = quantize(excluded, tag)
+    def candidate(round_no: int, excluded: tuple[str, ...], tag: str, tensors: tuple[str, ...] = ()) -> Candidate:
+        path = quantize(excluded, tag, float_tensors=tensors) if tensors else quantize(excluded, tag)
         value = evaluate(path)
-        return Candidate(round_no, excluded, path, value, check_budget(metric, fp32_metric, value, gate))
+        return Candidate(round_no, excluded, path, value, check_budget(metric, fp32_metric, value, gate), tensors)
 
     base = candidate(0, (), "round0")
     result = GateResult(metric, fp32_metric, gate.max_drop, gate.max_relative_drop, [base], base)
     log.info("gate round 0 (plain int8): %s %.4f vs fp32 %.4f", metric, base.metric, fp32_metric)
-    if base.passed or gate.max_fallback_rounds == 0 or not units:
+    if base.passed or gate.max_fallback_rounds == 0:
+        return result
+    trials = list(units) + (tensor_units(base.path) if tensor_units is not None else [])
+    if not trials:
         return result
 
-    trials = list(units)
     if len(trials) > MAX_NODE_TRIALS and prefilter is not None:
         trials = prefilter(base.path, trials)
     trials = trials[:MAX_NODE_TRIALS]
     ranking: list[NodeBlame] = []
+    enough: set[int] = set()  # trials that meet the budget on their own
     for i, unit in enumerate(trials):
-        trial = candidate(-1, unit.members, f"trial{i}")
-        ranking.append(NodeBlame(unit.node, unit.op_type, unit.members, trial.metric, trial.metric - base.metric))
-    # Stable sort: most recovered first, ties in graph order.
-    ranking.sort(key=lambda b: -b.recovered)
+        trial = candidate(-1, unit.members, f"trial{i}", unit.tensors)
+        blame = NodeBlame(unit.node, unit.op_type, unit.members, trial.metric, trial.metric - base.metric,
+                          unit.tensors, model_int8_coverage(trial.path))
+        ranking.append(blame)
+        if trial.passed:
+            enough.add(id(blame))
+
+    def rank(b: NodeBlame) -> tuple[bool, float, float, int]:
+        # A repair that is enough alone comes first, the one keeping the most int8 work leading (a layer
+        # unit that puts the whole model in fp32 recovers most, but is the worst fix); the others by
+        # accuracy recovered, then by int8 work kept. Then the unit that keeps fewer things float (one
+        # tensor before a layer with its readers); the sort is stable, so graph order after that.
+        coverage, size = b.int8_coverage or 0.0, len(b.members) + len(b.tensors)
+        if id(b) in enough:
+            return (False, -coverage, -b.recovered, size)
+        return (True, -b.recovered, -coverage, size)
+
+    ranking.sort(key=rank)
     result.ranking = ranking
-    log.info("gate fallback ranking: %s", ", ".join(f"{b.node} (+{b.recovered:.4f})" for b in ranking[:5]))
+    log.info("gate fallback ranking: %s", ", ".join(f"{b.label} (+{b.recovered:.4f})" for b in ranking[:5]))
 
     for k in range(1, min(gate.max_fallback_rounds, len(ranking)) + 1):
         excluded = tuple(sorted({m for b in ranking[:k] for m in b.members}))
-        cand = candidate(k, excluded, f"round{k}")
+        tensors = tuple(sorted({t for b in ranking[:k] for t in b.tensors}))
+        cand = candidate(k, excluded, f"round{k}", tensors)
         result.rounds.append(cand)
-        log.info("gate round %d (%d node(s) in fp32): %s %.4f", k, k, metric, cand.metric)
+        log.info("gate round %d (%d unit(s) in float): %s %.4f", k, k, metric, cand.metric)
         if cand.passed:
             result.best = cand
             return result

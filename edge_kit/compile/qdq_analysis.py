@@ -57,7 +57,8 @@ class QdqSummary:
         }
 
 
-def summarize_qdq(model: onnx.ModelProto | str | Path, excluded: tuple[str, ...] = ()) -> QdqSummary:
+def summarize_qdq(model: onnx.ModelProto | str | Path, excluded: tuple[str, ...] = (),
+                  float_tensors: tuple[str, ...] = ()) -> QdqSummary:
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     graph = proto.graph
     producer = {out: node for node in graph.node for out in node.output}
@@ -85,6 +86,9 @@ def summarize_qdq(model: onnx.ModelProto | str | Path, excluded: tuple[str, ...]
             fp32.append(Fp32Node(node.name, node.op_type, "kept in fp32 by the accuracy gate's fallback"))
         elif node.op_type not in supported:
             fp32.append(Fp32Node(node.name, node.op_type, "no int8 form in ONNX Runtime's quantizer"))
+        elif kept := [n for n in data_inputs if n in float_tensors]:
+            fp32.append(Fp32Node(node.name, node.op_type, f"reads {', '.join(kept)}, kept float by the accuracy "
+                                 "gate's fallback"))
         else:
             plain = [n for n in data_inputs if not via_dq(n)]
             fp32.append(Fp32Node(node.name, node.op_type,

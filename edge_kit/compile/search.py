@@ -53,15 +53,16 @@ class Spec:
     precision: str  # "int8" or "fp32"
     per_channel: bool = True
     excluded_nodes: tuple[str, ...] = ()
+    float_tensors: tuple[str, ...] = ()  # activations left unquantized (the gate's tensor repairs)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "precision": self.precision, "per_channel": self.per_channel,
-                "excluded_nodes": list(self.excluded_nodes)}
+                "excluded_nodes": list(self.excluded_nodes), "float_tensors": list(self.float_tensors)}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Spec:
         return cls(str(doc["name"]), str(doc["precision"]), bool(doc.get("per_channel", True)),
-                   tuple(doc.get("excluded_nodes", ())))
+                   tuple(doc.get("excluded_nodes", ())), tuple(doc.get("float_tensors", ())))
 
 
 @dataclass
@@ -147,13 +148,14 @@ def int8_specs(gate: GateResult, dense_nodes: Sequence[str], per_channel: bool) 
     for cand in gate.rounds:
         name = "int8" if cand.round == 0 else f"int8 gate round {cand.round}"
         specs.append(Spec(f"{name} ({'per-channel' if per_channel else 'per-tensor'})", "int8", per_channel,
-                          cand.excluded_nodes))
-    best = gate.best.excluded_nodes
+                          cand.excluded_nodes, cand.float_tensors))
+    best, tensors = gate.best.excluded_nodes, gate.best.float_tensors
     specs.append(Spec(f"int8 ({'per-tensor' if per_channel else 'per-channel'})"
-                      + (f", gate round {gate.best.round}" if gate.best.round else ""), "int8", not per_channel, best))
+                      + (f", gate round {gate.best.round}" if gate.best.round else ""), "int8", not per_channel, best,
+                      tensors))
     dense = tuple(sorted(set(best) | set(dense_nodes)))
     if dense_nodes and dense != best:
-        specs.append(Spec("int8 convs, dense layers fp32", "int8", per_channel, dense))
+        specs.append(Spec("int8 convs, dense layers fp32", "int8", per_channel, dense, tensors))
     return specs
 
 
@@ -294,12 +296,13 @@ def search_candidates(quantizer: Quantizer, gate: GateResult, settings: Quantize
         if spec.precision == "fp32":
             return quantizer.fp32_path
         for cand in gate.rounds:  # a gate round's model is already built (and measured)
-            if cand.excluded_nodes == spec.excluded_nodes and spec.per_channel == settings.per_channel:
+            if ((cand.excluded_nodes, cand.float_tensors) == (spec.excluded_nodes, spec.float_tensors)
+                    and spec.per_channel == settings.per_channel):
                 return cand.path
         if not isinstance(quantizer, OrtQuantizer):
             raise UsageError(f"the {quantizer.backend} backend cannot build candidate {spec.name!r}")
         tag = "".join(ch if ch.isalnum() else "-" for ch in spec.name).strip("-")
-        return quantizer.quantize_variant(spec.excluded_nodes, spec.per_channel, tag)
+        return quantizer.quantize_variant(spec.excluded_nodes, spec.per_channel, tag, spec.float_tensors)
 
     if replay is not None:
         spec = Spec.from_json(replay["chosen"])

@@ -72,12 +72,13 @@ def tensor_sqnr(fp32_path: Path, int8_path: Path, inputs: np.ndarray) -> dict[st
 
 def order_by_sqnr(fp32_path: Path, int8_path: Path, units: list[FallbackUnit],
                   inputs: np.ndarray) -> list[FallbackUnit]:
-    """Units sorted by the lowest SQNR among the tensors they keep in float; unknown ones last."""
+    """Units (layers and tensors) sorted by the lowest SQNR among the tensors they keep in float; unknown last."""
     sqnr = tensor_sqnr(fp32_path, int8_path, inputs)
     outputs = {n.name: list(n.output) for n in onnx.load(str(fp32_path), load_external_data=False).graph.node}
 
     def score(unit: FallbackUnit) -> float:
-        values = [sqnr[t] for member in unit.members for t in outputs.get(member, []) if t in sqnr]
+        tensors = [*unit.tensors, *(t for member in unit.members for t in outputs.get(member, []))]
+        values = [sqnr[t] for t in tensors if t in sqnr]
         return min(values) if values else float("inf")
 
     return sorted(units, key=score)

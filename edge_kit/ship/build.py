@@ -109,11 +109,13 @@ def build(
             gate=config.gate, fp32_metric=fp32, quantize=quantizer.quantize,
             evaluate=lambda path: accuracy(predict_logits(path, x_test), dataset.y_test),
             units=quantizer.units,
+            tensor_units=quantizer.tensor_units if isinstance(quantizer, OrtQuantizer) else None,
             prefilter=quantizer.prefilter if isinstance(quantizer, OrtQuantizer) else None,
         )
         timings["quantize + gate"] = time.perf_counter() - t0
 
-        quantization = quantizer.describe() | {"excluded_nodes": list(gate.best.excluded_nodes)}
+        quantization = quantizer.describe() | {"excluded_nodes": list(gate.best.excluded_nodes),
+                                               "float_tensors": list(gate.best.float_tensors)}
         decision: Decision | None = None
         if gate.passed:
             t0 = time.perf_counter()
@@ -126,13 +128,14 @@ def build(
         excluded = shipped.spec.excluded_nodes if shipped is not None else gate.best.excluded_nodes
         precision = shipped.spec.precision if shipped is not None else "int8"
         notes = list(quantizer.notes)
-        if decision is not None:
+        if decision is not None and shipped is not None:
             quantization["excluded_nodes"] = list(excluded)
-            quantization["per_channel"] = shipped.spec.per_channel if shipped is not None else None
+            quantization["float_tensors"] = list(shipped.spec.float_tensors)
+            quantization["per_channel"] = shipped.spec.per_channel
             quantization["search"] = decision.to_manifest(quantization.get("host", {}))
             if (note := decision.fp32_faster_note()) is not None:
                 notes.append(note)
-        qdq = summarize_qdq(best, excluded)
+        qdq = summarize_qdq(best, excluded, tuple(quantization.get("float_tensors", ())))
         quantization["qdq"] = qdq.to_json()
         coverage = model_int8_coverage(best) if precision == "int8" else 0.0
         quantization["int8_coverage"] = round(coverage, 4)

@@ -42,6 +42,7 @@ def gate_tags(gate: dict[str, Any], quantization: dict[str, Any]) -> dict[str, s
         "quantization.backend": str(quantization.get("backend")),
         "quantization.target": str(quantization.get("target")),
         "quantization.excluded_nodes": ",".join(quantization.get("excluded_nodes", [])) or "none",
+        "quantization.float_tensors": ",".join(quantization.get("float_tensors", [])) or "none",
     }
 
 

@@ -1,8 +1,8 @@
 """report.md: what the build did and measured, for people (the manifest holds the same for machines).
 
-The gate section is the answer to "accuracy dropped, which layer is to blame?": every check with
-measured vs allowed, every round with the nodes it kept in fp32, and the per-layer fallback
-trials ranked by how much accuracy keeping that layer in fp32 gives back.
+The gate section is the answer to "accuracy dropped, which layer or tensor is to blame?": every check
+with measured vs allowed, every round with the nodes and tensors it kept in float, and the fallback
+trials (per layer and per quantized tensor) ranked as the gate ranked them.
 """
 
 from __future__ import annotations
@@ -51,19 +51,25 @@ def render_report(r: ReportInputs) -> str:
     for check in g.best.checks:
         lines.append(f"| {check.name} | {check.measured:.4f} | {check.allowed:.4f} | "
                      f"{'pass' if check.passed else 'FAIL'} |")
-    lines += ["", "## Rounds", "", f"| round | nodes kept in fp32 | {g.metric} | drop | result |",
+    lines += ["", "## Rounds", "", f"| round | kept in float | {g.metric} | drop | result |",
               "|---|---|---|---|---|"]
     for cand in g.rounds:
-        kept = ", ".join(f"`{n}`" for n in cand.excluded_nodes) or "none (plain int8)"
+        kept = ", ".join([*(f"`{n}`" for n in cand.excluded_nodes),
+                          *(f"tensor `{t}`" for t in cand.float_tensors)]) or "none (plain int8)"
         lines.append(f"| {cand.round} | {kept} | {_pct(cand.metric)} | {_pct(g.fp32 - cand.metric)} | "
                      f"{'pass' if cand.passed else 'fail'} |")
     if g.ranking:
-        lines += ["", "## Culprit ranking (per-layer fallback trials)", "",
-                  "Each layer was kept in fp32 alone (with the nodes that read its output) and the model re-measured.",
-                  "", f"| rank | layer | op | {g.metric} with it in fp32 | recovered |", "|---|---|---|---|---|"]
+        lines += ["", "## Culprit ranking (fallback trials)", "",
+                  "Each layer (with the nodes that read its output) and each quantized tensor was kept in float alone "
+                  "and the model re-measured. Repairs that meet the budget alone come first, the one keeping the most "
+                  "int8 work leading.",
+                  "", f"| rank | kept in float | op | {g.metric} | recovered | int8 coverage |",
+                  "|---|---|---|---|---|---|"]
         for i, b in enumerate(g.ranking, 1):
-            lines.append(f"| {i} | `{b.node}` | {b.op_type} | {_pct(b.metric_with_node_fp32)} | "
-                         f"{100 * b.recovered:+.2f} pts |")
+            unit = f"tensor `{b.tensors[0]}`" if b.label != b.node else f"`{b.node}`"
+            coverage = "" if b.int8_coverage is None else f"{100 * b.int8_coverage:.1f}%"
+            lines.append(f"| {i} | {unit} | {b.op_type} | {_pct(b.metric_with_node_fp32)} | "
+                         f"{100 * b.recovered:+.2f} pts | {coverage} |")
         if not g.passed:
             culprits = g.culprits[:5]
             named = ", ".join(f"`{c}`" for c in culprits) if culprits else "no single layer"
@@ -76,7 +82,7 @@ def render_report(r: ReportInputs) -> str:
     q = r.quantization
     lines += ["", "## Quantization", ""]
     for key in ("backend", "format", "target", "per_channel", "activation_type", "weight_type", "reduce_range",
-                "target_why", "excluded_nodes"):
+                "target_why", "excluded_nodes", "float_tensors"):
         if key in q:
             lines.append(f"- {key}: {q[key]}")
     if "int8_coverage" in q:

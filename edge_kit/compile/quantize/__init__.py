@@ -18,7 +18,8 @@ import onnx
 
 from calibration import BatchedCalibrationReader, CalibrationSelection, compute_ranges, preset_for
 from calibration.ranges import CalibrationRanges
-from edge_kit.compile.fallback import FallbackUnit, fallback_units
+from edge_kit.compile.fallback import FallbackUnit, fallback_units, tensor_units
+from edge_kit.compile.float_tensors import keep_float
 from edge_kit.compile.quantize.ort import prepare_for_quantization, quantize_ort, resolve_target, target_preset
 from edge_kit.config import QuantizeSection
 
@@ -35,7 +36,7 @@ class Quantizer(Protocol):
     @property
     def units(self) -> list[FallbackUnit]: ...
 
-    def quantize(self, excluded: tuple[str, ...], tag: str) -> Path: ...
+    def quantize(self, excluded: tuple[str, ...], tag: str, float_tensors: tuple[str, ...] = ()) -> Path: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -61,6 +62,10 @@ class OrtQuantizer:
     def units(self) -> list[FallbackUnit]:
         return self._units
 
+    def tensor_units(self, int8_path: Path) -> list[FallbackUnit]:
+        """The quantized activations of a model this quantizer made: each can be kept float on its own."""
+        return tensor_units(onnx.load(str(int8_path)))
+
     def prefilter(self, int8_path: Path, units: list[FallbackUnit]) -> list[FallbackUnit]:
         """Order units worst-SQNR first (for models with more units than the gate trials one by one)."""
         if self.probe is None:
@@ -69,17 +74,17 @@ class OrtQuantizer:
 
         return order_by_sqnr(self.fp32_path, int8_path, units, self.probe)
 
-    def quantize(self, excluded: tuple[str, ...], tag: str) -> Path:
-        out = self.workdir / f"int8-{tag}.onnx"
-        quantize_ort(self.fp32_path, out, self.ranges, target=self.settings.target,
-                     per_channel=self.settings.per_channel, nodes_to_exclude=excluded)
-        return out
+    def quantize(self, excluded: tuple[str, ...], tag: str, float_tensors: tuple[str, ...] = ()) -> Path:
+        return self.quantize_variant(excluded, self.settings.per_channel, tag, float_tensors)
 
-    def quantize_variant(self, excluded: tuple[str, ...], per_channel: bool, tag: str) -> Path:
-        """A search candidate: the same ranges, another weight granularity and/or fp32 node set."""
+    def quantize_variant(self, excluded: tuple[str, ...], per_channel: bool, tag: str,
+                         float_tensors: tuple[str, ...] = ()) -> Path:
+        """A candidate: the same ranges, a weight granularity, nodes kept fp32 and tensors kept float."""
         out = self.workdir / f"int8-{tag}.onnx"
         quantize_ort(self.fp32_path, out, self.ranges, target=self.settings.target, per_channel=per_channel,
                      nodes_to_exclude=excluded)
+        if float_tensors:
+            onnx.save(keep_float(onnx.load(str(out)), float_tensors), str(out))
         return out
 
     def dense_nodes(self) -> tuple[str, ...]:

@@ -46,9 +46,9 @@ class IncQuantizer:
     def units(self) -> list[FallbackUnit]:
         return []  # ONNX node names do not map back to INC's torch modules; autotune already searched
 
-    def quantize(self, excluded: tuple[str, ...], tag: str) -> Path:
-        if excluded:
-            raise UsageError("the inc backend cannot keep individual ONNX nodes in fp32")
+    def quantize(self, excluded: tuple[str, ...], tag: str, float_tensors: tuple[str, ...] = ()) -> Path:
+        if excluded or float_tensors:
+            raise UsageError("the inc backend cannot keep individual ONNX nodes or tensors in fp32")
         return self.int8_path
 
     def describe(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_models import OutlierMlp, TinyCase, export_onnx, image_data, tabular_data, trained_cnn
+from tests.tiny_models import ConcatStretchMlp, OutlierMlp, TinyCase, export_onnx, image_data, tabular_data, trained_cnn
 
 
 @pytest.fixture(scope="session")
@@ -20,4 +20,11 @@ def cnn_case(tmp_path_factory: pytest.TempPathFactory) -> TinyCase:
 def outlier_case(tmp_path_factory: pytest.TempPathFactory) -> TinyCase:
     x, y, w = tabular_data(800, seed=0)
     path = export_onnx(OutlierMlp(w), torch.from_numpy(x[:2]), tmp_path_factory.mktemp("outlier") / "fp32.onnx")
+    return TinyCase(path, x[:600], y[:600], x[600:], y[600:])
+
+
+@pytest.fixture(scope="session")
+def stretch_case(tmp_path_factory: pytest.TempPathFactory) -> TinyCase:
+    x, y, w = tabular_data(800, seed=0)
+    path = export_onnx(ConcatStretchMlp(w), torch.from_numpy(x[:2]), tmp_path_factory.mktemp("stretch") / "fp32.onnx")
     return TinyCase(path, x[:600], y[:600], x[600:], y[600:])

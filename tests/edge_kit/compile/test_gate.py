@@ -103,3 +103,47 @@ def test_sqnr_signal_puts_the_outlier_layer_first(outlier_case: TinyCase, tmp_pa
     finally:
         gate_module.MAX_NODE_TRIALS = original
     assert [b.node for b in result.ranking] == [_outlier_layer(q)] and result.passed
+
+
+def _concat_output(q: OrtQuantizer) -> str:
+    model = onnx.load(str(q.fp32_path))
+    return next(n.output[0] for n in model.graph.node if n.op_type == "Concat")
+
+
+@pytest.mark.slow
+def test_a_stretched_concat_is_repaired_by_keeping_that_tensor_float_not_the_whole_model(
+    stretch_case: TinyCase, tmp_path: Path
+) -> None:
+    from edge_kit.compile.coverage import model_int8_coverage
+    from edge_kit.compile.fusion import fused_int8_ops
+
+    q = _outlier_quantizer(stretch_case, tmp_path)
+    gate = GateSection(max_drop=0.02, max_fallback_rounds=2)
+    # Layer units alone: the only repair that works keeps every node in fp32 (what the gate did before).
+    by_layer = _gate(stretch_case, q, gate)
+    assert not by_layer.rounds[0].passed and by_layer.rounds[0].metric < 0.4  # plain int8 near chance (4 classes)
+    assert by_layer.passed and model_int8_coverage(by_layer.best.path) == 0.0
+
+    fp32 = accuracy(predict_logits(q.fp32_path, stretch_case.x_test), stretch_case.y_test)
+    result = run_gate(gate=gate, fp32_metric=fp32, quantize=q.quantize, units=q.units, tensor_units=q.tensor_units,
+                      evaluate=lambda p: accuracy(predict_logits(p, stretch_case.x_test), stretch_case.y_test))
+    stretched = _concat_output(q)
+    top = result.ranking[0]
+    assert top.label == f"tensor {stretched}" and top.members == () and top.int8_coverage is not None
+    # The whole-model layer unit recovers as much or more, but ranks below the smaller repair.
+    everything = next(b for b in result.ranking if b.int8_coverage == 0.0)
+    assert everything.recovered >= top.recovered and result.ranking.index(everything) > 0
+    assert result.passed and result.best.round == 1
+    assert result.best.excluded_nodes == () and result.best.float_tensors == (stretched,)
+    # The first layer still runs int8 (ORT fuses it to QGemm); only the classifier reads a float tensor.
+    first = next(n.name for n in onnx.load(str(q.fp32_path)).graph.node if n.op_type == "Gemm")
+    summary = summarize_qdq(result.best.path, (), result.best.float_tensors)
+    assert summary.quantized_nodes == (first,)
+    assert any(n.op_type == "Gemm" and stretched in n.reason for n in summary.fp32_nodes)
+    assert fused_int8_ops(result.best.path)["QGemm"] == 1
+    assert model_int8_coverage(result.best.path) >= 0.5
+    manifest = result.to_manifest()
+    assert manifest["culprits"][0]["float_tensors"] == [stretched]
+    assert manifest["rounds"][1]["float_tensors"] == [stretched]
+    report = render_report(ReportInputs("toy", "1", result, q.describe(), {"method": "minmax"}, None))
+    assert f"| 1 | tensor `{stretched}` |" in report
