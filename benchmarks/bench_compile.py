@@ -11,7 +11,11 @@ shared machine hits all of them alike); a row's figure is the median latency ove
 ratio is against fp32 in the same run. Every row carries the host's int8 instruction set.
 
 Part 2, digits: `edge-kit build` of examples/digits end to end (timed, with the candidate search's
-share of it), then the shipped model against fp32 at batch 1 and 16.
+share of it), then the shipped model against fp32 (with the same in-graph standardisation, and an
+fp32 control) at batch 1 and 16 on 1 thread, fed raw digits images.
+
+Part 3, the agent's overhead on that bundle: `Agent.predict` with monitoring off and with summaries
+on against a bare ONNX Runtime session on the same model bytes, batch 1 and 32, interleaved.
 
 Usage: python benchmarks/bench_compile.py [--quick] [--skip-digits]
 """
@@ -277,26 +281,46 @@ def digits_build(tmp: Path) -> tuple[float, dict[str, Any]]:
 
 def digits_rows(tmp: Path, build: dict[str, Any], rounds: int, isa: str) -> list[dict[str, Any]]:
     """The shipped digits model against the fp32 model it came from, at the search's settings and batch 16."""
+    import onnx
+
     from device_agent.bundle import read_bundle
+    from edge_kit.compile.preprocess_graph import embed_preprocessing
     from edge_kit.config import load_config
 
     config = load_config(Path(build["project"]) / "edgekit.toml")
     bundle = read_bundle(Path(build["project"]) / build["bundle"])
     run_dir = config.workdir / "runs" / build["run_id"]
-    fp32 = next(run_dir.rglob("*.onnx"))
+    # The fp32 model as an fp32 bundle would carry it: standardisation inside the graph, like the shipped one.
+    fp32 = tmp / "digits-fp32.onnx"
+    preprocessing = bundle.manifest["model"]["preprocessing"]
+    onnx.save(embed_preprocessing(onnx.load(str(next(run_dir.rglob("*.onnx")))), preprocessing), str(fp32))
+    control = tmp / "digits-fp32-control.onnx"
+    shutil.copy(fp32, control)
     shipped = tmp / "digits-shipped.onnx"
     shipped.write_bytes(bundle.model_bytes)
-    x = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    from sklearn.datasets import load_digits
+
+    x = load_digits().images[:16, None].astype(np.float32)  # raw pixels 0..16: both models standardise
     rows = []
     chosen = bundle.manifest["quantization"].get("search", {}).get("chosen", {}).get("name", "gate's choice")
     for batch in (1, 16):
-        paths = {"fp32": fp32, f"shipped: {chosen}": shipped}
+        paths = {"fp32": fp32, "fp32 (control)": control, f"shipped: {chosen}": shipped}
         ms = latencies(paths, x[:batch], 1, rounds, calls=200)
         for name, path in paths.items():
             rows.append({"model": "digits", "batch": batch, "threads": 1, "variant": name, "ms": ms[name],
                          "vs_fp32": ms["fp32"] / ms[name], "size_kib": model_size(path) / 1024,
                          "top1_agree": None, "int8_kernels": None, "host_isa": isa})
     return rows
+
+
+def agent_overhead(bundle: Path, quick: bool) -> dict[str, Any]:
+    """`Agent.predict` (monitoring off / summaries on) against a bare session on the same digits bundle,
+    batch 1 and 32: with preprocessing in the graph both are fed raw inputs (benchmarks/bench_agent.py)."""
+    from benchmarks.bench_agent import throughput
+
+    rows, figures = throughput(bundle, quick)
+    print_table(rows)
+    return figures | {"rows": rows}
 
 
 def main() -> None:
@@ -320,6 +344,7 @@ def main() -> None:
             build_seconds, build = digits_build(tmp)
             rows += digits_rows(tmp, build, rounds, isa)
             figures |= {"digits_build_seconds": build_seconds, "digits_build_timings": build.get("timings")}
+            figures["agent_overhead"] = agent_overhead(Path(build["project"]) / build["bundle"], args.quick)
     print_table(rows)
     if "digits_build_timings" in figures:
         t = figures["digits_build_timings"] or {}

@@ -100,7 +100,7 @@ def _candidate_lines(q: dict[str, Any]) -> list[str]:
              f"on {host.get('cpu')} ({host.get('int8_isa')})" + (" [replayed]" if search.get("replayed") else "")]
     for c in search.get("candidates", []):
         p50, p95, tput = c.get("latency_p50_ms"), c.get("latency_p95_ms"), c.get("throughput_per_s")
-        timing = f"p50 {p50:.3f} ms p95 {p95:.3f} ms {tput:.0f}/s" if p50 is not None else "not timed"
+        timing = f"p50 {p50:.4f} ms p95 {p95:.4f} ms {tput:.0f}/s" if p50 is not None else "not timed"
         lines.append(f"    {c.get('name')}: metric {c.get('metric', 0):.4f}, int8 MACs "
                      f"{100 * c.get('int8_coverage', 0):.0f}%, {timing}, {c.get('size_bytes')} B"
                      f" - {c.get('rejected') or 'shipped'}")

@@ -141,7 +141,7 @@ def render_candidates(d: Decision, metric: str) -> list[str]:
 
     for c in d.candidates:
         verdict = "**shipped**" if c is d.chosen else (c.rejected or "")
-        lines.append(f"| {c.spec.name} | {_pct(c.metric)} | {100 * c.coverage:.0f}% | {f(c.p50, '.3f')} | "
+        lines.append(f"| {c.spec.name} | {_pct(c.metric)} | {100 * c.coverage:.0f}% | {f(c.p50, '.4f')} | "
                      f"{f(c.p95, '.3f')} | {f(c.throughput, '.0f')} | {c.size / 1024:.1f} | {verdict} |")
     if (note := d.fp32_faster_note()) is not None:
         lines += ["", f"**{note[0].upper() + note[1:]}.** Set `quantize.allow_fp32 = true` to ship it."]

@@ -19,7 +19,7 @@ import onnx
 from calibration import BatchedCalibrationReader, CalibrationSelection, compute_ranges, preset_for
 from calibration.ranges import CalibrationRanges
 from edge_kit.compile.fallback import FallbackUnit, fallback_units, tensor_units
-from edge_kit.compile.float_tensors import keep_float
+from edge_kit.compile.float_tensors import keep_float, quantized_activations
 from edge_kit.compile.quantize.ort import prepare_for_quantization, quantize_ort, resolve_target, target_preset
 from edge_kit.config import QuantizeSection
 
@@ -92,6 +92,18 @@ class OrtQuantizer:
         from edge_kit.compile.search import DENSE_OPS
 
         return tuple(m for u in self._units if u.op_type in DENSE_OPS for m in u.members)
+
+    def first_layer(self) -> str | None:
+        """The first compute layer (Conv/Gemm/MatMul) in graph order: the one reading the model's input."""
+        from edge_kit.compile.coverage import COMPUTE_OPS
+
+        return next((u.node for u in self._units if u.op_type in COMPUTE_OPS), None)
+
+    def output_tensors(self, int8_path: Path) -> tuple[str, ...]:
+        """The graph outputs that a model this quantizer made quantizes (their Q/DQ pair can be dropped)."""
+        model = onnx.load(str(int8_path))
+        outputs = {o.name for o in model.graph.output}
+        return tuple(t.name for t in quantized_activations(model) if t.name in outputs)
 
     def describe(self) -> dict[str, Any]:
         preset = target_preset(self.settings.target)

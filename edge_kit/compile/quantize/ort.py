@@ -24,6 +24,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from calibration.ranges import CalibrationRanges, quantizable_op_types
+from edge_kit.compile.global_pooling import rewrite_global_pooling
 from edge_kit.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -104,21 +105,27 @@ def target_preset(name: str) -> TargetPreset:
 
 
 def prepare_for_quantization(fp32_path: str | Path, out_path: str | Path) -> tuple[Path, list[str]]:
-    """ORT's recommended pre-processing: symbolic shape inference, graph optimisation, shape inference.
+    """ORT's recommended pre-processing (symbolic shape inference, graph optimisation, shape inference),
+    then spatial ReduceMean -> GlobalAveragePool (`edge_kit.compile.global_pooling`).
 
     ORT's symbolic shape inference does not know every op; when it fails, the step is redone
     without it (ONNX's own shape inference still runs) and the returned notes say so.
     """
     out = Path(out_path)
+    notes: list[str] = []
     try:
         quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=False)
-        return out, []
     except Exception as exc:
         log.warning("ORT symbolic shape inference failed (%s: %s); pre-processing without it",
                     type(exc).__name__, exc)
         quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
-        return out, [f"ORT's symbolic shape inference failed ({type(exc).__name__}); "
-                     "pre-processed with ONNX shape inference only"]
+        notes.append(f"ORT's symbolic shape inference failed ({type(exc).__name__}); "
+                     "pre-processed with ONNX shape inference only")
+    model, pooled = rewrite_global_pooling(onnx.load(str(out)))
+    if pooled:  # so the pooling gets an int8 kernel (QLinearGlobalAveragePool) like a TorchScript export's
+        onnx.save(model, str(out))
+        log.info("spatial ReduceMean rewritten as GlobalAveragePool: %s", ", ".join(pooled))
+    return out, notes
 
 
 @dataclass(frozen=True)
