@@ -12,9 +12,9 @@ from torch import nn
 
 from calibration import select_calibration
 from edge_kit.compile.evaluate import accuracy, predict_logits
-from edge_kit.compile.gate import run_gate
+from edge_kit.compile.gate import Candidate, GateResult, run_gate
 from edge_kit.compile.quantize import OrtQuantizer, make_ort_quantizer
-from edge_kit.compile.search import TIE_TOLERANCE, Decision, score, search_candidates
+from edge_kit.compile.search import TIE_TOLERANCE, Decision, edge_specs, score, search_candidates
 from edge_kit.config import GateSection, QuantizeSection
 from edge_kit.ship.report import render_candidates
 from tests.tiny_models import TinyCase, export_onnx
@@ -174,3 +174,20 @@ def test_int8_candidates_under_the_coverage_floor_are_not_shipped(mlp_case: Tiny
     dense = next(c for c in d.candidates if c.spec.name == "int8 convs, dense layers fp32")
     assert dense.coverage == 0.0 and dense.rejected is not None and "gate.min_int8_coverage" in dense.rejected
     assert d.chosen.coverage == 1.0
+
+
+def test_edge_candidates_add_the_first_layer_and_the_outputs_to_the_gates_choice(tmp_path: Path) -> None:
+    """Pure spec logic (no timing): every edge candidate keeps what the gate kept float, and adds to it."""
+    best = Candidate(1, ("conv3",), tmp_path / "r1.onnx", 0.9, (), ("cat",))
+    gate = GateResult("accuracy", 0.9, 0.01, None, [best], best)
+    specs = {s.name: s for s in edge_specs(gate, "conv1", ("logits",), per_channel=True)}
+    assert specs["int8 (per-channel), first layer fp32"].excluded_nodes == ("conv1", "conv3")
+    assert specs["int8 (per-channel), first layer fp32"].float_tensors == ("cat",)
+    assert specs["int8 (per-channel), float outputs"].excluded_nodes == ("conv3",)
+    assert specs["int8 (per-channel), float outputs"].float_tensors == ("cat", "logits")
+    both = specs["int8 (per-channel), first layer fp32, float outputs"]
+    assert (both.excluded_nodes, both.float_tensors) == (("conv1", "conv3"), ("cat", "logits"))
+    # Nothing new to add: no duplicate candidates.
+    assert edge_specs(gate, "conv3", ("cat",), per_channel=False) == []
+    assert [s.name for s in edge_specs(gate, None, ("logits",), per_channel=False)] == [
+        "int8 (per-tensor), float outputs"]
