@@ -191,3 +191,17 @@ def test_edge_candidates_add_the_first_layer_and_the_outputs_to_the_gates_choice
     assert edge_specs(gate, "conv3", ("cat",), per_channel=False) == []
     assert [s.name for s in edge_specs(gate, None, ("logits",), per_channel=False)] == [
         "int8 (per-tensor), float outputs"]
+
+
+def test_replay_rebuilds_an_edge_candidate_with_its_float_tensors_byte_for_byte(mlp_case: TinyCase,
+                                                                                tmp_path: Path) -> None:
+    q, d = _build(mlp_case, tmp_path / "a", LOOSE, search_seconds=0.3)
+    edge = next(c for c in d.candidates if c.spec.name.endswith("float outputs") and c.spec.float_tensors)
+    assert edge.spec.float_tensors == ("logits",)
+    record = d.to_manifest({}) | {"chosen": edge.spec.to_json()}  # as if the timing had picked it
+    q2 = make_ort_quantizer(q.settings, mlp_case.onnx, tmp_path / "b", *_calib(mlp_case))
+    result = run_gate(gate=LOOSE, fp32_metric=1.0, quantize=q2.quantize,
+                      evaluate=lambda p: accuracy(predict_logits(p, mlp_case.x_test), mlp_case.y_test), units=q2.units)
+    again = search_candidates(q2, result, q2.settings, LOOSE, mlp_case.x_test, mlp_case.y_test, replay=record)
+    assert again is not None and again.chosen.spec == edge.spec
+    assert again.chosen.path.read_bytes() == edge.path.read_bytes()
