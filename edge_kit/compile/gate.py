@@ -3,10 +3,11 @@
 Round 0 is plain int8. If it misses the budget, fallback trials measure what each repair gives
 back: every layer kept in fp32 with the nodes that read its output (a layer unit), and every
 quantized activation tensor kept float on its own (a tensor unit: a Concat or Add output, with the
-layers around it still int8). The trials are ranked by accuracy recovered, then by the int8
-coverage they keep, so the smallest repair that works comes first: the culprits. Round k keeps the
-k best-ranked units in float. The first candidate that meets the budget wins; if none does, the best
-one is reported with every round's figures and GateFailedError is raised.
+layers around it still int8). Trials that meet the budget on their own rank first, the one that
+keeps the most int8 work (coverage) leading; the rest by accuracy recovered, then coverage. So the
+smallest repair that works comes first: the culprits. Round k keeps the k best-ranked units in
+float. The first candidate that meets the budget wins; if none does, the best one is reported with
+every round's figures and GateFailedError is raised.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +58,7 @@ class OrtQuantizer:
     notes: list[str] = field(default_factory=list)
     probe: np.ndarray | None = None  # a few preprocessed calibration samples for the SQNR signal
     requested_target: str = ""  # as configured ("auto" or a preset); settings.target is the resolved preset
+    _plain: dict[tuple[tuple[str, ...], bool], Path] = field(default_factory=dict)  # ORT's output per node set
 
     @property
     def units(self) -> list[FallbackUnit]:
@@ -79,12 +81,23 @@ class OrtQuantizer:
 
     def quantize_variant(self, excluded: tuple[str, ...], per_channel: bool, tag: str,
                          float_tensors: tuple[str, ...] = ()) -> Path:
-        """A candidate: the same ranges, a weight granularity, nodes kept fp32 and tensors kept float."""
+        """A candidate: the same ranges, a weight granularity, nodes kept fp32 and tensors kept float.
+
+        ORT's output depends only on the fp32 model, the ranges, the granularity and the excluded nodes,
+        so it is made once per such set: every tensor trial of the gate starts from round 0's model.
+        """
+        key = (tuple(sorted(excluded)), per_channel)
+        plain = self._plain.get(key)
+        if plain is None:
+            plain = self.workdir / f"ort-{len(self._plain)}.onnx"
+            quantize_ort(self.fp32_path, plain, self.ranges, target=self.settings.target, per_channel=per_channel,
+                         nodes_to_exclude=excluded)
+            self._plain[key] = plain
         out = self.workdir / f"int8-{tag}.onnx"
-        quantize_ort(self.fp32_path, out, self.ranges, target=self.settings.target, per_channel=per_channel,
-                     nodes_to_exclude=excluded)
         if float_tensors:
-            onnx.save(keep_float(onnx.load(str(out)), float_tensors), str(out))
+            onnx.save(keep_float(onnx.load(str(plain)), float_tensors), str(out))
+        else:
+            shutil.copyfile(plain, out)
         return out
 
     def dense_nodes(self) -> tuple[str, ...]:
