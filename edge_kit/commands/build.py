@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = build(config, args.out, signing_key=key, backend=args.backend, tracking_uri=args.tracking_uri)
     if not getattr(args, "json", False):
         g = result.gate
-        print(f"{result.bundle}\n  gate passed: {g.metric} fp32 {g.fp32:.4f} -> int8 {g.best.metric:.4f} "
+        print(f"{result.bundle}\n  gate passed: {g.metric} fp32 {g.fp32:.4f} -> shipped {g.shipped_metric:.4f} "
               f"(round {g.best.round}, {len(g.best.excluded_nodes)} node(s) and "
               f"{len(g.best.float_tensors)} tensor(s) kept in float)")
     return result.to_json()

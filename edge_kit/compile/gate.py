@@ -98,10 +98,18 @@ class GateResult:
     rounds: list[Candidate]
     best: Candidate
     ranking: list[NodeBlame] = field(default_factory=list)
+    # The candidate search's choice (name, metric) when it shipped another model than `best`: its own
+    # measurement on the held-out split is what the bundle's model scores, so the manifest reports it.
+    shipped: tuple[str, float] | None = None
 
     @property
     def passed(self) -> bool:
         return self.best.passed
+
+    @property
+    def shipped_metric(self) -> float:
+        """The held-out metric of the model the bundle carries."""
+        return self.shipped[1] if self.shipped is not None else self.best.metric
 
     @property
     def culprits(self) -> list[str]:
@@ -111,14 +119,16 @@ class GateResult:
         return {
             "metric": self.metric,
             "fp32": self.fp32,
-            "int8": self.best.metric,
-            "drop": self.fp32 - self.best.metric,
+            "int8": self.shipped_metric,  # the shipped model's (int8 unless model.precision says fp32)
+            "drop": self.fp32 - self.shipped_metric,
             "max_drop": self.max_drop,
             "max_relative_drop": self.max_relative_drop,
             "passed": self.passed,
             "rounds": [c.to_json(self.fp32) for c in self.rounds],
             "chosen_round": self.best.round,
             "culprits": [b.to_json() for b in self.ranking[:10]],
+            **({"shipped_candidate": self.shipped[0], "chosen_round_metric": self.best.metric}
+               if self.shipped is not None else {}),
         }
 
 

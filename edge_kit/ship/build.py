@@ -124,6 +124,8 @@ def build(
             if decision is not None:
                 timings["candidate search"] = time.perf_counter() - t0
         shipped = decision.chosen if decision is not None else None
+        if shipped is not None and shipped.path != gate.best.path:
+            gate.shipped = (shipped.spec.name, shipped.metric)
         best = shipped.path if shipped is not None else gate.best.path
         excluded = shipped.spec.excluded_nodes if shipped is not None else gate.best.excluded_nodes
         precision = shipped.spec.precision if shipped is not None else "int8"

@@ -40,8 +40,9 @@ def render_report(r: ReportInputs) -> str:
     verdict = "PASSED" if g.passed else "FAILED"
     precision = r.search.chosen.spec.precision if r.search is not None else "int8"
     lines = [f"# {r.name} {r.version}: {precision} build report", ""]
+    shipped = f", shipped '{g.shipped[0]}' {_pct(g.shipped[1])}" if g.shipped is not None else ""
     lines += [f"**Accuracy gate: {verdict}** ({g.metric}: fp32 {_pct(g.fp32)}, int8 {_pct(g.best.metric)}, "
-              f"chosen round {g.best.round}).", ""]
+              f"chosen round {g.best.round}{shipped}).", ""]
     if r.bundle:
         lines += [f"Bundle: `{r.bundle}`", ""]
     else:
