@@ -294,3 +294,34 @@ def test_concurrent_recording_and_closing_loses_and_doubles_nothing(bundle_v1: P
     assert sum(w.n for w in closed) == total
     assert all((w.counts.sum(axis=1) == w.n).all() for w in closed)
     assert [w.seq for w in closed] == list(range(len(closed)))
+
+
+def test_a_status_read_while_a_window_closes_never_shows_it_gone_but_uncounted(bundle_v1: Path, clock) -> None:
+    """open_n drops to 0 inside the monitor's close; windows_closed must move in the same snapshot, or a
+    caller waiting for "every window closed" (the broker-outage test) takes a torn status as final."""
+    import threading
+
+    agent = Agent(bundle_v1, window_seconds=10, clock=clock)
+    agent.predict(digits_like_inputs(5))
+    monitor = agent._monitor
+    real_close = monitor.close
+    seen: list[dict] = []
+
+    def close_with_a_status_read_in_between(at: float) -> WindowSummary:
+        closed = real_close(at)  # from here on the monitor says open_n 0
+        reader = threading.Thread(target=lambda: seen.append(agent.status()))
+        reader.start()
+        reader.join(0.3)  # a status must wait for the count, not slip in before it
+        assert not seen, "status() read the counters while the window was half closed"
+        return closed
+
+    monitor.close = close_with_a_status_read_in_between  # type: ignore[method-assign]
+    assert agent.close_window(clock.advance(10)) is not None
+    for _ in range(100):  # the reader finishes once the close is counted
+        if seen:
+            break
+        threading.Event().wait(0.01)
+    assert seen
+    status = seen[0]
+    assert status["window"]["open_n"] == 0 and status["counters"]["windows_closed"] == 1
+    assert status["counters"]["predictions"] == 5
