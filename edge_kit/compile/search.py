@@ -191,9 +191,9 @@ def time_interleaved(cands: list[Timed], inputs: np.ndarray, threads: int, budge
     """Round-robin timing: each round runs every candidate for ~5 ms, until the budget is spent.
 
     A device runs one model back to back, with its weights in cache; three calls per turn (as before)
-    timed every model half cold after the others had run, which penalised the larger files (fp32 41
-    vs 32 us on the digits CNN). A turn of ~5 ms warms each model the way serving does, and rounds
-    still alternate often enough that a load change hits every candidate alike.
+    timed every model just after seven others had run, which is not how it will be served. A turn of
+    ~5 ms warms each model the way serving does, and rounds still alternate often enough that a load
+    change hits every candidate alike.
     """
     sessions = [session(c.path, threads=threads) for c in cands]
     feeds = [{s.get_inputs()[0].name: inputs} for s in sessions]
