@@ -165,9 +165,10 @@ def int8_specs(gate: GateResult, dense_nodes: Sequence[str], per_channel: bool) 
 def edge_specs(gate: GateResult, first_layer: str | None, outputs: Sequence[str], per_channel: bool) -> list[Spec]:
     """int8 with the model's edges in float: the first compute layer alone fp32, the outputs' Q/DQ dropped.
 
-    On the digits CNN (~50 us a call, AVX2 host) plain int8 ran 0.94x fp32 at batch 1 and 0.87x at
-    batch 16; with both edges float 1.03x and 1.13x: the 1-channel first conv is slower in int8 and
-    the final Quantize/DequantizeLinear pair is pure overhead. Whether that holds is for the timing.
+    On the digits CNN (~50 us a call, AVX2 host) the 1-channel first conv is slower in int8 and the
+    final Quantize/DequantizeLinear pair is pure overhead: in one side-by-side run plain int8 ran 0.94x
+    fp32 at batch 1 and 0.87x at batch 16, both edges float 1.03x and 1.13x (later runs: 0.72-0.89x
+    and 1.03-1.22x). Whether it holds on a host is for the timing.
     """
     best, tensors = gate.best.excluded_nodes, gate.best.float_tensors
     first = tuple(sorted({*best, first_layer})) if first_layer and first_layer not in best else None
