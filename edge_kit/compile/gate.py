@@ -4,7 +4,7 @@ Round 0 is plain int8. If it misses the budget, fallback trials measure what eac
 back: every layer kept in fp32 with the nodes that read its output (a layer unit), and every
 quantized activation tensor kept float on its own (a tensor unit: a Concat or Add output, with the
 layers around it still int8). Trials that meet the budget on their own rank first, the one that
-keeps the most int8 work (coverage) leading; the rest by accuracy recovered, then coverage. So the
+keeps the most int8 work (coverage) leading, then the smaller; the rest by accuracy recovered. So the
 smallest repair that works comes first: the culprits. Round k keeps the k best-ranked units in
 float. The first candidate that meets the budget wins; if none does, the best one is reported with
 every round's figures and GateFailedError is raised.
@@ -210,14 +210,15 @@ def run_gate(
         if trial.passed:
             enough.add(id(blame))
 
-    def rank(b: NodeBlame) -> tuple[bool, float, float, int]:
+    def rank(b: NodeBlame) -> tuple[bool, float, float, float]:
         # A repair that is enough alone comes first, the one keeping the most int8 work leading (a layer
-        # unit that puts the whole model in fp32 recovers most, but is the worst fix); the others by
-        # accuracy recovered, then by int8 work kept. Then the unit that keeps fewer things float (one
-        # tensor before a layer with its readers); the sort is stable, so graph order after that.
+        # unit that puts the whole model in fp32 recovers most, but is the worst fix), then the one that
+        # keeps fewer things float (one tensor before a layer with its readers: both pass, so a last
+        # point of accuracy, which differs between hosts' kernels, does not decide). The others by
+        # accuracy recovered, then int8 work kept, then size. Stable sort: graph order after that.
         coverage, size = b.int8_coverage or 0.0, len(b.members) + len(b.tensors)
         if id(b) in enough:
-            return (False, -coverage, -b.recovered, size)
+            return (False, -coverage, size, -b.recovered)
         return (True, -b.recovered, -coverage, size)
 
     ranking.sort(key=rank)
