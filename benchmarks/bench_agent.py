@@ -294,8 +294,8 @@ def _serve(kind: str, bundle: Path, port: int) -> None:
     if kind == "new_stdlib_json":
         import importlib
 
-        sys.modules["orjson"] = None  # type: ignore[assignment]  # import fails: device_agent.jsonio falls back
-        import device_agent.jsonio as jsonio
+        sys.modules["orjson"] = None  # type: ignore[assignment]  # import fails: device_agent.http.jsonio falls back
+        import device_agent.http.jsonio as jsonio
 
         if importlib.reload(jsonio).orjson is not None:
             raise RuntimeError("orjson still in use")
@@ -304,7 +304,7 @@ def _serve(kind: str, bundle: Path, port: int) -> None:
         return
     if kind == "old":
         old = Path(tempfile.mkdtemp(prefix="bench-old-server-")) / "old_http_server.py"
-        source = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_SERVER_COMMIT}:device_agent/http_server.py"],
+        source = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_SERVER_COMMIT}:device_agent/http/server.py"],
                                 capture_output=True, text=True, check=True).stdout
         old.write_text(source)
         import importlib.util
@@ -315,7 +315,7 @@ def _serve(kind: str, bundle: Path, port: int) -> None:
         spec.loader.exec_module(module)
         server = module.AgentHTTPServer(("127.0.0.1", port), Agent(bundle, window_seconds=1e9))
     else:  # new, new_stdlib_json
-        from device_agent.http_server import AgentHTTPServer
+        from device_agent.http.server import AgentHTTPServer
 
         server = AgentHTTPServer(("127.0.0.1", port), Agent(bundle, window_seconds=1e9))
     server.start()
@@ -391,7 +391,7 @@ def body_limit_rss(bundle: Path, quick: bool) -> dict[str, Any]:
     import io
     import threading
 
-    from device_agent.http_protocol import HttpLimits
+    from device_agent.http.protocol import HttpLimits
     from tests.conftest import free_port, wait_for_port
 
     limit = HttpLimits().max_body_bytes

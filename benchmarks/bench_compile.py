@@ -283,7 +283,7 @@ def digits_rows(tmp: Path, build: dict[str, Any], rounds: int, isa: str) -> list
     """The shipped digits model against the fp32 model it came from, at the search's settings and batch 16."""
     import onnx
 
-    from device_agent.bundle import read_bundle
+    from device_agent.bundle.format import read_bundle
     from edge_kit.compile.preprocess_graph import embed_preprocessing
     from edge_kit.config import load_config
 

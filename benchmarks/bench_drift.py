@@ -27,8 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "edge_kit" / "fleet")]
 
 from benchmarks.common import print_table, write_result  # noqa: E402
 from benchmarks.drift_suite import run_suite  # noqa: E402
-from device_agent.channels import MonitorPlan  # noqa: E402
-from device_agent.reference import bin_counts, build_reference, quantile_edges  # noqa: E402
+from device_agent.monitoring.channels import MonitorPlan  # noqa: E402
+from device_agent.monitoring.reference import bin_counts, build_reference, quantile_edges  # noqa: E402
 from edge_kit.fleet import drift, stats  # noqa: E402
 from edge_kit.fleet.references import ModelReference  # noqa: E402
 from edge_kit.fleet.settings import DriftSettings  # noqa: E402

@@ -64,7 +64,7 @@ def publisher(port: int, bundle_dir: str, index: int, count: int, go: Any, done:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from device_agent.wire import summary_topic
+    from device_agent.uplink.wire import summary_topic
 
     bundle = make_bundle(Path(bundle_dir))
     rng = np.random.default_rng(index)
@@ -102,7 +102,7 @@ def bare_subscriber(port: int, expected: int, stop: Any, ready: Any, result: Any
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from device_agent.wire import shared_topic, summary_topic
+    from device_agent.uplink.wire import shared_topic, summary_topic
 
     got = {"n": 0, "first": 0.0, "last": 0.0}
 
@@ -237,7 +237,7 @@ def processing_only(total: int) -> dict[str, Any]:
     import numpy as np
     from fleetkit import make_bundle, sample_images, summary
 
-    from device_agent.wire import summary_topic
+    from device_agent.uplink.wire import summary_topic
     from edge_kit.fleet.ingest import Ingestor
     from edge_kit.fleet.references import ReferenceStore
     from edge_kit.fleet.settings import IngestSettings

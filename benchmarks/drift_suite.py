@@ -27,9 +27,9 @@ import numpy as np
 from scipy import ndimage
 from scipy import stats as sps
 
-from device_agent.channels import MonitorPlan
-from device_agent.reference import build_reference
-from device_agent.summary import Histogrammer, WindowSummary
+from device_agent.monitoring.channels import MonitorPlan
+from device_agent.monitoring.reference import build_reference
+from device_agent.monitoring.summary import Histogrammer, WindowSummary
 from edge_kit.fleet import dispersion, drift, stats
 from edge_kit.fleet.references import ModelReference
 from edge_kit.fleet.settings import DriftSettings

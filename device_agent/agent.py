@@ -26,17 +26,17 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from device_agent import wire
-from device_agent.bundle import MANIFEST, MODEL, REFERENCE, read_bundle, read_manifest
+from device_agent.bundle.format import MANIFEST, MODEL, REFERENCE, read_bundle, read_manifest
+from device_agent.bundle.versions import is_upgrade, version_key
+from device_agent.bundle.watcher import bundle_candidates, resolve_bundle
 from device_agent.errors import EdgeKitError, InputError, VerificationError
-from device_agent.forwarder import Forwarder
 from device_agent.host import cpu_model, int8_isa
-from device_agent.monitor import DEFAULT_REQUEST_MEMORY_BYTES, WindowMonitor, histogrammer_for
+from device_agent.monitoring.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
+from device_agent.monitoring.window import DEFAULT_REQUEST_MEMORY_BYTES, WindowMonitor, histogrammer_for
 from device_agent.runtime import ModelRuntime
-from device_agent.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
-from device_agent.transport import Message
-from device_agent.versions import is_upgrade, version_key
-from device_agent.watcher import bundle_candidates, resolve_bundle
+from device_agent.uplink import wire
+from device_agent.uplink.forwarder import Forwarder
+from device_agent.uplink.transport import Message
 
 log = logging.getLogger(__name__)
 

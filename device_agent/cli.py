@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _public_key(path: str | Path | None) -> Any:
     if not path:
         return None
-    from device_agent.signing import load_public_key
+    from device_agent.bundle.signing import load_public_key
 
     return load_public_key(path)
 
@@ -92,13 +92,13 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from device_agent.agent import Agent
-    from device_agent.forwarder import Forwarder
-    from device_agent.http_server import AgentHTTPServer
+    from device_agent.bundle.watcher import BundleWatcher
+    from device_agent.http.server import AgentHTTPServer
     from device_agent.settings import apply_flags, load_settings
-    from device_agent.spool import Spool
-    from device_agent.transport import Message, MqttPublisher
-    from device_agent.watcher import BundleWatcher
-    from device_agent.wire import parse_host_port, status_topic
+    from device_agent.uplink.forwarder import Forwarder
+    from device_agent.uplink.spool import Spool
+    from device_agent.uplink.transport import Message, MqttPublisher
+    from device_agent.uplink.wire import parse_host_port, status_topic
 
     settings = apply_flags(load_settings(args.config), args)
     broker = settings.broker_config()

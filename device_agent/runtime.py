@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from device_agent.bundle import SELFTEST, Bundle
-from device_agent.channels import MonitorPlan
+from device_agent.bundle.format import SELFTEST, Bundle
 from device_agent.errors import InputError, VerificationError
+from device_agent.monitoring.channels import MonitorPlan
 
 # Self-test tolerance: int8 kernels differ slightly between instruction sets (VNNI, AVX2, Arm dot
 # product), so the recorded logits are matched within a fraction of their range, and every

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import ConfigError
-from device_agent.http_protocol import HttpLimits
+from device_agent.http.protocol import HttpLimits
 from device_agent.strict_toml import check_sections, check_value, read_toml, section_values
-from device_agent.wire import BrokerConfig, parse_broker_url, topic_level_problem
+from device_agent.uplink.wire import BrokerConfig, parse_broker_url, topic_level_problem
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import MODEL, read_bundle
+from device_agent.bundle.format import MODEL, read_bundle
 from edge_kit.bench.plan import FP32, INT8, PYTORCH, BenchPlan, BenchSettings, EngineSpec, EvalData, TorchModelSpec
 from edge_kit.bench.tracking import run_location, unreachable_reason
 from edge_kit.errors import EdgeKitError, UsageError

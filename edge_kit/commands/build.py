@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from device_agent.signing import load_private_key
+    from device_agent.bundle.signing import load_private_key
     from edge_kit.commands.quiet import quiet_third_party
     from edge_kit.config import load_config
     from edge_kit.ship.build import build

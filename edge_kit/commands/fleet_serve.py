@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from device_agent.wire import BrokerConfig, parse_broker_url, parse_host_port
+from device_agent.uplink.wire import BrokerConfig, parse_broker_url, parse_host_port
 from edge_kit.errors import UsageError
 from edge_kit.fleet.consumer_state import ConsumerState
 from edge_kit.fleet.http_security import HttpSecurity, load_token

@@ -17,8 +17,8 @@ def signature_state(signed: bool, verified_by: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from device_agent.bundle import read_bundle
-    from device_agent.signing import load_public_key
+    from device_agent.bundle.format import read_bundle
+    from device_agent.bundle.signing import load_public_key
 
     pubkey = getattr(args, "pubkey", None)
     bundle = read_bundle(args.bundle, public_key=load_public_key(pubkey) if pubkey else None)
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _untestable(reference: dict[str, Any] | None) -> dict[str, str]:
     """Channels the fleet cannot test, with the reason (bundles from before the reason was stored too)."""
-    from device_agent.reference import Reference
+    from device_agent.monitoring.reference import Reference
 
     if not reference:
         return {}

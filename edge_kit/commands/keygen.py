@@ -7,7 +7,7 @@ from typing import Any
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from device_agent.signing import generate_keypair, load_public_key, public_key_fingerprint
+    from device_agent.bundle.signing import generate_keypair, load_public_key, public_key_fingerprint
 
     private, public = generate_keypair(args.out, force=args.force)
     fingerprint = public_key_fingerprint(load_public_key(public))

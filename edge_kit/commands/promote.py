@@ -8,7 +8,7 @@ from typing import Any
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from device_agent.bundle import read_bundle
+    from device_agent.bundle.format import read_bundle
     from edge_kit.commands.quiet import quiet_third_party
     from edge_kit.errors import UsageError
     from edge_kit.ship.registry import promote

@@ -7,8 +7,8 @@ from typing import Any
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from device_agent.bundle import read_bundle
-    from device_agent.signing import load_public_key
+    from device_agent.bundle.format import read_bundle
+    from device_agent.bundle.signing import load_public_key
 
     key = load_public_key(args.pubkey) if args.pubkey else None
     bundle = read_bundle(args.bundle, public_key=key)

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import read_bundle
-from device_agent.watcher import resolve_bundle
+from device_agent.bundle.format import read_bundle
+from device_agent.bundle.watcher import resolve_bundle
 from edge_kit.demo.broker import Broker
 from edge_kit.demo.feeder import DeviceFeeder
 from edge_kit.demo.processes import ManagedProcess, free_port, http_json, wait_for_port
@@ -279,7 +279,7 @@ class FleetDemo:
             time.sleep(0.5)
 
     def summary(self) -> dict[str, Any]:
-        from device_agent.spool import Spool
+        from device_agent.uplink.spool import Spool
 
         stored = self.stored_windows() if (self.workdir / "fleet.db").exists() else {}
         alerts = [{**a, "version": self.versions.get(str(a["model_sha256"]), "?")} for a in self.final_alerts]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from device_agent.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_keypair
+from device_agent.bundle.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_keypair
 from edge_kit.demo.processes import child_env
 from edge_kit.errors import EdgeKitError, UsageError
 

@@ -16,7 +16,7 @@ import numpy as np
 from edge_kit.fleet.stats import dispersion_factor
 
 MARKER = b"\x00EKdsp1\x00"
-FIELDS = 4  # X, df, S, k: device_agent/dispersion.py
+FIELDS = 4  # X, df, S, k: device_agent/monitoring/dispersion.py
 _WIDTHS = (2, 4, 8)  # the count item sizes `storage.encode_counts` uses
 
 

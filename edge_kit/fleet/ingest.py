@@ -28,9 +28,9 @@ import numpy as np
 import orjson  # parses summaries ~4x faster than json (134 -> 30 us each): most of the ingest budget
 
 from device_agent.errors import PayloadError
-from device_agent.mqtt_connection import MqttConnection
-from device_agent.summary import WindowSummary
-from device_agent.wire import (
+from device_agent.monitoring.summary import WindowSummary
+from device_agent.uplink.connection import MqttConnection
+from device_agent.uplink.wire import (
     BrokerConfig,
     parse_broker_url,
     parse_topic,

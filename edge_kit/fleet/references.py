@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.bundle import SUFFIX, read_bundle
-from device_agent.channels import CLASS
+from device_agent.bundle.format import SUFFIX, read_bundle
 from device_agent.errors import EdgeKitError
-from device_agent.reference import Reference
+from device_agent.monitoring.channels import CLASS
+from device_agent.monitoring.reference import Reference
 from edge_kit.errors import UsageError
 
 log = logging.getLogger(__name__)

@@ -136,7 +136,7 @@ class ShardScorer:
 
     def __init__(self, bundle: str, pubkey: str | None, bundle_sha256: str) -> None:
         from device_agent.agent import load_model
-        from device_agent.signing import load_public_key
+        from device_agent.bundle.signing import load_public_key
 
         key = load_public_key(pubkey) if pubkey else None
         self.runtime = load_model(bundle, public_key=key, require_signature=key is not None).runtime
@@ -152,7 +152,7 @@ def batch_predict(bundle: Path, inputs: str, out_dir: Path, *, pubkey: str | Non
                   address: str | None = None) -> dict[str, Any]:
     """Score every shard that has no complete output yet; returns counts and throughput."""
     from device_agent.agent import load_model
-    from device_agent.signing import load_public_key
+    from device_agent.bundle.signing import load_public_key
 
     if actors < 1:
         raise UsageError("--actors must be at least 1")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from calibration import CalibrationSelection, select_calibration
 from device_agent.atomic import atomic_write_bytes
-from device_agent.bundle import bundle_filename, sha256_hex
+from device_agent.bundle.format import bundle_filename, sha256_hex
 from edge_kit.compile.coverage import model_int8_coverage
 from edge_kit.compile.evaluate import accuracy, predict_logits
 from edge_kit.compile.gate import GateFailedError, GateResult, run_gate

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device_agent.bundle import MODEL, REFERENCE, REPORT, SELFTEST, canonical_json, write_bundle
-from device_agent.channels import MonitorPlan
-from device_agent.reference import Reference, build_reference
+from device_agent.bundle.format import MODEL, REFERENCE, REPORT, SELFTEST, canonical_json, write_bundle
+from device_agent.monitoring.channels import MonitorPlan
+from device_agent.monitoring.reference import Reference, build_reference
 
 SELFTEST_SAMPLES = 8
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64"}

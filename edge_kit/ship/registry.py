@@ -98,7 +98,7 @@ def log_and_register(
     when the gate passed; returns its name, version, source, aliases and model URI."""
     from mlflow.exceptions import MlflowException
 
-    from device_agent.bundle import read_bundle
+    from device_agent.bundle.format import read_bundle
 
     client = _client(tracking_uri)
     client.log_artifact(run_id, str(bundle), artifact_path=BUNDLE_ARTIFACTS)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from device_agent.bundle import read_bundle, sha256_hex
+from device_agent.bundle.format import read_bundle, sha256_hex
 from edge_kit.config import Config
 from edge_kit.errors import UsageError
 

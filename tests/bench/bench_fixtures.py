@@ -1,6 +1,6 @@
 """A real, tiny pipeline output for the bench tests, built in code: a PyTorch MLP trained on digits,
 its fp32 ONNX export, an int8 QDQ model from ONNX Runtime's quantize_static, and a bundle written
-through device_agent.bundle.write_bundle (the same writer `edge-kit build` uses)."""
+through device_agent.bundle.format.write_bundle (the same writer `edge-kit build` uses)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def build_tiny_pipeline(root: Path, *, mlflow_run: dict | None = None) -> TinyPi
     import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from device_agent.bundle import write_bundle
+    from device_agent.bundle.format import write_bundle
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "bench_tiny_model.py").write_text(FACTORY_SOURCE)
@@ -115,7 +115,7 @@ def load_report(out: Path) -> dict:
 
 def rebundle(bundle: Path, out_dir: Path, **manifest_updates: object) -> Path:
     """A copy of `bundle` with top-level manifest entries replaced (written through write_bundle again)."""
-    from device_agent.bundle import MANIFEST, SIGNATURE, read_bundle, write_bundle
+    from device_agent.bundle.format import MANIFEST, SIGNATURE, read_bundle, write_bundle
 
     b = read_bundle(bundle)
     manifest = {**b.manifest, **manifest_updates}

@@ -61,7 +61,7 @@ def test_out_that_is_a_file_is_refused_and_kept(edge_kit_cli, tiny_pipeline: Tin
 
 def test_an_int8_model_that_cannot_run_fails_clearly(edge_kit_cli, tiny_pipeline: TinyPipeline,
                                                      tmp_path: Path) -> None:
-    from device_agent.bundle import read_bundle, write_bundle
+    from device_agent.bundle.format import read_bundle, write_bundle
 
     b = read_bundle(tiny_pipeline.bundle)
     # It passes verification (the hashes match what was written) but is not an ONNX model.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from bench_fixtures import load_report
 
-from device_agent.bundle import read_bundle
+from device_agent.bundle.format import read_bundle
 from edge_kit.config import load_config
 from edge_kit.train.trainer import FINAL_CHECKPOINT, ONNX_FILE, run_folder
 

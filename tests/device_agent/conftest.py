@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device_agent.signing import generate_keypair, load_private_key
+from device_agent.bundle.signing import generate_keypair, load_private_key
 from tests.helpers.bundles import make_bundle
 
 

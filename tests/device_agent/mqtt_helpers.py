@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agent.summary import WindowSummary
+from device_agent.monitoring.summary import WindowSummary
 from tests.conftest import cli_env, free_port
 
 

@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agent.agent import Agent
+from device_agent.bundle.signing import load_public_key
+from device_agent.bundle.watcher import BundleWatcher
 from device_agent.errors import VerificationError
-from device_agent.signing import load_public_key
-from device_agent.watcher import BundleWatcher
 from tests.helpers.bundles import make_bundle
 
 

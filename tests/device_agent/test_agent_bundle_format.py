@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.bundle import MANIFEST, MODEL, REFERENCE, SELFTEST, SIGNATURE, read_bundle
+from device_agent.bundle.format import MANIFEST, MODEL, REFERENCE, SELFTEST, SIGNATURE, read_bundle
+from device_agent.bundle.signing import generate_keypair, load_public_key
 from device_agent.errors import EXIT_VERIFICATION, UsageError, VerificationError
-from device_agent.signing import generate_keypair, load_public_key
 
 
 def rewrite(src: Path, dst: Path, *, replace: dict[str, bytes] | None = None, drop: tuple[str, ...] = (),

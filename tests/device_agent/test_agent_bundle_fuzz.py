@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device_agent.bundle import MANIFEST, MODEL, REFERENCE, SIGNATURE, read_bundle
+from device_agent.bundle.format import MANIFEST, MODEL, REFERENCE, SIGNATURE, read_bundle
 from device_agent.errors import VerificationError
 from tests.device_agent.hostile_zips import RawEntry, deflated_zeros, raw_zip
 

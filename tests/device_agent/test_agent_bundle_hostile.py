@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import device_agent.bundle as bundle_mod
-from device_agent.bundle import MANIFEST, MODEL, SIGNATURE, canonical_json, read_bundle
+import device_agent.bundle.format as bundle_mod
+from device_agent.bundle.format import MANIFEST, MODEL, SIGNATURE, canonical_json, read_bundle
+from device_agent.bundle.signing import load_public_key, sign
 from device_agent.errors import EXIT_VERIFICATION, VerificationError
-from device_agent.signing import load_public_key, sign
 from tests.device_agent.hostile_zips import (
     bomb_beside,
     bomb_entry,

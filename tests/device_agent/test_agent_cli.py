@@ -25,9 +25,10 @@ FORBIDDEN = ("torch", "mlflow", "dvc", "scipy", "sklearn", "edge_kit", "calibrat
 def test_the_agent_imports_nothing_from_the_server_side() -> None:
     code = (
         "import sys, runpy\n"
-        "import device_agent.agent, device_agent.cli, device_agent.http_server, device_agent.batch\n"
-        "import device_agent.transport, device_agent.settings, device_agent.watcher, device_agent.wire\n"
-        "import device_agent.cli_runner, device_agent.mqtt_connection\n"
+        "import device_agent.agent, device_agent.cli, device_agent.http.server, device_agent.batch\n"
+        "import device_agent.uplink.transport, device_agent.settings, device_agent.bundle.watcher\n"
+        "import device_agent.uplink.wire\n"
+        "import device_agent.cli_runner, device_agent.uplink.connection\n"
         "sys.argv = ['edge-agent', '--help']\n"
         "try:\n    runpy.run_module('device_agent', run_name='__main__')\nexcept SystemExit:\n    pass\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})\n"

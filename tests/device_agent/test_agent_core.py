@@ -14,11 +14,11 @@ import pytest
 
 from device_agent.agent import Agent, load_model
 from device_agent.errors import InputError, VerificationError
-from device_agent.forwarder import Forwarder
-from device_agent.monitor import WindowMonitor
-from device_agent.spool import Spool
-from device_agent.summary import WindowSummary
-from device_agent.transport import MemoryPublisher
+from device_agent.monitoring.summary import WindowSummary
+from device_agent.monitoring.window import WindowMonitor
+from device_agent.uplink.forwarder import Forwarder
+from device_agent.uplink.spool import Spool
+from device_agent.uplink.transport import MemoryPublisher
 from tests.helpers.bundles import digits_like_inputs
 
 
@@ -172,7 +172,7 @@ def test_bad_requests_are_counted_and_the_agent_keeps_serving(bundle_v1: Path, c
 
 def test_hot_update_swaps_only_a_verified_self_tested_bundle(bundle_v1: Path, bundle_v2: Path, tmp_path: Path,
                                                              clock, keypair) -> None:
-    from device_agent.signing import load_public_key
+    from device_agent.bundle.signing import load_public_key
 
     agent, publisher, _ = _agent(bundle_v1, tmp_path, clock, public_key=load_public_key(keypair[1]))
     v1_sha = agent.model.runtime.info.sha256

@@ -15,9 +15,9 @@ import pytest
 
 from device_agent.agent import Agent
 from device_agent.errors import UsageError
-from device_agent.http_protocol import HttpLimits
-from device_agent.http_server import AgentHTTPServer
-from device_agent.wire import parse_host_port
+from device_agent.http.protocol import HttpLimits
+from device_agent.http.server import AgentHTTPServer
+from device_agent.uplink.wire import parse_host_port
 from tests.helpers.bundles import digits_like_inputs
 
 

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from device_agent.agent import Agent
-from device_agent.http_protocol import MAX_HEAD_BYTES, HttpError, HttpLimits, Request, parse_head
-from device_agent.http_routes import Routes
-from device_agent.http_server import AgentHTTPServer
+from device_agent.http.protocol import MAX_HEAD_BYTES, HttpError, HttpLimits, Request, parse_head
+from device_agent.http.routes import Routes
+from device_agent.http.server import AgentHTTPServer
 
 MAX_BODY = 4096
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

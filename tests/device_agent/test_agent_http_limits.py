@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from device_agent.agent import Agent
-from device_agent.http_protocol import HttpLimits
-from device_agent.http_server import AgentHTTPServer
+from device_agent.http.protocol import HttpLimits
+from device_agent.http.server import AgentHTTPServer
 from tests.helpers.bundles import digits_like_inputs
 
 INFER = "/v2/models/digits/infer"
@@ -325,7 +325,7 @@ def test_the_limits_come_from_agent_toml_and_flags(tmp_path: Path) -> None:
 
 def test_bodies_in_progress_share_one_budget(make_server) -> None:
     """Many connections each sending a body at the limit cannot multiply the agent's memory by their number."""
-    from device_agent.http_server import BODY_BUDGET_FACTOR
+    from device_agent.http.server import BODY_BUDGET_FACTOR
 
     _, server = make_server(HttpLimits(max_body_bytes=2000))
     assert len(predict_body(1)) < 2000

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from device_agent.bundle.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_keypair, load_private_key
 from device_agent.errors import UsageError
-from device_agent.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_keypair, load_private_key
 
 
 def mode(path: Path) -> int:

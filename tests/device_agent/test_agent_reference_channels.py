@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from device_agent.channels import MonitorPlan, softmax
-from device_agent.reference import Reference, bin_counts, build_reference, class_edges
-from device_agent.summary import Histogrammer
+from device_agent.monitoring.channels import MonitorPlan, softmax
+from device_agent.monitoring.reference import Reference, bin_counts, build_reference, class_edges
+from device_agent.monitoring.summary import Histogrammer
 
 
 def test_image_channels_are_row_and_column_means_plus_outputs() -> None:

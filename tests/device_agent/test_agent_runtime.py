@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from device_agent.agent import load_model
-from device_agent.bundle import SELFTEST
+from device_agent.bundle.format import SELFTEST
 from device_agent.errors import InputError, VerificationError
 from tests.helpers.bundles import MEAN, STD, digits_like_inputs, make_bundle, run_model
 

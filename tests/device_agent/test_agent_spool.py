@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from device_agent.errors import EdgeKitError, SpoolError
-from device_agent.forwarder import Forwarder
-from device_agent.mqtt_connection import Backoff
-from device_agent.spool import Spool
-from device_agent.transport import MemoryPublisher, Message
-from device_agent.wire import parse_broker_url
+from device_agent.uplink.connection import Backoff
+from device_agent.uplink.forwarder import Forwarder
+from device_agent.uplink.spool import Spool
+from device_agent.uplink.transport import MemoryPublisher, Message
+from device_agent.uplink.wire import parse_broker_url
 from tests.conftest import cli_env
 
 
@@ -45,7 +45,7 @@ def test_a_spooled_window_survives_kill_9(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     code = textwrap.dedent(f"""
         import os, signal
-        from device_agent.spool import Spool
+        from device_agent.uplink.spool import Spool
         s = Spool({str(path)!r})
         s.put("k-survivor", "edgekit/f/d/summary", b"payload", "application/json+zlib")
         os.kill(os.getpid(), signal.SIGKILL)

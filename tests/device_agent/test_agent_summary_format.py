@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.channels import MonitorPlan
 from device_agent.errors import PayloadError
-from device_agent.reference import build_reference
-from device_agent.summary import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB, Histogrammer, WindowSummary
+from device_agent.monitoring.channels import MonitorPlan
+from device_agent.monitoring.reference import build_reference
+from device_agent.monitoring.summary import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB, Histogrammer, WindowSummary
 
 GOLDEN = Path(__file__).parent / "data" / "summary_v1.json"
 MODEL = {"name": "m", "version": "1", "sha256": "ab" * 32}

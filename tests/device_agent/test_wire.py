@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_agent import wire
 from device_agent.errors import ConfigError, UsageError
+from device_agent.uplink import wire
 
 
 def test_topics_round_trip() -> None:

@@ -1,5 +1,5 @@
 """Test bundles made in code: a digits-shaped CNN (onnx.helper, seeded weights), written with the
-same `device_agent.bundle.write_bundle` the build server uses, with reference histograms and a
+same `device_agent.bundle.format.write_bundle` the build server uses, with reference histograms and a
 self-test computed by ONNX Runtime exactly as the compiler does.
 """
 
@@ -16,9 +16,9 @@ import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
-from device_agent.bundle import REFERENCE, REPORT, SELFTEST, canonical_json, write_bundle
-from device_agent.channels import MonitorPlan
-from device_agent.reference import build_reference
+from device_agent.bundle.format import REFERENCE, REPORT, SELFTEST, canonical_json, write_bundle
+from device_agent.monitoring.channels import MonitorPlan
+from device_agent.monitoring.reference import build_reference
 
 INPUT_SHAPE = (1, 8, 8)
 LABELS = [str(i) for i in range(10)]

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 
 from device_agent.agent import load_model
-from device_agent.bundle import MODEL, read_bundle, write_bundle
+from device_agent.bundle.format import MODEL, read_bundle, write_bundle
 from edge_kit.compile.preprocess_graph import embed_preprocessing
 from tests.helpers.bundles import MEAN, STD, cnn_model, digits_like_inputs, make_bundle, run_model
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.bundle import REFERENCE, canonical_json, read_bundle, write_bundle
-from device_agent.channels import MonitorPlan
-from device_agent.reference import Reference, build_reference
-from device_agent.summary import Histogrammer, WindowSummary
-from device_agent.wire import summary_topic
+from device_agent.bundle.format import REFERENCE, canonical_json, read_bundle, write_bundle
+from device_agent.monitoring.channels import MonitorPlan
+from device_agent.monitoring.reference import Reference, build_reference
+from device_agent.monitoring.summary import Histogrammer, WindowSummary
+from device_agent.uplink.wire import summary_topic
 
 LABELS = [str(i) for i in range(10)]
 

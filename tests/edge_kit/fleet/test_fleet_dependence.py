@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from fleetkit import DigitsBundle, sample_images, summary
 
-from device_agent.channels import MonitorPlan
-from device_agent.reference import build_reference
-from device_agent.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
+from device_agent.monitoring.channels import MonitorPlan
+from device_agent.monitoring.reference import build_reference
+from device_agent.monitoring.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
 from edge_kit.fleet import dispersion, drift
 from edge_kit.fleet.ingest import Ingestor
 from edge_kit.fleet.references import ModelReference, ReferenceStore

@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from device_agent.channels import MonitorPlan
-from device_agent.reference import build_reference
-from device_agent.summary import Histogrammer
+from device_agent.monitoring.channels import MonitorPlan
+from device_agent.monitoring.reference import build_reference
+from device_agent.monitoring.summary import Histogrammer
 from edge_kit.fleet import drift
 from edge_kit.fleet.references import ModelReference
 from edge_kit.fleet.settings import DriftSettings

@@ -14,7 +14,7 @@ from fleetkit import OPERATOR_TOKEN, DigitsBundle, sample_images, summary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device_agent.summary import PayloadError
+from device_agent.monitoring.summary import PayloadError
 from edge_kit.fleet.http_security import HttpSecurity
 from edge_kit.fleet.ingest import Validator
 from edge_kit.fleet.references import ReferenceStore

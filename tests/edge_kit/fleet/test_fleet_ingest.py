@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fleetkit import DigitsBundle, sample_images, summary
 
-from device_agent.summary import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB
+from device_agent.monitoring.summary import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB
 from edge_kit.fleet.dispersion import strip
 from edge_kit.fleet.ingest import Ingestor
 from edge_kit.fleet.references import ReferenceStore
@@ -173,8 +173,8 @@ def test_counts_encoding_round_trips_every_width() -> None:
 
 
 def test_summary_round_trip_through_the_bulk_decoder(digits_bundle: DigitsBundle) -> None:
-    """The server-side fast paths in device_agent.summary decode exactly what was encoded."""
-    from device_agent.summary import WindowSummary
+    """The server-side fast paths in device_agent.monitoring.summary decode exactly what was encoded."""
+    from device_agent.monitoring.summary import WindowSummary
 
     x, y = sample_images(75, np.random.default_rng(8))
     s = summary(digits_bundle, "dev1", 1.8e9, x, y=y)

@@ -19,7 +19,7 @@ from fleetkit import DigitsBundle, sample_images, summary
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agent.wire import status_topic, summary_topic
+from device_agent.uplink.wire import status_topic, summary_topic
 from tests.conftest import MosquittoBroker, cli_env, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration

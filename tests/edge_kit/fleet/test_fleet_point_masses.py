@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from device_agent.bundle import REFERENCE, canonical_json, write_bundle
-from device_agent.channels import MonitorPlan
-from device_agent.reference import Reference, bin_counts, build_reference, point_mass_edges, quantile_edges
-from device_agent.summary import Histogrammer
+from device_agent.bundle.format import REFERENCE, canonical_json, write_bundle
+from device_agent.monitoring.channels import MonitorPlan
+from device_agent.monitoring.reference import Reference, bin_counts, build_reference, point_mass_edges, quantile_edges
+from device_agent.monitoring.summary import Histogrammer
 from edge_kit.commands import inspect
 from edge_kit.fleet import drift, stats
 from edge_kit.fleet.references import ModelReference

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fleetkit import DigitsBundle, digits_model, sample_images, summary
 
-from device_agent.summary import WindowSummary
+from device_agent.monitoring.summary import WindowSummary
 from edge_kit.fleet.ingest import Ingestor, Validator
 from edge_kit.fleet.references import ReferenceStore
 from edge_kit.fleet.service import FleetService

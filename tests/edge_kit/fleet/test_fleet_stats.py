@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from device_agent.reference import bin_counts, quantile_edges
+from device_agent.monitoring.reference import bin_counts, quantile_edges
 from edge_kit.fleet import stats
 
 

@@ -14,7 +14,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from device_agent.bundle import MANIFEST, MODEL, REFERENCE, REPORT, SELFTEST, SIGNATURE, read_bundle, write_bundle
+from device_agent.bundle.format import (
+    MANIFEST,
+    MODEL,
+    REFERENCE,
+    REPORT,
+    SELFTEST,
+    SIGNATURE,
+    read_bundle,
+    write_bundle,
+)
 from tests.edge_kit.ship.projects import OUTLIER_NET, git, make_project
 from tests.helpers import mlflow_default_uri
 

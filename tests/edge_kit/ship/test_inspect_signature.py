@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from device_agent.signing import generate_keypair, load_private_key
+from device_agent.bundle.signing import generate_keypair, load_private_key
 from tests.helpers.bundles import make_bundle
 
 

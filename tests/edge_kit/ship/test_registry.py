@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from device_agent.bundle import read_bundle, write_bundle
+from device_agent.bundle.format import read_bundle, write_bundle
 from edge_kit.ship.package import io_spec
 from edge_kit.ship.registry import CANDIDATE, CHAMPION, MODEL_ARTIFACTS, log_and_register
 from tests.helpers import mlflow_default_uri

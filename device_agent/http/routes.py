@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from device_agent import jsonio
 from device_agent.agent import Agent
 from device_agent.errors import InputError
-from device_agent.http_protocol import HttpError, HttpLimits, Request, Response
+from device_agent.http import jsonio
+from device_agent.http.protocol import HttpError, HttpLimits, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def error_response(status: int, message: str) -> Response:
 
 class Routes:
     def __init__(self, agent: Agent, limits: HttpLimits) -> None:
-        from device_agent.oip import OpenInference
+        from device_agent.http.oip import OpenInference
 
         self.agent = agent
         self.limits = limits

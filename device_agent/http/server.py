@@ -28,8 +28,8 @@ from http import HTTPStatus
 from typing import Any
 
 from device_agent.agent import Agent
-from device_agent.http_protocol import CONTINUE, HttpError, HttpLimits, Request, Response, encode_response, parse_head
-from device_agent.http_routes import Routes, error_response
+from device_agent.http.protocol import CONTINUE, HttpError, HttpLimits, Request, Response, encode_response, parse_head
+from device_agent.http.routes import Routes, error_response
 
 log = logging.getLogger(__name__)
 

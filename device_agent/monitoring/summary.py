@@ -8,7 +8,7 @@ structure and types and raises `PayloadError` with a short `kind` that the fleet
 Optional per-channel field `disp: [X, df, S, blocks - 1]` (added without a schema bump, so older servers accept
 new payloads and payloads without it, such as tests/device_agent/data/summary_v1.json, still
 ingest): the between-block chi-square of the window and its degrees of freedom, the dependence
-signal of `device_agent.dispersion`. Summaries that lack it are tested as independent draws.
+signal of `device_agent.monitoring.dispersion`. Summaries that lack it are tested as independent draws.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.dispersion import BlockCounts, pit_scores
 from device_agent.errors import PayloadError
-from device_agent.reference import Reference
+from device_agent.monitoring.dispersion import BlockCounts, pit_scores
+from device_agent.monitoring.reference import Reference
 
 SCHEMA = "edgekit.summary/1"
 CONTENT_TYPE_JSON = "application/json"
@@ -48,7 +48,7 @@ class Histogrammer:
         padded = np.zeros((len(self.names), self.max_bins))
         for j, c in enumerate(reference.channels.values()):
             padded[j, : c.bins] = c.counts
-        self.scores = pit_scores(padded)  # for the dispersion signal (device_agent/dispersion.py)
+        self.scores = pit_scores(padded)  # for the dispersion signal (device_agent/monitoring/dispersion.py)
 
     def counts(self, values: np.ndarray) -> np.ndarray:
         """(channels, max_bins) int64 counts of an (n, channels) value matrix."""

@@ -26,11 +26,11 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from device_agent import jsonio
-from device_agent.http_protocol import HttpError, Request, Response
+from device_agent.http import jsonio
+from device_agent.http.protocol import HttpError, Request, Response
 
 if TYPE_CHECKING:
-    from device_agent.http_routes import Routes
+    from device_agent.http.routes import Routes
 
 DATATYPE = "FP32"  # what the agent's models take and give (ModelRuntime runs float32)
 BINARY_EXTENSION = "binary_tensor_data"

@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Callable
 
 from device_agent.errors import SpoolError
-from device_agent.spool import Spool
-from device_agent.transport import Message, Publisher
+from device_agent.uplink.spool import Spool
+from device_agent.uplink.transport import Message, Publisher
 
 log = logging.getLogger(__name__)
 

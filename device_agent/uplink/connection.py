@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agent.wire import BrokerConfig
+from device_agent.uplink.wire import BrokerConfig
 
 log = logging.getLogger(__name__)
 

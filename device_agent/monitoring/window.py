@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import REFERENCE
-from device_agent.channels import MonitorPlan
+from device_agent.bundle.format import REFERENCE
 from device_agent.errors import InputError, VerificationError
-from device_agent.reference import Reference
-from device_agent.summary import Histogrammer, WindowSummary
+from device_agent.monitoring.channels import MonitorPlan
+from device_agent.monitoring.reference import Reference
+from device_agent.monitoring.summary import Histogrammer, WindowSummary
 
 DEFAULT_CHUNK = 8192
 # The buffer holds at most this many bytes of raw inputs: 8192 digits images are 2 MB, while a

@@ -25,8 +25,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from device_agent.atomic import atomic_write_bytes
+from device_agent.bundle.signing import public_key_fingerprint, sign, signature_valid
 from device_agent.errors import UsageError, VerificationError
-from device_agent.signing import public_key_fingerprint, sign, signature_valid
 
 SCHEMA = "edgekit.bundle/1"
 SUFFIX = ".edgebundle"

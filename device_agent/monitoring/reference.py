@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.channels import CLASS, MonitorPlan
+from device_agent.monitoring.channels import CLASS, MonitorPlan
 
 SCHEMA = "edgekit.reference/1"
 # Half-width of an exact-value bin, relative to max(1, |v|): far below any real change (pixel noise

@@ -4,7 +4,7 @@ The agent only needs four things from a transport: is it connected, publish a me
 when the broker acknowledged it, be told when a (re)connection succeeded, and a last will. The
 in-memory `MemoryPublisher` implements the same protocol for unit tests (acks on demand, can be
 "disconnected"); `MqttPublisher` is paho-mqtt 2.x speaking MQTT 5 to a real broker through the
-connection layer the fleet consumer uses too (`device_agent.mqtt_connection`: TLS, credentials,
+connection layer the fleet consumer uses too (`device_agent.uplink.connection`: TLS, credentials,
 persistent session, reconnect with backoff and jitter).
 """
 
@@ -18,8 +18,8 @@ from typing import Protocol
 
 import paho.mqtt.client as mqtt
 
-from device_agent.mqtt_connection import MqttConnection, publish_properties
-from device_agent.wire import BrokerConfig
+from device_agent.uplink.connection import MqttConnection, publish_properties
+from device_agent.uplink.wire import BrokerConfig
 
 log = logging.getLogger(__name__)
 

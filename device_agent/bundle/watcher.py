@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle import SUFFIX
+from device_agent.bundle.format import SUFFIX
 from device_agent.errors import EdgeKitError, UsageError
 
 log = logging.getLogger(__name__)
