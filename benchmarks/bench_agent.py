@@ -57,7 +57,7 @@ def find_bundle(tmp: Path, explicit: str | None) -> tuple[Path, str]:
     found = sorted((REPO / "dist").glob("digits-*.edgebundle"))
     if found:
         return found[-1], "dist (real digits bundle)"
-    from tests.helpers.bundles import make_bundle
+    from harness.bundles import make_bundle
 
     return make_bundle(tmp, int8=True), "digits-shaped int8 CNN made by the benchmark"
 
@@ -205,7 +205,7 @@ def _rss_kib(pid: int) -> dict[str, int]:
 
 def serving_process(bundle: Path, tmp: Path, quick: bool) -> dict[str, Any]:
     """RSS of `edge-agent run` under HTTP load with a real broker, and start -> first prediction."""
-    from tests.conftest import MosquittoBroker, cli_env, free_port
+    from harness.processes import MosquittoBroker, cli_env, free_port
 
     broker_dir = tmp / "broker"
     broker_dir.mkdir()
@@ -392,7 +392,7 @@ def body_limit_rss(bundle: Path, quick: bool) -> dict[str, Any]:
     import threading
 
     from device_agent.http.protocol import HttpLimits
-    from tests.conftest import free_port, wait_for_port
+    from harness.processes import free_port, wait_for_port
 
     limit = HttpLimits().max_body_bytes
     shape = load_model(bundle).runtime.sample_shape
@@ -458,7 +458,7 @@ def serving_table(bundle: Path, tmp: Path, quick: bool) -> tuple[list[dict[str, 
     percentiles are the median over rounds of each run's percentile."""
     import shutil
 
-    from tests.conftest import free_port, wait_for_port
+    from harness.processes import free_port, wait_for_port
 
     if shutil.which("wrk") is None:
         print("wrk not found (apt-get install -y wrk): serving table skipped")

@@ -23,14 +23,14 @@ import numpy as np
 from scipy import stats as sps
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "edge_kit" / "fleet")]
+sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import print_table, write_result  # noqa: E402
 from benchmarks.drift_suite import run_suite  # noqa: E402
 from device_agent.monitoring.channels import MonitorPlan  # noqa: E402
 from device_agent.monitoring.reference import bin_counts, build_reference, quantile_edges  # noqa: E402
 from edge_kit.fleet import drift, stats  # noqa: E402
-from edge_kit.fleet.references import ModelReference  # noqa: E402
+from edge_kit.fleet.reference_index import ModelReference  # noqa: E402
 from edge_kit.fleet.settings import DriftSettings  # noqa: E402
 from edge_kit.fleet.storage import Storage, WindowRow, encode_counts  # noqa: E402
 

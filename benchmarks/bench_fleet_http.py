@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "edge_kit" / "fleet")]
+sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import print_table, write_result  # noqa: E402
 
 SERVE = """
 import sys, time
-sys.path[:0] = [{root!r}, {fleet_tests!r}]
-from fleetkit import make_bundle
+sys.path[:0] = [{root!r}]
+from harness.fleetkit import make_bundle
 from pathlib import Path
-from edge_kit.fleet.references import ReferenceStore
+from edge_kit.fleet.reference_index import ReferenceStore
 from edge_kit.fleet.server import make_server
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import parse_settings
@@ -48,7 +48,7 @@ server.serve_forever()
 
 
 def _serve(root: Path, tmp: Path) -> tuple[subprocess.Popen[str], int]:
-    code = SERVE.format(root=str(root), fleet_tests=str(ROOT / "tests" / "edge_kit" / "fleet"), tmp=str(tmp))
+    code = SERVE.format(root=str(root), tmp=str(tmp))
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=root)
     assert proc.stdout is not None

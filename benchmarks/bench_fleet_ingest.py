@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "edge_kit" / "fleet")]
+sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import print_table, write_result  # noqa: E402
 
@@ -60,11 +60,11 @@ def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
 def publisher(port: int, bundle_dir: str, index: int, count: int, go: Any, done: Any) -> None:
     import numpy as np
     import paho.mqtt.client as mqtt
-    from fleetkit import make_bundle, sample_images, summary
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     from device_agent.uplink.wire import summary_topic
+    from harness.fleetkit import make_bundle, sample_images, summary
 
     bundle = make_bundle(Path(bundle_dir))
     rng = np.random.default_rng(index)
@@ -144,9 +144,8 @@ def scenario(name: str, workers: int, publishers: int, total: int) -> dict[str, 
     queue, then start the subscribers again and time the drain from the first to the last message
     stored. The publishers (separate processes) have finished by then, so on this 2-core machine
     they do not compete with the consumers for CPU; `live` below measures them running together."""
-    from fleetkit import make_bundle
-
     from edge_kit.fleet.storage import Storage
+    from harness.fleetkit import make_bundle
 
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -235,13 +234,13 @@ def scenario(name: str, workers: int, publishers: int, total: int) -> dict[str, 
 def processing_only(total: int) -> dict[str, Any]:
     """CPU cost of validation + storage alone (no MQTT): decode, check against the reference, commit."""
     import numpy as np
-    from fleetkit import make_bundle, sample_images, summary
 
     from device_agent.uplink.wire import summary_topic
     from edge_kit.fleet.ingest import Ingestor
-    from edge_kit.fleet.references import ReferenceStore
+    from edge_kit.fleet.reference_index import ReferenceStore
     from edge_kit.fleet.settings import IngestSettings
     from edge_kit.fleet.storage import Storage
+    from harness.fleetkit import make_bundle, sample_images, summary
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -107,7 +107,7 @@ def bench_batch(tmp: Path, shards: int, rows_per_shard: int) -> list[dict[str, A
     from device_agent.agent import load_model
     from device_agent.batch import predict_file
     from edge_kit.ship.batch_predict import batch_predict
-    from tests.helpers.bundles import digits_like_inputs, make_bundle
+    from harness.bundles import digits_like_inputs, make_bundle
 
     bundle = make_bundle(tmp / "bundle", int8=True)
     folder = tmp / "shards"

@@ -30,8 +30,9 @@ from scipy import stats as sps
 from device_agent.monitoring.channels import MonitorPlan
 from device_agent.monitoring.reference import build_reference
 from device_agent.monitoring.summary import Histogrammer, WindowSummary
-from edge_kit.fleet import dispersion, drift, stats
-from edge_kit.fleet.references import ModelReference
+from edge_kit.fleet import dispersion_trailer as dispersion
+from edge_kit.fleet import drift, stats
+from edge_kit.fleet.reference_index import ModelReference
 from edge_kit.fleet.settings import DriftSettings
 
 ALPHA = 0.05

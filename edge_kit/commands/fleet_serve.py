@@ -24,8 +24,8 @@ from edge_kit.errors import UsageError
 from edge_kit.fleet.consumer_state import ConsumerState
 from edge_kit.fleet.http_security import HttpSecurity, load_token
 from edge_kit.fleet.ingest import SESSION_EXPIRY_SECONDS, ConsumerConfig, run_consumer
-from edge_kit.fleet.references import ReferenceStore
-from edge_kit.fleet.server import HttpLimits, make_server, serve_in_thread
+from edge_kit.fleet.reference_index import ReferenceStore
+from edge_kit.fleet.server import FleetHttpLimits, make_server, serve_in_thread
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import load_settings
 from edge_kit.fleet.storage import Storage
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     service.consumers = consumers
     if args.http_max_connections < 1 or args.http_timeout <= 0:
         raise UsageError("--http-max-connections must be at least 1 and --http-timeout positive")
-    limits = HttpLimits(request_timeout=args.http_timeout, max_connections=args.http_max_connections)
+    limits = FleetHttpLimits(request_timeout=args.http_timeout, max_connections=args.http_max_connections)
     token = load_token(args.token_file)
     security = HttpSecurity(
         token=token, allowed_hosts=frozenset(args.allowed_host), allowed_origins=frozenset(args.allowed_origin),

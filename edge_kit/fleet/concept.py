@@ -20,7 +20,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from edge_kit.fleet.drift import load_windows
-from edge_kit.fleet.references import ModelReference
+from edge_kit.fleet.reference_index import ModelReference
 from edge_kit.fleet.settings import ConceptSettings
 from edge_kit.fleet.storage import Storage
 

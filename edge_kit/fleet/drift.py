@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from edge_kit.fleet import dispersion as disp
+from edge_kit.fleet import dispersion_trailer as disp
 from edge_kit.fleet import stats
-from edge_kit.fleet.references import ModelReference
+from edge_kit.fleet.reference_index import ModelReference
 from edge_kit.fleet.settings import DriftSettings
 from edge_kit.fleet.storage import Storage, decode_counts
 

@@ -38,9 +38,9 @@ from device_agent.uplink.wire import (
     status_topic,
     summary_topic,
 )
-from edge_kit.fleet import dispersion
+from edge_kit.fleet import dispersion_trailer as dispersion
 from edge_kit.fleet.consumer_state import ConsumerState
-from edge_kit.fleet.references import ModelReference, ReferenceStore
+from edge_kit.fleet.reference_index import ModelReference, ReferenceStore
 from edge_kit.fleet.settings import FleetSettings, IngestSettings
 from edge_kit.fleet.storage import Storage, WindowRow, encode_counts
 

@@ -40,9 +40,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from edge_kit.fleet.alerts import AlertError
-from edge_kit.fleet.http_protocol import protocol_class
 from edge_kit.fleet.http_security import HttpSecurity, SecurityMiddleware
 from edge_kit.fleet.service import FleetService
+from edge_kit.fleet.uvicorn_deadlines import protocol_class
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -51,7 +51,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 
 
 @dataclass(frozen=True)
-class HttpLimits:
+class FleetHttpLimits:
     request_timeout: float = 10.0  # a request must arrive in full within this many seconds
     keep_alive: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 256  # beyond this the oldest idle connection is closed
@@ -231,7 +231,7 @@ def _no_constant(name: str) -> Any:
 class FleetHttpServer:
     """uvicorn serving the app on a socket bound at construction (so a busy port fails early)."""
 
-    def __init__(self, app: Any, host: str, port: int, limits: HttpLimits) -> None:
+    def __init__(self, app: Any, host: str, port: int, limits: FleetHttpLimits) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family, backlog=1024)
         self.server_address: tuple[str, int] = self.socket.getsockname()[:2]
@@ -258,12 +258,12 @@ class FleetHttpServer:
 
 
 def make_server(service: FleetService, host: str, port: int, security: HttpSecurity | None = None,
-                limits: HttpLimits | None = None) -> FleetHttpServer:
+                limits: FleetHttpLimits | None = None) -> FleetHttpServer:
     security = security or HttpSecurity()
     if host not in ("0.0.0.0", "::", ""):  # the address it listens on is a name clients may use
         security = HttpSecurity(security.token, security.allowed_hosts | {host}, security.allowed_origins,
                                 security.open_reads, security.max_body)
-    return FleetHttpServer(make_app(service, security), host, port, limits or HttpLimits())
+    return FleetHttpServer(make_app(service, security), host, port, limits or FleetHttpLimits())
 
 
 def serve_in_thread(server: FleetHttpServer) -> threading.Thread:

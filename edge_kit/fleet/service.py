@@ -17,7 +17,7 @@ from device_agent.monitoring.summary import INT64_MAX
 from edge_kit.fleet import concept, drift
 from edge_kit.fleet.alerts import AlertManager
 from edge_kit.fleet.consumer_state import ConsumerState
-from edge_kit.fleet.references import ModelReference, ReferenceStore
+from edge_kit.fleet.reference_index import ModelReference, ReferenceStore
 from edge_kit.fleet.settings import FleetSettings
 from edge_kit.fleet.storage import Storage
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_kit.errors import UsageError
-from edge_kit.fleet.dispersion import strip
+from edge_kit.fleet.dispersion_trailer import strip
 
 # Stored counts use the narrowest unsigned type that holds them; the type follows from the blob's
 # length (bins x itemsize), so no header is needed and int64 blobs stay readable.

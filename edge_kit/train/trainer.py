@@ -602,7 +602,7 @@ def finish_run(config: Config, dataset: Dataset, trainer: Trainer, run: tracking
                        reused=False)
 
 
-def load_model(config: Config, checkpoint: Path) -> torch.nn.Module:
+def load_trained_model(config: Config, checkpoint: Path) -> torch.nn.Module:
     """Rebuild the module a checkpoint holds, in eval mode on the CPU.
 
     Raises UsageError (exit 2) when the file is unreadable or holds a different model than the config builds.

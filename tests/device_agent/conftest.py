@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agent.bundle.signing import generate_keypair, load_private_key
-from tests.helpers.bundles import make_bundle
+from harness.bundles import make_bundle
 
 
 @pytest.fixture(scope="session")

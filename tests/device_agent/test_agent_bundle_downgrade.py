@@ -14,7 +14,7 @@ from device_agent.agent import Agent
 from device_agent.bundle.signing import load_public_key
 from device_agent.bundle.watcher import BundleWatcher
 from device_agent.errors import VerificationError
-from tests.helpers.bundles import make_bundle
+from harness.bundles import make_bundle
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from device_agent.bundle.format import MANIFEST, MODEL, REFERENCE, SIGNATURE, read_bundle
 from device_agent.errors import VerificationError
-from tests.device_agent.hostile_zips import RawEntry, deflated_zeros, raw_zip
+from tests.helpers.hostile_zips import RawEntry, deflated_zeros, raw_zip
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NAMES = st.sampled_from([MANIFEST, SIGNATURE, MODEL, REFERENCE, "report.md", "evil.py", "../x", ""])

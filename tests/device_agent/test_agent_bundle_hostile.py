@@ -17,7 +17,7 @@ import device_agent.bundle.format as bundle_mod
 from device_agent.bundle.format import MANIFEST, MODEL, SIGNATURE, canonical_json, read_bundle
 from device_agent.bundle.signing import load_public_key, sign
 from device_agent.errors import EXIT_VERIFICATION, VerificationError
-from tests.device_agent.hostile_zips import (
+from tests.helpers.hostile_zips import (
     bomb_beside,
     bomb_entry,
     encrypted_zip,

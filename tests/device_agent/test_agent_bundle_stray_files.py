@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MosquittoBroker
-from tests.device_agent.hostile_zips import bomb_beside, encrypted_zip, unsupported_method_zip
-from tests.device_agent.mqtt_helpers import AgentProcess, Subscriber, wait_until
-from tests.helpers.bundles import digits_like_inputs
+from harness.bundles import digits_like_inputs
+from harness.processes import MosquittoBroker
+from tests.helpers.hostile_zips import bomb_beside, encrypted_zip, unsupported_method_zip
+from tests.helpers.mqtt import AgentProcess, Subscriber, wait_until
 
 pytestmark = pytest.mark.integration
 

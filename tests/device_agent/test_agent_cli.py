@@ -16,8 +16,8 @@ from device_agent.batch import predict_file
 from device_agent.cli import build_parser
 from device_agent.errors import ConfigError, DataError
 from device_agent.settings import apply_flags, load_settings
-from tests.conftest import cli_env
-from tests.helpers.bundles import digits_like_inputs
+from harness.bundles import digits_like_inputs
+from harness.processes import cli_env
 
 FORBIDDEN = ("torch", "mlflow", "dvc", "scipy", "sklearn", "edge_kit", "calibration", "neural_compressor", "onnx")
 

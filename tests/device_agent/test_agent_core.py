@@ -19,7 +19,7 @@ from device_agent.monitoring.window import WindowMonitor
 from device_agent.uplink.forwarder import Forwarder
 from device_agent.uplink.spool import Spool
 from device_agent.uplink.transport import MemoryPublisher
-from tests.helpers.bundles import digits_like_inputs
+from harness.bundles import digits_like_inputs
 
 
 def _agent(bundle: Path, tmp_path: Path, clock, publisher: MemoryPublisher | None = None,

@@ -18,7 +18,7 @@ from device_agent.errors import UsageError
 from device_agent.http.protocol import HttpLimits
 from device_agent.http.server import AgentHTTPServer
 from device_agent.uplink.wire import parse_host_port
-from tests.helpers.bundles import digits_like_inputs
+from harness.bundles import digits_like_inputs
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def test_a_head_without_end_is_refused_at_the_head_limit() -> None:
 
 @pytest.fixture(scope="module")
 def routes(tmp_path_factory: pytest.TempPathFactory) -> Routes:
-    from tests.helpers.bundles import make_bundle
+    from harness.bundles import make_bundle
 
     bundle = make_bundle(tmp_path_factory.mktemp("fuzz"), seed=0, version="1.0.0")
     return Routes(Agent(bundle, window_seconds=60), HttpLimits(max_samples=64))
@@ -123,7 +123,7 @@ def test_no_body_makes_a_route_fail_unexpectedly(routes: Routes, path: str, meth
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentHTTPServer]:
-    from tests.helpers.bundles import make_bundle
+    from harness.bundles import make_bundle
 
     bundle = make_bundle(tmp_path_factory.mktemp("fuzz-live"), seed=0, version="1.0.0")
     server = AgentHTTPServer(("127.0.0.1", 0), Agent(bundle, window_seconds=60), HttpLimits(timeout=0.5))

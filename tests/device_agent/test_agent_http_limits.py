@@ -18,7 +18,7 @@ import pytest
 from device_agent.agent import Agent
 from device_agent.http.protocol import HttpLimits
 from device_agent.http.server import AgentHTTPServer
-from tests.helpers.bundles import digits_like_inputs
+from harness.bundles import digits_like_inputs
 
 INFER = "/v2/models/digits/infer"
 
@@ -368,7 +368,7 @@ def test_connections_do_not_start_threads(make_server) -> None:
 
 @pytest.mark.integration
 def test_edge_agent_run_applies_the_http_flags(bundle_v1: Path, tmp_path: Path, edge_agent_cli) -> None:
-    from tests.device_agent.mqtt_helpers import AgentProcess
+    from tests.helpers.mqtt import AgentProcess
 
     bad = edge_agent_cli("run", "--bundle", str(bundle_v1), "--broker", "mqtt://127.0.0.1:1", "--device-id", "d",
                          "--http", "127.0.0.1:0", "--http-max-body-bytes", "0", timeout=60)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MosquittoBroker
-from tests.device_agent.mqtt_helpers import AgentProcess, Subscriber, wait_until
-from tests.device_agent.tls_certs import make_pki
-from tests.helpers.bundles import digits_like_inputs
+from harness.bundles import digits_like_inputs
+from harness.processes import MosquittoBroker
+from tests.helpers.mqtt import AgentProcess, Subscriber, wait_until
+from tests.helpers.tls_certs import make_pki
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from device_agent.agent import Agent
-from tests.conftest import MosquittoBroker
-from tests.device_agent.mqtt_helpers import AgentProcess, Subscriber, wait_until
-from tests.helpers.bundles import digits_like_inputs
+from harness.bundles import digits_like_inputs
+from harness.processes import MosquittoBroker
+from tests.helpers.mqtt import AgentProcess, Subscriber, wait_until
 
 pytestmark = pytest.mark.integration
 

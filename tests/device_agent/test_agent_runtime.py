@@ -12,7 +12,7 @@ import pytest
 from device_agent.agent import load_model
 from device_agent.bundle.format import SELFTEST
 from device_agent.errors import InputError, VerificationError
-from tests.helpers.bundles import MEAN, STD, digits_like_inputs, make_bundle, run_model
+from harness.bundles import MEAN, STD, digits_like_inputs, make_bundle, run_model
 
 
 def test_outputs_match_the_model_run_with_the_build_preprocessing(bundle_v1: Path) -> None:

@@ -16,7 +16,7 @@ from device_agent.uplink.forwarder import Forwarder
 from device_agent.uplink.spool import Spool
 from device_agent.uplink.transport import MemoryPublisher, Message
 from device_agent.uplink.wire import parse_broker_url
-from tests.conftest import cli_env
+from harness.processes import cli_env
 
 
 def test_put_is_idempotent_and_fifo(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from device_agent.errors import EXIT_UNEXPECTED, EXIT_USAGE, EXIT_VERIFICATION, VerificationError
-from tests.conftest import run_cli
+from harness.processes import run_cli
 
 PROGRAMS = ["edge-kit", "edge-agent"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from harness.processes import free_port
 
 
 class PostgresServer:

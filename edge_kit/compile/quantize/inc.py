@@ -68,10 +68,10 @@ def make_inc_quantizer(config: Config, trained: Any, dataset: Any, calibration_r
     from neural_compressor.torch.quantization import INT8StaticQuantConfig, TuningConfig, autotune, convert, prepare
 
     from edge_kit.compile.evaluate import accuracy
-    from edge_kit.train.trainer import load_model
+    from edge_kit.train.trainer import load_trained_model
 
     torch.manual_seed(0)
-    model = load_model(config, Path(trained.checkpoint)).eval()
+    model = load_trained_model(config, Path(trained.checkpoint)).eval()
     calib = [torch.from_numpy(dataset.preprocess(calibration_raw[i : i + CALIBRATION_BATCH]))
              for i in range(0, len(calibration_raw), CALIBRATION_BATCH)]
     x_test = torch.from_numpy(dataset.preprocess(dataset.X_test))

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_models import ConcatStretchMlp, OutlierMlp, TinyCase, export_onnx, image_data, tabular_data, trained_cnn
+from tests.helpers.tiny_models import (
+    ConcatStretchMlp,
+    OutlierMlp,
+    TinyCase,
+    export_onnx,
+    image_data,
+    tabular_data,
+    trained_cnn,
+)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from calibration import select_calibration
 from edge_kit.compile.coverage import int8_coverage, mac_counts, model_int8_coverage
 from edge_kit.compile.quantize import make_ort_quantizer
 from edge_kit.config import QuantizeSection
-from tests.tiny_models import TinyCase
+from tests.helpers.tiny_models import TinyCase
 
 # TinyCnn on 1x8x8: conv1 1->8 3x3 on 8x8, maxpool 2, conv2 8->16 3x3 on 4x4, fc 256 -> 4.
 CONV1 = 8 * 8 * 8 * (1 * 3 * 3)

@@ -13,7 +13,7 @@ from calibration import select_calibration
 from edge_kit.compile.float_tensors import keep_float, quantized_activations
 from edge_kit.compile.quantize import OrtQuantizer, make_ort_quantizer
 from edge_kit.config import QuantizeSection
-from tests.tiny_models import TinyCase
+from tests.helpers.tiny_models import TinyCase
 
 
 @pytest.fixture(scope="module")

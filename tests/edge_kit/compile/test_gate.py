@@ -14,7 +14,7 @@ from edge_kit.compile.qdq_analysis import summarize_qdq
 from edge_kit.compile.quantize import OrtQuantizer, make_ort_quantizer
 from edge_kit.config import GateSection, QuantizeSection
 from edge_kit.ship.report import ReportInputs, render_report
-from tests.tiny_models import TinyCase
+from tests.helpers.tiny_models import TinyCase
 
 
 def test_budget_reports_every_check_measured_against_allowed() -> None:

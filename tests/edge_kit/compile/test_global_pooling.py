@@ -16,7 +16,7 @@ from edge_kit.compile.fusion import fused_int8_ops
 from edge_kit.compile.global_pooling import rewrite_global_pooling
 from edge_kit.compile.quantize import make_ort_quantizer
 from edge_kit.config import QuantizeSection
-from tests.tiny_models import export_onnx
+from tests.helpers.tiny_models import export_onnx
 
 
 class _PooledCnn(nn.Module):

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from device_agent.agent import load_model
 from device_agent.bundle.format import MODEL, read_bundle, write_bundle
 from edge_kit.compile.preprocess_graph import embed_preprocessing
-from tests.helpers.bundles import MEAN, STD, cnn_model, digits_like_inputs, make_bundle, run_model
+from harness.bundles import MEAN, STD, cnn_model, digits_like_inputs, make_bundle, run_model
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from edge_kit.compile.evaluate import accuracy, predict_logits
 from edge_kit.compile.qdq_analysis import summarize_qdq
 from edge_kit.compile.quantize import make_ort_quantizer
 from edge_kit.config import QuantizeSection
-from tests.tiny_models import TinyCase, export_onnx
+from tests.helpers.tiny_models import TinyCase, export_onnx
 
 
 def _quantizer(case: TinyCase, tmp: Path, **settings: object):

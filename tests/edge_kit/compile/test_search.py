@@ -17,7 +17,7 @@ from edge_kit.compile.quantize import OrtQuantizer, make_ort_quantizer
 from edge_kit.compile.search import TIE_TOLERANCE, Decision, edge_specs, score, search_candidates
 from edge_kit.config import GateSection, QuantizeSection
 from edge_kit.ship.report import render_candidates
-from tests.tiny_models import TinyCase, export_onnx
+from tests.helpers.tiny_models import TinyCase, export_onnx
 
 pytestmark = pytest.mark.slow
 

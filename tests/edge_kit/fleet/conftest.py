@@ -1,23 +1,19 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from collections.abc import Iterator
-
-from fleetkit import OPERATOR_TOKEN, DigitsBundle, make_bundle, populate
-
 from edge_kit.fleet.http_security import HttpSecurity
 from edge_kit.fleet.ingest import Ingestor
-from edge_kit.fleet.references import ReferenceStore
+from edge_kit.fleet.reference_index import ReferenceStore
 from edge_kit.fleet.server import make_server, serve_in_thread
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import parse_settings
 from edge_kit.fleet.storage import Storage
+from harness.fleetkit import OPERATOR_TOKEN, DigitsBundle, make_bundle, populate
 from tests.helpers.postgres import PostgresServer
 
 

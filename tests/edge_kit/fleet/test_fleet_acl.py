@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from fleetkit import DigitsBundle, sample_images, summary
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_kit.fleet.ingest import ConsumerConfig, run_consumer
 from edge_kit.fleet.settings import FleetSettings
 from edge_kit.fleet.storage import Storage
-from tests.conftest import REPO_ROOT, MosquittoBroker
+from harness.fleetkit import DigitsBundle, sample_images, summary
+from harness.processes import REPO_ROOT, MosquittoBroker
 
 pytestmark = pytest.mark.integration
 FLEET = "acl"

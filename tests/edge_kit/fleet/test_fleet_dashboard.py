@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from fleetkit import OPERATOR_TOKEN
 
 from edge_kit.fleet.service import FleetService
+from harness.fleetkit import OPERATOR_TOKEN
 
 pytestmark = pytest.mark.integration
 

@@ -13,16 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleetkit import DigitsBundle, sample_images, summary
 
 from device_agent.monitoring.channels import MonitorPlan
 from device_agent.monitoring.reference import build_reference
 from device_agent.monitoring.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
-from edge_kit.fleet import dispersion, drift
+from edge_kit.fleet import dispersion_trailer as dispersion
+from edge_kit.fleet import drift
 from edge_kit.fleet.ingest import Ingestor
-from edge_kit.fleet.references import ModelReference, ReferenceStore
+from edge_kit.fleet.reference_index import ModelReference, ReferenceStore
 from edge_kit.fleet.settings import DriftSettings, IngestSettings
 from edge_kit.fleet.storage import Storage
+from harness.fleetkit import DigitsBundle, sample_images, summary
 
 FEATURES = [f"f{i}" for i in range(5)]
 LABELS = ["a", "b", "c"]

@@ -11,7 +11,7 @@ from device_agent.monitoring.channels import MonitorPlan
 from device_agent.monitoring.reference import build_reference
 from device_agent.monitoring.summary import Histogrammer
 from edge_kit.fleet import drift
-from edge_kit.fleet.references import ModelReference
+from edge_kit.fleet.reference_index import ModelReference
 from edge_kit.fleet.settings import DriftSettings
 
 FEATURES = [f"f{i}" for i in range(5)]

@@ -10,18 +10,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fleetkit import OPERATOR_TOKEN, DigitsBundle, sample_images, summary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from device_agent.monitoring.summary import PayloadError
 from edge_kit.fleet.http_security import HttpSecurity
 from edge_kit.fleet.ingest import Validator
-from edge_kit.fleet.references import ReferenceStore
+from edge_kit.fleet.reference_index import ReferenceStore
 from edge_kit.fleet.server import make_app
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import parse_settings
 from edge_kit.fleet.storage import Storage
+from harness.fleetkit import OPERATOR_TOKEN, DigitsBundle, sample_images, summary
 
 BOUNDED = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                           HealthCheck.too_slow])

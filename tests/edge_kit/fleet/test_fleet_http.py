@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleetkit import OPERATOR_TOKEN
 
 from edge_kit.fleet.http_security import HttpSecurity
-from edge_kit.fleet.server import HttpLimits, alerts_csv, dumps, make_server, serve_in_thread
+from edge_kit.fleet.server import FleetHttpLimits, alerts_csv, dumps, make_server, serve_in_thread
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import parse_settings
+from harness.fleetkit import OPERATOR_TOKEN
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
@@ -64,7 +64,7 @@ def marker_service(service: FleetService, tmp_path: Path) -> tuple[FleetService,
 def closed(service: FleetService) -> Iterator[str]:
     """A server as `fleet serve --token-file F` runs it: the token needed for reads too."""
     server = make_server(service, "127.0.0.1", 0, HttpSecurity(token=OPERATOR_TOKEN),
-                         HttpLimits(request_timeout=1.0, max_connections=32))
+                         FleetHttpLimits(request_timeout=1.0, max_connections=32))
     serve_in_thread(server)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -184,7 +184,7 @@ def test_keep_alive_connections_have_nodelay(tmp_path: Path) -> None:
     # delayed ACK (~40 ms) on every answer. Checked on the server's own sockets, not with a timer.
     import socket as socket_module
 
-    from edge_kit.fleet.references import ReferenceStore
+    from edge_kit.fleet.reference_index import ReferenceStore
     from edge_kit.fleet.storage import Storage
 
     svc = FleetService(Storage(f"sqlite:///{tmp_path}/f.db"), ReferenceStore([]), parse_settings({}))

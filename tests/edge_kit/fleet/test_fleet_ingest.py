@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleetkit import DigitsBundle, sample_images, summary
 
 from device_agent.monitoring.summary import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB
-from edge_kit.fleet.dispersion import strip
+from edge_kit.fleet.dispersion_trailer import strip
 from edge_kit.fleet.ingest import Ingestor
-from edge_kit.fleet.references import ReferenceStore
+from edge_kit.fleet.reference_index import ReferenceStore
 from edge_kit.fleet.settings import IngestSettings
 from edge_kit.fleet.storage import Storage, decode_counts, encode_counts
+from harness.fleetkit import DigitsBundle, sample_images, summary
 
 TOPIC = "edgekit/test/dev1/summary"
 
@@ -56,7 +56,7 @@ def test_accepts_valid_summaries_and_drops_qos1_duplicates(ingestor: Ingestor, d
     total_bins = sum(c.bins for c in digits_bundle.reference.channels.values())
     flat = decode_counts([bytes(stored[0][4])], total_bins)[0]
     assert flat.sum() == 80 * len(digits_bundle.plan.channel_names)  # every channel's counts add to n
-    # Small counts are stored as uint16 (then the agent's dispersion trailer: edge_kit/fleet/dispersion.py).
+    # Small counts are stored as uint16 (then the agent's dispersion trailer: edge_kit/fleet/dispersion_trailer.py).
     assert len(strip(bytes(stored[0][4]), total_bins)) == 2 * total_bins
     dev = ingestor.storage.devices()[0]
     assert dev["device"] == "dev1" and dev["state"] == "online" and dev["model_version"] == "1.0.0"

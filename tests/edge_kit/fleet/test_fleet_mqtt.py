@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from fleetkit import DigitsBundle, sample_images, summary
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agent.uplink.wire import status_topic, summary_topic
-from tests.conftest import MosquittoBroker, cli_env, free_port, wait_for_port
+from harness.fleetkit import DigitsBundle, sample_images, summary
+from harness.processes import MosquittoBroker, cli_env, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 FLEET = "itest"

@@ -16,7 +16,7 @@ from device_agent.monitoring.reference import Reference, bin_counts, build_refer
 from device_agent.monitoring.summary import Histogrammer
 from edge_kit.commands import inspect
 from edge_kit.fleet import drift, stats
-from edge_kit.fleet.references import ModelReference
+from edge_kit.fleet.reference_index import ModelReference
 from edge_kit.fleet.settings import DriftSettings
 
 LABELS = ["a", "b", "c", "d"]

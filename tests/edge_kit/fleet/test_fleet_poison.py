@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleetkit import DigitsBundle, digits_model, sample_images, summary
 
 from device_agent.monitoring.summary import WindowSummary
 from edge_kit.fleet.ingest import Ingestor, Validator
-from edge_kit.fleet.references import ReferenceStore
+from edge_kit.fleet.reference_index import ReferenceStore
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import parse_settings
 from edge_kit.fleet.storage import Storage
+from harness.fleetkit import DigitsBundle, digits_model, sample_images, summary
 
 TOPIC = "edgekit/test/{}/summary"
 

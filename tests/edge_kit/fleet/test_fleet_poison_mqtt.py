@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleetkit import OPERATOR_TOKEN, DigitsBundle, sample_images, summary
 from test_fleet_mqtt import Server, _publish, _publisher, _stored, _wait
 
-from tests.conftest import MosquittoBroker, free_port, wait_for_port
+from harness.fleetkit import OPERATOR_TOKEN, DigitsBundle, sample_images, summary
+from harness.processes import MosquittoBroker, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 FLEET = "poison"

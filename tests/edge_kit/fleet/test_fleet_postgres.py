@@ -8,13 +8,13 @@ import uuid
 
 import numpy as np
 import pytest
-from fleetkit import DigitsBundle, populate, sample_images, summary
 
 from edge_kit.fleet.ingest import Ingestor
-from edge_kit.fleet.references import ReferenceStore
+from edge_kit.fleet.reference_index import ReferenceStore
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import parse_settings
 from edge_kit.fleet.storage import Storage
+from harness.fleetkit import DigitsBundle, populate, sample_images, summary
 from tests.helpers.postgres import PostgresServer
 
 pytestmark = pytest.mark.integration

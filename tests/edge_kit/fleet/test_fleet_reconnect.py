@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MosquittoBroker, cli_env, free_port, wait_for_port
-from tests.device_agent.mqtt_helpers import AgentProcess
-from tests.helpers.bundles import digits_like_inputs, make_bundle
+from harness.bundles import digits_like_inputs, make_bundle
+from harness.processes import MosquittoBroker, cli_env, free_port, wait_for_port
+from tests.helpers.mqtt import AgentProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 FLEET = "reconnect"

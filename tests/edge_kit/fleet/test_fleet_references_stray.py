@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fleetkit import DigitsBundle
 
-from edge_kit.fleet.references import ReferenceStore
-from tests.device_agent.hostile_zips import bomb_beside, encrypted_zip, unsupported_method_zip
+from edge_kit.fleet.reference_index import ReferenceStore
+from harness.fleetkit import DigitsBundle
+from tests.helpers.hostile_zips import bomb_beside, encrypted_zip, unsupported_method_zip
 
 
 def test_stray_files_in_the_bundles_folder_are_skipped_and_logged(
@@ -22,7 +22,7 @@ def test_stray_files_in_the_bundles_folder_are_skipped_and_logged(
     (folder / "encrypted.edgebundle").write_bytes(encrypted_zip())
     (folder / "method.edgebundle").write_bytes(unsupported_method_zip())
     (folder / "bomb.edgebundle").write_bytes(bomb_beside(digits_bundle.path, mib=300))
-    with caplog.at_level(logging.WARNING, logger="edge_kit.fleet.references"):
+    with caplog.at_level(logging.WARNING, logger="edge_kit.fleet.reference_index"):
         store = ReferenceStore(folder=folder)
     assert [r.source for r in store.all()] == [str(folder / "good.edgebundle")]
     skipped = " ".join(r.getMessage() for r in caplog.records)

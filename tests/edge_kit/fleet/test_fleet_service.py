@@ -9,9 +9,9 @@ import urllib.request
 
 import numpy as np
 import pytest
-from fleetkit import OPERATOR_TOKEN, DigitsBundle, sample_images
 
 from edge_kit.fleet.service import FleetService
+from harness.fleetkit import OPERATOR_TOKEN, DigitsBundle, sample_images
 
 
 def _get(url: str) -> dict:
@@ -99,7 +99,7 @@ def test_approve_runs_retraining_once_then_rate_limits(http: str, service: Fleet
 def test_labels_give_accuracy_and_estimate_is_marked(http: str, service: FleetService,
                                                       digits_bundle: DigitsBundle) -> None:
     x, y = sample_images(400, np.random.default_rng(5))
-    from fleetkit import logits
+    from harness.fleetkit import logits
 
     pred = logits(x).argmax(axis=1)
     wrong = pred.copy()

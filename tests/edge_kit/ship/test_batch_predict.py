@@ -16,7 +16,7 @@ import pytest
 from device_agent.agent import load_model
 from edge_kit.ship.batch_predict import OUTPUT_SUFFIX, expand_inputs, is_complete, plan_outputs
 from edge_kit.train.provenance import sha256_file
-from tests.helpers.bundles import digits_like_inputs, make_bundle
+from harness.bundles import digits_like_inputs, make_bundle
 from tests.helpers.ray_cluster import RayCluster
 
 

@@ -24,8 +24,8 @@ from device_agent.bundle.format import (
     read_bundle,
     write_bundle,
 )
-from tests.edge_kit.ship.projects import OUTLIER_NET, git, make_project
 from tests.helpers import mlflow_default_uri
+from tests.helpers.projects import OUTLIER_NET, git, make_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -43,7 +43,7 @@ def built(tmp_path_factory: pytest.TempPathFactory):
 
     os.environ["DVC_NO_ANALYTICS"] = "1"
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from tests.conftest import run_cli
+    from harness.processes import run_cli
 
     root = tmp_path_factory.mktemp("proj")
     config = make_project(root / "p")

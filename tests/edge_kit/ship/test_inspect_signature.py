@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from device_agent.bundle.signing import generate_keypair, load_private_key
-from tests.helpers.bundles import make_bundle
+from harness.bundles import make_bundle
 
 
 def test_inspect_says_whether_it_verified_the_signature(edge_kit_cli, tmp_path: Path) -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from training_helpers import make_project
 
 from edge_kit.config import load_config
 from edge_kit.errors import DataError
 from edge_kit.train.data import FEATURES, IMAGE, apply_preprocessing, load_dataset
+from tests.helpers.training import make_project
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ from types import ModuleType
 
 import pytest
 import yaml
-from training_helpers import commit_all, make_project
 
 from edge_kit.config import load_config
 from edge_kit.train.data import materialise_snapshot, snapshot_path
 from edge_kit.train.trainer import train
+from tests.helpers.training import commit_all, make_project
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 

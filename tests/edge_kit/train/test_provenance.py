@@ -7,11 +7,11 @@ import platform
 from pathlib import Path
 
 import pytest
-from training_helpers import commit_all, git, make_project
 
 from edge_kit.config import load_config
 from edge_kit.train.data import load_dataset
 from edge_kit.train.provenance import collect_provenance, container_image, git_state
+from tests.helpers.training import commit_all, git, make_project
 
 
 def test_git_commit_and_dirty(tmp_path: Path) -> None:

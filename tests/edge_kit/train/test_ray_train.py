@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import torch
-from training_helpers import commit_all, make_project, tiny_config
 
 from edge_kit.train.checkpoint import read_checkpoint
 from tests.helpers.ray_cluster import RayCluster, train_workers
+from tests.helpers.training import commit_all, make_project, tiny_config
 
 # Each Ray run starts a worker group (two Python processes importing torch): minutes on a loaded 2-core VM.
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]

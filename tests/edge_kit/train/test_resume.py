@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import torch
-from training_helpers import make_project, tiny_config
 
 from edge_kit.errors import EXIT_INTERRUPTED
 from edge_kit.train.checkpoint import CheckpointManager, read_checkpoint
+from tests.helpers.training import make_project, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from training_helpers import commit_all, git, make_project
 
 from edge_kit.config import load_config
 from edge_kit.errors import DataError
 from edge_kit.train.data import load_dataset, materialise_snapshot
 from edge_kit.train.snapshot import file_md5, recorded_md5, write_npz_deterministic
+from tests.helpers.training import commit_all, git, make_project
 
 pytestmark = pytest.mark.integration  # real DVC and git
 

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from training_helpers import make_project, tiny_config
 
 from edge_kit.config import load_config
 from edge_kit.train.tracking import flatten_params, resolve_tracking_uri
+from tests.helpers.training import make_project, tiny_config
 
 
 def test_store_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

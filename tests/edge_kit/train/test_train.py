@@ -1,4 +1,4 @@
-"""Training end to end in-process: result files, MLflow run contents, reuse, load_model, refusals."""
+"""Training end to end in-process: result files, MLflow run contents, reuse, load_trained_model, refusals."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from training_helpers import commit_all, make_project, tiny_config
 
 from edge_kit.config import load_config
 from edge_kit.train import checkpoint as ckpt
 from edge_kit.train.checkpoint import CheckpointWriteError, ForeignCheckpointError, read_checkpoint
 from edge_kit.train.data import load_dataset
-from edge_kit.train.trainer import TrainResult, load_model, train
+from edge_kit.train.trainer import TrainResult, load_trained_model, train
+from tests.helpers.training import commit_all, make_project, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]  # real MLflow store, DVC, ONNX Runtime
 
@@ -46,7 +46,7 @@ def test_onnx_takes_preprocessed_input_and_agrees_with_the_checkpoint(trained: t
     config_path, result = trained
     config = load_config(config_path)
     dataset = load_dataset(config)
-    model = load_model(config, result.checkpoint)
+    model = load_trained_model(config, result.checkpoint)
     assert not model.training
     x = dataset.preprocess(dataset.X_test)
     session = ort.InferenceSession(str(result.onnx), providers=["CPUExecutionProvider"])
@@ -118,7 +118,7 @@ def test_load_model_refuses_a_different_model(trained: tuple[Path, TrainResult],
     other = tmp_path / "edgekit.toml"
     other.write_text(tiny_config().replace("channels = [4, 8]", "channels = [4, 6]"))
     with pytest.raises(ForeignCheckpointError, match="different model") as info:
-        load_model(load_config(other), result.checkpoint)
+        load_trained_model(load_config(other), result.checkpoint)
     assert info.value.exit_code == 2 and "architecture" in str(info.value)
 
 

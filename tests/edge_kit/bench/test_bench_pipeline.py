@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bench_fixtures import load_report
 
 from device_agent.bundle.format import read_bundle
 from edge_kit.config import load_config
 from edge_kit.train.trainer import FINAL_CHECKPOINT, ONNX_FILE, run_folder
+from tests.helpers.bench_fixtures import load_report
 
 CONFIG = """
 [project]

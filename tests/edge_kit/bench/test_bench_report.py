@@ -6,11 +6,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from bench_fixtures import TinyPipeline, load_report
 
 from edge_kit.bench import BenchSettings, TorchModelSpec, run_bench
 from edge_kit.bench.plan import EvalData
 from edge_kit.bench.sources import plan_for_bundle
+from tests.helpers.bench_fixtures import TinyPipeline, load_report
 
 QUICK = BenchSettings(batch_sizes=(1, 16), thread_counts=(1, 2), warmup=2, latency_repeats=40, throughput_repeats=4)
 

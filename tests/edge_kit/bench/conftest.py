@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from bench_fixtures import TinyPipeline, build_tiny_pipeline
+
+from tests.helpers.bench_fixtures import TinyPipeline, build_tiny_pipeline
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agent.monitoring.summary import WindowSummary
-from tests.conftest import cli_env, free_port
+from harness.processes import cli_env, free_port
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from bench_fixtures import TinyPipeline, load_report
+from tests.helpers.bench_fixtures import TinyPipeline, load_report
 
 
 def test_bundle_alone_measures_int8_on_synthetic_inputs(edge_kit_cli, tiny_pipeline: TinyPipeline,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bench_fixtures import TinyPipeline, rebundle
+
+from tests.helpers.bench_fixtures import TinyPipeline, rebundle
 
 
 @pytest.mark.integration
