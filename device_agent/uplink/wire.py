@@ -1,6 +1,7 @@
 """Facts that cross the wire, defined once for the agent and the fleet server (DESIGN.md section 6).
 
-- MQTT topic names: `edgekit/<fleet>/<device>/summary` and `.../status`, the shared-subscription
+- MQTT topic names: `edgekit/<fleet>/<device>/summary`, `.../status` and `.../deployment` (the
+  retained pointer to a bundle the fleet wants the device to serve), the shared-subscription
   form the fleet consumers use, and the reverse (topic -> fleet, device, kind).
 - Broker URLs: `mqtt[s]://[USER[:PASSWORD]@]HOST[:PORT]` plus the TLS and session options, parsed
   into one `BrokerConfig` that both the agent's publisher and the fleet's consumer connect with.
@@ -21,7 +22,8 @@ from device_agent.errors import ConfigError, UsageError
 TOPIC_ROOT = "edgekit"
 SUMMARY = "summary"
 STATUS = "status"
-KINDS = (SUMMARY, STATUS)
+DEPLOYMENT = "deployment"  # fleet -> device, retained; the payload is deploy.message's
+KINDS = (SUMMARY, STATUS, DEPLOYMENT)
 # A password in the broker URL shows in `ps`; this variable is read instead when the URL has none.
 PASSWORD_ENV = "EDGEKIT_MQTT_PASSWORD"
 MQTT_PORT, MQTTS_PORT = 1883, 8883
@@ -40,6 +42,10 @@ def summary_topic(fleet: str, device: str = "+") -> str:
 
 def status_topic(fleet: str, device: str = "+") -> str:
     return topic(fleet, device, STATUS)
+
+
+def deployment_topic(fleet: str, device: str = "+") -> str:
+    return topic(fleet, device, DEPLOYMENT)
 
 
 def shared_topic(group: str, topic_filter: str) -> str:
