@@ -1,7 +1,7 @@
-"""`edge-agent` command line: run | predict | verify (DESIGN.md section 3).
+"""`edge-agent` command line: serve a bundle on a device, score files with it, or check it.
 
-Exit codes: 0 ok, 1 unexpected, 2 bad usage or config, 4 verification failed. Errors are one line
-on stderr (a traceback only with --debug); with --json, stdout holds exactly one JSON object.
+Errors are one line on stderr (a traceback only with --debug) and exit with the codes listed on every
+help page (`cli_runner.EXIT_CODES`); with --json, stdout holds exactly one JSON object.
 """
 
 from __future__ import annotations
@@ -15,20 +15,46 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent.cli_runner import Parser, add_common_flags, add_verify_command, run_cli
+from device_agent.cli_runner import (
+    EXIT_CTRL_C,
+    Parser,
+    add_common_flags,
+    add_verify_command,
+    end_help_with,
+    exit_codes_epilog,
+    package_version,
+    run_cli,
+)
+from device_agent.errors import EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_VERIFICATION
 
 log = logging.getLogger("device_agent")
+
+# The exit codes edge-agent can return (no accuracy gate and no training on a device).
+AGENT_EXIT_CODES = (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_VERIFICATION, EXIT_CTRL_C)
+DESCRIPTION = """\
+edge-agent runs a signed edge-kit bundle on a device: it verifies the bundle, serves predictions
+(HTTP, Open Inference Protocol, or files), summarises what the model sees into windows of histograms,
+and reports them to the fleet server over MQTT, keeping them on disk while the broker is away.
+
+`edge-agent COMMAND --help` says what a command does. Every command takes --json (one JSON object on
+stdout), --debug and -q. Docs: docs/agent.md; config keys: docs/config.md."""
 
 
 _common = add_common_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="edge-agent", description="edge-kit device agent")
+    parser = Parser(prog="edge-agent", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"edge-agent {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="serve a bundle: summaries over MQTT, optional HTTP API, hot updates")
-    p.add_argument("--config", help="agent config (TOML); flags override it")
+    p = sub.add_parser(
+        "run", help="serve a bundle: summaries over MQTT, optional HTTP API, hot updates",
+        description="Serve a bundle until SIGTERM or Ctrl-C: verify and self-test it, answer predictions over "
+                    "HTTP (with --http),\nclose a summary window every --window-seconds and send it over MQTT "
+                    "(spooled on disk while the\nbroker is away), and swap in a newer verified bundle dropped "
+                    "into the --bundle folder while serving.\nSettings come from --config; flags override it.")
+    p.add_argument("--config", help="agent config (TOML; keys in docs/config.md); flags override it")
     p.add_argument("--bundle", help="bundle file, or a directory whose newest *.edgebundle is served (watched)")
     p.add_argument("--broker", help="mqtt://HOST:PORT, or mqtts:// for TLS")
     p.add_argument("--device-id", dest="device_id", help="this device's id (an MQTT topic level)")
@@ -50,16 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a bundle of a lower version or another model name (a deliberate rollback)")
     _common(p)
 
-    p = sub.add_parser("predict", help="run a bundle over a .npy/.npz/.csv file, streaming, into a .npy")
-    p.add_argument("--bundle", required=True)
+    p = sub.add_parser(
+        "predict", help="run a bundle over a .npy/.npz/.csv file, streaming, into a .npy",
+        description="Run a bundle over a file of inputs, in batches, and write the model outputs to a .npy "
+                    "file.\nThe file is streamed: memory stays flat whatever its size.")
+    p.add_argument("--bundle", required=True, help="the .edgebundle file to run")
     p.add_argument("--input", required=True, help="FILE.npy, FILE.npz or FILE.csv of raw inputs")
     p.add_argument("--output", required=True, help="FILE.npy for the model outputs")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=256,
+                   help="rows per model call (default 256)")
     p.add_argument("--pubkey", help="Ed25519 public key (PEM) the bundle must be signed by")
     _common(p)
 
-    add_verify_command(sub, "check a bundle's signature, every hash, and its self-test")
-    return parser
+    add_verify_command(
+        sub, "check a bundle's signature, every hash, and its self-test",
+        "Check a bundle on this device before serving it: the signature (with --pubkey), the hash of every "
+        "member,\nand its self-test (the model loads and reproduces the outputs recorded at build time).\n"
+        "Exit 4 names the first member that fails.")
+    # Added last, so it reaches every page, including those of commands added above.
+    return end_help_with(parser, exit_codes_epilog(AGENT_EXIT_CODES))
 
 
 def _public_key(path: str | Path | None) -> Any:

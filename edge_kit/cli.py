@@ -1,5 +1,6 @@
-"""`edge-kit` command line: parse arguments, call the API, map errors to exit codes.
+"""`edge-kit` command line: train, build, check and ship models to edge devices, and run the fleet server.
 
+Parses arguments, calls the API and maps errors to exit codes (through `device_agent.cli_runner`).
 Heavy imports (torch, mlflow, onnx) happen inside the command modules, which are imported only
 when their command runs, so `edge-kit --help` stays instant.
 """
@@ -12,7 +13,15 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from device_agent.cli_runner import Parser, add_common_flags, add_verify_command, run_cli
+from device_agent.cli_runner import (
+    EXIT_CODES,
+    Parser,
+    add_common_flags,
+    add_verify_command,
+    end_help_with,
+    exit_codes_epilog,
+    run_cli,
+)
 from edge_kit import __version__
 
 log = logging.getLogger("edge_kit")
@@ -36,14 +45,29 @@ COMMANDS: dict[str, str] = {
 NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "dvc", "neural_compressor", "torch", "onnxscript", "onnx_ir", "paho")
 _common = add_common_flags
 
+DESCRIPTION = """\
+edge-kit takes PyTorch models from a reproducible training run to signed int8 bundles for edge
+devices, and watches the devices that serve them for drift. The devices run `edge-agent`.
+
+  keygen -> train -> build -> verify / inspect / reproduce -> promote, bench, batch-predict
+  fleet serve: gather the devices' summaries, detect drift, alert, retrain
+
+`edge-kit COMMAND --help` says what a command does. Every command takes --json (one JSON object on
+stdout), --debug and -q. Docs: docs/architecture.md; config keys: docs/config.md."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="edge-kit", description=__doc__.splitlines()[0])
+    parser = Parser(prog="edge-kit", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"edge-kit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model from a config: checkpoints, MLflow run, fp32 ONNX")
-    p.add_argument("--config", required=True, help="project config (TOML)")
+    p = sub.add_parser(
+        "train", help="train a model from a config: checkpoints, MLflow run, fp32 ONNX",
+        description="Train the model a project config names, from its DVC-tracked data snapshot, seeded and "
+                    "deterministic.\nCheckpoints are written as it goes; SIGTERM saves one and exits 75, and "
+                    "running the same command again\ncontinues bitwise. The run, its metrics, the checked fp32 "
+                    "ONNX export and its provenance go to MLflow.")
+    p.add_argument("--config", required=True, help="project config (TOML; keys in docs/config.md)")
     p.add_argument("--resume", choices=["auto", "never"], default="auto",
                    help="auto: continue from the newest valid checkpoint (default); never: start over")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or a local store)")
@@ -51,49 +75,79 @@ def build_parser() -> argparse.ArgumentParser:
                                          "else a local instance)")
     _common(p)
 
-    p = sub.add_parser("build", help="train (or reuse), quantize, gate and sign a device bundle")
-    p.add_argument("--config", required=True, help="project config (TOML)")
+    p = sub.add_parser(
+        "build", help="train (or reuse), quantize, gate and sign a device bundle",
+        description="Make a device bundle from a project config: train (or reuse the run with the same config, "
+                    "commit and data),\ncalibrate, quantize to int8, gate accuracy on the held-out split, keep "
+                    "the fastest candidate that passes,\nand write <name>-<version>.edgebundle signed with --key. "
+                    "If no candidate passes the gate: exit 3,\nno bundle, and a report naming the layers to blame.")
+    p.add_argument("--config", required=True, help="project config (TOML; keys in docs/config.md)")
     p.add_argument("--out", required=True, help="folder to write the .edgebundle into")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--key", help="Ed25519 private key (PEM) to sign the bundle with")
     g.add_argument("--unsigned", action="store_true", help="write an unsigned bundle (must be asked for)")
-    p.add_argument("--backend", choices=["ort", "inc"], help="override quantize.backend")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p.add_argument("--backend", choices=["ort", "inc"], help="override quantize.backend: ONNX Runtime or Intel "
+                                                            "Neural Compressor")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or a local store)")
     _common(p)
 
-    add_verify_command(sub, "check a bundle's signature and every hash")
+    add_verify_command(
+        sub, "check a bundle's signature and every hash",
+        "Check a bundle before it ships: the signature (with --pubkey) and the hash of every member.\n"
+        "Exit 4 names the first member that fails (tampered, truncated, wrong key).")
 
-    p = sub.add_parser("inspect", help="show what a bundle holds and where it came from")
-    p.add_argument("bundle")
+    p = sub.add_parser(
+        "inspect", help="show what a bundle holds and where it came from",
+        description="Show what a bundle holds: the model and its inputs, the gate result, int8 coverage, the "
+                    "candidates timed,\nand where it came from (MLflow run, commit, data). Hashes are always "
+                    "checked; the signature only with --pubkey,\nand the output says which.")
+    p.add_argument("bundle", help="the .edgebundle file to show")
     p.add_argument("--pubkey", help="Ed25519 public key (PEM) to verify the signature with")
     _common(p)
 
-    p = sub.add_parser("reproduce", help="rebuild a bundle from its provenance and compare bytes")
-    p.add_argument("bundle")
-    p.add_argument("--config", required=True)
-    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p = sub.add_parser(
+        "reproduce", help="rebuild a bundle from its provenance and compare bytes",
+        description="Rebuild a bundle from the provenance it records and the project config, and compare the "
+                    "model bytes.\nExit 0 when the rebuild is byte-identical, 4 with the difference otherwise.")
+    p.add_argument("bundle", help="the .edgebundle file to rebuild")
+    p.add_argument("--config", required=True, help="the project config (TOML) the bundle was built from")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or a local store)")
     _common(p)
 
-    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    p = sub.add_parser(
+        "keygen", help="make an Ed25519 key pair for signing bundles",
+        description="Make an Ed25519 key pair: edgekit.key signs bundles (`build --key`), edgekit.pub goes to "
+                    "the devices\n(`edge-agent run --pubkey`). An existing pair is never overwritten without --force "
+                    "(exit 2).")
     p.add_argument("--out", required=True, help="folder for edgekit.key (private) and edgekit.pub")
     p.add_argument("--force", action="store_true", help="overwrite an existing key pair")
     _common(p)
 
-    p = sub.add_parser("bench", help="benchmark a bundle: int8 vs fp32 vs PyTorch, on this host")
-    p.add_argument("bundle")
+    p = sub.add_parser(
+        "bench", help="benchmark a bundle: int8 vs fp32 vs PyTorch, on this host",
+        description="Benchmark a bundle on this machine: its model against the fp32 ONNX model and PyTorch of "
+                    "the same run,\neach in its own process: latency, throughput by batch size and threads, "
+                    "size, memory, accuracy.\nWrites report.md, report.json and charts.")
+    p.add_argument("bundle", help="the .edgebundle file to measure")
     p.add_argument("--out", required=True, help="folder for report.md, report.json and charts")
     p.add_argument("--config", help="project config (for the fp32 model, checkpoint and test split)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for smoke tests)")
     _common(p)
 
-    p = sub.add_parser("promote", help="make a bundle's registered MLflow model version the champion")
-    p.add_argument("bundle")
+    p = sub.add_parser(
+        "promote", help="make a bundle's registered MLflow model version the champion",
+        description="Point the MLflow registry's `champion` alias at the model version this bundle was "
+                    "registered as by `build`.")
+    p.add_argument("bundle", help="the .edgebundle file whose model version to promote")
     p.add_argument("--tracking-uri",
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the one the bundle names)")
     _common(p)
 
-    p = sub.add_parser("batch-predict", help="score input shards with a bundle on Ray, one output per shard")
-    p.add_argument("bundle")
+    p = sub.add_parser(
+        "batch-predict", help="score input shards with a bundle on Ray, one output per shard",
+        description="Score files of inputs with a bundle on Ray Data, one ONNX Runtime session per actor, and "
+                    "write one\n<shard>.pred.npz per input shard (docs/batch-predict.md).")
+    p.add_argument("bundle", help="the .edgebundle file to score with")
     p.add_argument("--input", required=True, help="a shard, a folder of shards or a glob (.npy .npz .csv .parquet)")
     p.add_argument("--output", required=True, help="folder for one <shard>.pred.npz per input shard")
     p.add_argument("--pubkey", help="Ed25519 public key (PEM) the bundle must be signed by")
@@ -101,9 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local instance)")
     _common(p)
 
-    fleet = sub.add_parser("fleet", help="fleet drift service")
+    fleet = sub.add_parser(
+        "fleet", help="fleet drift service",
+        description="The fleet server, which gathers what the devices report (docs/fleet.md).")
     fleet_sub = fleet.add_subparsers(dest="fleet_command", metavar="SUBCOMMAND")
-    p = fleet_sub.add_parser("serve", help="ingest summaries over MQTT, detect drift, serve the dashboard")
+    p = fleet_sub.add_parser(
+        "serve", help="ingest summaries over MQTT, detect drift, serve the dashboard",
+        description="Consume the devices' summaries over MQTT, test them against each bundle's reference "
+                    "histograms,\ntrack accuracy from returned labels, raise alerts that run a retraining "
+                    "command once approved,\nand serve a dashboard at /, a JSON API under /api/ and /metrics. "
+                    "SIGTERM or Ctrl-C stops it cleanly.")
     p.add_argument("--broker", required=True,
                    help="mqtt://[USER@]HOST:PORT (mqtts:// for TLS); the password from $EDGEKIT_MQTT_PASSWORD")
     p.add_argument("--mqtt-ca-certs", dest="mqtt_ca_certs", help="CA (PEM) the broker certificate chains to")
@@ -131,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a request may take to arrive in full (default 10)")
     _common(p)
-    return parser
+    # Added last, so it reaches every page, including those of commands added above.
+    return end_help_with(parser, exit_codes_epilog(EXIT_CODES))
 
 
 def _command_key(args: argparse.Namespace) -> str | None:
