@@ -31,7 +31,8 @@ from device_agent.bundle.versions import is_upgrade, version_key
 from device_agent.bundle.watcher import bundle_candidates, resolve_bundle
 from device_agent.errors import EdgeKitError, InputError, VerificationError
 from device_agent.host import cpu_model, int8_isa
-from device_agent.monitoring.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
+from device_agent.monitoring.summary import Histogrammer, WindowSummary
+from device_agent.monitoring.summary_codec import CONTENT_TYPE_JSON
 from device_agent.monitoring.window import DEFAULT_REQUEST_MEMORY_BYTES, WindowMonitor, histogrammer_for
 from device_agent.runtime import ModelRuntime
 from device_agent.uplink import wire

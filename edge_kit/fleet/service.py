@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.monitoring.summary import INT64_MAX
+from device_agent.monitoring.summary_validation import INT64_MAX
 from edge_kit.fleet import concept, drift
 from edge_kit.fleet.alerts import AlertManager
 from edge_kit.fleet.consumer_state import ConsumerState

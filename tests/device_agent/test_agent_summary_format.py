@@ -12,7 +12,8 @@ import pytest
 from device_agent.errors import PayloadError
 from device_agent.monitoring.channels import MonitorPlan
 from device_agent.monitoring.reference import build_reference
-from device_agent.monitoring.summary import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB, Histogrammer, WindowSummary
+from device_agent.monitoring.summary import Histogrammer, WindowSummary
+from device_agent.monitoring.summary_codec import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB
 
 GOLDEN = Path(__file__).parent / "data" / "summary_v1.json"
 MODEL = {"name": "m", "version": "1", "sha256": "ab" * 32}

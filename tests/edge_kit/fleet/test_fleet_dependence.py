@@ -16,7 +16,8 @@ import pytest
 
 from device_agent.monitoring.channels import MonitorPlan
 from device_agent.monitoring.reference import build_reference
-from device_agent.monitoring.summary import CONTENT_TYPE_JSON, Histogrammer, WindowSummary
+from device_agent.monitoring.summary import Histogrammer, WindowSummary
+from device_agent.monitoring.summary_codec import CONTENT_TYPE_JSON
 from edge_kit.fleet import dispersion_trailer as dispersion
 from edge_kit.fleet import drift
 from edge_kit.fleet.ingest import Ingestor

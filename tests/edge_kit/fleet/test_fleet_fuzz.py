@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device_agent.monitoring.summary import PayloadError
+from device_agent.errors import PayloadError
 from edge_kit.fleet.http_security import HttpSecurity
 from edge_kit.fleet.ingest import Validator
 from edge_kit.fleet.reference_index import ReferenceStore

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.monitoring.summary import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB
+from device_agent.monitoring.summary_codec import CONTENT_TYPE_JSON, CONTENT_TYPE_ZLIB
 from edge_kit.fleet.dispersion_trailer import strip
 from edge_kit.fleet.ingest import Ingestor
 from edge_kit.fleet.reference_index import ReferenceStore
@@ -173,7 +173,7 @@ def test_counts_encoding_round_trips_every_width() -> None:
 
 
 def test_summary_round_trip_through_the_bulk_decoder(digits_bundle: DigitsBundle) -> None:
-    """The server-side fast paths in device_agent.monitoring.summary decode exactly what was encoded."""
+    """The server-side fast paths in device_agent.monitoring.summary_validation decode exactly what was encoded."""
     from device_agent.monitoring.summary import WindowSummary
 
     x, y = sample_images(75, np.random.default_rng(8))
