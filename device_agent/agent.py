@@ -7,8 +7,10 @@
 
 A bundle is verified (signature, every hash), loaded, and self-tested before it serves; `update`
 does the same for a new bundle and swaps it in only when all of that passed, so a bad update leaves
-the previous model serving and the reason in `status()`. Without a forwarder (no MQTT), closed
-windows are kept in `closed_windows` for the embedding application.
+the previous model serving and the reason in `status()`. Which bundle may serve (one product, only
+up, the one deliberate way down through `rollback_to`) is `bundle.selection`'s rule; the agent asks
+it. Without a forwarder (no MQTT), closed windows are kept in `closed_windows` for the embedding
+application.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from device_agent.bundle.format import MANIFEST, MODEL, REFERENCE, read_bundle, read_manifest
-from device_agent.bundle.versions import is_upgrade, version_key
-from device_agent.bundle.watcher import bundle_candidates, resolve_bundle
+from device_agent.bundle.format import MODEL, REFERENCE, read_bundle
+from device_agent.bundle.selection import BundleSelection, Versioned, resolve_bundle
+from device_agent.bundle.signing import check_signature_settings
 from device_agent.errors import EdgeKitError, InputError, VerificationError
 from device_agent.host import cpu_model, int8_isa
 from device_agent.monitoring.summary import Histogrammer, WindowSummary
@@ -39,10 +41,11 @@ from device_agent.uplink import wire
 from device_agent.uplink.forwarder import Forwarder
 from device_agent.uplink.transport import Message
 
+__all__ = ["Agent", "LoadedModel", "Prediction", "load_model"]
+
 log = logging.getLogger(__name__)
 
 SEQ_META = "next_seq"
-MAX_REJECTED = 16  # refused bundles remembered for the status message, newest kept
 
 
 @dataclass(slots=True)
@@ -71,7 +74,11 @@ class LoadedModel:
 
 def load_model(path: str | Path, *, public_key: Ed25519PublicKey | None = None, require_signature: bool = False,
                intra_op_threads: int = 0) -> LoadedModel:
-    """Verify, load, warm up and self-test a bundle; raises VerificationError naming what failed."""
+    """Verify, load, warm up and self-test a bundle; raises VerificationError naming what failed.
+
+    `require_signature` without a `public_key` is a UsageError: there would be nothing to check a
+    signature against. A directory stands for its newest *.edgebundle file."""
+    check_signature_settings(public_key, require_signature)
     bundle = read_bundle(resolve_bundle(path), public_key=public_key, require_signature=require_signature)
     runtime = ModelRuntime(bundle, intra_op_threads=intra_op_threads)
     warm = runtime.run(np.zeros((1, *runtime.sample_shape), dtype=np.float32))
@@ -92,6 +99,7 @@ class Agent:
         public_key: Ed25519PublicKey | None = None,
         require_signature: bool = False,
         allow_downgrade: bool = False,
+        model_name: str | None = None,
         fleet: str = "default",
         device_id: str = "local",
         window_seconds: float = 60.0,
@@ -104,10 +112,8 @@ class Agent:
     ) -> None:
         if window_seconds <= 0:
             raise ValueError("window_seconds must be positive")
-        self.public_key = public_key
-        self.require_signature = require_signature or public_key is not None
-        self.allow_downgrade = allow_downgrade
-        self.rejected: dict[str, dict[str, Any]] = {}  # path -> why it was refused (status message)
+        self.selection = BundleSelection(public_key=public_key, require_signature=require_signature,
+                                         allow_downgrade=allow_downgrade, model_name=model_name)
         self.fleet, self.device_id = fleet, device_id
         self.window_seconds = float(window_seconds)
         self.forwarder = forwarder
@@ -129,7 +135,14 @@ class Agent:
         if forwarder is not None:
             forwarder.status_source = self.status_message
 
-        loaded = bundle if isinstance(bundle, LoadedModel) else self._load_newest_good(bundle)
+        if isinstance(bundle, LoadedModel):
+            self.selection.check_product(bundle.runtime.info, bundle.path)
+            self.selection.pin(bundle.runtime.info)
+            loaded = bundle
+        else:
+            loaded = self.selection.select_at_startup(bundle, self._load, _info, clock())
+        if self.selection.last_refusal is not None:
+            self.last_update = {"ok": False, **self.selection.last_refusal.as_dict()}
         seq = forwarder.spool.get_meta(SEQ_META) if forwarder is not None else 0
         self._active = loaded
         self._monitor = self._new_monitor(loaded, clock(), seq)
@@ -150,69 +163,13 @@ class Agent:
     def model(self) -> LoadedModel:
         return self._active
 
-    def _load_newest_good(self, path: str | Path) -> LoadedModel:
-        """At start-up, the best candidate that passes: a garbage file dropped in before a reboot does
-        not keep the device down while the previous good bundle is still there, and (unless downgrades
-        are allowed) an older version with a newer file date does not win over the newest version."""
-        candidates = self._startup_order(bundle_candidates(path))
-        for candidate in candidates[:-1]:
-            try:
-                return self._load(candidate)
-            except EdgeKitError as exc:
-                log.error("skipping %s at start-up: %s", candidate, exc)
-                self._reject(candidate, exc, self._clock())
-        return self._load(candidates[-1])
-
-    def _startup_order(self, candidates: list[Path]) -> list[Path]:
-        """Highest version first (newest file among equals); a candidate whose manifest already fails
-        is reported and dropped. With allow_downgrade, simply the newest file first, as an operator
-        rolling back expects."""
-        if self.allow_downgrade or len(candidates) < 2:
-            return candidates
-        ranked: list[tuple[tuple[bool, Any], int, Path]] = []
-        for i, candidate in enumerate(candidates):  # newest file first
-            try:
-                manifest, _ = read_manifest(candidate, public_key=self.public_key,
-                                            require_signature=self.require_signature)
-            except EdgeKitError as exc:
-                log.error("skipping %s at start-up: %s", candidate, exc)
-                self._reject(candidate, exc, self._clock())
-                continue
-            key = version_key(str(manifest["version"]))
-            ranked.append(((key is not None, key or ()), -i, candidate))
-        if not ranked:
-            return candidates[-1:]  # every one is bad: loading the oldest raises the error to show
-        ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
-        return [c for _, _, c in ranked]
-
-    def _reject(self, path: str | Path, exc: EdgeKitError, at: float) -> None:
-        self.last_update = {"ok": False, "path": str(path), "error": str(exc), "at": at}
-        self.rejected.pop(str(path), None)
-        self.rejected[str(path)] = {"error": str(exc), "at": at}
-        while len(self.rejected) > MAX_REJECTED:
-            self.rejected.pop(next(iter(self.rejected)))
-
-    def _check_not_downgrade(self, loaded: LoadedModel, path: str | Path) -> None:
-        """Refuse another model name or a version that is not newer, unless allow_downgrade."""
-        if self.allow_downgrade:
-            return
-        old, new = self._active.runtime.info, loaded.runtime.info
-        where = f"(in {Path(path).name})"
-        hint = "start the agent with --allow-downgrade (allow_downgrade = true) to accept it"
-        if new.name != old.name:
-            raise VerificationError(MANIFEST, f"bundle is model {new.name!r}, this agent serves {old.name!r} {where}",
-                                    hint=hint)
-        upgrade = is_upgrade(old.version, new.version)
-        if upgrade is None:
-            raise VerificationError(MANIFEST, f"cannot order version {new.version!r} after {old.version!r} {where}",
-                                    hint=hint)
-        if not upgrade:
-            raise VerificationError(MANIFEST, f"version {new.version} is not newer than the {old.version} being "
-                                              f"served (downgrade or a rebuilt version) {where}", hint=hint)
-
     def _load(self, path: str | Path) -> LoadedModel:
-        return load_model(path, public_key=self.public_key, require_signature=self.require_signature,
+        s = self.selection
+        return load_model(path, public_key=s.public_key, require_signature=s.require_signature,
                           intra_op_threads=self.intra_op_threads)
+
+    def _refuse(self, path: str | Path, exc: EdgeKitError, at: float) -> None:
+        self.last_update = {"ok": False, **self.selection.reject(path, exc, at).as_dict()}
 
     def _new_monitor(self, loaded: LoadedModel, start: float, seq: int) -> WindowMonitor:
         return WindowMonitor(
@@ -305,7 +262,23 @@ class Agent:
     # -- hot update --------------------------------------------------------------------------------
 
     def update(self, path: str | Path) -> dict[str, Any]:
-        """Verify, load and self-test a new bundle, then swap it in; on failure keep serving the old one."""
+        """Verify, load and self-test a new bundle, then swap it in; on failure keep serving the old one.
+
+        The bundle must be this agent's product and a higher version (`BundleSelection.check_update`);
+        raises VerificationError (exit 4) naming why not, with the reason also in `status()`."""
+        return self._swap(path, self.selection.check_update, "update")
+
+    def rollback_to(self, path: str | Path) -> dict[str, Any]:
+        """Return to a kept bundle: the one path allowed to go down a version.
+
+        The bundle is verified, loaded and self-tested exactly like an update and must be the same
+        product; only the version rule is lifted (`BundleSelection.check_rollback`). On failure the
+        agent keeps serving and raises VerificationError like `update`. The result is `update`'s,
+        with `"action": "rollback"`."""
+        return self._swap(path, self.selection.check_rollback, "rollback")
+
+    def _swap(self, path: str | Path, check: Callable[[Versioned, Versioned, str | Path], None],
+              action: str) -> dict[str, Any]:
         with self._update_lock:
             at = self._clock()
             old = self._active
@@ -313,16 +286,16 @@ class Agent:
                 loaded = self._load(path)
                 same = loaded.runtime.info.sha256 == old.runtime.info.sha256
                 if not same:
-                    self._check_not_downgrade(loaded, path)
+                    check(old.runtime.info, loaded.runtime.info, path)
             except EdgeKitError as exc:
-                self._reject(path, exc, at)
-                log.error("update from %s refused, still serving %s: %s", path, self._active.runtime.info.sha256[:12],
-                          exc)
+                self._refuse(path, exc, at)
+                log.error("%s from %s refused, still serving %s: %s", action, path,
+                          self._active.runtime.info.sha256[:12], exc)
                 self.publish_status()
                 raise
-            self.rejected.pop(str(path), None)
+            self.selection.accepted(path)
             if same:
-                self.last_update = {"ok": True, "path": str(path), "changed": False, "at": at}
+                self.last_update = {"ok": True, "action": action, "path": str(path), "changed": False, "at": at}
                 return self.last_update
             old_monitor = self._monitor
             closed = self._close_monitor(old_monitor, at)
@@ -331,13 +304,18 @@ class Agent:
             self._retired = old_monitor
             self._ship(closed)
             self.last_update = {
-                "ok": True, "path": str(path), "changed": True, "at": at,
+                "ok": True, "action": action, "path": str(path), "changed": True, "at": at,
                 "from": old.runtime.info.as_dict(), "to": loaded.runtime.info.as_dict(), "selftest": loaded.selftest,
             }
-            log.info("swapped in %s %s (sha256 %s)", loaded.runtime.info.name, loaded.runtime.info.version,
+            log.info("%s: swapped in %s %s (sha256 %s)", action, loaded.runtime.info.name, loaded.runtime.info.version,
                      loaded.runtime.info.sha256[:12])
         self.publish_status()
         return self.last_update
+
+    @property
+    def rejected(self) -> dict[str, dict[str, Any]]:
+        """Refused bundles by path: why and when (oldest refusal first)."""
+        return {r.path: {"error": r.error, "at": r.at} for r in self.selection.rejected}
 
     # -- status ------------------------------------------------------------------------------------
 
@@ -358,7 +336,7 @@ class Agent:
             "counters": counters,
             "window": window,
             "update": self.last_update,
-            "rejected_bundles": [{"path": p, **r} for p, r in self.rejected.items()],
+            "rejected_bundles": [r.as_dict() for r in self.selection.rejected],
             "host": self._host,
         }
         if self.forwarder is not None:
@@ -417,3 +395,7 @@ class Agent:
             self.forwarder.spool.close()
             return final
         return self.status("offline")
+
+
+def _info(loaded: LoadedModel) -> Versioned:
+    return loaded.runtime.info

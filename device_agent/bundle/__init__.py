@@ -1,8 +1,12 @@
-"""Which bundle may serve: the bundle format, its signatures, version order and the folder watcher.
+"""Which bundle may serve: the bundle format, its signatures, version order, the selection rule and the
+folder watcher.
 
 - `format`: the one definition of `<name>-<version>.edgebundle` (write, read, verify).
 - `signing`: Ed25519 keys and manifest signatures.
-- `versions`: the order of bundle versions (the no-downgrade rule).
-- `watcher`: notices a new bundle in the watched folder.
-- `selection`: the rule that decides which candidate serves (start-up order, no-downgrade, rejections).
+- `versions`: the PEP 440 order of bundle versions.
+- `selection`: the rule that decides which candidate serves (one product, start-up order,
+  no-downgrade, rollback, rejections with their reasons).
+- `watcher`: notices a new or changed bundle in the watched folder and offers it to the agent.
 """
+
+__all__: list[str] = []  # the modules are the public surface; nothing is re-exported here

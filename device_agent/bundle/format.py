@@ -25,7 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from device_agent.atomic import atomic_write_bytes
-from device_agent.bundle.signing import public_key_fingerprint, sign, signature_valid
+from device_agent.bundle.signing import check_signature_settings, public_key_fingerprint, sign, signature_valid
 from device_agent.errors import UsageError, VerificationError
 
 SCHEMA = "edgekit.bundle/1"
@@ -168,11 +168,13 @@ def read_bundle(
     """Open and verify a bundle; raises VerificationError (exit 4) naming the failing member.
 
     With `public_key`, the bundle must carry a signature made by that key. Without one, the hashes
-    are still checked (a corrupt bundle never loads), and `require_signature` refuses unsigned ones.
+    are still checked (a corrupt bundle never loads); `require_signature` needs `public_key`
+    (UsageError without one: a signature that nothing checks proves nothing).
     The manifest and signature are read and checked before any other member is decompressed, and
     every failure of the archive itself (encrypted, unsupported compression, truncated, oversized)
     is a VerificationError too, so a caller that skips bad candidates never sees anything else.
     """
+    check_signature_settings(public_key, require_signature)
     bundle_path = Path(path)
     if not bundle_path.is_file():
         raise UsageError(f"bundle not found: {bundle_path}")
@@ -180,7 +182,7 @@ def read_bundle(
         with _open_archive(bundle_path) as zf:
             infos = _index(zf)
             manifest_bytes, signature, signed_by = _read_verified_manifest(
-                zf, infos, public_key=public_key, require_signature=require_signature)
+                zf, infos, public_key=public_key)
             manifest = parse_manifest(manifest_bytes)
             members = _read_listed_members(zf, infos, manifest, max_bytes)
     except VerificationError as exc:
@@ -196,12 +198,13 @@ def read_manifest(
 ) -> tuple[dict[str, Any], str | None]:
     """The manifest (signature checked as in `read_bundle`) and the signer, without reading the other
     members: cheap enough to rank the candidates of a folder by version."""
+    check_signature_settings(public_key, require_signature)
     bundle_path = Path(path)
     try:
         with _open_archive(bundle_path) as zf:
             infos = _index(zf)
             manifest_bytes, _, signed_by = _read_verified_manifest(
-                zf, infos, public_key=public_key, require_signature=require_signature)
+                zf, infos, public_key=public_key)
             return parse_manifest(manifest_bytes), signed_by
     except VerificationError as exc:
         raise _in_file(exc, bundle_path) from exc
@@ -301,7 +304,6 @@ def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, what: s
 
 def _read_verified_manifest(
     zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], *, public_key: Ed25519PublicKey | None,
-    require_signature: bool,
 ) -> tuple[bytes, bytes | None, str | None]:
     if MANIFEST not in infos:
         raise VerificationError(MANIFEST, "missing from the bundle")
@@ -318,8 +320,6 @@ def _read_verified_manifest(
                 SIGNATURE, "signature does not match manifest.json (tampered manifest or wrong public key)"
             )
         signed_by = public_key_fingerprint(public_key)
-    elif require_signature and signature is None:
-        raise VerificationError(SIGNATURE, "bundle is unsigned and this agent requires signed bundles")
     return manifest_bytes, signature, signed_by
 
 

@@ -12,6 +12,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from device_agent.errors import UsageError
 
+__all__ = [
+    "PRIVATE_KEY_NAME", "PUBLIC_KEY_NAME", "check_signature_settings", "generate_keypair", "load_private_key",
+    "load_public_key", "public_key_fingerprint", "sign", "signature_valid",
+]
+
 PRIVATE_KEY_NAME = "edgekit.key"
 PUBLIC_KEY_NAME = "edgekit.pub"
 
@@ -106,3 +111,12 @@ def public_key_fingerprint(key: Ed25519PublicKey) -> str:
 
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def check_signature_settings(public_key: Ed25519PublicKey | None, require_signature: bool) -> None:
+    """Refuse `require_signature` without a key (UsageError, exit 2): with nothing to check a signature
+    against, a bundle signed by anyone would pass, so the request cannot be honoured."""
+    if require_signature and public_key is None:
+        raise UsageError("require_signature is set but no public key was given: a signature cannot be checked "
+                         "without one, so a bundle signed by anyone would pass",
+                         hint="pass public_key (the build server's Ed25519 public key) or --pubkey PUB.pem")

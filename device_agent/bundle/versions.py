@@ -1,34 +1,30 @@
-"""Ordering of bundle versions, for the agent's no-downgrade rule (stdlib only: no `packaging` on a device).
+"""Ordering of bundle versions: PEP 440, through `packaging` (installed on every device with onnxruntime).
 
-A version is dotted numbers with an optional suffix: `1.2.0`, `2.0`, `1.3.0rc1`, `1.3.0-beta`. Numbers
-compare numerically with missing parts as zero (`1.2` == `1.2.0`); a suffix marks a pre-release, which
-sorts before the plain release and by its text among pre-releases. Anything else is not comparable
-(`None`), and the agent treats "cannot tell" like "lower": refused unless downgrades are allowed.
+`1.10.0` > `1.9.0`, `1.2` == `1.2.0`, `1.3.0rc2` < `1.3.0rc10` < `1.3.0` < `1.3.0.post1`, and a leading
+`v` or a `-beta` spelling is normalised the way pip does it. A version that is not PEP 440
+(`2024-spring`, `latest`) has no place in that order: `version_key` returns None and `is_upgrade`
+says "cannot tell" (None), which the selection rule treats as "not an upgrade" (see `selection`).
 """
 
 from __future__ import annotations
 
-import re
+from packaging.version import InvalidVersion, Version
 
-_VERSION = re.compile(r"v?(\d+(?:\.\d+)*)(?:[-.+_]?([0-9A-Za-z.+_-]+))?")
-
-VersionKey = tuple[tuple[int, ...], tuple[int, str]]
+__all__ = ["is_upgrade", "version_key"]
 
 
-def version_key(version: str) -> VersionKey | None:
-    """A sort key for `version`, or None if it is not a version this module can order."""
-    match = _VERSION.fullmatch(version.strip()) if isinstance(version, str) else None
-    if match is None:
+def version_key(version: str) -> Version | None:
+    """`version` as a comparable PEP 440 `Version`, or None if it is not one."""
+    if not isinstance(version, str):
         return None
-    numbers = tuple(int(p) for p in match.group(1).split("."))
-    while len(numbers) > 1 and numbers[-1] == 0:
-        numbers = numbers[:-1]
-    suffix = match.group(2)
-    return numbers, (1, "") if suffix is None else (0, suffix)
+    try:
+        return Version(version.strip())
+    except InvalidVersion:
+        return None
 
 
 def is_upgrade(current: str, candidate: str) -> bool | None:
-    """True if `candidate` is newer than `current`, False if equal or older, None if not comparable."""
+    """True if `candidate` is newer than `current`, False if equal or older, None if either is not PEP 440."""
     a, b = version_key(current), version_key(candidate)
     if a is None or b is None:
         return None

@@ -1,10 +1,11 @@
 """Hot update: notice when the bundle on disk changed and hand it to the agent.
 
-`--bundle` may name a bundle file or a directory; for a directory the current bundle is the newest
-`*.edgebundle` in it (by modification time, then name), so a deployment tool can drop a new file
-next to the old one, or replace the file in place with an atomic rename. The watcher polls the
-file's identity (inode, size, mtime) every few seconds: polling needs no extra dependency and a
-device sees a handful of updates a year, so a couple of seconds of latency costs nothing.
+`--bundle` may name a bundle file or a directory of candidates (`selection.bundle_candidates`), so a
+deployment tool can drop a new file next to the old one, or replace the file in place with an
+atomic rename. Whether a candidate may serve is the agent's decision (`selection`), not the
+watcher's. The watcher polls each file's identity (inode, size, mtime) every few seconds: polling
+needs no extra dependency and a device sees a handful of updates a year, so a couple of seconds of
+latency costs nothing.
 
 Every candidate in the folder is watched, not only the newest: new or changed ones are offered to
 the agent newest first until one is accepted, so a stray file dropped after a good bundle does not
@@ -21,28 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle.format import SUFFIX
+from device_agent.bundle.selection import bundle_candidates, resolve_bundle
 from device_agent.errors import EdgeKitError, UsageError
+
+__all__ = ["BundleWatcher", "bundle_identity", "candidate_identities"]
 
 log = logging.getLogger(__name__)
 
 Identity = tuple[str, int, int, int]
-
-
-def bundle_candidates(path: str | Path) -> list[Path]:
-    """The bundle files `path` stands for, newest first: itself, or the *.edgebundle files in a directory."""
-    p = Path(path)
-    if not p.is_dir():
-        return [p]
-    candidates = [c for c in p.glob(f"*{SUFFIX}") if c.is_file()]
-    if not candidates:
-        raise UsageError(f"no *{SUFFIX} file in {p}")
-    return sorted(candidates, key=lambda c: (c.stat().st_mtime_ns, c.name), reverse=True)
-
-
-def resolve_bundle(path: str | Path) -> Path:
-    """The bundle file `path` stands for: itself, or the newest *.edgebundle in a directory."""
-    return bundle_candidates(path)[0]
 
 
 def bundle_identity(path: str | Path) -> Identity | None:
