@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-seconds", dest="window_seconds", type=float, help="summary window length (default 60)")
     p.add_argument("--pubkey", help="Ed25519 public key (PEM): bundles must be signed by it")
     p.add_argument("--allow-downgrade", dest="allow_downgrade", action="store_true",
-                   help="accept a bundle of a lower version or another model name (a deliberate rollback)")
+                   help="accept a bundle of a lower version of the same model (a deliberate rollback)")
+    p.add_argument("--model-name", dest="model_name", metavar="NAME",
+                   help="the one model this device serves; bundles of another name are refused "
+                        "(default: the first bundle served pins it)")
     _common(p)
 
     p = sub.add_parser(
@@ -145,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     publisher = MqttPublisher(broker, client_id=f"edgekit-{settings.fleet}-{settings.device_id}", will=will)
     agent = Agent(
         settings.bundle, public_key=_public_key(settings.pubkey), require_signature=settings.require_signature,
-        allow_downgrade=settings.allow_downgrade,
+        allow_downgrade=settings.allow_downgrade, model_name=settings.model_name,
         fleet=settings.fleet, device_id=settings.device_id, window_seconds=settings.window_seconds,
         forwarder=Forwarder(spool, publisher), compress=settings.mqtt.compress, intra_op_threads=settings.threads,
         request_memory_bytes=settings.http_limits.request_memory_bytes,

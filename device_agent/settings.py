@@ -12,7 +12,8 @@
     spool_max_windows = 10000                reconnect_max = 60
     watch_interval = 2.0                     compress = true
     threads = 0
-    allow_downgrade = false   # true: accept an older version or another model name (a rollback)
+    allow_downgrade = false   # true: accept an older version of the same model (a rollback)
+    model_name = "digits"     # the one model this device serves; unset: the first bundle served pins it
 
     [http]                                   # limits of the local HTTP API (--http-* flags)
     max_body_bytes = 8388608                 # 8 MiB; a bigger Content-Length gets 413 unread
@@ -68,6 +69,7 @@ class AgentSettings:
     pubkey: Path | None = None
     require_signature: bool = False
     allow_downgrade: bool = False
+    model_name: str | None = None
     watch_interval: float = 2.0
     threads: int = 0
     mqtt: MqttSettings = field(default_factory=MqttSettings)
@@ -158,7 +160,7 @@ def apply_flags(settings: AgentSettings, args: argparse.Namespace) -> AgentSetti
     for flag, key in (("bundle", "bundle"), ("spool", "spool"), ("pubkey", "pubkey")):
         if getattr(args, flag, None):
             agent[key] = Path(getattr(args, flag))
-    for flag in ("device_id", "fleet", "http"):
+    for flag in ("device_id", "fleet", "http", "model_name"):
         if getattr(args, flag, None):
             agent[flag] = getattr(args, flag)
     if getattr(args, "window_seconds", None) is not None:

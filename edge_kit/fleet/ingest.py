@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import orjson  # parses summaries ~4x faster than json (134 -> 30 us each): most of the ingest budget
 
+from device_agent.bundle.signing import load_public_key
 from device_agent.errors import PayloadError
 from device_agent.monitoring.summary import WindowSummary
 from device_agent.uplink.connection import MqttConnection
@@ -319,6 +320,7 @@ class ConsumerConfig:
     subscribe_status: bool = True
     client_id: str | None = None
     state: ConsumerState | None = None  # where /metrics and /healthz read whether this worker is connected
+    pubkey: str | None = None  # bundles must be signed by this key (PEM path) to be used
 
     def broker_config(self) -> BrokerConfig:
         if isinstance(self.broker, BrokerConfig):
@@ -344,7 +346,8 @@ def run_consumer(cfg: ConsumerConfig, stop: Flag | None = None, ready: Flag | No
     """
     broker = cfg.broker_config()
     storage = Storage(cfg.db)
-    references = ReferenceStore(list(cfg.bundles), cfg.bundles_dir)
+    references = ReferenceStore(list(cfg.bundles), cfg.bundles_dir,
+                                public_key=load_public_key(cfg.pubkey) if cfg.pubkey else None)
     ingestor = Ingestor(storage, references, cfg.settings.ingest)
     client_id = cfg.client_id or f"edgekit-fleet-{cfg.fleet}-{cfg.group}-{cfg.worker}"
     # MQTT 5 Receive Maximum: how many unacknowledged messages the broker may send us; it must

@@ -117,7 +117,7 @@ class FleetService:
             info["devices"] = sum(1 for dev in devices if dev["model_sha256"] == ref.sha256)
             info["windows"] = self.storage.window_count(ref.sha256)
             models.append(info)
-        return {"devices": devices, "models": models,
+        return {"devices": devices, "models": models, "bundles": self.references.describe(),
                 "online": sum(1 for d in devices if d["online"]),
                 "offline": sum(1 for d in devices if not d["online"])}
 
@@ -243,6 +243,10 @@ class FleetService:
         for name, value in sorted(counters.items()):
             if name.startswith("rejected:"):
                 lines.append(f'edgekit_fleet_rejected_total{{kind="{_esc(name[9:])}"}} {value}')
+        family("edgekit_fleet_bundles_rejected_total", "counter",
+               "Bundle files not used as a reference (unsigned, bad_signature, unreadable, reference_conflict).")
+        for kind, value in sorted(self.references.rejection_counts().items()):
+            lines.append(f'edgekit_fleet_bundles_rejected_total{{kind="{_esc(kind)}"}} {value}')
         if self.consumers is not None:
             consumers = self.consumers.snapshot()
             family("edgekit_fleet_mqtt_connected", "gauge", "1 while the consumer is connected to the broker.")

@@ -98,6 +98,8 @@ def test_start_up_without_a_model_name_refuses_to_guess_between_two_products(
 
 
 def test_a_configured_model_with_no_bundle_of_its_name_does_not_start(faces: Path, clock) -> None:
+    with pytest.raises(ConfigError, match="must not be empty"):
+        Agent(faces, model_name="", clock=clock)
     with pytest.raises(VerificationError, match="this agent serves 'digits'"):
         Agent(faces, model_name="digits", clock=clock)
     with pytest.raises(VerificationError, match="this agent serves 'digits'"):
