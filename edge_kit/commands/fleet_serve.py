@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from device_agent.bundle.signing import load_public_key
 from device_agent.uplink.wire import BrokerConfig, parse_broker_url, parse_host_port
 from edge_kit.errors import UsageError
 from edge_kit.fleet.consumer_state import ConsumerState
@@ -41,6 +42,14 @@ def broker_config(args: argparse.Namespace) -> BrokerConfig:
             raise UsageError(f"--mqtt-{key.replace('_', '-')}: file not found: {path}")
     return parse_broker_url(args.broker, session_expiry=SESSION_EXPIRY_SECONDS, insecure=args.mqtt_tls_insecure,
                             **{k: v for k, v in files.items() if v is not None})
+
+
+def bundle_pubkey(args: argparse.Namespace, settings: Any) -> str | None:
+    """The public key bundles must be signed by: --pubkey, else the fleet config's `pubkey`, else none."""
+    path = getattr(args, "pubkey", None) or getattr(settings, "pubkey", None)
+    if path is not None and not Path(path).is_file():
+        raise UsageError(f"--pubkey: file not found: {path}")
+    return str(path) if path is not None else None
 
 
 def _worker_main(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event, level: int) -> None:
@@ -97,7 +106,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
     if not args.bundle and not args.bundles:
         raise UsageError("fleet serve needs the models' reference histograms: give --bundle B or --bundles DIR")
-    references = ReferenceStore(args.bundle, args.bundles)  # bad bundles fail before anything is created
+    pubkey = bundle_pubkey(args, settings)
+    # Bad bundles fail before anything is created; with a key, only bundles it signed are used.
+    references = ReferenceStore(args.bundle, args.bundles, public_key=load_public_key(pubkey) if pubkey else None)
+    if pubkey is None:
+        log.warning("fleet serve without --pubkey: any file in the bundles folder is trusted by its hashes alone, "
+                    "so whoever can write there decides what a model's reference is")
     storage = Storage(args.db)  # creates the schema before any worker touches it
     service = FleetService(storage, references, settings)
     consumers = ConsumerState(args.workers)
@@ -126,7 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return ConsumerConfig(broker=broker, db=args.db, fleet=args.fleet, group=group, worker=i,
                               bundles=tuple(args.bundle), bundles_dir=args.bundles, settings=settings,
                               subscribe_status=(i == 0),
-                              client_id=f"{group}-{socket.gethostname()}-{i}", state=consumers)
+                              client_id=f"{group}-{socket.gethostname()}-{i}", state=consumers,
+                              pubkey=pubkey)
 
     def start_worker(i: int) -> multiprocessing.process.BaseProcess:
         p = ctx.Process(target=_worker_main, args=(config(i), stop, level), name=f"fleet-consumer-{i}")
