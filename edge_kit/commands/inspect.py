@@ -1,12 +1,44 @@
 """`edge-kit inspect BUNDLE [--pubkey PUB] [--json]`: what a bundle holds and where it came from.
 
-Hashes are always checked; the signature only with --pubkey, and the output says which.
+Hashes are always checked; the signature only with --pubkey, and the output says which, first. Every
+string from the manifest is untrusted until the signature is verified (and even then is data, not
+terminal input): control and formatting characters are printed escaped, so a manifest cannot move the
+cursor, recolour or rewrite the screen, or fake a line of its own such as "signature verified".
 """
 
 from __future__ import annotations
 
 import argparse
+import unicodedata
 from typing import Any
+
+# Control (Cc), format (Cf: bidi overrides, zero-width), line/paragraph separators and lone surrogates.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def printable(text: str) -> str:
+    """`text` with every character that could steer a terminal written as a visible escape (\\x1b)."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in _ESCAPED_CATEGORIES:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def printable_tree(value: Any) -> Any:
+    """`printable` applied to every string (keys too) of a JSON-like value."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable_tree(k): printable_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [printable_tree(v) for v in value]
+    return value
 
 
 def signature_state(signed: bool, verified_by: str | None) -> str:
@@ -41,8 +73,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "untestable": _untestable(bundle.reference)},
     }
     if not getattr(args, "json", False):
-        print(render(info))
+        print(render_safely(printable_tree(info)))
     return info
+
+
+def render_safely(info: dict[str, Any]) -> str:
+    """`render`, or the signature line and a pointer to --json when the manifest's fields have types no
+    build writes (a crafted manifest must not turn inspect into a traceback)."""
+    try:
+        return render(info)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        return (f"[{info['signature']}] {info['name']} {info['version']}\n"
+                f"  manifest  fields of unexpected types ({printable(str(exc))}); see --json")
 
 
 def _untestable(reference: dict[str, Any] | None) -> dict[str, str]:
@@ -62,8 +104,8 @@ def render(info: dict[str, Any]) -> str:
     git, env, data = p.get("git", {}), p.get("environment", {}), p.get("data", {})
     calib, ml = p.get("calibration", {}), p.get("mlflow", {})
     lines = [
-        f"{info['name']} {info['version']}  ({info['signature']}, "
-        f"created {info['created_at']})",
+        # What was verified comes first, before any string the manifest chose.
+        f"[{info['signature']}] {info['name']} {info['version']}  (created {info['created_at']})",
         f"  model     {model.get('precision')} sha256 {str(model.get('sha256'))[:16]}…  "
         f"inputs {[(i['name'], i['shape']) for i in model.get('inputs', [])]}",
         f"  labels    {model.get('labels')}",
