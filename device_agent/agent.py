@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from device_agent.bundle.format import MODEL, REFERENCE, read_bundle
 from device_agent.bundle.selection import BundleSelection, Versioned, resolve_bundle
 from device_agent.bundle.signing import check_signature_settings
+from device_agent.deploy.serving import ServingStats
 from device_agent.errors import EdgeKitError, InputError, VerificationError
 from device_agent.host import cpu_model, int8_isa
 from device_agent.monitoring.summary import Histogrammer, WindowSummary
@@ -73,7 +74,7 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, *, public_key: Ed25519PublicKey | None = None, require_signature: bool = False,
-               intra_op_threads: int = 0) -> LoadedModel:
+               intra_op_threads: int = 1) -> LoadedModel:
     """Verify, load, warm up and self-test a bundle; raises VerificationError naming what failed.
 
     `require_signature` without a `public_key` is a UsageError: there would be nothing to check a
@@ -105,7 +106,7 @@ class Agent:
         window_seconds: float = 60.0,
         forwarder: Forwarder | None = None,
         compress: bool = True,
-        intra_op_threads: int = 0,
+        intra_op_threads: int = 1,
         monitoring: bool = True,
         request_memory_bytes: int = DEFAULT_REQUEST_MEMORY_BYTES,
         clock: Callable[[], float] = time.time,
@@ -131,6 +132,11 @@ class Agent:
         self._timer: threading.Thread | None = None
         self._retired: WindowMonitor | None = None
         self.last_update: dict[str, Any] | None = None
+        # Requests, failures and latency of the model now serving (reset at each swap): canary figures.
+        self.serving = ServingStats()
+        self.serving.reset(self.started_at)
+        # More top-level blocks of the status document, by key (the deployment updater adds its own).
+        self.status_sources: dict[str, Callable[[], Any]] = {}
         self._host = {"cpu": cpu_model(), "int8_isa": int8_isa()}
         if forwarder is not None:
             forwarder.status_source = self.status_message
@@ -183,12 +189,19 @@ class Agent:
     def predict(self, inputs: Any, request_id: str | None = None) -> Prediction:
         """Run a batch (or one sample) of RAW inputs; raises InputError for a bad request (counted)."""
         active, monitor = self._active, self._monitor
+        began = time.perf_counter()
         try:
             batch = active.runtime.as_batch(inputs)
         except InputError:
             self._count(bad_requests=1)
+            self.serving.record(0.0, ok=False)
             raise
-        outputs = active.runtime.run(batch)
+        try:
+            outputs = active.runtime.run(batch)
+        except Exception:
+            self.serving.record(0.0, ok=False)
+            raise
+        self.serving.record(time.perf_counter() - began, ok=True)
         classes = outputs.argmax(axis=1)
         if self.monitoring:
             monitor.record(batch, outputs, classes, request_id)
@@ -210,6 +223,7 @@ class Agent:
     def count_bad_request(self) -> None:
         """For front ends that refuse a request before it reaches `predict` (unparsable body)."""
         self._count(bad_requests=1)
+        self.serving.record(0.0, ok=False)
 
     def _count(self, **deltas: int) -> None:
         with self._counter_lock:
@@ -301,6 +315,7 @@ class Agent:
             closed = self._close_monitor(old_monitor, at)
             self._monitor = self._new_monitor(loaded, closed.window_end, closed.seq + 1)
             self._active = loaded
+            self.serving.reset(at)
             self._retired = old_monitor
             self._ship(closed)
             self.last_update = {
@@ -338,7 +353,10 @@ class Agent:
             "update": self.last_update,
             "rejected_bundles": [r.as_dict() for r in self.selection.rejected],
             "host": self._host,
+            "serving": self.serving.as_dict(),
         }
+        for key, source in self.status_sources.items():
+            doc[key] = source()
         if self.forwarder is not None:
             doc["spool"] = self.forwarder.stats()
             doc["connected"] = self.forwarder.publisher.connected

@@ -113,7 +113,7 @@ def download(
     staging.mkdir(parents=True, exist_ok=True)
     done = staged_path(staging, sha256)
     if done.is_file():
-        if _file_sha256(done) == sha256:
+        if file_sha256(done) == sha256:
             return done
         done.unlink()  # damaged on disk since: fetch again
     part = part_path(staging, sha256)
@@ -122,13 +122,13 @@ def download(
     deadline = time.monotonic() + policy.give_up_after
     _fetch(url, part, sha256=sha256, size=size, device_id=device_id, policy=policy, context=context, stats=stats,
            on_progress=on_progress, stop=stop, deadline=deadline)
-    actual = _file_sha256(part)
+    actual = file_sha256(part)
     if actual != sha256 and stats.resumed_from:
         # The kept prefix may be what was wrong (a torn write before a power cut): once more from byte 0.
         part.unlink(missing_ok=True)
         _fetch(url, part, sha256=sha256, size=size, device_id=device_id, policy=policy, context=context,
                stats=stats, on_progress=on_progress, stop=stop, deadline=deadline)
-        actual = _file_sha256(part)
+        actual = file_sha256(part)
     if actual != sha256:
         part.unlink(missing_ok=True)
         _etag_path(part).unlink(missing_ok=True)
@@ -293,7 +293,8 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in 1 MiB pieces (bundles can be large)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1024 * 1024):

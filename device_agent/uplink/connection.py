@@ -5,6 +5,8 @@ certificate and key, the insecure flag), credentials, a persistent session (`cle
 with a session expiry), and reconnecting: paho's `loop()` does not reconnect after the broker
 went away (it just keeps returning an error), so `step()` does, with exponential backoff and
 jitter, and calls the `on_connect` hooks on every (re)connect so users resubscribe there.
+`subscribe()` does that for you: the subscription is renewed on every (re)connect, so the broker
+delivers the topic's retained message again after each one (the agent's deployment topic).
 
 It does not run a thread unless asked: the fleet consumer calls `step()` from its own loop (one
 thread, so its batch needs no lock); the agent's publisher calls `start()` for a network thread.
@@ -35,6 +37,7 @@ from device_agent.uplink.wire import BrokerConfig
 log = logging.getLogger(__name__)
 
 Hook = Callable[[], None]
+MessageHandler = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
 
 
 class Backoff:
@@ -89,6 +92,7 @@ class MqttConnection:
         self.client.on_disconnect = self._handle_disconnect
         self._on_connect: list[Hook] = []
         self._on_disconnect: list[Hook] = []
+        self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
         self._backoff = Backoff(config.reconnect_min, config.reconnect_max)
         self._connected = threading.Event()
         self._session_up = False  # a CONNACK was seen on the current socket: its loss runs the hooks
@@ -118,6 +122,14 @@ class MqttConnection:
     def add_on_disconnect(self, hook: Hook) -> None:
         """Run `hook` when an established connection is lost (not when an attempt fails)."""
         self._on_disconnect.append(hook)
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Subscribe now (if connected) and on every reconnect; `handler` runs on the network thread for
+        each matching message, so it must hand heavy work to another thread."""
+        self._subscriptions[topic_filter] = (qos, handler)
+        self.client.on_message = self._handle_message
+        if self.connected:
+            self.client.subscribe(topic_filter, qos=qos)
 
     # -- driving the network ------------------------------------------------------------------------
 
@@ -219,7 +231,17 @@ class MqttConnection:
         self.connects += 1
         self.last_error = None
         log.info("connected to %s (session present: %s)", self.config.address, getattr(flags, "session_present", "?"))
+        for topic_filter, (qos, _) in self._subscriptions.items():
+            self.client.subscribe(topic_filter, qos=qos)
         self._run_hooks(self._on_connect, "on-connect")
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        for topic_filter, (_, handler) in list(self._subscriptions.items()):
+            if mqtt.topic_matches_sub(topic_filter, msg.topic):
+                try:
+                    handler(msg.topic, bytes(msg.payload), bool(msg.retain))
+                except Exception:  # a failing handler must not kill the network loop
+                    log.exception("handler for %s failed", msg.topic)
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                            properties: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import paho.mqtt.client as mqtt
 
-from device_agent.uplink.connection import MqttConnection, publish_properties
+from device_agent.uplink.connection import MessageHandler, MqttConnection, publish_properties
 from device_agent.uplink.wire import BrokerConfig
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class MemoryPublisher:
     _unacked: list[AckCallback] = field(default_factory=list)
     _on_connect: Callable[[], None] | None = None
     started: bool = False
+    subscriptions: dict[str, MessageHandler] = field(default_factory=dict)
 
     def start(self) -> None:
         self.started = True
@@ -94,6 +95,15 @@ class MemoryPublisher:
             else:
                 self._unacked.append(on_ack)
         return True
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        self.subscriptions[topic_filter] = handler
+
+    def deliver(self, topic: str, payload: bytes, retained: bool = True) -> None:
+        """Simulate the broker delivering a message to this client's subscriptions."""
+        for topic_filter, handler in self.subscriptions.items():
+            if mqtt.topic_matches_sub(topic_filter, topic):
+                handler(topic, payload, retained)
 
     def ack_all(self, ok: bool = True) -> int:
         pending, self._unacked = self._unacked, []
@@ -141,6 +151,10 @@ class MqttPublisher:
 
     def set_on_connect(self, callback: Callable[[], None]) -> None:
         self._on_connect = callback
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Receive `topic_filter` (renewed on every reconnect); `handler` runs on the network thread."""
+        self._link.subscribe(topic_filter, handler, qos)
 
     def start(self) -> None:
         self._link.start()
