@@ -1,30 +1,30 @@
-"""One storage layer for the fleet service: SQLite (one file, WAL) by default, PostgreSQL by URL.
+"""What the fleet service stores and reads: windows, devices, counters, labels, drift results, alerts.
 
-`sqlite:///PATH` opens a SQLite file in WAL mode (readers never block the writer, several consumer
-processes can share it); `postgresql://...` uses psycopg (installed separately: `pip install
-"psycopg[binary]"`). Both speak the same SQL here: `?` placeholders are translated for psycopg, and
-upserts use `ON CONFLICT`, which both understand.
+The queries are SQLAlchemy Core constructs over `edge_kit.fleet.tables`, with bound parameters, so
+one query serves SQLite and PostgreSQL; the connection, the dialects and the schema upgrade on start
+are `edge_kit.fleet.database`.
 
 Windows are keyed by the idempotency key `(device, model_sha256, window_start)`: a QoS-1 duplicate
 is an `ON CONFLICT DO NOTHING`, so it is dropped by the database itself, also across processes.
 Every write is a transaction that commits before the MQTT message is acknowledged; SQLite runs
 with `synchronous=FULL`, so an acknowledged window survives a crash of the process or the machine.
+A batch is one `executemany` per table (psycopg pipelines it into one round trip), whose row count
+says how many windows were new.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 
-from edge_kit.errors import UsageError
+from edge_kit.fleet import tables as t
+from edge_kit.fleet.database import Database
 from edge_kit.fleet.dispersion_trailer import strip
 
 # Stored counts use the narrowest unsigned type that holds them; the type follows from the blob's
@@ -54,9 +54,6 @@ def decode_counts(blobs: Sequence[bytes], bins: int) -> np.ndarray:
     return out
 
 
-Rows = Sequence[Sequence[Any]] | Callable[[list[int]], Sequence[Sequence[Any]]]
-
-
 @dataclass(frozen=True)
 class WindowRow:
     device: str
@@ -72,128 +69,45 @@ class WindowRow:
     counts: bytes  # the payload's counts concatenated in reference channel order (`encode_counts`)
     confusion: bytes | None  # int64 (classes x classes), or None without labels
 
-    def as_params(self) -> tuple[Any, ...]:
-        return (self.device, self.model_sha256, self.window_start, self.window_end, self.seq, self.n, self.fleet,
-                self.model_name, self.model_version, self.received_at, self.counts, self.confusion)
+    def as_row(self) -> dict[str, Any]:
+        """The `windows` row (field names are its column names)."""
+        return dict(vars(self))
 
 
 class Storage:
-    """A connection to the fleet database. Thread-safe (one connection behind a lock)."""
+    """The fleet database's contents. Thread-safe (`Database` serialises the use of its connection)."""
 
     def __init__(self, url: str) -> None:
+        self.database = Database(url)
         self.url = url
-        self._lock = threading.RLock()
-        if url.startswith("sqlite:///") or url == "sqlite://:memory:":
-            path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ":memory:"
-            if path != ":memory:":
-                parent = Path(path).parent
-                if not parent.is_dir():
-                    raise UsageError(f"--db: folder {parent} does not exist")
-            self.dialect = "sqlite"
-            self._conn: Any = sqlite3.connect(path, timeout=30.0, check_same_thread=False, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
-            self._migrate(lambda: self._conn)  # the same connection: a :memory: database has no other
-        elif url.startswith(("postgresql://", "postgres://")):
-            try:
-                import psycopg  # optional: only PostgreSQL deployments need it
-            except ImportError as exc:
-                raise UsageError("--db postgresql:// needs psycopg: pip install 'psycopg[binary]'") from exc
-            self.dialect = "postgresql"
-            try:
-                self._conn = psycopg.connect(url, autocommit=True)
-            except psycopg.Error as exc:
-                raise UsageError(f"--db: cannot connect to PostgreSQL: {exc}") from exc
-            # Its own transactional connection (the one above autocommits), closed when done.
-            self._migrate(lambda: psycopg.connect(url))
-        else:
-            raise UsageError(f"--db must be sqlite:///PATH or postgresql://..., got {url!r}")
+        self.dialect = self.database.dialect
+        self.schema_revision = self.database.schema_revision
+        insert = self.database.insert
+        # Built once: SQLAlchemy caches each one's compiled SQL, ingest runs them per batch.
+        # preserve_rowcount: the row count of an executemany, summed by the driver, is how many were new.
+        self._insert_window = insert(t.windows).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
+        seen = insert(t.devices)
+        self._device_seen = seen.on_conflict_do_update(index_elements=[t.devices.c.device], set_={
+            "last_seen": seen.excluded.last_seen, "model_sha256": seen.excluded.model_sha256,
+            "model_name": seen.excluded.model_name, "model_version": seen.excluded.model_version,
+            # A status newer than this window says more about the device than "it sent a window".
+            "state": sa.case((sa.or_(t.devices.c.status_at.is_(None), t.devices.c.status_at < seen.excluded.last_seen),
+                              "online"), else_=t.devices.c.state)})
+        status = insert(t.devices)
+        self._device_status = status.on_conflict_do_update(index_elements=[t.devices.c.device], set_={
+            "state": status.excluded.state, "status_at": status.excluded.status_at, "status": status.excluded.status,
+            "last_seen": sa.case((t.devices.c.last_seen > status.excluded.last_seen, t.devices.c.last_seen),
+                                 else_=status.excluded.last_seen)})
+        counter = insert(t.counters)
+        self._add_counter = counter.on_conflict_do_update(
+            index_elements=[t.counters.c.name], set_={"value": t.counters.c.value + counter.excluded.value})
 
-    # -- plumbing ----------------------------------------------------------------------------
-
-    def _migrate(self, connect: Callable[[], Any]) -> None:
-        """Upgrade the schema to this code's head revision (see `edge_kit.fleet.migrations`)."""
-        import sqlalchemy as sa  # imported here: only a running fleet server needs them
-        from sqlalchemy.pool import NullPool, StaticPool
-
-        from edge_kit.fleet import migrations
-
-        if self.dialect == "sqlite":
-            engine = sa.create_engine("sqlite://", creator=connect, poolclass=StaticPool)
-
-            @sa.event.listens_for(engine, "begin")
-            def _write_lock(conn: sa.Connection) -> None:  # not pysqlite's deferred BEGIN: lock first
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            engine = sa.create_engine("postgresql+psycopg://", creator=connect, poolclass=NullPool)
-        try:
-            with self._lock:
-                self.schema_revision = migrations.upgrade(engine)
-        except migrations.SchemaTooNew as exc:
-            raise UsageError(f"--db: {exc}") from exc
-        finally:
-            if self.dialect != "sqlite":
-                engine.dispose()  # (a StaticPool's dispose would close the connection Storage keeps)
-
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
-
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return list(self._conn.execute(self._sql(sql), params).fetchall())
-
-    def _execute_many(self, statements: Iterable[tuple[str, Rows]]) -> list[int]:
-        """Run statements in one transaction; returns the row count of each (for dedup accounting).
-
-        A statement's rows may be a function of the row counts so far, so a counter update can
-        depend on how many inserts were new, inside the same transaction.
-        """
-        counts: list[int] = []
-        with self._lock:
-            if self.dialect == "sqlite":
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for sql, rows in statements:
-                        rows = rows(counts) if callable(rows) else rows
-                        before = self._conn.total_changes
-                        self._conn.executemany(sql, rows)
-                        counts.append(self._conn.total_changes - before)
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-            else:
-                with self._conn.transaction(), self._conn.cursor() as cur:
-                    for sql, rows in statements:
-                        rows = rows(counts) if callable(rows) else rows
-                        # One batch (pipelined by psycopg); its rowcount is the sum over the rows.
-                        cur.executemany(self._sql(sql), rows)
-                        counts.append(max(cur.rowcount, 0))
-        return counts
-
-    def _insert_returning_id(self, sql: str, row: Sequence[Any]) -> int:
-        """One INSERT in its own transaction; its new id from RETURNING (not MAX(id), which another
-        fleet server writing to the same database could have moved in between)."""
-        sql = self._sql(sql + " RETURNING id")
-        with self._lock:
-            if self.dialect == "sqlite":
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    new_id = self._conn.execute(sql, row).fetchone()[0]
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-            else:
-                with self._conn.transaction(), self._conn.cursor() as cur:
-                    cur.execute(sql, row)
-                    new_id = cur.fetchone()[0]
-        return int(new_id)
+    @property
+    def engine(self) -> sa.Engine:
+        return self.database.engine
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.database.close()
 
     # -- ingest ------------------------------------------------------------------------------
 
@@ -209,88 +123,81 @@ class Storage:
         for w in windows:
             if w.device not in latest or w.window_end > latest[w.device].window_end:
                 latest[w.device] = w
-        seen = [(w.device, w.fleet, "online", w.received_at, w.model_sha256, w.model_name, w.model_version)
+        seen = [{"device": w.device, "fleet": w.fleet, "state": "online", "last_seen": w.received_at,
+                 "model_sha256": w.model_sha256, "model_name": w.model_name, "model_version": w.model_version}
                 for w in latest.values()]
-        status_rows = [(s["device"], s["fleet"], s["state"], s["at"], s["at"], json.dumps(s["status"]))
-                       for s in statuses]
-
-        def counter_rows(done: list[int]) -> list[tuple[str, int]]:
-            totals = dict(counters)
+        status_rows = [{"device": s["device"], "fleet": s["fleet"], "state": s["state"], "last_seen": s["at"],
+                        "status_at": s["at"], "status": json.dumps(s["status"])} for s in statuses]
+        totals = dict(counters)
+        new = 0
+        with self.database.write() as conn:
             if windows:
-                totals["accepted"] = totals.get("accepted", 0) + done[0]
-                totals["duplicate"] = totals.get("duplicate", 0) + len(windows) - done[0]
-            return sorted((k, v) for k, v in totals.items() if v)
-
-        statements: list[tuple[str, Rows]] = []
-        if windows:
-            statements.append(("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                               [w.as_params() for w in windows]))
-        if seen:
-            statements.append((
-                "INSERT INTO devices (device, fleet, state, last_seen, model_sha256, model_name, model_version) "
-                "VALUES (?,?,?,?,?,?,?) ON CONFLICT (device) DO UPDATE SET last_seen = excluded.last_seen, "
-                "model_sha256 = excluded.model_sha256, model_name = excluded.model_name, "
-                "model_version = excluded.model_version, "
-                "state = CASE WHEN devices.status_at IS NULL OR devices.status_at < excluded.last_seen "
-                "THEN 'online' ELSE devices.state END", seen))
-        if status_rows:
-            statements.append((
-                "INSERT INTO devices (device, fleet, state, last_seen, status_at, status) VALUES (?,?,?,?,?,?) "
-                "ON CONFLICT (device) DO UPDATE SET state = excluded.state, status_at = excluded.status_at, "
-                "status = excluded.status, last_seen = CASE WHEN devices.last_seen > excluded.last_seen "
-                "THEN devices.last_seen ELSE excluded.last_seen END", status_rows))
-        statements.append(("INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
-                           "value = counters.value + excluded.value", counter_rows))
-        counts = self._execute_many([(self._sql(sql), rows) for sql, rows in statements])
-        return counts[0] if windows else 0
+                new = max(conn.execute(self._insert_window, [w.as_row() for w in windows]).rowcount, 0)
+                totals["accepted"] = totals.get("accepted", 0) + new
+                totals["duplicate"] = totals.get("duplicate", 0) + len(windows) - new
+            if seen:
+                conn.execute(self._device_seen, seen)
+            if status_rows:
+                conn.execute(self._device_status, status_rows)
+            counter_rows = [{"name": k, "value": v} for k, v in sorted(totals.items()) if v]
+            if counter_rows:
+                conn.execute(self._add_counter, counter_rows)
+        return new
 
     def add_counters(self, counters: dict[str, int]) -> None:
         self.ingest([], [], counters)
 
+    def _rows(self, query: sa.Executable) -> list[tuple[Any, ...]]:
+        with self.database.read() as conn:
+            return [tuple(r) for r in conn.execute(query)]
+
     def counters(self) -> dict[str, int]:
-        return {str(k): int(v) for k, v in self._query("SELECT name, value FROM counters")}
+        return {str(k): int(v) for k, v in self._rows(sa.select(t.counters.c.name, t.counters.c.value))}
 
     def window_count(self, model_sha256: str | None = None) -> int:
-        if model_sha256 is None:
-            return int(self._query("SELECT COUNT(*) FROM windows")[0][0])
-        return int(self._query("SELECT COUNT(*) FROM windows WHERE model_sha256 = ?", (model_sha256,))[0][0])
+        query = sa.select(sa.func.count()).select_from(t.windows)
+        if model_sha256 is not None:
+            query = query.where(t.windows.c.model_sha256 == model_sha256)
+        return int(self._rows(query)[0][0])
+
+    _WINDOW_COLS = ("device", "window_start", "window_end", "n", "counts", "confusion")
 
     def windows(self, model_sha256: str, since: float, device: str | None = None) -> list[tuple[Any, ...]]:
         """(device, window_start, window_end, n, counts, confusion) rows, oldest first."""
-        sql = ("SELECT device, window_start, window_end, n, counts, confusion FROM windows "
-               "WHERE model_sha256 = ? AND window_start >= ?")
-        params: list[Any] = [model_sha256, since]
+        w = t.windows.c
+        query = sa.select(*(w[c] for c in self._WINDOW_COLS)).where(w.model_sha256 == model_sha256,
+                                                                     w.window_start >= since)
         if device is not None:
-            sql += " AND device = ?"
-            params.append(device)
-        return self._query(sql + " ORDER BY window_start, device", params)
+            query = query.where(w.device == device)
+        return self._rows(query.order_by(w.window_start, w.device))
 
     def latest_windows(self, model_sha256: str, since: float, per_device: int, min_n: int) -> list[tuple[Any, ...]]:
         """Each device's last `per_device` windows with at least `min_n` inferences, oldest first.
 
         What the per-device test needs, without reading a day of windows of every device.
         """
-        sql = ("SELECT device, window_start, window_end, n, counts, confusion FROM ("
-               " SELECT device, window_start, window_end, n, counts, confusion, ROW_NUMBER() OVER"
-               " (PARTITION BY device ORDER BY window_start DESC) AS recent FROM windows"
-               " WHERE model_sha256 = ? AND window_start >= ? AND n >= ?) AS ranked"
-               " WHERE recent <= ? ORDER BY window_start, device")
-        return self._query(sql, (model_sha256, since, min_n, per_device))
+        w = t.windows.c
+        recent = sa.func.row_number().over(partition_by=w.device, order_by=w.window_start.desc()).label("recent")
+        ranked = (sa.select(*(w[c] for c in self._WINDOW_COLS), recent)
+                  .where(w.model_sha256 == model_sha256, w.window_start >= since, w.n >= min_n).subquery("ranked"))
+        r = ranked.c
+        return self._rows(sa.select(*(r[c] for c in self._WINDOW_COLS)).where(r.recent <= per_device)
+                          .order_by(r.window_start, r.device))
 
     def small_window_count(self, model_sha256: str, since: float, min_n: int) -> int:
-        return int(self._query("SELECT COUNT(*) FROM windows WHERE model_sha256 = ? AND window_start >= ? AND n < ?",
-                               (model_sha256, since, min_n))[0][0])
+        w = t.windows.c
+        return int(self._rows(sa.select(sa.func.count()).select_from(t.windows).where(
+            w.model_sha256 == model_sha256, w.window_start >= since, w.n < min_n))[0][0])
 
     def models_with_windows(self, since: float) -> list[str]:
-        return [str(r[0]) for r in self._query(
-            "SELECT DISTINCT model_sha256 FROM windows WHERE window_start >= ?", (since,))]
+        w = t.windows.c
+        return [str(r[0]) for r in self._rows(sa.select(w.model_sha256).distinct().where(w.window_start >= since))]
 
     def devices(self) -> list[dict[str, Any]]:
         cols = ("device", "fleet", "state", "last_seen", "status_at", "model_sha256", "model_name",
                 "model_version", "status")
-        rows = self._query(f"SELECT {', '.join(cols)} FROM devices ORDER BY device")
         out = []
-        for r in rows:
+        for r in self._rows(sa.select(*(t.devices.c[c] for c in cols)).order_by(t.devices.c.device)):
             d = dict(zip(cols, r, strict=True))
             d["status"] = json.loads(d["status"]) if d["status"] else None
             out.append(d)
@@ -299,67 +206,75 @@ class Storage:
     # -- labels ------------------------------------------------------------------------------
 
     def add_labels(self, device: str, model_sha256: str, confusion: bytes, at: float | None = None) -> None:
-        self._execute_many([(self._sql(
-            "INSERT INTO labels (device, model_sha256, received_at, confusion) VALUES (?,?,?,?)"),
-            [(device, model_sha256, time.time() if at is None else at, confusion)])])
+        with self.database.write() as conn:
+            conn.execute(sa.insert(t.labels).values(device=device, model_sha256=model_sha256,
+                                                    received_at=time.time() if at is None else at,
+                                                    confusion=confusion))
 
     def labels(self, model_sha256: str, since: float) -> list[tuple[str, bytes]]:
         """(device, confusion) from POST /api/labels and from windows that carried labels."""
-        posted = self._query("SELECT device, confusion FROM labels WHERE model_sha256 = ? AND received_at >= ?",
-                             (model_sha256, since))
-        carried = self._query("SELECT device, confusion FROM windows WHERE model_sha256 = ? AND window_start >= ? "
-                              "AND confusion IS NOT NULL", (model_sha256, since))
+        lab, w = t.labels.c, t.windows.c
+        with self.database.read() as conn:
+            posted = list(conn.execute(sa.select(lab.device, lab.confusion).where(
+                lab.model_sha256 == model_sha256, lab.received_at >= since)))
+            carried = list(conn.execute(sa.select(w.device, w.confusion).where(
+                w.model_sha256 == model_sha256, w.window_start >= since, w.confusion.is_not(None))))
         return [(str(d), bytes(c)) for d, c in posted + carried]
 
     # -- drift results -----------------------------------------------------------------------
 
     def save_evaluation(self, model_sha256: str, at: float, detail: dict[str, Any],
                         fleet_rows: Sequence[Sequence[Any]], device_rows: Sequence[Sequence[Any]]) -> None:
-        statements: list[tuple[str, Rows]] = [
-            ("INSERT INTO evaluations VALUES (?,?,?) ON CONFLICT (model_sha256) DO UPDATE SET "
-             "evaluated_at = excluded.evaluated_at, detail = excluded.detail",
-             [(model_sha256, at, json.dumps(detail))]),
-            ("INSERT INTO drift_fleet VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (model_sha256, bucket_start, channel) "
-             "DO UPDATE SET n = excluded.n, test = excluded.test, statistic = excluded.statistic, "
-             "p_value = excluded.p_value, effect = excluded.effect, drifted = excluded.drifted, "
-             "detail = excluded.detail", fleet_rows),
-            ("INSERT INTO drift_device VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (model_sha256, device, window_start) "
-             "DO UPDATE SET n = excluded.n, p_value = excluded.p_value, q_value = excluded.q_value, "
-             "effect = excluded.effect, drifted = excluded.drifted, channels = excluded.channels", device_rows),
+        """Replace the model's evaluation; `fleet_rows`/`device_rows` in the column order of their tables."""
+        insert = self.database.insert
+        evaluation = insert(t.evaluations)
+        fleet = insert(t.drift_fleet)
+        device = insert(t.drift_device)
+        statements: list[tuple[sa.Executable, list[dict[str, Any]]]] = [
+            (evaluation.on_conflict_do_update(index_elements=list(t.evaluations.primary_key), set_={
+                "evaluated_at": evaluation.excluded.evaluated_at, "detail": evaluation.excluded.detail}),
+             [{"model_sha256": model_sha256, "evaluated_at": at, "detail": json.dumps(detail)}]),
+            (fleet.on_conflict_do_update(index_elements=list(t.drift_fleet.primary_key), set_={
+                c: fleet.excluded[c] for c in ("n", "test", "statistic", "p_value", "effect", "drifted", "detail")}),
+             _as_dicts(t.drift_fleet, fleet_rows)),
+            (device.on_conflict_do_update(index_elements=list(t.drift_device.primary_key), set_={
+                c: device.excluded[c] for c in ("n", "p_value", "q_value", "effect", "drifted", "channels")}),
+             _as_dicts(t.drift_device, device_rows)),
         ]
-        self._execute_many([(self._sql(s), rows) for s, rows in statements if rows])
+        with self.database.write() as conn:
+            for statement, rows in statements:
+                if rows:
+                    conn.execute(statement, rows)
 
     def evaluation(self, model_sha256: str) -> dict[str, Any] | None:
-        rows = self._query("SELECT evaluated_at, detail FROM evaluations WHERE model_sha256 = ?", (model_sha256,))
+        e = t.evaluations.c
+        rows = self._rows(sa.select(e.evaluated_at, e.detail).where(e.model_sha256 == model_sha256))
         return {"evaluated_at": rows[0][0], **json.loads(rows[0][1])} if rows else None
 
     def fleet_drift(self, model_sha256: str, channel: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
-        sql = ("SELECT bucket_start, channel, n, test, statistic, p_value, effect, drifted, detail FROM drift_fleet "
-               "WHERE model_sha256 = ? AND bucket_start >= ?")
-        params: list[Any] = [model_sha256, since]
+        f = t.drift_fleet.c
+        query = (sa.select(f.bucket_start, f.channel, f.n, f.test, f.statistic, f.p_value, f.effect, f.drifted,
+                           f.detail).where(f.model_sha256 == model_sha256, f.bucket_start >= since))
         if channel is not None:
-            sql += " AND channel = ?"
-            params.append(channel)
+            query = query.where(f.channel == channel)
         out = []
-        for b, ch, n, test, stat, p, eff, drifted, detail in self._query(sql + " ORDER BY bucket_start", params):
+        for b, ch, n, test, stat, p, eff, drifted, detail in self._rows(query.order_by(f.bucket_start)):
             out.append({"window_start": b, "channel": ch, "n": n, "test": test, "statistic": stat, "p_value": p,
                         "effect": eff, "drifted": bool(drifted), **json.loads(detail)})
         return out
 
     def device_drift(self, model_sha256: str, device: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
-        sql = ("SELECT device, window_start, n, p_value, q_value, effect, drifted, channels FROM drift_device "
-               "WHERE model_sha256 = ? AND window_start >= ?")
-        params: list[Any] = [model_sha256, since]
-        if device is not None:
-            sql += " AND device = ?"
-            params.append(device)
+        d = t.drift_device.c
         cols = ("device", "window_start", "n", "p_value", "q_value", "effect", "drifted", "channels")
+        query = sa.select(*(d[c] for c in cols)).where(d.model_sha256 == model_sha256, d.window_start >= since)
+        if device is not None:
+            query = query.where(d.device == device)
         out = []
-        for r in self._query(sql + " ORDER BY device, window_start", params):
-            d = dict(zip(cols, r, strict=True))
-            d["drifted"] = bool(d["drifted"])
-            d["channels"] = json.loads(d["channels"])
-            out.append(d)
+        for r in self._rows(query.order_by(d.device, d.window_start)):
+            row = dict(zip(cols, r, strict=True))
+            row["drifted"] = bool(row["drifted"])
+            row["channels"] = json.loads(row["channels"])
+            out.append(row)
         return out
 
     # -- alerts and triggers -----------------------------------------------------------------
@@ -370,74 +285,83 @@ class Storage:
         Every state but `retrain_failed` stands: a dismissed or retrained condition of this model
         version does not come back; a failed retraining may be raised again.
         """
-        rows = self._query("SELECT id FROM alerts WHERE model_sha256 = ? AND scope = ? AND kind = ? "
-                           "AND state <> 'retrain_failed' ORDER BY id DESC",
-                           (model_sha256, scope, kind))
+        a = t.alerts.c
+        rows = self._rows(sa.select(a.id).where(a.model_sha256 == model_sha256, a.scope == scope, a.kind == kind,
+                                                a.state != "retrain_failed").order_by(a.id.desc()))
         return self.alert(int(rows[0][0])) if rows else None
 
     def create_alert(self, model_sha256: str, scope: str, kind: str, state: str, summary: str,
                      detail: dict[str, Any]) -> int:
-        return self._insert_returning_id(
-            "INSERT INTO alerts (created_at, model_sha256, scope, kind, state, summary, detail) VALUES (?,?,?,?,?,?,?)",
-            (time.time(), model_sha256, scope, kind, state, summary, json.dumps(detail)))
+        return self._insert_returning_id(t.alerts, created_at=time.time(), model_sha256=model_sha256, scope=scope,
+                                         kind=kind, state=state, summary=summary, detail=json.dumps(detail))
+
+    def _insert_returning_id(self, table: sa.Table, **row: Any) -> int:
+        """One INSERT in its own transaction; its new id from RETURNING (not MAX(id), which another
+        fleet server writing to the same database could have moved in between)."""
+        with self.database.write() as conn:
+            return int(conn.execute(sa.insert(table).values(**row).returning(table.c.id)).scalar_one())
 
     def set_alert_state(self, alert_id: int, state: str, approved_by: str | None = None) -> None:
+        values: dict[str, Any] = {"state": state}
         if approved_by is not None:
-            sql = "UPDATE alerts SET state = ?, approved_at = ?, approved_by = ? WHERE id = ?"
-            params: tuple[Any, ...] = (state, time.time(), approved_by, alert_id)
-        else:
-            sql, params = "UPDATE alerts SET state = ? WHERE id = ?", (state, alert_id)
-        self._execute_many([(self._sql(sql), [params])])
+            values.update(approved_at=time.time(), approved_by=approved_by)
+        with self.database.write() as conn:
+            conn.execute(sa.update(t.alerts).where(t.alerts.c.id == alert_id).values(**values))
 
     def alert(self, alert_id: int) -> dict[str, Any] | None:
         found = self.alerts(alert_id=alert_id)
         return found[0] if found else None
 
     def alerts(self, alert_id: int | None = None) -> list[dict[str, Any]]:
-        cols = ("id", "created_at", "model_sha256", "scope", "kind", "state", "summary", "detail",
-                "approved_at", "approved_by")
-        alerts = self._select("alerts", cols, "id", alert_id, "id DESC", json_cols=("detail",))
+        alerts = self._select(t.alerts, None if alert_id is None else t.alerts.c.id == alert_id,
+                              t.alerts.c.id.desc(), json_cols=("detail",))
         # All their triggers in one query, not one query per alert.
-        by_alert: dict[int, list[dict[str, Any]]] = {int(a["id"]): [] for a in alerts}
-        for t in self.triggers(alert_id):
-            by_alert.setdefault(int(t["alert_id"]), []).append(t)
-        for a in alerts:
-            a["triggers"] = by_alert[int(a["id"])]
+        by_alert: dict[int, list[dict[str, Any]]] = {int(alert["id"]): [] for alert in alerts}
+        for trigger in self.triggers(alert_id):
+            by_alert.setdefault(int(trigger["alert_id"]), []).append(trigger)
+        for alert in alerts:
+            alert["triggers"] = by_alert[int(alert["id"])]
         return alerts
 
-    def _select(self, table: str, cols: tuple[str, ...], where_col: str, where_value: Any, order: str,
+    def _select(self, table: sa.Table, where: sa.ColumnElement[bool] | None, order: sa.ColumnElement[Any],
                 json_cols: tuple[str, ...]) -> list[dict[str, Any]]:
-        """Rows of `table` as dicts (all, or those with `where_col` = `where_value`), JSON columns decoded."""
-        sql = f"SELECT {', '.join(cols)} FROM {table}"
-        params: tuple[Any, ...] = ()
-        if where_value is not None:
-            sql, params = sql + f" WHERE {where_col} = ?", (where_value,)
+        """Rows of `table` as dicts (all, or those matching `where`), JSON columns decoded."""
+        query = sa.select(table)
+        if where is not None:
+            query = query.where(where)
         out = []
-        for r in self._query(sql + f" ORDER BY {order}", params):
-            row = dict(zip(cols, r, strict=True))
-            for c in json_cols:
-                row[c] = json.loads(row[c])
-            out.append(row)
+        with self.database.read() as conn:
+            for r in conn.execute(query.order_by(order)).mappings():
+                row = dict(r)
+                for c in json_cols:
+                    row[c] = json.loads(row[c])
+                out.append(row)
         return out
 
     def add_trigger(self, alert_id: int, command: list[str], outcome: str, returncode: int | None = None,
                     output: str | None = None, finished: bool = False, at: float | None = None) -> int:
         now = time.time() if at is None else at
-        return self._insert_returning_id(
-            "INSERT INTO triggers (alert_id, at, command, outcome, returncode, finished_at, output) "
-            "VALUES (?,?,?,?,?,?,?)",
-            (alert_id, now, json.dumps(command), outcome, returncode, now if finished else None, output))
+        return self._insert_returning_id(t.triggers, alert_id=alert_id, at=now, command=json.dumps(command),
+                                         outcome=outcome, returncode=returncode,
+                                         finished_at=now if finished else None, output=output)
 
     def finish_trigger(self, trigger_id: int, outcome: str, returncode: int | None, output: str) -> None:
-        self._execute_many([(self._sql(
-            "UPDATE triggers SET outcome = ?, returncode = ?, finished_at = ?, output = ? WHERE id = ?"),
-            [(outcome, returncode, time.time(), output, trigger_id)])])
+        with self.database.write() as conn:
+            conn.execute(sa.update(t.triggers).where(t.triggers.c.id == trigger_id).values(
+                outcome=outcome, returncode=returncode, finished_at=time.time(), output=output))
 
     def triggers(self, alert_id: int | None = None) -> list[dict[str, Any]]:
-        cols = ("id", "alert_id", "at", "command", "outcome", "returncode", "finished_at", "output")
-        return self._select("triggers", cols, "alert_id", alert_id, "id", json_cols=("command",))
+        tr = t.triggers.c
+        return self._select(t.triggers, None if alert_id is None else tr.alert_id == alert_id, tr.id,
+                            json_cols=("command",))
 
     def last_run_trigger_at(self) -> float | None:
         """When a retraining command was last started (rate-limited or refused ones do not count)."""
-        rows = self._query("SELECT MAX(at) FROM triggers WHERE outcome IN ('running', 'succeeded', 'failed')")
+        tr = t.triggers.c
+        rows = self._rows(sa.select(sa.func.max(tr.at)).where(tr.outcome.in_(("running", "succeeded", "failed"))))
         return None if rows[0][0] is None else float(rows[0][0])
+
+
+def _as_dicts(table: sa.Table, rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    names = [c.name for c in table.columns]
+    return [dict(zip(names, r, strict=True)) for r in rows]
