@@ -1,4 +1,4 @@
-"""Window summaries: mergeable histograms of what a model saw and said (DESIGN.md section 6).
+"""Window summaries: mergeable histograms of what a model saw and said (docs/architecture.md section 6).
 
 A `WindowSummary` is a value with `zero`, `update` and `merge`, in the style of whylogs metrics: two
 summaries of the same model merge by adding, so the server can pool windows across devices and time.

@@ -1,4 +1,4 @@
-"""Facts that cross the wire, defined once for the agent and the fleet server (DESIGN.md section 6).
+"""Facts that cross the wire, defined once for the agent and the fleet server (docs/architecture.md section 6).
 
 - MQTT topic names: `edgekit/<fleet>/<device>/summary`, `.../status` and `.../deployment` (the
   retained pointer to a bundle the fleet wants the device to serve), the shared-subscription

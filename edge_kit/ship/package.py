@@ -1,4 +1,4 @@
-"""Assemble a device bundle's members and manifest (DESIGN.md section 5) and write it via write_bundle."""
+"""Assemble a device bundle's members and manifest (docs/architecture.md section 5) and write it via write_bundle."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Summary payload v1 (DESIGN.md section 6): the golden file still decodes, and summaries merge by adding."""
+"""Summary payload v1 (docs/architecture.md section 6): the golden file still decodes, and summaries merge by adding."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`edge-kit bench` as a user runs it: the bundle alone, bad input, and the exit codes of DESIGN.md section 3."""
+"""`edge-kit bench` as a user runs it: the bundle alone, bad input, and the exit codes docs/architecture.md lists."""
 
 from __future__ import annotations
 
