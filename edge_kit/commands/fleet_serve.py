@@ -23,6 +23,9 @@ from device_agent.bundle.signing import load_public_key
 from device_agent.uplink.wire import BrokerConfig, parse_broker_url, parse_host_port
 from edge_kit.errors import UsageError
 from edge_kit.fleet.consumer_state import ConsumerState
+from edge_kit.fleet.deployments.bundles import BundleFiles, DownloadLimits
+from edge_kit.fleet.deployments.publisher import DeploymentPublisher
+from edge_kit.fleet.deployments.rollout import RolloutManager
 from edge_kit.fleet.http_security import HttpSecurity, load_token
 from edge_kit.fleet.ingest import SESSION_EXPIRY_SECONDS, ConsumerConfig, run_consumer
 from edge_kit.fleet.reference_index import ReferenceStore
@@ -50,6 +53,29 @@ def bundle_pubkey(args: argparse.Namespace, settings: Any) -> str | None:
     if path is not None and not Path(path).is_file():
         raise UsageError(f"--pubkey: file not found: {path}")
     return str(path) if path is not None else None
+
+
+def _rollout_manager(args: argparse.Namespace, storage: Storage, service: FleetService, broker: BrokerConfig,
+                     pubkey: str | None) -> RolloutManager:
+    """Deployments (docs/deploy.md): bundles from --bundle/--bundles, published over the fleet's broker."""
+    concurrency = getattr(args, "download_concurrency", 64)
+    factor = getattr(args, "download_cap", 3.0)
+    if concurrency < 1 or factor < 1.0:
+        raise UsageError("--download-concurrency must be at least 1 and --download-cap at least 1 (x the bundle size)")
+    public_url = getattr(args, "public_url", None) or ""
+    if public_url and not public_url.startswith(("http://", "https://")):
+        raise UsageError(f"--public-url must be http(s)://HOST[:PORT], got {public_url!r}")
+    files = BundleFiles(Path(args.bundles) if args.bundles else None, [Path(b) for b in args.bundle],
+                        public_key=load_public_key(pubkey) if pubkey else None)
+    manager = RolloutManager(storage, service.settings, service.references, files, service.alerts, args.fleet,
+                             public_url, download_limits=DownloadLimits(concurrency=concurrency,
+                                                                        per_device_factor=factor))
+    manager.publisher = DeploymentPublisher(broker, args.fleet, manager.messages,
+                                            client_id=f"edgekit-fleet-{args.fleet}-deployer-{socket.gethostname()}")
+    service.deployments = manager
+    service.readiness_checks.append(("deployments", lambda: None if manager.publisher is None
+                                     or manager.publisher.connected else "deployment publisher not connected"))
+    return manager
 
 
 def _worker_main(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event, level: int) -> None:
@@ -126,10 +152,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # possible from loopback only, so a fresh install still shows its dashboard on the machine.
         open_reads=args.open_reads or token is None,
     )
+    deployments = _rollout_manager(args, storage, service, broker, pubkey)
     try:
         http = make_server(service, host, port, security, limits)
     except OSError as exc:
         raise UsageError(f"--http {args.http}: cannot listen: {exc}") from exc
+    if not deployments.public_url:  # devices fetch bundles from the address the server listens on
+        listen = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        deployments.public_url = f"http://{'[' + listen + ']' if ':' in listen else listen}:{http.server_address[1]}"
 
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
@@ -153,6 +183,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workers: list[multiprocessing.process.BaseProcess | None] = [start_worker(i) for i in range(args.workers)]
     serve_in_thread(http)
     service.start()
+    assert deployments.publisher is not None
+    deployments.publisher.start()
+    deployments.start()
     log.info("fleet %s: %d consumer(s) on %s, dashboard http://%s:%d/, %d model(s) known",
              args.fleet, args.workers, args.broker, host, port, len(references.all()))
     supervisor = Supervisor(len(workers))
@@ -176,6 +209,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if p.is_alive():
                 p.terminate()
                 p.join()
+        deployments.stop()
+        if deployments.publisher is not None:
+            deployments.publisher.close()
         service.stop()
         http.shutdown()
         http.server_close()

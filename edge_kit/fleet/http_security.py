@@ -10,7 +10,8 @@ One ASGI middleware in front of every route, so no endpoint can forget a check:
   alert (which runs the retraining command). No token configured: writes are refused outright.
 - Reading the API and /metrics needs the token too, unless `open_reads` is set, and then only for
   clients on the loopback interface. The page itself, its static files and /healthz hold no data
-  and are open, so an operator can load the page and type the token into it.
+  and are open, so an operator can load the page and type the token into it. Bundle downloads
+  (`GET /api/bundles/<sha256>`) are open too: devices have no operator token, and bundles are signed.
 - A body-carrying request must state a Content-Length (no chunked bodies), at most `max_body`
   bytes; it is read in full before the route runs, and never more than stated.
 
@@ -34,6 +35,9 @@ TOKEN_ENV = "EDGEKIT_FLEET_TOKEN"
 MIN_TOKEN_CHARS = 16
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 OPEN_PATHS = frozenset({"/", "/index.html", "/healthz"})
+# Static files, and bundle downloads: devices fetch those without the operator token (bundles are
+# signed, not secret; the device verifies what it fetched against its own public key).
+OPEN_PREFIXES = ("/static/", "/api/bundles/")
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 Scope = MutableMapping[str, Any]
@@ -153,7 +157,7 @@ class SecurityMiddleware:
             return 403, "cross-origin request refused (Origin not allowed)"
         path, method = scope["path"], scope["method"]
         if method in READ_METHODS:
-            if path in OPEN_PATHS or path.startswith("/static/"):
+            if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
                 return None
             if s.open_reads and _is_loopback(scope):
                 return None

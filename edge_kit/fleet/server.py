@@ -10,6 +10,7 @@ GET  /api/concept              accuracy from labels, or the marked confidence-ba
 GET  /api/alerts               alerts with their triggers; ?format=csv exports them
 POST /api/alerts/<id>/approve  run the retraining command (rate-limited); /dismiss silences it
 POST /api/labels               {"device", "model_sha256", "confusion" | "true" + "pred"}
+/api/deployments, /api/bundles deployments and bundle downloads (`edge_kit.fleet.deployments.routes`)
 GET  /metrics                  Prometheus text format
 
 Who may call what is decided in one place, `http_security` (operator token, Host/Origin checks,
@@ -206,6 +207,10 @@ def make_app(service: FleetService, security: HttpSecurity) -> Any:
         Route("/api/alerts/{alert_id:int}/{action:str}", _guarded(alert_action), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
+    if s.deployments is not None:  # this server rolls bundles out (docs/deploy.md)
+        from edge_kit.fleet.deployments.routes import deployment_routes
+
+        routes[-1:-1] = deployment_routes(s.deployments, _json, _body, _guarded)
     app = Starlette(routes=routes, exception_handlers={404: _handler(not_found), 405: _handler(not_found)})
     return SecurityMiddleware(app, security)
 

@@ -37,6 +37,8 @@ class FleetService:
         self._thread: threading.Thread | None = None
         # (name, check) pairs for /healthz: a check returns None when fine, else what is wrong.
         self.readiness_checks: list[tuple[str, Callable[[], str | None]]] = []
+        # Set by `fleet serve`: the rollout manager (`edge_kit.fleet.deployments`); None: no deployments here.
+        self.deployments: Any = None
 
     # -- evaluation ---------------------------------------------------------------------------
 
