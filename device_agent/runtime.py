@@ -22,6 +22,8 @@ from device_agent.bundle.format import SELFTEST, Bundle
 from device_agent.errors import InputError, VerificationError
 from device_agent.monitoring.channels import MonitorPlan
 
+__all__ = ["SELFTEST_ATOL", "SELFTEST_RTOL", "ModelInfo", "ModelRuntime", "session_options"]
+
 # Self-test tolerance: int8 kernels differ slightly between instruction sets (VNNI, AVX2, Arm dot
 # product), so the recorded logits are matched within a fraction of their range, and every
 # predicted class must match exactly.

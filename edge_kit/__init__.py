@@ -18,4 +18,6 @@ Formats that cross the wire (bundle, manifest, summary payload, MQTT topics) are
 ``device_agent``, which runs on devices and never imports this package.
 """
 
+__all__ = ["__version__"]  # the stage packages above are imported by path; nothing else is re-exported
+
 __version__ = "0.1.0"

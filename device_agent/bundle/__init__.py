@@ -9,4 +9,4 @@ folder watcher.
 - `watcher`: notices a new or changed bundle in the watched folder and offers it to the agent.
 """
 
-__all__: list[str] = []  # the modules are the public surface; nothing is re-exported here
+__all__: list[str] = []  # the modules named above are the API; nothing is re-exported

@@ -28,6 +28,13 @@ from device_agent.atomic import atomic_write_bytes
 from device_agent.bundle.signing import check_signature_settings, public_key_fingerprint, sign, signature_valid
 from device_agent.errors import UsageError, VerificationError
 
+__all__ = [
+    "LEGACY_MEMBER_BYTES", "MANIFEST", "MAX_BUNDLE_BYTES", "MAX_CENTRAL_DIRECTORY_BYTES", "MAX_ENTRIES",
+    "MAX_MANIFEST_BYTES", "MAX_SIGNATURE_BYTES", "MODEL", "REFERENCE", "REPORT", "SCHEMA", "SELFTEST", "SIGNATURE",
+    "SUFFIX", "Bundle", "bundle_filename", "canonical_json", "parse_manifest", "read_bundle", "read_manifest",
+    "sha256_hex", "write_bundle",
+]
+
 SCHEMA = "edgekit.bundle/1"
 SUFFIX = ".edgebundle"
 MODEL = "model.onnx"

@@ -5,3 +5,5 @@ Compressor); ``gate`` measures every candidate and repairs failures with ``fallb
 recovered accuracy (``sqnr`` orders the trials on big models); ``qdq_analysis`` says what runs in int8;
 ``evaluate`` runs a model on the held-out split. May use the train stage, never the ship stage.
 """
+
+__all__: list[str] = []  # the modules named above are the API; nothing is re-exported

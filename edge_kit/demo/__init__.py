@@ -7,3 +7,5 @@
 - `feeder`: one thread per device posting held-out digits (shifted or not) to the agent's HTTP API;
 - `retrain`: the retraining command the fleet server runs when an alert is approved.
 """
+
+__all__: list[str] = []  # the modules named above are the API; nothing is re-exported

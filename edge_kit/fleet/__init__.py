@@ -5,3 +5,5 @@ One module per job: `settings` (fleet TOML), `references` (reference histograms 
 two-sample tests), `drift` (fleet and per-device decisions), `concept` (accuracy from labels or
 an estimate from confidence), `alerts` (stored alerts, approval, retraining), `server` (HTTP).
 """
+
+__all__: list[str] = []  # the modules named above are the API; nothing is re-exported

@@ -4,3 +4,5 @@
 resumable checkpoints; ``data`` and ``snapshot`` the DVC-tracked data; ``models`` the factories;
 ``tracking`` and ``provenance`` what every run records; ``export`` the checked fp32 ONNX.
 """
+
+__all__: list[str] = []  # the modules named above are the API; nothing is re-exported
