@@ -207,6 +207,8 @@ def read_manifest(
     members: cheap enough to rank the candidates of a folder by version."""
     check_signature_settings(public_key, require_signature)
     bundle_path = Path(path)
+    if not bundle_path.is_file():
+        raise UsageError(f"bundle not found: {bundle_path}")
     try:
         with _open_archive(bundle_path) as zf:
             infos = _index(zf)

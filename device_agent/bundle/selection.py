@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,7 @@ class BundleSelection:
         self.configured_name = model_name
         self.model_name = model_name  # the product: configured, or pinned by the first bundle served
         self._rejected: dict[str, Rejection] = {}
+        self._rejected_lock = threading.Lock()  # status is read from HTTP threads while an update refuses
         self.last_refusal: Rejection | None = None
 
     # -- the product --------------------------------------------------------------------------------
@@ -213,21 +215,24 @@ class BundleSelection:
     def reject(self, path: str | Path, exc: EdgeKitError, at: float) -> Rejection:
         """Remember that `path` was refused and why (the newest MAX_REJECTED are kept)."""
         rejection = Rejection(str(path), str(exc), at)
-        self._rejected.pop(rejection.path, None)
-        self._rejected[rejection.path] = rejection
-        while len(self._rejected) > MAX_REJECTED:
-            self._rejected.pop(next(iter(self._rejected)))
-        self.last_refusal = rejection
+        with self._rejected_lock:
+            self._rejected.pop(rejection.path, None)
+            self._rejected[rejection.path] = rejection
+            while len(self._rejected) > MAX_REJECTED:
+                self._rejected.pop(next(iter(self._rejected)))
+            self.last_refusal = rejection
         return rejection
 
     def accepted(self, path: str | Path) -> None:
         """`path` now serves (or was the same bundle again): it is no longer a refused one."""
-        self._rejected.pop(str(path), None)
+        with self._rejected_lock:
+            self._rejected.pop(str(path), None)
 
     @property
     def rejected(self) -> list[Rejection]:
         """Refused bundles, oldest refusal first."""
-        return list(self._rejected.values())
+        with self._rejected_lock:
+            return list(self._rejected.values())
 
 
 def _version_rank(c: _Candidate) -> tuple[bool, Version]:

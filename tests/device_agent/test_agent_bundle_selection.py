@@ -175,3 +175,11 @@ def test_rollback_is_the_one_way_down_and_verifies_like_an_update(
     assert _serving(agent) == ("digits", "1.0.0") and agent.status()["update"]["action"] == "rollback"
     assert agent.update(bundle_v2)["action"] == "update"  # and up again as usual
     assert _serving(agent) == ("digits", "2.0.0")
+
+
+def test_a_missing_bundle_is_a_usage_error_not_a_verification_failure(tmp_path: Path, clock) -> None:
+    for attempt in (lambda: Agent(tmp_path / "missing.edgebundle", clock=clock),
+                    lambda: read_manifest(tmp_path / "missing.edgebundle")):
+        with pytest.raises(UsageError, match="bundle not found") as err:
+            attempt()
+        assert not isinstance(err.value, VerificationError) and err.value.exit_code == EXIT_USAGE
