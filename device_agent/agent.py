@@ -327,11 +327,6 @@ class Agent:
         self.publish_status()
         return self.last_update
 
-    @property
-    def rejected(self) -> dict[str, dict[str, Any]]:
-        """Refused bundles by path: why and when (oldest refusal first)."""
-        return {r.path: {"error": r.error, "at": r.at} for r in self.selection.rejected}
-
     # -- status ------------------------------------------------------------------------------------
 
     def status(self, state: str = "online") -> dict[str, Any]:
