@@ -215,6 +215,44 @@ async function refreshAlerts() {
   }).join("");
 }
 
+// Deployments: state, each device's role/version/step, the canary's figures, and the operator's buttons.
+const DEPLOY_ACTIONS = { canary: ["promote", "halt", "rollback"], rolling: ["halt", "rollback"], done: ["rollback"],
+  halted: ["rollback"], rolled_back: [] };
+
+function canaryFigures(c) {
+  if (!c || !c.figures || !Object.keys(c.figures).length) return '<span class="muted">waiting for the canaries</span>';
+  const verdict = !c.ready ? `waiting: windows ${esc(JSON.stringify(c.windows || {}))} of ${esc(c.windows_needed)}`
+    : c.passed ? '<span class="no">passed</span>' : `<span class="yes">FAILED: ${esc((c.failing || []).join(", "))}</span>`;
+  const rows = Object.entries(c.figures).map(([name, f]) => {
+    const shown = Object.entries(f).filter(([k, v]) => k !== "ok" && (v === null || typeof v !== "object"))
+      .map(([k, v]) => `${esc(k)}=${typeof v === "number" ? fmtNum(v) : esc(v)}`).join(" ");
+    const ok = f.ok === true ? '<span class="no">ok</span>' : f.ok === false ? '<span class="yes">fail</span>' : '<span class="muted">n/a</span>';
+    return `<li class="figure" data-figure="${esc(name)}"><b>${esc(name)}</b> ${ok} <span class="muted">${shown}</span></li>`;
+  }).join("");
+  return `<div class="verdict">${verdict}</div><ul class="figures">${rows}</ul>`;
+}
+
+async function refreshDeployments() {
+  const res = await fetchAuthed("/api/deployments").catch((err) => {
+    if (String(err.message).includes(": 404")) return null; // this server does not deploy bundles
+    throw err;
+  });
+  $("deployments-card").hidden = res === null;
+  if (res === null) return;
+  const d = await res.json();
+  $("deployments").querySelector("tbody").innerHTML = d.deployments.map((x) => {
+    const devices = Object.entries(x.devices).map(([id, v]) =>
+      `<li data-device="${esc(id)}">${esc(id)} <span class="muted">${esc(v.role)}</span> ${esc(v.version || "?")} ` +
+      `<span class="step step-${esc(v.state)}">${esc(v.state)}</span>${v.reason ? ` <span class="yes">${esc(v.reason)}</span>` : ""}</li>`).join("");
+    const buttons = (DEPLOY_ACTIONS[x.state] || []).map((a) =>
+      `<button data-deployment="${esc(x.deployment)}" data-deploy-action="${a}">${a}</button>`).join(" ");
+    return `<tr id="deployment-${esc(x.deployment)}"><td>${esc(x.deployment)}<div class="muted">${fmtTime(x.created_at)}</div></td>` +
+      `<td>${esc(x.name)} ${esc(x.version)}<div class="muted">${esc(x.sha256.slice(0, 12))}</div></td>` +
+      `<td class="state state-${esc(x.state)}">${esc(x.state)}${x.note ? `<div class="muted">${esc(x.note)}</div>` : ""}</td>` +
+      `<td><ul class="devices">${devices}</ul></td><td>${canaryFigures(x.canary)}</td><td>${buttons}</td></tr>`;
+  }).join("");
+}
+
 // Loaded on its own: /healthz answers 503 while a consumer is disconnected, and that must show.
 async function refreshBroker() {
   const el = $("broker");
@@ -235,7 +273,8 @@ async function refreshBroker() {
 
 async function refresh() {
   refreshBroker();
-  const [devices] = await Promise.all([panel("err-devices", refreshDevices), panel("err-alerts", refreshAlerts)]);
+  const [devices] = await Promise.all([panel("err-devices", refreshDevices), panel("err-alerts", refreshAlerts),
+    panel("err-deployments", refreshDeployments)]);
   const [hist] = await Promise.all([panel("err-drift", refreshFleet), panel("err-concept", refreshConcept)]);
   if (devices) await panel("err-devices", () => renderDevices(devices, hist));
   await Promise.all([panel("err-device", refreshDeviceChart), panel("err-histogram", refreshHistogram)]);
@@ -265,6 +304,20 @@ $("export-csv").addEventListener("click", async () => {
 });
 
 document.addEventListener("click", async (ev) => {
+  const deploy = ev.target.closest("button[data-deploy-action]");
+  if (deploy) {
+    const { deployment, deployAction } = deploy.dataset;
+    if (deployAction !== "promote" && !confirm(`${deployAction} deployment ${deployment}?`)) return;
+    deploy.disabled = true;
+    try {
+      await api(`/api/deployments/${encodeURIComponent(deployment)}/${deployAction}`, { method: "POST",
+        headers: { "Content-Type": "application/json" }, body: "{}" });
+    } catch (err) {
+      alert(err.message);
+    }
+    await panel("err-deployments", refreshDeployments);
+    return;
+  }
   const btn = ev.target.closest("button[data-action]");
   if (btn) {
     btn.disabled = true;

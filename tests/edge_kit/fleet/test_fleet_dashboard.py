@@ -6,6 +6,8 @@ import pytest
 
 from edge_kit.fleet.service import FleetService
 from harness.fleetkit import OPERATOR_TOKEN
+from tests.edge_kit.fleet.test_fleet_deploy import Fleet, _install, _source
+from tests.edge_kit.fleet.test_fleet_deploy import fleet as _deploy_fleet  # noqa: F401 (the `fleet` fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -116,3 +118,50 @@ def test_the_header_says_when_a_consumer_is_disconnected(http: str, service: Fle
                                    timeout=20_000)
         finally:
             browser.close()
+
+
+def test_deployments_panel_shows_the_canary_figures_and_promotes_and_halts(_deploy_fleet: Fleet) -> None:
+    """The deployments panel: devices' roles, versions and steps, the canary's figures, promote and halt by click."""
+    fleet = _deploy_fleet
+    from playwright.sync_api import sync_playwright
+
+    from edge_kit.fleet.http_security import HttpSecurity
+    from edge_kit.fleet.server import make_server, serve_in_thread
+
+    view = fleet.manager.create(_source(fleet), None, canary=2, canary_windows=2, auto_promote=False, seed=1)
+    dep = view["deployment"]
+    _install(fleet, dep, sorted(d for d, v in view["devices"].items() if v["role"] == "canary"), windows=2)
+    fleet.manager.tick()
+    assert fleet.manager.view(dep)["canary"]["passed"] is True
+    server = make_server(fleet.service, "127.0.0.1", 0, HttpSecurity(token=OPERATOR_TOKEN))
+    serve_in_thread(server)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    row = f"#deployment-{dep}"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(f"{base}/#token={OPERATOR_TOKEN}")
+                page.wait_for_selector(f"{row} li.figure[data-figure='predicted_class']")
+                assert page.locator(f"{row} td.state").inner_text().startswith("canary")
+                assert "passed" in page.locator(f"{row} .verdict").inner_text()
+                assert "p_value=" in page.locator(f"{row} li.figure[data-figure='predicted_class']").inner_text()
+                assert page.locator(f"{row} ul.devices li").count() == 6
+                assert page.locator(f"{row} ul.devices li", has_text="installed").count() == 2
+                page.locator(f"{row} button[data-deploy-action='promote']").click()
+                page.wait_for_function(f"() => document.querySelector('{row} td.state').textContent"
+                                       ".startsWith('rolling')")
+                page.once("dialog", lambda d: d.accept())
+                page.locator(f"{row} button[data-deploy-action='halt']").click()
+                page.wait_for_function(f"() => document.querySelector('{row} td.state').textContent"
+                                       ".startsWith('halted')")
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert fleet.manager.view(dep)["state"] == "halted"
