@@ -165,3 +165,39 @@ def _handler_for(server: BundleServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
 
     return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.bundle_server FILE... [--max-concurrent N] [--retry-after S] [--throttle B/s]`:
+    serve in a process of its own (so a benchmark can measure its CPU and memory apart from the
+    clients); prints `PORT <n>` then, on SIGTERM, one JSON line of what it served."""
+    import argparse
+    import json
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m harness.bundle_server")
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--max-concurrent", type=int, default=0)
+    parser.add_argument("--retry-after", type=int, default=1)
+    parser.add_argument("--throttle", type=int, default=0)
+    args = parser.parse_args(argv)
+    server = BundleServer(throttle=args.throttle, max_concurrent=args.max_concurrent, retry_after=args.retry_after)
+    for path in args.files:
+        server.add(path)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    server.start()
+    print(f"PORT {server.port}", flush=True)
+    done.wait()
+    server.stop()
+    served = server.served
+    print(json.dumps({"bytes_sent": served.bytes_sent(), "requests": len(served.requests),
+                      "answered_503": served.count(503), "answered_200": served.count(200),
+                      "answered_206": served.count(206), "peak_concurrent": server.peak_concurrent}), flush=True)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -34,10 +34,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from device_agent.atomic import atomic_file, atomic_write_bytes
 from device_agent.bundle.format import bundle_filename, read_bundle
+from device_agent.deploy.config import DeploySettings
 from device_agent.deploy.download import DownloadFailed, DownloadPolicy, download, file_sha256, part_path
 from device_agent.deploy.message import (
     DOWNLOADING,
@@ -53,6 +54,8 @@ from device_agent.deploy.message import (
     parse_deployment_report,
 )
 from device_agent.errors import EdgeKitError, PayloadError, VerificationError
+from device_agent.uplink.connection import MessageHandler
+from device_agent.uplink.wire import deployment_topic
 
 if TYPE_CHECKING:
     from device_agent.agent import Agent
@@ -61,9 +64,30 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "deployment.json"
 KEPT_SUFFIX = ".edgebundle"
-PROGRESS_EVERY_S = 1.0  # status messages while downloading: at most one a second
+PROGRESS_EVERY_S = 10.0  # status messages while downloading: a million devices must not flood the fleet
 RETRY_AFTER_TRANSIENT_S = 30.0  # a download that gave up is tried again after this (or on the next message)
 MAX_FINISHED = 64  # finished deployments remembered (a retained message is one per device; a few suffice)
+
+
+class Subscriber(Protocol):
+    """The part of a transport the updater needs (`MqttPublisher`, `MemoryPublisher`)."""
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None: ...
+
+
+def start_deployments(agent: Agent, link: Subscriber, deploy: DeploySettings, bundles_dir: Path) -> DeploymentUpdater:
+    """Build the updater from `[deploy]`, add its blocks to the agent's status, subscribe to this
+    device's deployment topic (renewed on every reconnect, so the retained message comes again) and
+    start its thread. Call before the link connects."""
+    policy = DownloadPolicy(timeout=deploy.download_timeout, give_up_after=deploy.give_up_after,
+                            ca_file=None if deploy.ca_certs is None else str(deploy.ca_certs))
+    updater = DeploymentUpdater(agent, bundles_dir=bundles_dir, state_dir=deploy.state_path(),
+                                max_bundle_bytes=deploy.max_bundle_bytes, keep=deploy.keep, policy=policy)
+    agent.status_sources.update(deployment=updater.status, deployment_messages=updater.message_counts,
+                                bundle_sha256=updater.bundle_sha256)
+    link.subscribe(deployment_topic(agent.fleet, agent.device_id), updater.on_message, qos=1)
+    updater.start()
+    return updater
 
 
 class Stopped(Exception):
@@ -292,6 +316,13 @@ class DeploymentUpdater:
 
     def message_counts(self) -> dict[str, Any]:
         return {"received": self.received, "invalid": dict(self.invalid), "last_invalid": self.last_invalid}
+
+    def bundle_sha256(self) -> str | None:
+        """For the status: the serving bundle file's sha256, None if the file is gone from disk."""
+        try:
+            return self.serving_sha256()
+        except OSError:
+            return None
 
     def serving_sha256(self) -> str:
         """sha256 of the bundle file serving now (what deployment messages name), cached per file."""
