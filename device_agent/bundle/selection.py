@@ -157,8 +157,8 @@ class BundleSelection:
 
         A candidate whose manifest does not verify, of another product, or that fails to load is
         refused with its reason and the next one tried, so a garbage file dropped in before a reboot
-        does not keep the device down while a good bundle is still there. If none serves, the most
-        preferred candidate's error is raised (VerificationError, exit 4).
+        does not keep the device down while a good bundle is still there. If none serves, the first
+        refusal is raised (VerificationError, exit 4; UsageError, exit 2, for a missing file).
         """
         ordered, first_error = self._startup_order(bundle_candidates(path), at)
         for candidate in ordered:
@@ -172,8 +172,7 @@ class BundleSelection:
                 continue
             self.pin(describe(loaded))
             return loaded
-        assert first_error is not None  # bundle_candidates never returns an empty list
-        raise first_error
+        raise first_error or UsageError(f"no bundle to serve in {path}")
 
     def _startup_order(self, paths: list[Path], at: float) -> tuple[list[_Candidate], EdgeKitError | None]:
         """The product's candidates whose manifest verifies: highest PEP 440 version first (newest file
