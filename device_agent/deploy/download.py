@@ -211,10 +211,13 @@ def _attempt(url: str, part: Path, *, sha256: str, size: int, device_id: str, ti
                 while written < size:
                     if stop.is_set():
                         raise _Retry("stop requested")
-                    chunk = response.read(min(_CHUNK, size - written))
+                    # read1: whatever has arrived (read() would wait for a whole chunk, and a kill
+                    # while waiting would lose it); flushed at once, so a kill loses no received byte.
+                    chunk = response.read1(min(_CHUNK, size - written))
                     if not chunk:
                         raise _Retry(f"connection closed after {written} of {size} bytes")
                     f.write(chunk)
+                    f.flush()
                     written += len(chunk)
                     stats.received += len(chunk)
                     if on_progress is not None:
