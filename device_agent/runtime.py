@@ -41,10 +41,11 @@ class ModelInfo:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
 
-def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
     """Options for a small device: full graph optimisation, one sequential executor, one thread.
 
-    One intra-op thread by default (`threads` in the config raises it): device models are small,
+    One intra-op thread by default (`threads` in the config changes it; 0 = ONNX Runtime's default,
+    all cores, as `threads = 0` means in every edge-kit config): device models are small,
     and the device runs other work. A thread pool makes every operator wait at a barrier for its
     slowest worker, so one descheduled worker stalls the whole inference: on the 2-core test VM
     under load the digits model ran 2-3x faster with one thread than with two (benchmarks/
@@ -54,7 +55,7 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = intra_op_threads if intra_op_threads > 0 else 1
+    opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
@@ -75,7 +76,7 @@ def _broadcast_stat(value: Any, sample_shape: tuple[int, ...], key: str) -> np.n
 class ModelRuntime:
     """One bundle's model, ready to run. Thread-safe: ORT sessions may be run from several threads."""
 
-    def __init__(self, bundle: Bundle, *, intra_op_threads: int = 0) -> None:
+    def __init__(self, bundle: Bundle, *, intra_op_threads: int = 1) -> None:
         manifest = bundle.manifest
         model = manifest.get("model", {})
         self.info = ModelInfo(bundle.name, bundle.version, bundle.model_sha256)

@@ -1,10 +1,11 @@
-"""The project config (TOML, DESIGN.md section 4): load, validate, resolve paths.
+"""The project config (TOML, docs/architecture.md section 4): load, validate, resolve paths.
 
 Validation is strict on purpose: an unknown key is a typo until proven otherwise, and a typo that
 is silently ignored trains the wrong model. Every error names the dotted key and what is allowed.
 
 Each key is declared once, with its default, a one-line description and its rule (bounds, choices
-or a check), by `setting`; docs/config.md is generated from these declarations:
+or a check), by `setting` (`device_agent.settings_schema`, shared with the fleet and agent configs);
+docs/config.md is generated from these declarations:
 
     python -m edge_kit.config --markdown > docs/config.md     # or: make docs
 """
@@ -14,155 +15,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_agent.settings_schema import (
+    THREADS_DOC,
+    Check,
+    Choices,
+    Rule,
+    check_rules,
+    markdown,
+    markdown_main,
+    rule_of,
+    setting,
+)
 from device_agent.strict_toml import check_sections, read_toml, section_values
 from edge_kit.errors import ConfigError
 
-# -- fields that carry their own rules ---------------------------------------------------------
-# A section is a frozen dataclass whose fields are declared with `setting(...)`: default, one-line
-# description and rule (bounds, choices or a check) together. `check_rules` enforces them on a parsed
-# config and `markdown` renders the same declarations as docs/config.md, so the page cannot drift
-# from the code. Adding a key is one line: `workers: int = setting(1, "what it does", lo=1)`.
-
-# (dotted key, value, the whole config) -> None; raises ConfigError. For rules that need files or
-# other keys (a source path that must exist, a label column a csv source requires).
-Check = Callable[[str, Any, Any], None]
-Choices = Sequence[str] | Callable[[], Sequence[str]]
-
-
-@dataclass(frozen=True)
-class Rule:
-    doc: str
-    lo: float | None = None
-    hi: float | None = None
-    open_lo: bool = False  # True: the bound itself is not allowed
-    open_hi: bool = False
-    choices: Choices | None = None  # a callable is resolved when checked (for lists owned elsewhere)
-    check: Check | None = None
-    allowed: str | None = None  # how the docs describe what `check` allows
-
-    def allowed_choices(self) -> tuple[str, ...]:
-        found = self.choices() if callable(self.choices) else self.choices
-        return tuple(found or ())
-
-    def verify(self, key: str, value: Any, config: Any) -> None:
-        if value is None:  # only optional fields default to None; the type check let it through
-            return
-        if self.choices is not None:
-            allowed = self.allowed_choices()
-            if value not in allowed:
-                raise ConfigError(key, f"{value!r} is not allowed", hint=f"allowed: {', '.join(allowed)}")
-        if (self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo)) or (
-                self.hi is not None and (value >= self.hi if self.open_hi else value > self.hi)):
-            raise ConfigError(key, f"must be {self.bounds()}, got {value}")
-        if self.check is not None:
-            self.check(key, value, config)
-
-    def bounds(self) -> str:
-        """The allowed range in words, as the error message and the docs say it."""
-        lo, hi = (None if b is None else f"{b:g}" for b in (self.lo, self.hi))
-        if lo is not None and hi is not None:
-            if self.open_lo and self.open_hi:
-                return f"between {lo} and {hi}"
-            excluded = (" (excluded)" if self.open_lo else "", " (excluded)" if self.open_hi else "")
-            return f"between {lo}{excluded[0]} and {hi}{excluded[1]}"
-        if lo is not None:
-            if self.open_lo:
-                return "positive" if lo == "0" else f"more than {lo}"
-            return "0 or more" if lo == "0" else f"at least {lo}"
-        if hi is not None:
-            return f"less than {hi}" if self.open_hi else f"at most {hi}"
-        return ""
-
-    def describe_allowed(self) -> str:
-        parts = []
-        if self.choices is not None:
-            parts.append(", ".join(f"`{c}`" for c in self.allowed_choices()))
-        if self.bounds():
-            parts.append(self.bounds() + (" (both excluded)" if self.open_lo and self.open_hi else ""))
-        if self.allowed:
-            parts.append(self.allowed)
-        return "; ".join(parts)
-
-
-def setting(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None, open_lo: bool = False,
-            open_hi: bool = False, choices: Choices | None = None, check: Check | None = None,
-            allowed: str | None = None) -> Any:
-    """A dataclass field with its default, description and rule (typed Any, as `dataclasses.field` is).
-
-    A mutable default (a table) is given as its type, `dict`, and built fresh for every config.
-    """
-    rule = Rule(doc, lo, hi, open_lo, open_hi, choices, check, allowed)
-    if default in (dict, list):
-        return dataclasses.field(default_factory=default, metadata={"rule": rule})
-    return dataclasses.field(default=default, metadata={"rule": rule})
-
-
-def rule_of(f: dataclasses.Field[Any]) -> Rule:
-    rule = f.metadata.get("rule")
-    if not isinstance(rule, Rule):
-        raise TypeError(f"config field {f.name} is not declared with setting(): it has no description or rule")
-    return rule
-
-
-def check_rules(config: Any, sections: Mapping[str, type]) -> None:
-    """Enforce every field's rule, section by section in declaration order (the first error is raised)."""
-    for name in sections:
-        section = getattr(config, name)
-        for f in dataclasses.fields(section):
-            rule_of(f).verify(f"{name}.{f.name}", getattr(section, f.name), config)
-
-
-def _toml(value: Any) -> str:
-    if value is None:
-        return "(unset)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, dict):
-        return "{}" if not value else "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
-    return repr(value)
-
-
-def _type_name(annotation: Any) -> str:
-    spec = str(annotation).replace(" ", "")
-    optional = spec.endswith("|None")
-    base = spec.removesuffix("|None")
-    base = "table" if base.startswith("dict") else "list of strings" if base == "list[str]" else base
-    return f"{base} (optional)" if optional else base
-
-
-def _default(f: dataclasses.Field[Any]) -> Any:
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return f.default
-
-
-def markdown(title: str, intro: str, sections: Mapping[str, type]) -> str:
-    """A reference page: per section its description and a table of keys, then a file of all defaults."""
-    lines = [f"# {title}", "", intro.strip(), ""]
-    for name, cls in sections.items():
-        lines += [f"## [{name}]", "", (cls.__doc__ or "").strip().splitlines()[0], "",
-                  "| key | type | default | allowed | description |", "|---|---|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            rule = rule_of(f)
-            cells = [f"`{f.name}`", _type_name(f.type), f"`{_toml(_default(f))}`", rule.describe_allowed(), rule.doc]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        lines.append("")
-    lines += ["## Every key at its default", "", "```toml"]
-    for name, cls in sections.items():
-        lines.append(f"[{name}]")
-        for f in dataclasses.fields(cls):
-            value = _default(f)
-            lines.append(f"# {f.name} = (unset)" if value is None else f"{f.name} = {_toml(value)}")
-        lines.append("")
-    lines[-1] = "```"
-    return "\n".join(lines) + "\n"
+__all__ = [
+    "SECTIONS", "Check", "Choices", "Config", "ConfigError", "Rule", "check_rules", "config_markdown",
+    "load_config", "markdown", "parse_config", "rule_of", "setting",
+]
 
 
 # -- the project config -------------------------------------------------------------------
@@ -264,7 +138,7 @@ class TrainSection:
     device: str = setting("auto", "where to train: `auto` takes CUDA when present", choices=TRAIN_DEVICES)
     # Part of what makes a run bitwise repeatable; small models train fastest on one thread, above
     # all on a shared machine.
-    threads: int = setting(1, "CPU threads for training; 0 = torch's default (all cores)", lo=0)
+    threads: int = setting(1, f"CPU threads for training (torch); {THREADS_DOC}", lo=0)
     # Ray Train with DistributedDataParallel (docs/training.md); `storage` holds its checkpoints.
     engine: str = setting("local", "`ray` trains on a Ray cluster (Ray Train, DDP) instead of this process",
                           choices=TRAIN_ENGINES)
@@ -289,7 +163,8 @@ class QuantizeSection:
     objective: str = setting("latency", "what the candidate search ships: the fastest call, the most samples "
                              "per second, or the smallest file", choices=OBJECTIVES)
     batch_size: int = setting(1, "batch size the candidates are timed at", lo=1)
-    threads: int = setting(1, "ONNX Runtime intra-op threads the candidates are timed with", lo=1)
+    threads: int = setting(1, f"ONNX Runtime intra-op threads the candidates are timed with; {THREADS_DOC}",
+                           lo=0)
     search_seconds: float = setting(3.0, "time budget of the candidate search; 0 ships the gate's choice untimed",
                                     lo=0.0, hi=3600.0)
     allow_fp32: bool = setting(False, "let an fp32 model ship when it is the fastest candidate that passes")
@@ -395,7 +270,8 @@ CONFIG_DOC_INTRO = """\
 The project config is one TOML file (`edgekit.toml`), passed as `--config` to `edge-kit train`, `build`,
 `reproduce` and `bench`. Sections and keys left out take the defaults below. Every path is relative to the
 config file's folder. An unknown section or key, a value of the wrong type or outside what is allowed is an
-error naming the dotted key (exit code 2), never ignored."""
+error naming the dotted key (exit code 2), never ignored. The other configs: [fleet](config-fleet.md) (`edge-kit
+fleet serve --config`), [agent](config-agent.md) (`edge-agent run --config`)."""
 
 
 def config_markdown() -> str:
@@ -404,13 +280,7 @@ def config_markdown() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m edge_kit.config", description="The project config reference.")
-    parser.add_argument("--markdown", action="store_true", required=True, help="print docs/config.md to stdout")
-    parser.parse_args(argv)
-    print(config_markdown(), end="")
-    return 0
+    return markdown_main("python -m edge_kit.config", config_markdown, argv)
 
 
 if __name__ == "__main__":

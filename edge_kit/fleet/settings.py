@@ -1,104 +1,108 @@
-"""Fleet config (TOML): drift thresholds, alert rule, retraining command, ingest limits.
+"""Fleet config (TOML, `fleet serve --config`): drift thresholds, alert rule, retraining command, ingest limits.
 
 Strict like the project config: an unknown key is an error naming the key (exit 2), because a
 misspelt threshold silently left at its default is the kind of mistake nobody notices until an
-incident. Every section and key may be left out; the defaults below are what `fleet serve` uses.
-
-```toml
-[drift]
-alpha = 0.01                 # family-wise (Bonferroni, per model) / false discovery (BH, across devices)
-min_n = 100                  # windows with fewer inferences are not tested
-k = 2                        # an alert needs k flagged windows ...
-m = 3                        # ... among the last m tested windows
-effect_wasserstein = 0.1     # practical threshold, numeric channels: Wasserstein in reference sd units
-effect_class_tvd = 0.05      # practical threshold, predicted class: total variation distance
-fleet_window_seconds = 300   # device windows starting in the same bucket are pooled for the fleet test
-max_device_weight = 1.0      # in a fleet bucket a device counts at most this x the median device's n (0: no cap)
-lookback_seconds = 86400     # only windows newer than this are evaluated
-evaluate_every_seconds = 10
-
-[concept]
-max_accuracy_drop = 0.05     # alert when labelled accuracy is this far below the gate's int8 accuracy
-min_labels = 200
-
-[alerts]
-approval = "manual"          # "manual": an operator approves before retraining; "auto": run at once
-retrain_command = []         # e.g. ["edge-kit", "build", "--config", "edgekit.toml", "--out", "dist", "--unsigned"]
-retrain_min_interval_seconds = 3600
-retrain_timeout_seconds = 3600
-
-[ingest]
-max_payload_bytes = 262144
-max_clock_skew_seconds = 300 # a window ending later than now + this is refused
-max_window_seconds = 86400
-max_inferences_per_second = 100000  # a window's n may be at most its length x this (at least 1 s)
-batch_size = 256             # messages per storage transaction (one fsync each)
-offline_after_seconds = 180  # a device not heard from for this long is shown offline
-```
+incident. Every section and key may be left out. Each key is declared once, with its default,
+description and rule, by `setting` (`device_agent.settings_schema`); docs/config-fleet.md is generated
+from these declarations (`make docs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_agent.settings_schema import POSITIVE, check_rules, markdown, markdown_main, setting, subsection
 from device_agent.strict_toml import check_sections, check_value, read_toml, section_values
 from edge_kit.errors import ConfigError
 
 
+def _k_within_m(key: str, k: int, s: Any) -> None:
+    if k > s.drift.m:
+        raise ConfigError(key, f"need 1 <= k <= m, got k={k}, m={s.drift.m}")
+
+
 @dataclass(frozen=True)
 class DriftSettings:
-    alpha: float = 0.01
-    min_n: int = 100
-    k: int = 2
-    m: int = 3
-    effect_wasserstein: float = 0.1
-    effect_class_tvd: float = 0.05
-    fleet_window_seconds: float = 300.0
-    max_device_weight: float = 1.0
-    lookback_seconds: float = 86400.0
-    evaluate_every_seconds: float = 10.0
+    """Data drift: the statistical tests on each window and the alert rule (docs/fleet.md, "Drift tests")."""
+
+    alpha: float = setting(0.01, "significance: family-wise per model (Bonferroni over channels), false "
+                           "discovery rate across devices (Benjamini-Hochberg)", lo=0.0, hi=0.5,
+                           open_lo=True, open_hi=True)
+    min_n: int = setting(100, "windows with fewer inferences are not tested on their own", lo=1)
+    k: int = setting(2, "an alert needs k flagged windows among the last m tested", lo=1, check=_k_within_m,
+                     allowed="at most m")
+    m: int = setting(3, "how many of the latest tested windows the k-of-m rule looks at", lo=1)
+    effect_wasserstein: float = setting(0.1, "practical threshold for numeric channels: Wasserstein-1 distance "
+                                        "in reference standard deviations", lo=0.0)
+    effect_class_tvd: float = setting(0.05, "practical threshold for the predicted class: total variation "
+                                      "distance", lo=0.0)
+    fleet_window_seconds: float = setting(300.0, "device windows starting in the same bucket of this length are "
+                                          "pooled for the fleet-wide test", **POSITIVE)
+    max_device_weight: float = setting(1.0, "in a fleet bucket a device counts at most this x the (lower) median "
+                                       "device's n; 0 = no cap", lo=0.0)
+    max_design_effect: float = setting(16.0, "the design effect phi a window's dependence signal (dispersion, "
+                                       "repeated inputs) may claim; tests use n / phi", lo=1.0)
+    lookback_seconds: float = setting(86400.0, "only windows newer than this are evaluated", **POSITIVE)
+    evaluate_every_seconds: float = setting(10.0, "seconds between drift evaluations", **POSITIVE)
 
 
 @dataclass(frozen=True)
 class ConceptSettings:
-    max_accuracy_drop: float = 0.05
-    min_labels: int = 200
+    """Concept drift: accuracy from the labels devices send back, against the gate's int8 accuracy."""
+
+    max_accuracy_drop: float = setting(0.05, "alert when labelled accuracy is this far below the gate's int8 "
+                                       "accuracy (and a one-sided binomial test at alpha agrees)", lo=0.0)
+    min_labels: int = setting(200, "labels needed before accuracy is judged", lo=1)
+    max_device_weight: float = setting(1.0, "a device's labels count at most this x the (lower) median "
+                                       "device's number of labels; 0 = no cap", lo=0.0)
 
 
 @dataclass(frozen=True)
 class AlertSettings:
-    approval: str = "manual"
-    retrain_command: list[str] = field(default_factory=list)
-    retrain_min_interval_seconds: float = 3600.0
-    retrain_timeout_seconds: float = 3600.0
+    """Alerts: who approves retraining, and the command that retrains."""
+
+    approval: str = setting("manual", "`manual`: an operator approves an alert before retraining; `auto`: "
+                            "the command runs at once", choices=("manual", "auto"))
+    retrain_command: list[str] = setting(list, "command run on an approved alert, as a list or one "
+                                         "shell-style string, e.g. `[\"edge-kit\", \"build\", \"--config\", "
+                                         "\"edgekit.toml\", \"--out\", \"dist\", \"--key\", \"k.pem\"]`; "
+                                         "empty = alerts only")
+    retrain_min_interval_seconds: float = setting(3600.0, "the command runs at most once per this many seconds, "
+                                                  "across all alerts", lo=0.0)
+    retrain_timeout_seconds: float = setting(3600.0, "a retraining run still going after this is stopped",
+                                             **POSITIVE)
 
 
 @dataclass(frozen=True)
 class IngestSettings:
-    max_payload_bytes: int = 256 * 1024
-    max_clock_skew_seconds: float = 300.0
-    max_window_seconds: float = 86400.0
-    max_inferences_per_second: float = 100000.0
-    batch_size: int = 256
-    offline_after_seconds: float = 180.0
+    """Ingest: what a summary message may be, and how they are stored (docs/fleet.md, "Ingest")."""
+
+    max_payload_bytes: int = setting(256 * 1024, "largest summary message on the wire", lo=1)
+    max_clock_skew_seconds: float = setting(300.0, "a window ending later than now + this is refused", lo=0.0)
+    max_window_seconds: float = setting(86400.0, "longest window accepted", **POSITIVE)
+    max_inferences_per_second: float = setting(100000.0, "a window's n may be at most its length (at least 1 s) "
+                                               "x this", **POSITIVE)
+    batch_size: int = setting(256, "messages per storage transaction (one fsync each)", lo=1)
+    offline_after_seconds: float = setting(180.0, "a device not heard from for this long is shown offline",
+                                           **POSITIVE)
 
 
 @dataclass(frozen=True)
 class FleetSettings:
-    drift: DriftSettings = field(default_factory=DriftSettings)
-    concept: ConceptSettings = field(default_factory=ConceptSettings)
-    alerts: AlertSettings = field(default_factory=AlertSettings)
-    ingest: IngestSettings = field(default_factory=IngestSettings)
+    drift: DriftSettings = subsection(DriftSettings)
+    concept: ConceptSettings = subsection(ConceptSettings)
+    alerts: AlertSettings = subsection(AlertSettings)
+    ingest: IngestSettings = subsection(IngestSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "drift": DriftSettings,
     "concept": ConceptSettings,
     "alerts": AlertSettings,
@@ -114,10 +118,10 @@ def load_settings(path: str | Path | None) -> FleetSettings:
 
 
 def parse_settings(raw: dict[str, Any]) -> FleetSettings:
-    check_sections(raw, _SECTIONS)
-    sections = {name: cls(**section_values(name, cls, raw.get(name, {}), _typed)) for name, cls in _SECTIONS.items()}
+    check_sections(raw, SECTIONS)
+    sections = {name: cls(**section_values(name, cls, raw.get(name, {}), _typed)) for name, cls in SECTIONS.items()}
     settings = FleetSettings(**sections)
-    _check_values(settings)
+    check_rules(settings, SECTIONS)
     return settings
 
 
@@ -127,38 +131,23 @@ def _typed(key: str, value: Any, spec: str) -> Any:
     return check_value(key, value, spec)
 
 
-def _check_values(s: FleetSettings) -> None:
-    d = s.drift
-    if not 0.0 < d.alpha < 0.5:
-        raise ConfigError("drift.alpha", f"must be in (0, 0.5), got {d.alpha}")
-    if d.m < 1 or not 1 <= d.k <= d.m:
-        raise ConfigError("drift.k", f"need 1 <= k <= m, got k={d.k}, m={d.m}")
-    positive = {
-        "drift.min_n": d.min_n,
-        "drift.fleet_window_seconds": d.fleet_window_seconds,
-        "drift.lookback_seconds": d.lookback_seconds,
-        "drift.evaluate_every_seconds": d.evaluate_every_seconds,
-        "concept.min_labels": s.concept.min_labels,
-        "ingest.max_payload_bytes": s.ingest.max_payload_bytes,
-        "ingest.max_window_seconds": s.ingest.max_window_seconds,
-        "ingest.max_inferences_per_second": s.ingest.max_inferences_per_second,
-        "ingest.batch_size": s.ingest.batch_size,
-        "ingest.offline_after_seconds": s.ingest.offline_after_seconds,
-        "alerts.retrain_timeout_seconds": s.alerts.retrain_timeout_seconds,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(key, f"must be positive, got {value}")
-    non_negative = {
-        "drift.effect_wasserstein": d.effect_wasserstein,
-        "drift.effect_class_tvd": d.effect_class_tvd,
-        "drift.max_device_weight": d.max_device_weight,
-        "concept.max_accuracy_drop": s.concept.max_accuracy_drop,
-        "alerts.retrain_min_interval_seconds": s.alerts.retrain_min_interval_seconds,
-        "ingest.max_clock_skew_seconds": s.ingest.max_clock_skew_seconds,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(key, f"must be >= 0, got {value}")
-    if s.alerts.approval not in ("manual", "auto"):
-        raise ConfigError("alerts.approval", f"must be 'manual' or 'auto', got {s.alerts.approval!r}")
+FLEET_DOC_INTRO = """\
+<!-- Generated from edge_kit/fleet/settings.py by `make docs`: do not edit. -->
+
+The fleet config is one TOML file, passed as `edge-kit fleet serve --config fleet.toml`. Sections and keys
+left out take the defaults below. An unknown section or key, a value of the wrong type or outside what is
+allowed is an error naming the dotted key (exit code 2), never ignored. What the tests and alerts do with
+these values: [fleet](fleet.md). The other configs: [project](config.md), [agent](config-agent.md)."""
+
+
+def settings_markdown() -> str:
+    """docs/config-fleet.md: every section and key with its type, default, what is allowed and what it does."""
+    return markdown("Fleet config reference", FLEET_DOC_INTRO, SECTIONS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return markdown_main("python -m edge_kit.fleet.settings", settings_markdown, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
