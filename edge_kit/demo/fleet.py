@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.bundle.format import read_bundle
-from device_agent.bundle.watcher import resolve_bundle
+from device_agent.bundle.selection import resolve_bundle
 from edge_kit.demo.broker import Broker
 from edge_kit.demo.feeder import DeviceFeeder
 from edge_kit.demo.processes import ManagedProcess, free_port, http_json, wait_for_port
