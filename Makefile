@@ -51,10 +51,16 @@ bench: install system-deps
 fleet-demo: install system-deps
 	$(PY) -m edge_kit.demo.fleet $(ARGS)
 
-# Pages generated from code: docs/config.md from the field declarations in edge_kit/config.py
-# (a test fails while the checked-in page differs from what this writes).
+# Pages generated from code: one config reference per program, from the key declarations in
+# edge_kit/config.py, edge_kit/fleet/settings.py and device_agent/settings.py (a test fails while a
+# checked-in page differs from what this writes).
+CONFIG_PAGES = edge_kit.config:docs/config.md edge_kit.fleet.settings:docs/config-fleet.md \
+	device_agent.settings:docs/config-agent.md
 docs: install
-	$(PY) -m edge_kit.config --markdown > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
+	@set -e; for page in $(CONFIG_PAGES); do \
+		module=$${page%%:*}; out=$${page#*:}; \
+		$(PY) -m $$module --markdown > $$out.tmp && mv $$out.tmp $$out; echo "wrote $$out"; \
+	done
 
 # Re-pin every version after changing dependencies in pyproject.toml.
 lock:

@@ -37,7 +37,7 @@ edge-agent runs a signed edge-kit bundle on a device: it verifies the bundle, se
 and reports them to the fleet server over MQTT, keeping them on disk while the broker is away.
 
 `edge-agent COMMAND --help` says what a command does. Every command takes --json (one JSON object on
-stdout), --debug and -q. Docs: docs/agent.md; config keys: docs/config.md."""
+stdout), --debug and -q. Docs: docs/agent.md; config keys: docs/config-agent.md."""
 
 
 _common = add_common_flags
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "HTTP (with --http),\nclose a summary window every --window-seconds and send it over MQTT "
                     "(spooled on disk while the\nbroker is away), and swap in a newer verified bundle dropped "
                     "into the --bundle folder while serving.\nSettings come from --config; flags override it.")
-    p.add_argument("--config", help="agent config (TOML; keys in docs/config.md); flags override it")
+    p.add_argument("--config", help="agent config (TOML; keys in docs/config-agent.md); flags override it")
     p.add_argument("--bundle", help="bundle file, or a directory whose newest *.edgebundle is served (watched)")
     p.add_argument("--broker", help="mqtt://HOST:PORT, or mqtts:// for TLS")
     p.add_argument("--device-id", dest="device_id", help="this device's id (an MQTT topic level)")

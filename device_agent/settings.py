@@ -1,79 +1,104 @@
 """`edge-agent run` settings: a TOML file (`--config`), overridden by command-line flags.
 
-    [agent]                                  [mqtt]
-    bundle = "/var/lib/edge-agent/bundles"   broker = "mqtts://broker.example:8883"
-    device_id = "cam-7"                      username = "cam-7"
-    fleet = "default"                        password_file = "/etc/edge-agent/mqtt-password"
-    spool = "/var/lib/edge-agent/spool.db"   ca_certs = "/etc/edge-agent/ca.pem"
-    http = "127.0.0.1:8081"                  certfile = "..."   keyfile = "..."
-    window_seconds = 60                      keepalive = 30
-    pubkey = "/etc/edge-agent/edgekit.pub"   session_expiry = 604800
-    require_signature = true                 reconnect_min = 0.5
-    spool_max_windows = 10000                reconnect_max = 60
-    watch_interval = 2.0                     compress = true
-    threads = 0
-    allow_downgrade = false   # true: accept an older version of the same model (a rollback)
-    model_name = "digits"     # the one model this device serves; unset: the first bundle served pins it
-
-    [http]                                   # limits of the local HTTP API (--http-* flags)
-    max_body_bytes = 8388608                 # 8 MiB; a bigger Content-Length gets 413 unread
-    max_samples = 4096                       # samples in one request (and labels in one call)
-    max_connections = 64                     # one more closes the longest-idle connection
-    timeout = 10.0                           # seconds to send one request, or to sit idle
-    request_memory_bytes = 1048576           # predictions kept for labels naming a request id
-
-Strict like the project config: an unknown key or a wrong type is exit 2 naming the dotted key.
-Relative paths are relative to the config file.
+Strict like the project config: an unknown key, a wrong type or a value outside what is allowed is
+exit 2 naming the dotted key. Relative paths are relative to the config file. Each key is declared
+once, with its default, description and rule, by `setting` (`device_agent.settings_schema`);
+docs/config-agent.md is generated from these declarations (`make docs`), and `deploy/agent.toml` is
+the example a device installs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from device_agent.errors import ConfigError
 from device_agent.http.protocol import HttpLimits
+from device_agent.settings_schema import (
+    POSITIVE,
+    THREADS_DOC,
+    check_given,
+    check_section,
+    markdown,
+    markdown_main,
+    setting,
+    subsection,
+    subsections_of,
+)
 from device_agent.strict_toml import check_sections, check_value, read_toml, section_values
 from device_agent.uplink.wire import BrokerConfig, parse_broker_url, topic_level_problem
+
+_LIMITS = HttpLimits()  # the HTTP server's own defaults are the [http] defaults
 
 
 @dataclass(frozen=True)
 class MqttSettings:
-    broker: str | None = None
-    username: str | None = None
-    password: str | None = None
-    password_file: Path | None = None
-    ca_certs: Path | None = None
-    certfile: Path | None = None
-    keyfile: Path | None = None
-    tls_insecure: bool = False
-    keepalive: int = 30
-    session_expiry: int = 7 * 24 * 3600
-    reconnect_min: float = 0.5
-    reconnect_max: float = 60.0
-    compress: bool = True
+    """The MQTT 5 broker the summaries go to; `mqtts://` or a `ca_certs` turns TLS on."""
+
+    broker: str | None = setting(None, "`mqtt://HOST:PORT`, or `mqtts://` for TLS (required here or as --broker)")
+    username: str | None = setting(None, "user name at the broker")
+    password: str | None = setting(None, "password at the broker (prefer `password_file`)")
+    password_file: Path | None = setting(None, "file holding the password (read at start)")
+    ca_certs: Path | None = setting(None, "CA (PEM) the broker certificate chains to (file must exist)")
+    certfile: Path | None = setting(None, "client certificate (PEM), if the broker wants one (file must exist)")
+    keyfile: Path | None = setting(None, "the client certificate's private key (PEM) (file must exist)")
+    tls_insecure: bool = setting(False, "skip the broker certificate check (testing only)")
+    keepalive: int = setting(30, "seconds between MQTT keep-alive pings; 0 = none", lo=0)
+    session_expiry: int = setting(7 * 24 * 3600, "seconds the broker keeps this device's session while it is "
+                                  "offline", lo=0)
+    reconnect_min: float = setting(0.5, "shortest wait before reconnecting (seconds; backoff with jitter)",
+                                   **POSITIVE)
+    reconnect_max: float = setting(60.0, "longest wait before reconnecting (seconds)", **POSITIVE)
+    compress: bool = setting(True, "send summaries as zlib JSON (content type `application/json+zlib`)")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Limits of the local HTTP API (docs/agent.md, "HTTP API"); the --http-* flags override them."""
+
+    max_body_bytes: int = setting(_LIMITS.max_body_bytes, "largest request body; a larger Content-Length gets "
+                                  "413 before the body is read", lo=1)
+    max_samples: int = setting(_LIMITS.max_samples, "samples in one request, labels in one call", lo=1)
+    max_connections: int = setting(_LIMITS.max_connections, "open connections; one more closes the longest-idle "
+                                   "one", lo=1)
+    timeout: float = setting(_LIMITS.request_timeout, "seconds to send one whole request, or to stay idle "
+                             "between requests", **POSITIVE)
+    request_memory_bytes: int = setting(_LIMITS.request_memory_bytes, "predictions kept for labels that name a "
+                                        "request id (bytes)", lo=0)
+
+    def limits(self) -> HttpLimits:
+        return HttpLimits(max_body_bytes=self.max_body_bytes, max_samples=self.max_samples,
+                          max_connections=self.max_connections, request_timeout=self.timeout,
+                          request_memory_bytes=self.request_memory_bytes)
 
 
 @dataclass(frozen=True)
 class AgentSettings:
-    bundle: Path | None = None
-    device_id: str | None = None
-    fleet: str = "default"
-    spool: Path | None = None
-    spool_max_windows: int = 10_000
-    http: str | None = None
-    window_seconds: float = 60.0
-    pubkey: Path | None = None
-    require_signature: bool = False
-    allow_downgrade: bool = False
-    model_name: str | None = None
-    watch_interval: float = 2.0
-    threads: int = 0
-    mqtt: MqttSettings = field(default_factory=MqttSettings)
-    http_limits: HttpLimits = field(default_factory=HttpLimits)
+    """The device: which bundles it serves, who it is, where it keeps what the broker has not acknowledged."""
+
+    bundle: Path | None = setting(None, "a bundle file, or a folder whose newest verified `*.edgebundle` is served "
+                                  "and watched (required here or as --bundle)")
+    device_id: str | None = setting(None, "this device's id, an MQTT topic level: no `/`, `+` or `#` (required "
+                                    "here or as --device-id)")
+    fleet: str = setting("default", "fleet name, an MQTT topic level")
+    spool: Path | None = setting(None, "SQLite spool of closed windows not yet acknowledged; unset = "
+                                 "`$STATE_DIRECTORY/spool.db`, else `./edge-agent-spool.db`")
+    spool_max_windows: int = setting(10_000, "windows the spool holds; when full the oldest are dropped "
+                                     "(counted in status)", lo=1)
+    http: str | None = setting(None, "`HOST:PORT` of the local HTTP API; unset = no HTTP API")
+    window_seconds: float = setting(60.0, "length of a summary window (seconds)", **POSITIVE)
+    pubkey: Path | None = setting(None, "Ed25519 public key (PEM) bundles must be signed by")
+    require_signature: bool = setting(False, "refuse unsigned bundles (needs `pubkey`)")
+    allow_downgrade: bool = setting(False, "accept an older version of the same model (a rollback)")
+    model_name: str | None = setting(None, "the one model this device serves; a bundle of another name is "
+                                     "refused; unset = the first bundle served pins it")
+    watch_interval: float = setting(2.0, "seconds between checks of the bundle path", **POSITIVE)
+    threads: int = setting(1, f"ONNX Runtime intra-op threads; {THREADS_DOC}", lo=0)
+    mqtt: MqttSettings = subsection(MqttSettings)
+    http_limits: HttpLimits = subsection(HttpLimits)
 
     def spool_path(self) -> Path:
         if self.spool is not None:
@@ -105,57 +130,58 @@ class AgentSettings:
         return parse_broker_url(m.broker, what="mqtt.broker", **options)
 
 
+# The sections of agent.toml, in the order the docs show them. A new section is a dataclass of
+# `setting`s, an entry here, and a `subsection` field of the same name in AgentSettings.
+SECTIONS: dict[str, type] = {"agent": AgentSettings, "mqtt": MqttSettings, "http": HttpSettings}
+
+
 def _str(p: Path | None) -> str | None:
     return None if p is None else str(p)
 
 
-_PATH_KEYS = {"bundle", "spool", "pubkey", "password_file", "ca_certs", "certfile", "keyfile"}
-
-
 def _coerce(dotted: str, value: Any, annotation: str, base: Path) -> Any:
-    key = dotted.rsplit(".", 1)[-1]
-    if key in _PATH_KEYS:
+    """Type-check one value; a `Path` key becomes a path, relative ones relative to the config file."""
+    if annotation.replace(" ", "").removesuffix("|None") == "Path":
         if not isinstance(value, str) or not value or "\0" in value:
             raise ConfigError(dotted, "must be a non-empty path string (without NUL)")
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
-    checked = check_value(dotted, value, annotation.removesuffix(" | None"))
-    # Every number the agent takes is a count, a size or a duration.
-    if annotation.startswith("int") and checked < 0:
-        raise ConfigError(dotted, f"must be a non-negative integer, got {value!r}")
-    if annotation.startswith("float") and checked <= 0:
-        raise ConfigError(dotted, f"must be a positive number, got {value!r}")
-    return checked
+    return check_value(dotted, value, annotation)
 
 
-def _section(cls: type[Any], name: str, data: Any, base: Path) -> dict[str, Any]:
-    return section_values(name, cls, data, lambda key, value, ann: _coerce(key, value, ann, base),
-                          skip=("mqtt", "http_limits"))
+def _read_section(name: str, data: dict[str, Any], base: Path) -> Any:
+    cls = SECTIONS[name]
+    values = section_values(name, cls, data.get(name, {}), lambda key, value, ann: _coerce(key, value, ann, base),
+                            skip=subsections_of(cls))
+    section = cls(**values)
+    check_section(name, section, None)
+    return section
 
 
 def load_settings(path: str | Path | None) -> AgentSettings:
-    """Settings from a TOML file (or the defaults when `path` is None)."""
+    """Settings from a TOML file (or the defaults when `path` is None).
+
+    [agent] holds the device's own keys; every other section becomes the `AgentSettings` field of the
+    same name ([http] as `http_limits`, the server's form of it).
+    """
     if path is None:
         return AgentSettings()
     data = read_toml(path)
-    check_sections(data, ("agent", "mqtt", "http"))
+    check_sections(data, SECTIONS)
     base = Path(path).resolve().parent
-    agent = _section(AgentSettings, "agent", data.get("agent", {}), base)
-    mqtt = _section(MqttSettings, "mqtt", data.get("mqtt", {}), base)
-    http = _section(HttpLimits, "http", data.get("http", {}), base)
-    _check_http(http, "http.")
-    return AgentSettings(**agent, mqtt=MqttSettings(**mqtt), http_limits=HttpLimits(**http))
+    sections = {name: _read_section(name, data, base) for name in SECTIONS}
+    agent: AgentSettings = sections.pop("agent")
+    http = sections.pop("http")
+    return replace(agent, http_limits=http.limits(), **sections)
 
 
-def _check_http(values: dict[str, Any], prefix: str) -> None:
-    # Zero would make the API useless (every request refused), so these must be positive.
-    for key in ("max_body_bytes", "max_samples", "max_connections"):
-        if key in values and values[key] < 1:
-            raise ConfigError(f"{prefix}{key}", f"must be a positive integer, got {values[key]!r}")
+# --http-* flag -> (the [http] key whose rule it follows, the HttpLimits field it sets)
+_HTTP_FLAGS = {"max_body_bytes": "max_body_bytes", "max_samples": "max_samples",
+               "max_connections": "max_connections", "timeout": "request_timeout"}
 
 
 def apply_flags(settings: AgentSettings, args: argparse.Namespace) -> AgentSettings:
-    """Flags given on the command line win over the config file."""
+    """Flags given on the command line win over the config file; they follow the same rules as its keys."""
     agent: dict[str, Any] = {}
     for flag, key in (("bundle", "bundle"), ("spool", "spool"), ("pubkey", "pubkey")):
         if getattr(args, flag, None):
@@ -164,18 +190,18 @@ def apply_flags(settings: AgentSettings, args: argparse.Namespace) -> AgentSetti
         if getattr(args, flag, None):
             agent[flag] = getattr(args, flag)
     if getattr(args, "window_seconds", None) is not None:
-        if args.window_seconds <= 0:
-            raise ConfigError("window_seconds", "must be a positive number of seconds")
+        check_given(AgentSettings, "window_seconds", "--window-seconds", args.window_seconds)
         agent["window_seconds"] = float(args.window_seconds)
     if getattr(args, "allow_downgrade", False):
         agent["allow_downgrade"] = True
     mqtt = replace(settings.mqtt, broker=args.broker) if getattr(args, "broker", None) else settings.mqtt
-    http = {key: getattr(args, f"http_{key}") for key in ("max_body_bytes", "max_samples", "max_connections", "timeout")
-            if getattr(args, f"http_{key}", None) is not None}
-    _check_http(http, "--http-")
-    if http.get("timeout", 1.0) <= 0:
-        raise ConfigError("--http-timeout", f"must be a positive number of seconds, got {http['timeout']!r}")
-    merged = replace(settings, **agent, mqtt=mqtt, http_limits=replace(settings.http_limits, **http))
+    limits: dict[str, Any] = {}
+    for key, field_name in _HTTP_FLAGS.items():
+        value = getattr(args, f"http_{key}", None)
+        if value is not None:
+            check_given(HttpSettings, key, f"--http-{key}", value)
+            limits[field_name] = value
+    merged = replace(settings, **agent, mqtt=mqtt, http_limits=replace(settings.http_limits, **limits))
     if merged.bundle is None:
         raise ConfigError("agent.bundle", "required: pass --bundle PATH or set it in the config")
     if merged.require_signature and merged.pubkey is None:
@@ -190,3 +216,29 @@ def apply_flags(settings: AgentSettings, args: argparse.Namespace) -> AgentSetti
         if problem is not None:
             raise ConfigError(f"agent.{key}", problem)
     return merged
+
+
+AGENT_DOC_INTRO = """\
+<!-- Generated from device_agent/settings.py by `make docs`: do not edit. -->
+
+The agent config is one TOML file, passed as `edge-agent run --config agent.toml`; `deploy/agent.toml` is
+the example a device installs. Flags given to `edge-agent run` override the file and follow the same
+rules: `--bundle`, `--broker`, `--device-id`, `--fleet`, `--spool`, `--http`, `--window-seconds`, `--pubkey`,
+`--allow-downgrade`, `--model-name` and the `--http-*` limits. Sections and keys left out take the defaults
+below; relative paths are relative to the config file. An unknown section or key, a value of the wrong
+type or outside what is allowed is an error naming the dotted key (exit code 2), never ignored. What the
+agent does with these values: [agent](agent.md). The other configs: [project](config.md),
+[fleet](config-fleet.md)."""
+
+
+def settings_markdown() -> str:
+    """docs/config-agent.md: every section and key with its type, default, what is allowed and what it does."""
+    return markdown("Agent config reference", AGENT_DOC_INTRO, SECTIONS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return markdown_main("python -m device_agent.settings", settings_markdown, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

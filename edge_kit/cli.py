@@ -53,7 +53,8 @@ devices, and watches the devices that serve them for drift. The devices run `edg
   fleet serve: gather the devices' summaries, detect drift, alert, retrain
 
 `edge-kit COMMAND --help` says what a command does. Every command takes --json (one JSON object on
-stdout), --debug and -q. Docs: docs/architecture.md; config keys: docs/config.md."""
+stdout), --debug and -q. Docs: docs/architecture.md; config keys: docs/config.md (project),
+docs/config-fleet.md (fleet serve)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="consumer processes on a shared subscription")
     p.add_argument("--bundle", action="append", default=[], help="bundle whose reference histograms to use")
     p.add_argument("--bundles", help="folder of bundles (re-read when it changes)")
-    p.add_argument("--config", help="fleet config (TOML): drift thresholds, alerts, retraining command")
+    p.add_argument("--config", help="fleet config (TOML; keys in docs/config-fleet.md): drift thresholds, "
+                                    "alerts, retraining command")
     p.add_argument("--token-file", help="file holding the operator token (else EDGEKIT_FLEET_TOKEN); "
                                         "without one the dashboard and API are read-only, for loopback only")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",

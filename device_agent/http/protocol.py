@@ -31,7 +31,9 @@ class HttpLimits:
     max_body_bytes: int = 8 * 1024 * 1024
     max_samples: int = 4096  # samples in one request, labels in one call
     max_connections: int = 64
-    timeout: float = 10.0  # seconds to send one whole request, or to stay idle between requests
+    # Seconds to send one whole request, or to stay idle between requests. The config key and flag
+    # users type stay `timeout` / `--http-timeout` (settings.py maps them).
+    request_timeout: float = 10.0
     request_memory_bytes: int = 1024 * 1024  # predictions remembered for labels that name a request id
 
 

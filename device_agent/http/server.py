@@ -212,7 +212,7 @@ class _Connection(asyncio.Protocol):
         if self.request_started is not None and not self.write_paused:
             self.server.agent.count_bad_request()
             self._reply(error_response(HTTPStatus.REQUEST_TIMEOUT,
-                                       f"request not received within {self.server.limits.timeout:g}s (http.timeout)"),
+                                       f"request not received within {self.server.limits.request_timeout:g}s (http.timeout)"),
                         keep_alive=False)
         elif self.transport is not None:
             self.closing = True
@@ -299,7 +299,7 @@ class AgentHTTPServer:
         if self._stopping or self._loop is None:
             return
         now = time.monotonic()
-        timeout = self.limits.timeout
+        timeout = self.limits.request_timeout
         for conn in [c for c in self._connections if c.expired(now, timeout)]:
             conn.time_out()
         self._loop.call_later(min(1.0, timeout / 4), self._sweep)

@@ -126,7 +126,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentHTTPServer]:
     from harness.bundles import make_bundle
 
     bundle = make_bundle(tmp_path_factory.mktemp("fuzz-live"), seed=0, version="1.0.0")
-    server = AgentHTTPServer(("127.0.0.1", 0), Agent(bundle, window_seconds=60), HttpLimits(timeout=0.5))
+    server = AgentHTTPServer(("127.0.0.1", 0), Agent(bundle, window_seconds=60), HttpLimits(request_timeout=0.5))
     server.start()
     yield server
     server.stop()

@@ -153,7 +153,7 @@ def test_a_request_over_the_sample_cap_is_refused_and_counted(make_server) -> No
     b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"inputs\"",  # half a body
 ])
 def test_a_half_sent_request_times_out(make_server, partial: bytes) -> None:
-    _, server = make_server(HttpLimits(timeout=0.5))
+    _, server = make_server(HttpLimits(request_timeout=0.5))
     with connect(server, timeout=5) as sock:
         sock.sendall(partial)
         t0 = time.monotonic()
@@ -173,7 +173,7 @@ def test_a_half_sent_request_times_out(make_server, partial: bytes) -> None:
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(make_server) -> None:
-    _, server = make_server(HttpLimits(timeout=0.5))
+    _, server = make_server(HttpLimits(request_timeout=0.5))
     with connect(server) as sock:
         sock.sendall(request("GET", "/healthz"))
         assert read_response(sock)[0] == 200
@@ -314,7 +314,7 @@ def test_the_limits_come_from_agent_toml_and_flags(tmp_path: Path) -> None:
     args = argparse.Namespace(http_max_samples=7, http_max_body_bytes=None, http_max_connections=None,
                               http_timeout=None)
     limits = apply_flags(load_settings(cfg), args).http_limits
-    assert limits == HttpLimits(max_body_bytes=1000, max_samples=7, timeout=2.5, request_memory_bytes=100)
+    assert limits == HttpLimits(max_body_bytes=1000, max_samples=7, request_timeout=2.5, request_memory_bytes=100)
     cfg.write_text('[agent]\nbundle = "b"\ndevice_id = "d"\n[http]\nmax_body = 1000\n')
     with pytest.raises(ConfigError, match=r"http\.max_body"):
         load_settings(cfg)

@@ -1,8 +1,10 @@
-"""Config keys carry their own rules and descriptions; docs/config.md is generated from them."""
+"""Config keys carry their own rules and descriptions; each program's config page is generated from them."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import calibration.methods
+from device_agent.settings_schema import THREADS_DOC, keys_of, rule_of
 from edge_kit.config import SECTIONS, check_rules, config_markdown, load_config, markdown, setting
 from edge_kit.errors import EXIT_USAGE, ConfigError
 
@@ -23,9 +26,24 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_checked_in_config_page_is_current() -> None:
-    page = (ROOT / "docs" / "config.md").read_text()
-    assert page == config_markdown(), "docs/config.md is out of date: run `make docs`"
+def generated_pages() -> list[tuple[str, str]]:
+    """(module, page) pairs `make docs` writes, read from the Makefile so the two cannot disagree."""
+    makefile = (ROOT / "Makefile").read_text()
+    block = re.search(r"^CONFIG_PAGES = ((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
+    assert block is not None, "Makefile has no CONFIG_PAGES"
+    return [tuple(item.split(":")) for item in block.group(1).replace("\\", " ").split()]  # type: ignore[misc]
+
+
+def test_make_docs_writes_one_page_per_program() -> None:
+    assert generated_pages() == [("edge_kit.config", "docs/config.md"),
+                                 ("edge_kit.fleet.settings", "docs/config-fleet.md"),
+                                 ("device_agent.settings", "docs/config-agent.md")]
+
+
+@pytest.mark.parametrize(("module", "page"), generated_pages())
+def test_checked_in_config_pages_are_current(module: str, page: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert importlib.import_module(module).main(["--markdown"]) == 0
+    assert (ROOT / page).read_text() == capsys.readouterr().out, f"{page} is out of date: run `make docs`"
 
 
 def test_markdown_command_prints_the_page() -> None:
@@ -101,3 +119,44 @@ def test_a_field_without_a_rule_is_refused() -> None:
 
     with pytest.raises(TypeError, match="not declared with setting"):
         markdown("T", "intro", {"bare": Bare})
+
+
+def test_threads_zero_means_the_same_in_every_config() -> None:
+    """Every `threads` key of the three configs allows 0 and says it means the library's default."""
+    from device_agent.settings import SECTIONS as AGENT_SECTIONS
+    from edge_kit.fleet.settings import SECTIONS as FLEET_SECTIONS
+
+    found = []
+    for sections in (SECTIONS, FLEET_SECTIONS, AGENT_SECTIONS):
+        for name, cls in sections.items():
+            for f in keys_of(cls):
+                if f.name == "threads":
+                    found.append(f"{name}.threads")
+                    assert rule_of(f).lo == 0 and not rule_of(f).open_lo and THREADS_DOC in rule_of(f).doc, name
+    assert found == ["train.threads", "quantize.threads", "agent.threads"]
+
+
+@pytest.mark.parametrize(("raw", "key", "message"), [
+    ({"drift": {"alpha": 0.5}}, "drift.alpha", "must be between 0 and 0.5, got 0.5"),
+    ({"drift": {"alpha": 0.0}}, "drift.alpha", "must be between 0 and 0.5, got 0.0"),
+    ({"drift": {"k": 3, "m": 2}}, "drift.k", "need 1 <= k <= m, got k=3, m=2"),
+    ({"drift": {"m": 0, "k": 1}}, "drift.k", "need 1 <= k <= m, got k=1, m=0"),
+    ({"ingest": {"batch_size": 0}}, "ingest.batch_size", "must be at least 1, got 0"),
+    ({"alerts": {"retrain_min_interval_seconds": -1}}, "alerts.retrain_min_interval_seconds", "must be 0 or more"),
+    ({"alerts": {"approval": "later"}}, "alerts.approval", "'later' is not allowed"),
+])
+def test_fleet_keys_are_checked_by_their_declared_rules(raw: dict[str, dict[str, object]], key: str,
+                                                        message: str) -> None:
+    from edge_kit.fleet.settings import parse_settings
+
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw)
+    assert info.value.key == key and message in info.value.message
+
+
+def test_fleet_edges_that_are_allowed() -> None:
+    from edge_kit.fleet.settings import parse_settings
+
+    s = parse_settings({"drift": {"alpha": 0.49, "k": 3, "m": 3, "max_device_weight": 0},
+                        "alerts": {"retrain_min_interval_seconds": 0}})
+    assert (s.drift.k, s.drift.m, s.drift.max_device_weight) == (3, 3, 0.0)
