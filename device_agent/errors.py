@@ -3,27 +3,34 @@
 It lives in ``device_agent`` because the agent may not import ``edge_kit``; the server side
 re-exports it from ``edge_kit.errors``. Every error carries the exit code the CLIs return and a
 message that says what went wrong and how to fix it. Mixins (ValueError, RuntimeError) stay where
-callers catch the builtin. The tree, with the exit code and where each class is defined::
+callers catch the builtin. The tree, with the exit code and where each class is defined (this module
+unless named; `tests/device_agent/test_agent_docs_tables.py` keeps the drawing complete)::
 
-    EdgeKitError (1)                               device_agent.errors
+    EdgeKitError (1)
     ├── UsageError (2)
     │   ├── ConfigError (2)                        a config key or flag: `.key`
     │   ├── DataError (2)
     │   │   └── CalibrationError (2)               calibration.errors
     │   ├── InputError (2)                         an inference request
+    │   ├── SpoolUnavailableError (2)              spool locked or unreadable: device_agent.uplink.spool
     │   └── ForeignCheckpointError (2)             edge_kit.train.checkpoint
     ├── PayloadError (2), ValueError               a summary or status message: `.kind`
-    ├── AlertError (2), ValueError                 an alert action: `.status` (HTTP)   edge_kit.errors
+    ├── AlertError (2), ValueError                 an alert action: `.status` (HTTP); edge_kit.errors
     ├── SpoolError (1), RuntimeError               the agent's disk spool cannot store
     ├── GateFailedError (3)                        edge_kit.compile.gate (carries the gate's result)
     ├── VerificationError (4)                      a bundle: `.member`
+    ├── ReferenceConflict (4)                      edge_kit.fleet.reference_index
     ├── TrainingInterrupted (75)
+    ├── DownloadFailed (1)                         a bundle download, `.permanent`: device_agent.deploy.download
     ├── ExportMismatchError (1)                    edge_kit.train.export
     ├── CheckpointWriteError (1)                   edge_kit.train.checkpoint
+    ├── RayTrainingFailed (1)                      edge_kit.train.ray_engine
+    ├── ServerError (1)                            fleet server failed or unreachable: edge_kit.commands.fleet_client
     └── WorkerFailed (1)                           edge_kit.bench.runner
 
-Exit codes (DESIGN.md section 3): 0 success, 1 unexpected error, 2 bad usage or bad config,
-3 accuracy gate failed, 4 verification failed, 75 training interrupted by SIGTERM (resumable).
+Exit codes (docs/architecture.md section 3): 0 success, 1 unexpected error, 2 bad usage or bad config,
+3 accuracy gate failed, 4 verification failed, 75 training interrupted by SIGTERM (resumable),
+130 interrupted by Ctrl-C (`cli_runner.EXIT_CTRL_C`).
 """
 
 from __future__ import annotations
