@@ -386,7 +386,7 @@ def body_limit_rss(bundle: Path, quick: bool) -> dict[str, Any]:
 
     Half the requests are JSON with 4096 samples whose numbers are written long enough to fill
     8 MiB (parsed, then run), half are 8 MiB .npy bodies (32,768 samples: read and decoded, then
-    refused by the sample cap). Issue 10's aim: under 150 MB."""
+    refused by the sample cap). The aim: under 150 MB."""
     import http.client
     import io
     import threading

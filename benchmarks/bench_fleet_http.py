@@ -1,7 +1,7 @@
-"""Fleet server HTTP latency with keep-alive vs a new connection per request (issue 13's 40 ms stall).
+"""Fleet server HTTP latency with keep-alive vs a new connection per request (the 40 ms stall).
 
-The former `http.server` implementation wrote the status line + headers and the body in separate small
-writes; with keep-alive, Nagle's algorithm and the client's delayed ACK held every answer ~40 ms. Here one
+A server that writes the status line + headers and the body in separate small writes, without
+TCP_NODELAY, holds every keep-alive answer ~40 ms (Nagle's algorithm meets the client's delayed ACK). Here one
 client sends sequential requests to the Starlette/uvicorn server, on one keep-alive connection and with a
 new connection each time, side by side in one run, for `/healthz` (no database) and `/api/devices`.
 With `--old-root DIR` (a checkout of the code before the rewrite, e.g. `git worktree add /tmp/old main~N`)

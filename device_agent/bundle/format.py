@@ -1,4 +1,4 @@
-"""The device bundle (`<name>-<version>.edgebundle`, DESIGN.md section 5): write, read, verify.
+"""The device bundle (`<name>-<version>.edgebundle`, docs/architecture.md section 5): write, read, verify.
 
 This module is the one definition of the format: the build server writes bundles through
 `write_bundle` and the agent reads them through `read_bundle`, so the two cannot drift apart.

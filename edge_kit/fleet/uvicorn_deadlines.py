@@ -8,8 +8,8 @@ is not running a request is closed to make room, so idle sockets cannot lock an 
 health probe out; only when every connection is busy does uvicorn's `limit_concurrency` answer 503.
 
 uvicorn writes the headers and the body of an answer separately; TCP_NODELAY is set on every
-connection here so those writes do not meet Nagle's algorithm and the client's delayed ACK (the 40 ms
-keep-alive stall of the former `http.server`). asyncio sets it only when the listening socket was made
+connection here so those writes do not meet Nagle's algorithm and the client's delayed ACK (which
+would hold every keep-alive answer ~40 ms). asyncio sets it only when the listening socket was made
 with proto IPPROTO_TCP, which a socket bound beforehand by `socket.create_server` is not.
 """
 

@@ -34,7 +34,7 @@ def faces(tmp_path_factory: pytest.TempPathFactory, signing_key: Ed25519PrivateK
 
 @pytest.fixture(scope="module")
 def versioned(tmp_path_factory: pytest.TempPathFactory, signing_key: Ed25519PrivateKey) -> dict[str, Path]:
-    """Signed digits bundles whose versions the old hand-made order got wrong, and one outside PEP 440."""
+    """Signed digits bundles whose versions a textual order gets wrong, and one outside PEP 440."""
     return {v: make_bundle(tmp_path_factory.mktemp(f"v{i}"), seed=10 + i, version=v, signing_key=signing_key)
             for i, v in enumerate(["1.3.0rc2", "1.3.0rc10", "1.3.0", "1.3.0.post1", "2024-spring"])}
 

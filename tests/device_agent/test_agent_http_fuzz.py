@@ -1,4 +1,4 @@
-"""Property-based tests of the agent's HTTP request handling (issue 10 section 6): no input crashes the
+"""Property-based tests of the agent's HTTP request handling: no input crashes the
 server or escapes as an unexpected exception. Bounded (max_examples, deadline) to keep `make test` fast."""
 
 from __future__ import annotations

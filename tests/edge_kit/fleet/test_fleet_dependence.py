@@ -1,4 +1,4 @@
-"""Correlated windows (issue 14, part 2): the agent's dispersion signal keeps alerts honest.
+"""Correlated windows: the agent's dispersion signal keeps alerts honest.
 
 Streams are fresh Gaussian draws (the reference never saw them) made dependent in the two ways
 devices are: each input repeated 2-4 times in a row, and an AR(1) process (consecutive inputs

@@ -1,4 +1,4 @@
-"""The fleet server's HTTP surface under hostile requests (issue 10 section 4): CSRF, operator token, Host and
+"""The fleet server's HTTP surface under hostile requests: CSRF, operator token, Host and
 Origin checks, Content-Length and body limits, idle and half-sent connections, CSV injection, strict JSON."""
 
 from __future__ import annotations

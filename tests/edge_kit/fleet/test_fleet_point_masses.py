@@ -1,4 +1,4 @@
-"""Point masses, untestable channels and small class windows (issue 14, part 1)."""
+"""Point masses, untestable channels and small class windows."""
 
 from __future__ import annotations
 

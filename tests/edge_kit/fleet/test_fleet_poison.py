@@ -1,4 +1,4 @@
-"""Hostile or broken device input (issue 10 section 2): refused by name, never stored unchecked, never a
+"""Hostile or broken device input: refused by name, never stored unchecked, never a
 redelivery loop, never one device speaking for the fleet."""
 
 from __future__ import annotations

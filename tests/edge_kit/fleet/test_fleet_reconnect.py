@@ -1,4 +1,4 @@
-"""The fleet consumer survives broker restarts (issue 10 section 1), against a real Mosquitto.
+"""The fleet consumer survives broker restarts, against a real Mosquitto.
 
 Real processes throughout: `edge-agent run` devices answering /predict and publishing windows,
 `edge-kit fleet serve` ingesting them, and a Mosquitto with persistence that is stopped and

@@ -1,5 +1,5 @@
 """`fleet serve --bundles DIR` with stray files in the folder: each is skipped and logged, the good
-bundles are monitored, and the server starts (it used to fail to start on an encrypted zip)."""
+bundles are monitored, and the server starts (an encrypted zip among them included)."""
 
 from __future__ import annotations
 
