@@ -31,7 +31,7 @@ from edge_kit.fleet.ingest import SESSION_EXPIRY_SECONDS, ConsumerConfig, run_co
 from edge_kit.fleet.reference_index import ReferenceStore
 from edge_kit.fleet.server import FleetHttpLimits, make_server, serve_in_thread
 from edge_kit.fleet.service import FleetService
-from edge_kit.fleet.settings import load_settings
+from edge_kit.fleet.settings import FleetSettings, load_settings
 from edge_kit.fleet.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,12 @@ def broker_config(args: argparse.Namespace) -> BrokerConfig:
                             **{k: v for k, v in files.items() if v is not None})
 
 
-def bundle_pubkey(args: argparse.Namespace, settings: Any) -> str | None:
-    """The public key bundles must be signed by: --pubkey, else the fleet config's `pubkey`, else none."""
-    path = getattr(args, "pubkey", None) or getattr(settings, "pubkey", None)
+def bundle_pubkey(args: argparse.Namespace, settings: FleetSettings) -> str | None:
+    """The public key bundles must be signed by: --pubkey, else the fleet config's `bundles.pubkey`, else none."""
+    path = getattr(args, "pubkey", None) or settings.bundles.pubkey
     if path is not None and not Path(path).is_file():
-        raise UsageError(f"--pubkey: file not found: {path}")
+        raise UsageError(f"{'--pubkey' if getattr(args, 'pubkey', None) else 'bundles.pubkey'}: file not found: "
+                         f"{path}")
     return str(path) if path is not None else None
 
 

@@ -92,11 +92,23 @@ class IngestSettings:
 
 
 @dataclass(frozen=True)
+class BundleSettings:
+    """Bundles: which ones may give a model its reference histograms (docs/security.md)."""
+
+    pubkey: str | None = setting(None, "Ed25519 public key (PEM) that bundles from `--bundle`/`--bundles` must be "
+                                 "signed by; any other is skipped, logged and counted "
+                                 "(`edgekit_fleet_bundles_rejected_total`). A relative path is relative to "
+                                 "this file; `--pubkey` overrides it. Not set: bundles are trusted by their "
+                                 "hashes alone")
+
+
+@dataclass(frozen=True)
 class FleetSettings:
     drift: DriftSettings = subsection(DriftSettings)
     concept: ConceptSettings = subsection(ConceptSettings)
     alerts: AlertSettings = subsection(AlertSettings)
     ingest: IngestSettings = subsection(IngestSettings)
+    bundles: BundleSettings = subsection(BundleSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,6 +119,7 @@ SECTIONS: dict[str, type] = {
     "concept": ConceptSettings,
     "alerts": AlertSettings,
     "ingest": IngestSettings,
+    "bundles": BundleSettings,
 }
 
 
@@ -114,7 +127,11 @@ def load_settings(path: str | Path | None) -> FleetSettings:
     """Defaults when `path` is None; otherwise read and validate the TOML file (ConfigError, exit 2)."""
     if path is None:
         return FleetSettings()
-    return parse_settings(read_toml(path, "fleet config"))
+    settings = parse_settings(read_toml(path, "fleet config"))
+    pubkey = settings.bundles.pubkey
+    if pubkey and not Path(pubkey).is_absolute():  # relative to the config file, as the agent's paths are
+        settings = dataclasses.replace(settings, bundles=BundleSettings(pubkey=str(Path(path).parent / pubkey)))
+    return settings
 
 
 def parse_settings(raw: dict[str, Any]) -> FleetSettings:
