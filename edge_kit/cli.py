@@ -37,6 +37,8 @@ COMMANDS: dict[str, str] = {
     "bench": "bench",
     "promote": "promote",
     "fleet serve": "fleet_serve",
+    "fleet enroll": "fleet_enroll",
+    "fleet revoke": "fleet_revoke",
     "batch-predict": "batch_predict",
 }
 
@@ -138,10 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "promote", help="make a bundle's registered MLflow model version the champion",
         description="Point the MLflow registry's `champion` alias at the model version this bundle was "
-                    "registered as by `build`.")
+                    "registered as by `build`.\nThe bundle must be signed by --pubkey (exit 4 otherwise), and the "
+                    "MLflow store is the operator's,\nnever one the bundle names: MLflow sends "
+                    "MLFLOW_TRACKING_TOKEN to that store.")
     p.add_argument("bundle", help="the .edgebundle file whose model version to promote")
+    p.add_argument("--pubkey", required=True,
+                   help="Ed25519 public key (PEM) the bundle must be signed by (unsigned or other key: exit 4)")
     p.add_argument("--tracking-uri",
-                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the one the bundle names)")
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the store of --config); "
+                        "never the one a bundle names")
+    p.add_argument("--config", help="project config whose own MLflow store to use when no URI is given")
     _common(p)
 
     p = sub.add_parser(
@@ -179,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="consumer processes on a shared subscription")
     p.add_argument("--bundle", action="append", default=[], help="bundle whose reference histograms to use")
     p.add_argument("--bundles", help="folder of bundles (re-read when it changes)")
+    p.add_argument("--pubkey", help="Ed25519 public key (PEM): only bundles it signed are used, others are "
+                                     "skipped and counted (default: the fleet config's bundles.pubkey)")
     p.add_argument("--config", help="fleet config (TOML; keys in docs/config-fleet.md): drift thresholds, "
                                     "alerts, retraining command")
     p.add_argument("--token-file", help="file holding the operator token (else EDGEKIT_FLEET_TOKEN); "
@@ -193,6 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open HTTP connections before the oldest idle one is closed (default 256)")
     p.add_argument("--http-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a request may take to arrive in full (default 10)")
+    _common(p)
+
+    p = fleet_sub.add_parser(
+        "enroll", help="issue a device its own key and certificate from the fleet CA",
+        description="Issue a key and certificate signed by the fleet's CA (made in --ca DIR when absent), whose "
+                    "identity\n(subject CN) is the device id: with deploy/mosquitto.conf the broker makes it the "
+                    "MQTT username and\nits ACL lets the device publish only on its own topics. --role service "
+                    "issues the fleet server's\nidentity, --role broker the broker's own certificate "
+                    "(docs/security.md, \"Device identity\").")
+    p.add_argument("device_id", nargs="?", default="",
+                   help="the device id (an MQTT topic level: no '/', '+', '#'); not used with --role service/broker")
+    p.add_argument("--ca", required=True, help="the CA folder (0700): ca.key, ca.pem, crl.pem, issued.json")
+    p.add_argument("--out", help="folder for <id>.key (0600), <id>.pem and ca.pem (default: DIR/issued/<id>)")
+    p.add_argument("--days", type=int, default=365, help="validity of the certificate in days (default 365)")
+    p.add_argument("--role", choices=["device", "service", "broker"], default="device",
+                   help="device (default), the fleet service's client identity, or the broker's server certificate")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="with --role broker: a DNS name or IP address clients connect to (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace key and certificate files already in --out")
+    _common(p)
+
+    p = fleet_sub.add_parser(
+        "revoke", help="revoke a device's certificates (the broker's CRL)",
+        description="Put every certificate issued to DEVICE_ID on the CA's revocation list (DIR/crl.pem, the "
+                    "broker's crlfile).\nThe broker applies it when it reloads (SIGHUP) or restarts; from then on "
+                    "the device cannot connect.")
+    p.add_argument("device_id", help="the device id (or edgekit-fleet/service) whose certificates to revoke")
+    p.add_argument("--ca", required=True, help="the CA folder the certificates were issued from")
     _common(p)
     # Added last, so it reaches every page, including those of commands added above.
     return end_help_with(parser, exit_codes_epilog(EXIT_CODES))
