@@ -30,7 +30,7 @@ def _default(obj: Any) -> Any:
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
-    """Parse JSON; raises DecodeError (or UnicodeDecodeError for the stdlib on bad UTF-8)."""
+    """Parse JSON; raises DecodeError (also for nesting too deep), or UnicodeDecodeError on bad UTF-8."""
     if orjson is not None:
         try:
             return orjson.loads(data)
@@ -38,7 +38,10 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
             pass  # the stdlib also reads NaN/Infinity (Python's json writes them): its verdict stands
     if isinstance(data, memoryview):
         data = bytes(data)
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except RecursionError:  # nesting deeper than the interpreter's stack (orjson stops at 1024 levels)
+        raise DecodeError("JSON nested too deeply", "", 0) from None
 
 
 def dumps(obj: Any) -> bytes:

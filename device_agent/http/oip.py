@@ -118,7 +118,9 @@ class OpenInference:
         body = request.body
         header_length = request.header("inference-header-content-length")
         if header_length:
-            if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
+            # At most 18 digits before int(): 5,000 digits would raise (Python caps int() at 4,300).
+            if (len(header_length) > 18 or not (header_length.isascii() and header_length.isdigit())
+                    or int(header_length) > len(body)):
                 raise routes.bad(f"Inference-Header-Content-Length {header_length[:20]!r} does not fit the body "
                                  f"of {len(body)} bytes")
             json_end = int(header_length)
@@ -148,7 +150,7 @@ class OpenInference:
         return Response(HTTPStatus.OK, head + raw, content_type="application/octet-stream",
                         headers=(("Inference-Header-Content-Length", str(len(head))),))
 
-    def _input(self, tensor: dict[str, Any], runtime: Any, body: bytes | bytearray, binary_start: int) -> np.ndarray:
+    def _input(self, tensor: dict[str, Any], runtime: Any, body: bytes | memoryview, binary_start: int) -> np.ndarray:
         bad = self.routes.bad
         name = tensor.get("name")
         if name != runtime.input_name:

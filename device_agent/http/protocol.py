@@ -55,7 +55,8 @@ class Request:
     content_length: int
     keep_alive: bool
     expect_continue: bool
-    body: bytes | bytearray = field(default=b"", repr=False)  # bytearray: a large body received in place
+    # A large body arrives in place in its own anonymous memory map and is handed over as a view of it.
+    body: bytes | memoryview = field(default=b"", repr=False)
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)

@@ -131,7 +131,7 @@ class Routes:
             "model": self.agent.model.runtime.info.as_dict(),
         })
 
-    def npy_array(self, body: bytes | bytearray) -> np.ndarray:
+    def npy_array(self, body: bytes | memoryview) -> np.ndarray:
         """A .npy body as an array viewing the body's bytes (no copy); refuses pickles and short data."""
         f = io.BytesIO(bytes(memoryview(body)[:NPY_HEAD_MAX]))  # only the header is read from it
         try:

@@ -9,10 +9,15 @@ and requests with a large body go to one worker thread (created once), so a big
 batch never holds up `/healthz`.
 
 Hostile clients are bounded (docs/security.md, "Agent HTTP"): the body limit is checked against
-Content-Length before a byte of the body is read; a request must arrive whole within `timeout`
-seconds and an idle keep-alive connection is closed after `timeout`; at most `max_connections` are
-open, and one more evicts the longest-idle connection instead of being refused, so a pile of idle
-sockets cannot lock out a health check.
+Content-Length before a byte of the body is read; a request must arrive whole within
+`request_timeout` seconds and an idle keep-alive connection is closed after it; at most
+`max_connections` are open, and one more evicts the longest-idle connection instead of being
+refused, so a pile of idle sockets cannot lock out a health check.
+
+Large bodies share one memory budget, counted in bytes that have ARRIVED, never in bytes a
+Content-Length merely announces: a socket that declares 8 MiB and sends nothing holds nothing. A
+connection whose next bytes would overflow the budget stops being read (TCP pushes back on its
+client) until a body is answered; small bodies (answered inline) never wait for it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import socket
 import threading
 import time
@@ -37,11 +43,14 @@ log = logging.getLogger(__name__)
 # is ~10 KB and costs less than a hand-off to a thread would. Bigger ones go to the worker.
 INLINE_BODY_BYTES = 64 * 1024
 # One worker: a large request's memory (its JSON parsed into Python objects, ONNX Runtime's
-# activations for thousands of samples) is then held once at a time, which keeps the agent under
-# 150 MB at the body limit (bench_agent.py); the loop keeps answering small requests meanwhile.
+# activations for thousands of samples) is then held once at a time: eight clients at the body limit
+# peak about 25 MB above one client (bench_agent_body_budget.py); small requests go on meanwhile.
 WORKERS = 1
-# Bodies being received or answered, all connections together, may hold at most this many times the
-# body limit: 64 connections each sending 8 MiB must not take a small device to 512 MB.
+# Large bodies being received or answered, all connections together, hold at most this many times the
+# body limit: 64 connections each sending 8 MiB must not take a small device to 512 MB. One body
+# limit is shared by every receiving connection; when no large request is being answered, the receiver
+# that holds the most of its body may use the second, so partial bodies that fill the shared part can
+# never deadlock (and a socket that announced a body and sent little of it never gets that turn).
 BODY_BUDGET_FACTOR = 2
 
 
@@ -59,8 +68,10 @@ class _Connection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.request_started: float | None = None  # first byte of the request being received
         self.reserved = 0  # bytes of the server's body budget held by the current request
-        self.body: bytearray | None = None  # a large body, filled in place as it arrives
+        self.body: mmap.mmap | None = None  # a large body, written in place as its bytes arrive
         self.body_fill = 0
+        self.body_since = 0.0  # when the large body's first bytes were taken (breaks ties for going first)
+        self.waiting_since: float | None = None  # stopped reading: the body budget is full
 
     # -- asyncio callbacks -------------------------------------------------------------------------
 
@@ -76,11 +87,19 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server._connections.discard(self)
-        self._release()
+        self.server._receiving.discard(self)
+        self.server._waiting.pop(self, None)
+        if self.body is not None:
+            self.body.close()
+            self.body = None
+        if not self.busy:  # the worker still holds a request being answered: _finish releases it
+            self._release()
 
     def _release(self) -> None:
-        self.server._body_bytes -= self.reserved
-        self.reserved = 0
+        if self.reserved:
+            self.server._body_bytes -= self.reserved
+            self.reserved = 0
+            self.server._wake_waiting()
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
@@ -121,28 +140,30 @@ class _Connection(asyncio.Protocol):
                     return
                 self.request, head_len = parsed
                 del self.buf[:head_len]
-                if not self.server._reserve(self, self.request.content_length):
-                    self._reply(error_response(HTTPStatus.SERVICE_UNAVAILABLE,
-                                               "too many large requests in progress, try again"), keep_alive=False)
-                    return
                 if self.request.expect_continue and len(self.buf) < self.request.content_length:
                     assert self.transport is not None
                     self.transport.write(CONTINUE)
             request = self.request
             n = request.content_length
             if n > INLINE_BODY_BYTES:
-                # One exact buffer for a large body, so it is held once, not as a growing bytearray
-                # plus the copy cut from it (twice the body limit per request).
+                # A large body goes into an anonymous memory map of its exact size: the kernel backs
+                # its pages only as bytes are written (nothing for bytes announced and not sent), and
+                # unmaps it whole when the request is done, so no freed body is left in the heap.
                 if self.body is None:
-                    self.body, self.body_fill = bytearray(n), 0
+                    self.body, self.body_fill = mmap.mmap(-1, n), 0
                 take = min(n - self.body_fill, len(self.buf))
                 if take:
+                    if not self.server._take_budget(self, take):
+                        self._wait_for_budget()
+                        return
                     self.body[self.body_fill : self.body_fill + take] = self.buf[:take]
                     del self.buf[:take]
                     self.body_fill += take
                 if self.body_fill < n:
                     return
-                request.body, self.body = self.body, None
+                request.body, self.body = memoryview(self.body), None
+                self.server._receiving.discard(self)
+                self.server._answering += 1
             else:
                 if len(self.buf) < n:
                     return
@@ -165,6 +186,23 @@ class _Connection(asyncio.Protocol):
         assert loop is not None
         future.add_done_callback(lambda f: self._call_soon(loop, request, f))
 
+    def _wait_for_budget(self) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.waiting_since = time.monotonic()
+        self.server._waiting[self] = None
+
+    def wake(self) -> None:
+        """The budget moved: read again (and take what is buffered) unless something else holds us."""
+        if self.waiting_since is None or self.closing:
+            return
+        if self.request_started is not None:  # time spent waiting for the budget is not the client's
+            self.request_started += time.monotonic() - self.waiting_since
+        self.waiting_since = None
+        if self.transport is not None and not self.write_paused:
+            self.transport.resume_reading()
+            self._process()
+
     def _call_soon(self, loop: asyncio.AbstractEventLoop, request: Request, future: Future[Response]) -> None:
         # RuntimeError: the server stopped while the worker ran, and nobody is waiting for the answer.
         with contextlib.suppress(RuntimeError):
@@ -172,6 +210,7 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self, request: Request, future: Future[Response]) -> None:
         self.busy = False
+        self.server._answering -= 1
         self._release()
         if self.closing:
             return
@@ -202,7 +241,7 @@ class _Connection(asyncio.Protocol):
     # -- time limits -------------------------------------------------------------------------------
 
     def expired(self, now: float, timeout: float) -> bool:
-        if self.busy:
+        if self.busy or self.waiting_since is not None:
             return False
         if self.request_started is not None:
             return now - self.request_started > timeout
@@ -211,8 +250,9 @@ class _Connection(asyncio.Protocol):
     def time_out(self) -> None:
         if self.request_started is not None and not self.write_paused:
             self.server.agent.count_bad_request()
+            seconds = self.server.limits.request_timeout
             self._reply(error_response(HTTPStatus.REQUEST_TIMEOUT,
-                                       f"request not received within {self.server.limits.request_timeout:g}s (http.timeout)"),
+                                       f"request not received within {seconds:g}s (http.timeout)"),
                         keep_alive=False)
         elif self.transport is not None:
             self.closing = True
@@ -243,7 +283,12 @@ class AgentHTTPServer:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._stopping = False
-        self._body_bytes = 0  # reserved by requests in progress (see BODY_BUDGET_FACTOR)
+        self._body_bytes = 0  # large-body bytes received and not yet answered (see BODY_BUDGET_FACTOR)
+        self._answering = 0  # large requests handed to the worker and not yet answered
+        self._receiving: set[_Connection] = set()  # connections receiving a large body
+        self._waiting: dict[_Connection, None] = {}  # stopped reading for the budget, oldest first
+        self._waking = False
+        self._wake_again = False
 
     @property
     def url(self) -> str:
@@ -288,12 +333,35 @@ class AgentHTTPServer:
                 return
         self._connections.add(conn)
 
-    def _reserve(self, conn: _Connection, n: int) -> bool:
-        if n and self._body_bytes + n > BODY_BUDGET_FACTOR * self.limits.max_body_bytes:
-            return False
-        conn.reserved = n
-        self._body_bytes += n
-        return True
+    def _take_budget(self, conn: _Connection, n: int) -> bool:
+        """Count `n` more arrived body bytes for `conn`, or say no (the connection then waits)."""
+        limit = self.limits.max_body_bytes
+        fits = self._body_bytes + n <= (BODY_BUDGET_FACTOR - 1) * limit
+        if not fits and self._answering == 0 and self._body_bytes + n <= BODY_BUDGET_FACTOR * limit and self._receiving:
+            # Nothing being answered will free the budget: let the fullest body finish, then the rest.
+            fits = conn is max(self._receiving, key=lambda c: (c.reserved, -c.body_since))
+        if fits:
+            if not conn.reserved:
+                conn.body_since = time.monotonic()
+                self._receiving.add(conn)
+            conn.reserved += n
+            self._body_bytes += n
+        return fits
+
+    def _wake_waiting(self) -> None:
+        if self._waking:  # a wake-up in progress goes round again
+            self._wake_again = True
+            return
+        self._waking = True
+        try:
+            self._wake_again = True
+            while self._wake_again:
+                self._wake_again = False
+                for conn in list(self._waiting):
+                    if self._waiting.pop(conn, "gone") is None:
+                        conn.wake()
+        finally:
+            self._waking = False
 
     def _sweep(self) -> None:
         if self._stopping or self._loop is None:

@@ -19,6 +19,7 @@ from device_agent.agent import Agent
 from device_agent.http.protocol import HttpLimits
 from device_agent.http.server import AgentHTTPServer
 from harness.bundles import digits_like_inputs
+from tests.helpers.mqtt import wait_until
 
 INFER = "/v2/models/digits/infer"
 
@@ -315,6 +316,11 @@ def test_the_limits_come_from_agent_toml_and_flags(tmp_path: Path) -> None:
                               http_timeout=None)
     limits = apply_flags(load_settings(cfg), args).http_limits
     assert limits == HttpLimits(max_body_bytes=1000, max_samples=7, request_timeout=2.5, request_memory_bytes=100)
+    args.http_timeout = 4.0  # the flag users type is still --http-timeout
+    assert apply_flags(load_settings(cfg), args).http_limits.request_timeout == 4.0
+    cfg.write_text('[agent]\nbundle = "b"\ndevice_id = "d"\n[http]\ntimeout = "soon"\n')
+    with pytest.raises(ConfigError, match=r"'http\.timeout'"):
+        load_settings(cfg)
     cfg.write_text('[agent]\nbundle = "b"\ndevice_id = "d"\n[http]\nmax_body = 1000\n')
     with pytest.raises(ConfigError, match=r"http\.max_body"):
         load_settings(cfg)
@@ -323,26 +329,52 @@ def test_the_limits_come_from_agent_toml_and_flags(tmp_path: Path) -> None:
         load_settings(cfg)
 
 
-def test_bodies_in_progress_share_one_budget(make_server) -> None:
-    """Many connections each sending a body at the limit cannot multiply the agent's memory by their number."""
-    from device_agent.http.server import BODY_BUDGET_FACTOR
+def padded_predict_body(n: int, size: int, seed: int = 0) -> bytes:
+    """A /predict body of exactly `size` bytes (JSON allows trailing whitespace)."""
+    body = predict_body(n, seed)
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
 
-    _, server = make_server(HttpLimits(max_body_bytes=2000))
-    assert len(predict_body(1)) < 2000
-    senders = [connect(server, timeout=3) for _ in range(BODY_BUDGET_FACTOR + 1)]
+
+def test_large_bodies_share_one_budget_of_arrived_bytes_and_wait_instead_of_failing(make_server, monkeypatch) -> None:
+    """Connections sending large bodies hold only what arrived; one that would overflow the budget
+    waits (is not read) instead of getting 503, small requests go through meanwhile, and every body
+    is answered in the end without the budget ever exceeding BODY_BUDGET_FACTOR bodies."""
+    from device_agent.http import server as server_module
+
+    monkeypatch.setattr(server_module, "INLINE_BODY_BYTES", 4096)  # 90 kB bodies count as large
+    limit, size = 100_000, 90_000
+    _, server = make_server(HttpLimits(max_body_bytes=limit))
+    peak = [0]
+    take = server._take_budget
+
+    def watched(conn, n):  # the budget's high-water mark, seen from inside the server
+        ok = take(conn, n)
+        peak[0] = max(peak[0], server._body_bytes)
+        return ok
+
+    monkeypatch.setattr(server, "_take_budget", watched)
+    bodies = [padded_predict_body(20, size, seed=i) for i in range(3)]
+    a, b, c = (connect(server, timeout=15) for _ in range(3))
     try:
-        for sock in senders:  # heads announcing bodies at the limit, then only part of each body
-            sock.sendall(request("POST", "/predict", headers={"Content-Length": "2000"}) + b"{")
-            time.sleep(0.05)
-        status, _, body = read_response(senders[-1])  # over the budget of BODY_BUDGET_FACTOR bodies
-        assert status == 503 and "try again" in json.loads(body)["error"]
-        senders[0].close()  # one gives up: its share is free again
-        time.sleep(0.2)
-        with connect(server, timeout=3) as sock:
-            sock.sendall(request("POST", "/predict", predict_body(1)))
-            assert read_response(sock)[0] == 200
+        for sock, body in ((a, bodies[0]), (b, bodies[1]), (c, bodies[2])):
+            sock.sendall(request("POST", "/predict", body[:50_000], headers={"Content-Length": str(size)}))
+            time.sleep(0.2)
+        wait_until(lambda: len(server._waiting) == 1, 10, "the third body to wait for the budget")
+        assert server._body_bytes == 100_000  # a and b: what arrived, not the 270 kB announced
+        with connect(server, timeout=5) as small:  # a small request is served while large ones wait
+            small.sendall(request("POST", "/predict", predict_body(1)))
+            assert read_response(small)[0] == 200
+        a.sendall(bodies[0][50_000:])  # over the shared part: a, the oldest, may finish alone
+        assert read_response(a)[0] == 200
+        b.sendall(bodies[1][50_000:])
+        assert read_response(b)[0] == 200
+        c.sendall(bodies[2][50_000:])
+        assert read_response(c)[0] == 200
+        assert 100_000 < peak[0] <= server_module.BODY_BUDGET_FACTOR * limit
+        wait_until(lambda: server._body_bytes == 0, 5, "the budget to be free again")
     finally:
-        for sock in senders:
+        for sock in (a, b, c):
             sock.close()
 
 
