@@ -1,8 +1,8 @@
 """The agent's local HTTP server: its own /predict API and the Open Inference Protocol v2, one event loop.
 
-Standard library only (asyncio), chosen by measurement (benchmarks/bench_agent.py, docs/agent.md):
-the former `ThreadingHTTPServer` made one thread per connection, parsed headers with the email
-package and wrote each response in several small writes (a 40 ms Nagle/delayed-ACK stall per
+Standard library only (asyncio), chosen by measurement (benchmarks/bench_agent.py, docs/agent.md)
+over `ThreadingHTTPServer`, which makes one thread per connection, parses headers with the email
+package and writes each response in several small writes (a 40 ms Nagle/delayed-ACK stall per
 keep-alive request). Here one thread runs an asyncio loop; each response leaves in one write on a
 TCP_NODELAY socket; small requests (the common case on a device) are answered inline on the loop,
 and requests with a large body go to one worker thread (created once), so a big

@@ -1,4 +1,4 @@
-"""The agent's HTTP server against hostile or careless clients (issue 10 section 4), over real sockets.
+"""The agent's HTTP server against hostile or careless clients, over real sockets.
 
 Each test talks to a real `AgentHTTPServer` on a loopback port with raw sockets, so what is checked
 is what a client on the network sees: the status line, whether the connection is closed, and how
