@@ -9,15 +9,20 @@ publishes `downloading` / `verifying` / `installed` in the `deployment` block of
 (`DeploymentReport`). No ONNX Runtime: the self-test and swap are what one real agent does, measured
 by the agent's own tests and benchmarks.
 
-The server is the stand-in `harness.bundle_server` (same download contract as the fleet's
-`GET /api/bundles/<sha256>`: ETag, Range, a cap on concurrent downloads answered 503 + Retry-After) in
-a process of its own, so its CPU time and peak memory are its own. It paces each response to `--link`
-bytes/s, standing in for the devices' field links (loopback would make every download instant and the
-cap on concurrent downloads would never bite). `--server fleet` is not offered:
-a rollout through `edge-kit fleet serve` also runs its canary stage, which needs windows of real
-summaries; the figures here are for the distribution itself.
+Two servers, each in processes of its own so their CPU time and peak memory are their own:
 
-    python benchmarks/bench_rollout.py [--devices 1000] [--concurrency 64] [--quick]
+- `--server fleet` (default): a real `edge-kit fleet serve` (its consumers, database, MQTT publisher and
+  `GET /api/bundles/<sha256>` with its cap on concurrent downloads). The benchmark creates the
+  deployment through the API (one canary) and promotes it at once as an operator would (the canary's
+  model-aware decision needs windows of real summaries, which is the agent tests' and the demo's
+  business); "done" is when the fleet's own rollout state says `done`, i.e. it recorded every device's
+  `installed` from their status messages.
+- `--server standin`: `harness.bundle_server`, the same download contract in a small threaded
+  `http.server`, which can pace each response to `--link` bytes/s, standing in for the devices' field
+  links (on loopback every download is otherwise instant and the cap would hardly bite). The benchmark
+  publishes the retained messages itself.
+
+    python benchmarks/bench_rollout.py [--server fleet|standin] [--devices 1000] [--concurrency 64] [--quick]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +84,7 @@ class Fleet:
         self.root, self.public_key = root, public_key
         self.publishers = [_client(port, f"bench-status-{i}") for i in range(PUBLISHERS)]
         self.finished: dict[str, tuple[str, float]] = {}
+        self.started: set[str] = set()
         self.received = 0
         self.requests = 0
         self.lock = threading.Lock()
@@ -91,6 +98,10 @@ class Fleet:
         if parts is None or not msg.payload:
             return
         message = parse_deployment_message(bytes(msg.payload))  # the agent's parser
+        with self.lock:
+            if parts[1] in self.started:  # the same retained message again (the fleet republishes on connect)
+                return
+            self.started.add(parts[1])
         thread = threading.Thread(target=self.device, args=(parts[1], message), daemon=True)
         self.threads.append(thread)
         thread.start()
@@ -130,96 +141,208 @@ class Fleet:
             client.disconnect()
 
 
-def _proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+def _group_pids(pgid: int) -> list[int]:
+    """Every live process of a process group (the fleet server and its consumer processes)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of /proc/<pid>/stat: the process group
+            pids.append(int(stat.parent.name))
+    return pids
 
 
-def _proc_peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
 
 
-def run(devices: int, concurrency: int, retry_after: int, link: int, tmp: Path) -> dict[str, Any]:
+def _peak_rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), 0)
+    return total / 1024
+
+
+def _http(method: str, url: str, token: str | None = None, body: Any = None) -> dict[str, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers, method=method),
+                                timeout=120) as resp:
+        return dict(json.loads(resp.read()))
+
+
+class StandIn:
+    """harness.bundle_server in its own process; the benchmark publishes the retained messages."""
+
+    name = "harness.bundle_server (stand-in with the download contract of fleet serve)"
+
+    def __init__(self, tmp: Path, bundle: Path, concurrency: int, retry_after: int, link: int,
+                 broker: MosquittoBroker) -> None:
+        self.broker, self.bundle = broker, bundle
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.bundle_server", str(bundle), "--max-concurrent", str(concurrency),
+             "--retry-after", str(retry_after), "--throttle", str(link)], stdout=subprocess.PIPE, text=True,
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline().split()[1])
+        self.served: dict[str, Any] = {}
+
+    def deploy(self, devices: list[str], sha: str, size: int) -> None:
+        url = f"http://127.0.0.1:{self.port}/api/bundles/{sha}"
+        announcer = _client(self.broker.port, "bench-fleet")
+        infos = [announcer.publish(deployment_topic(FLEET, d), encode_deployment_message(
+            DeploymentMessage("bench-1", "install", "digits", "2.0.0", sha, size, url, time.time())), qos=1,
+            retain=True) for d in devices]
+        for info in infos:
+            info.wait_for_publish(60)
+        announcer.loop_stop()
+        announcer.disconnect()
+
+    def done(self) -> bool:
+        return True  # the devices' own reports are the measure
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        lines = self.proc.communicate(timeout=30)[0].strip().splitlines()
+        self.served = json.loads(lines[-1]) if lines else {}
+
+
+class FleetServe:
+    """A real `edge-kit fleet serve`: the deployment is created and promoted through its API."""
+
+    name = "edge-kit fleet serve"
+
+    def __init__(self, tmp: Path, bundle: Path, concurrency: int, broker: MosquittoBroker) -> None:
+        from harness.fleetkit import OPERATOR_TOKEN
+        from harness.processes import free_port, wait_for_port
+
+        self.token = OPERATOR_TOKEN
+        (tmp / "token").write_text(self.token + "\n")
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = (tmp / "fleet.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_kit", "fleet", "serve", "--broker", broker.url, "--db",
+             f"sqlite:///{tmp}/fleet.db", "--http", f"127.0.0.1:{self.port}", "--fleet", FLEET, "--bundles",
+             str(bundle.parent), "--token-file", str(tmp / "token"), "--download-concurrency", str(concurrency)],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=self.log, stderr=self.log,
+            start_new_session=True)
+        try:
+            wait_for_port(self.port, timeout=120)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError("fleet serve did not start:\n" + (tmp / "fleet.log").read_text()[-2000:]) from None
+        self.dep_id = ""
+        self.served: dict[str, Any] = {}
+
+    def deploy(self, devices: list[str], sha: str, size: int) -> None:
+        view = _http("POST", f"{self.base}/api/deployments", self.token,
+                     {"bundle_sha256": sha, "devices": devices, "canary": 1, "canary_windows": 1,
+                      "auto_promote": False})
+        self.dep_id = str(view["deployment"])
+        _http("POST", f"{self.base}/api/deployments/{self.dep_id}/promote", self.token, {})
+
+    def done(self) -> bool:
+        return _http("GET", f"{self.base}/api/deployments/{self.dep_id}", self.token)["state"] == "done"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.log.close()
+
+
+def run(server_kind: str, devices: int, concurrency: int, retry_after: int, link: int, tmp: Path) -> dict[str, Any]:
     key = Ed25519PrivateKey.generate()
     bundle = make_bundle(tmp / "bundles", seed=1, version="2.0.0", signing_key=key)
     size = bundle.stat().st_size
+    sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
     (tmp / "broker").mkdir()
     broker = MosquittoBroker(tmp / "broker", "max_connections -1\nmax_inflight_messages 0\n")
     broker.start()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "harness.bundle_server", str(bundle), "--max-concurrent", str(concurrency),
-         "--retry-after", str(retry_after), "--throttle", str(link)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert server.stdout is not None
-    port = int(server.stdout.readline().split()[1])
+    server: StandIn | FleetServe = (FleetServe(tmp, bundle, concurrency, broker) if server_kind == "fleet" else
+                                    StandIn(tmp, bundle, concurrency, retry_after, link, broker))
     fleet = Fleet(tmp / "devices", broker.port, key.public_key(), devices)
     radio = _client(broker.port, "bench-devices")
     radio.on_message = fleet.on_message
+    radio.subscribe(deployment_topic(FLEET, "+"), qos=1)
+    ids = [f"dev-{i:05d}" for i in range(devices)]
     try:
-        bundle_sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
-        url = f"http://127.0.0.1:{port}/api/bundles/{bundle_sha}"
-        cpu0 = _proc_cpu_seconds(server.pid)
+        pids = _group_pids(server.proc.pid)
+        cpu0 = _cpu_seconds(pids)
         started = time.monotonic()
-        # The fleet's side: one retained message per device (as `fleet serve` publishes them).
-        announcer = _client(broker.port, "bench-fleet")
-        for i in range(devices):
-            message = DeploymentMessage("bench-1", "install", "digits", "2.0.0", bundle_sha, size, url, time.time())
-            announcer.publish(deployment_topic(FLEET, f"dev-{i:05d}"), encode_deployment_message(message), qos=1,
-                              retain=True)
-        radio.subscribe(deployment_topic(FLEET, "+"), qos=1)
+        server.deploy(ids, sha, size)
         if not fleet.all_done.wait(3600):
             raise RuntimeError(f"only {len(fleet.finished)} of {devices} devices finished in an hour")
+        devices_done = time.monotonic() - started
+        deadline = time.monotonic() + 600
+        while not server.done():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not reach done within 10 minutes of the last device")
+            time.sleep(0.5)
         seconds = time.monotonic() - started
-        cpu = _proc_cpu_seconds(server.pid) - cpu0
-        rss = _proc_peak_rss_mb(server.pid)
-        announcer.loop_stop()
-        announcer.disconnect()
+        pids = _group_pids(server.proc.pid)
+        cpu = _cpu_seconds(pids) - cpu0
+        rss = _peak_rss_mb(pids)
     finally:
         radio.loop_stop()
         radio.disconnect()
         fleet.close()
-        server.terminate()
-        served_line = server.communicate(timeout=30)[0].strip().splitlines()
+        server.stop()
         broker.stop()
-    served = json.loads(served_line[-1]) if served_line else {}
     installed = sum(1 for step, _ in fleet.finished.values() if step == INSTALLED)
     ends = sorted(t for _, t in fleet.finished.values())
     return {
-        "devices": devices, "concurrency_cap": concurrency, "link_bytes_per_s": link, "bundle_bytes": size,
+        "server": server_kind, "devices": devices, "concurrency_cap": concurrency,
+        "link_bytes_per_s": link if server_kind == "standin" else None, "bundle_bytes": size,
         "installed": installed, "failed": devices - installed,
-        "time_to_done_s": round(seconds, 2),
+        "time_to_done_s": round(seconds, 2), "last_device_s": round(devices_done, 2),
         "time_to_half_s": round(ends[len(ends) // 2] - started, 2),
-        "bytes_served": served.get("bytes_sent"), "bytes_received": fleet.received,
-        "served_over_ideal": round(served.get("bytes_sent", 0) / (devices * size), 4),
-        "download_requests": served.get("requests"), "answered_503": served.get("answered_503"),
-        "peak_concurrent": served.get("peak_concurrent"),
-        "server_cpu_s": round(cpu, 2), "server_cpu_share": round(cpu / seconds, 3),
-        "server_peak_rss_mb": round(rss, 1),
-        "devices_per_s": round(devices / seconds, 1),
+        "bytes_received": fleet.received, "received_over_ideal": round(fleet.received / (devices * size), 4),
+        "bytes_served": server.served.get("bytes_sent"), "download_requests": fleet.requests,
+        "answered_busy": fleet.requests - devices, "peak_concurrent": server.served.get("peak_concurrent"),
+        "server_processes": len(pids), "server_cpu_s": round(cpu, 2), "server_cpu_share": round(cpu / seconds, 3),
+        "server_peak_rss_mb": round(rss, 1), "devices_per_s": round(devices / seconds, 1),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", choices=("fleet", "standin"), default="fleet")
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64, help="the server's cap on concurrent downloads")
-    parser.add_argument("--retry-after", type=int, default=1, help="seconds the server asks a refused device to wait")
+    parser.add_argument("--retry-after", type=int, default=1,
+                        help="standin: seconds the server asks a refused device to wait (fleet serve says 5)")
     parser.add_argument("--link", type=int, default=250_000,
-                        help="bytes/s of each device's link, paced by the server (default 250000: 2 Mbit/s)")
+                        help="standin: bytes/s of each device's link, paced by the server (default 2 Mbit/s)")
     parser.add_argument("--quick", action="store_true", help="100 devices")
     args = parser.parse_args()
     devices = 100 if args.quick else args.devices
-    machine = host_info(("numpy", "paho-mqtt"))
+    machine = host_info(("numpy", "paho-mqtt", "uvicorn", "starlette"))
     print(f"machine: {machine['cpu']} ({machine['cores']} cores, {machine['int8_isa']}), {machine['platform']}")
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
-        figures = run(devices, args.concurrency, args.retry_after, args.link, Path(tmp))
+        figures = run(args.server, devices, args.concurrency, args.retry_after, args.link, Path(tmp))
     print_table([figures])
     if not args.quick:
-        print(write_result("rollout", figures, server="harness.bundle_server (stand-in for fleet serve's "
-                                                  "GET /api/bundles/<sha256>)"))
+        print(write_result(f"rollout_{args.server}", figures))
 
 
 if __name__ == "__main__":

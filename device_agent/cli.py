@@ -131,6 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from device_agent.agent import Agent
     from device_agent.bundle.watcher import BundleWatcher
+    from device_agent.deploy.config import check_deploy
     from device_agent.http.server import AgentHTTPServer
     from device_agent.settings import apply_flags, load_settings
     from device_agent.uplink.forwarder import Forwarder
@@ -139,6 +140,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from device_agent.uplink.wire import parse_host_port, status_topic
 
     settings = apply_flags(load_settings(args.config), args)
+    check_deploy(settings.deploy, bundle=settings.bundle, pubkey=settings.pubkey)
     broker = settings.broker_config()
     assert settings.bundle is not None and settings.device_id is not None  # apply_flags checked
     listen = parse_host_port(settings.http) if settings.http else None
@@ -153,6 +155,12 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         forwarder=Forwarder(spool, publisher), compress=settings.mqtt.compress, intra_op_threads=settings.threads,
         request_memory_bytes=settings.http_limits.request_memory_bytes,
     )
+    updater = None
+    if settings.deploy.enabled:
+        from device_agent.deploy.updater import start_deployments
+
+        # Subscribed before the first connect, so that connect already brings the retained message.
+        updater = start_deployments(agent, publisher, settings.deploy, settings.bundle)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -164,6 +172,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             server = AgentHTTPServer(listen, agent, settings.http_limits)
         except OSError as exc:
+            if updater is not None:
+                updater.stop()
             agent.stop()
             from device_agent.errors import UsageError
 
@@ -176,6 +186,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         stop.wait()
     finally:
         log.info("stopping")
+        if updater is not None:
+            updater.stop()  # a download in progress stops; its .part resumes at the next start
         watcher.stop()
         if server is not None:
             server.stop()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from device_agent.deploy.config import DeploySettings
 from device_agent.errors import ConfigError
 from device_agent.http.protocol import HttpLimits
 from device_agent.settings_schema import (
@@ -99,6 +100,7 @@ class AgentSettings:
     threads: int = setting(1, f"ONNX Runtime intra-op threads; {THREADS_DOC}", lo=0)
     mqtt: MqttSettings = subsection(MqttSettings)
     http_limits: HttpLimits = subsection(HttpLimits)
+    deploy: DeploySettings = subsection(DeploySettings)
 
     def spool_path(self) -> Path:
         if self.spool is not None:
@@ -132,7 +134,8 @@ class AgentSettings:
 
 # The sections of agent.toml, in the order the docs show them. A new section is a dataclass of
 # `setting`s, an entry here, and a `subsection` field of the same name in AgentSettings.
-SECTIONS: dict[str, type] = {"agent": AgentSettings, "mqtt": MqttSettings, "http": HttpSettings}
+SECTIONS: dict[str, type] = {"agent": AgentSettings, "mqtt": MqttSettings, "http": HttpSettings,
+                             "deploy": DeploySettings}
 
 
 def _str(p: Path | None) -> str | None:

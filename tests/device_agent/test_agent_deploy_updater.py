@@ -192,3 +192,21 @@ def test_the_worker_thread_acts_on_the_newest_message(tmp_path, bundle_v1, bundl
     finally:
         device.updater.stop()
     assert device.version == "2.0.0" and device.updater.status()["step"] == INSTALLED  # type: ignore[index]
+
+
+def _run_with_deploy(tmp_path: Path, bundle: Path, *extra: str) -> tuple[int, dict[str, object]]:
+    from harness.processes import run_cli
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[deploy]\nenabled = true\nstate_dir = "{tmp_path / "state"}"\n')
+    r = run_cli("device_agent", "run", "--config", str(cfg), "--bundle", str(bundle), "--device-id", "d1",
+                "--broker", "mqtt://127.0.0.1:9", "--json", *extra, timeout=120)
+    return r.returncode, r.json()
+
+
+def test_deploy_needs_a_public_key_and_a_bundle_folder(tmp_path, bundle_v1, keypair):
+    code, out = _run_with_deploy(tmp_path, bundle_v1.parent)
+    assert code == 2 and "deploy.enabled" in str(out["error"]) and "pubkey" in str(out["error"])
+    code, out = _run_with_deploy(tmp_path, bundle_v1, "--pubkey", str(keypair[1]))
+    assert code == 2 and "folder" in str(out["error"])
+    assert not (tmp_path / "state").exists()
