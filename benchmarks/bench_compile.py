@@ -186,7 +186,7 @@ def plain_ort(fp32: Path, out: Path, calib: np.ndarray, fmt: str) -> Path:
 def edge_kit_int8(fp32: Path, workdir: Path, calib: np.ndarray) -> Path:
     """What `edge-kit build` quantizes (ORT backend, target auto, per-channel, minmax) before its search."""
     from calibration import select_calibration
-    from edge_kit.compile.quantize import make_ort_quantizer
+    from edge_kit.compile.quantize.ort_quantizer import make_ort_quantizer
     from edge_kit.config import QuantizeSection
 
     sel = select_calibration(list(range(len(calib))), len(calib), seed=0)

@@ -55,7 +55,7 @@ class BenchSettings:
 class TorchModelSpec:
     """How a child process rebuilds the PyTorch model of a checkpoint.
 
-    With `config`, the training pipeline's own loader is used (`edge_kit.train.trainer.load_trained_model`), so the
+    With `config`, the training pipeline's own loader is used (`edge_kit.train.models.load_trained_model`), so the
     model is built exactly as it was trained. Otherwise `factory` ("module:function", importable
     from `import_paths`) builds it and the checkpoint's weights are loaded into it.
     """

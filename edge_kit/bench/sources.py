@@ -99,7 +99,7 @@ def _describe(path: Path, run_files: dict[str, Path], kind: str, manifest: dict[
 
 def local_run_files(config: Any, manifest: dict[str, Any]) -> dict[str, Path]:
     """The training run's own folder on this machine (`.edgekit/runs/<run_id>/`), when it is here."""
-    from edge_kit.train.trainer import FINAL_CHECKPOINT, ONNX_FILE, run_folder
+    from edge_kit.train.run_record import FINAL_CHECKPOINT, ONNX_FILE, run_folder
 
     _, run_id = run_location(manifest)
     if not run_id:

@@ -104,7 +104,7 @@ def _load_torch_model(spec: dict[str, Any]) -> Any:
     if spec.get("config"):
         # The training pipeline's own loader: builds the model exactly as it was trained.
         from edge_kit.config import load_config
-        from edge_kit.train.trainer import load_trained_model
+        from edge_kit.train.models import load_trained_model
 
         return load_trained_model(load_config(spec["config"]), Path(spec["checkpoint"]))
     import torch

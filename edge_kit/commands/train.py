@@ -11,7 +11,7 @@ from edge_kit.config import load_config
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(args.config)
-    from edge_kit.train.trainer import train  # torch and mlflow load only when a command needs them
+    from edge_kit.train.run import train  # torch and mlflow load only when a command needs them
 
     quiet_third_party(bool(getattr(args, "debug", False)))
 

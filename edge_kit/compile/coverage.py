@@ -17,6 +17,7 @@ import onnx
 from onnx import shape_inference
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+DENSE_OPS = ("Gemm", "MatMul")  # the fully connected ones
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:

@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 TIE_TOLERANCE = 0.03  # within 3% of the best figure counts as a tie (below the noise of a shared host)
 MIN_TIMED_CALLS = 5  # per candidate, even when the budget runs out in the first round
-DENSE_OPS = ("Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -322,7 +321,6 @@ def search_candidates(quantizer: Quantizer, gate: GateResult, settings: Quantize
     """
     from edge_kit.compile.evaluate import accuracy, predict_logits
     from edge_kit.compile.gate import check_budget
-    from edge_kit.compile.quantize import OrtQuantizer
 
     if replay is None and settings.search_seconds <= 0:
         return None
@@ -333,6 +331,8 @@ def search_candidates(quantizer: Quantizer, gate: GateResult, settings: Quantize
     def check(metric: float) -> tuple[MetricCheck, ...]:
         return check_budget(gate_settings.metric, gate.fp32, metric, gate_settings)
 
+    control = quantizer.node_control
+
     def build_spec(spec: Spec) -> Path:
         if spec.precision == "fp32":
             return quantizer.fp32_path
@@ -340,10 +340,10 @@ def search_candidates(quantizer: Quantizer, gate: GateResult, settings: Quantize
             if ((cand.excluded_nodes, cand.float_tensors) == (spec.excluded_nodes, spec.float_tensors)
                     and spec.per_channel == settings.per_channel):
                 return cand.path
-        if not isinstance(quantizer, OrtQuantizer):
+        if control is None:
             raise UsageError(f"the {quantizer.backend} backend cannot build candidate {spec.name!r}")
         tag = "".join(ch if ch.isalnum() else "-" for ch in spec.name).strip("-")
-        return quantizer.quantize_variant(spec.excluded_nodes, spec.per_channel, tag, spec.float_tensors)
+        return control.quantize_variant(spec.excluded_nodes, spec.per_channel, tag, spec.float_tensors)
 
     if replay is not None:
         spec = Spec.from_json(replay["chosen"])
@@ -354,9 +354,9 @@ def search_candidates(quantizer: Quantizer, gate: GateResult, settings: Quantize
                         int(replay.get("batch_size", settings.batch_size)),
                         int(replay.get("threads", settings.threads)), 0.0, 0.0, [chosen], chosen,
                         bool(replay.get("allow_fp32", settings.allow_fp32)), replayed=True)
-    if isinstance(quantizer, OrtQuantizer):
-        specs = int8_specs(gate, quantizer.dense_nodes(), settings.per_channel) + edge_specs(
-            gate, quantizer.first_layer(), quantizer.output_tensors(gate.rounds[0].path), settings.per_channel)
+    if control is not None:
+        specs = int8_specs(gate, control.dense_nodes(), settings.per_channel) + edge_specs(
+            gate, control.first_layer(), control.output_tensors(gate.rounds[0].path), settings.per_channel)
     else:  # no per-node control (inc): its own int8 model, and fp32
         specs = [Spec(f"int8 ({quantizer.backend})", "int8", settings.per_channel, gate.best.excluded_nodes)]
     return search(gate=gate, specs=specs, fp32_path=quantizer.fp32_path, build=build_spec, evaluate=evaluate,

@@ -1,6 +1,6 @@
 """`edge-kit build`: train-or-reuse -> calibrate -> quantize -> gate (with fallback) -> reference -> bundle.
 
-Rule zero: the fp32 model always comes from `edge_kit.train.train` (reused only when config, code
+Rule zero: the fp32 model always comes from `edge_kit.train.run.train` (reused only when config, code
 commit and data hash are unchanged), so there is no way to bundle a model the pipeline did not
 train. Nothing is written to the output folder unless the gate passes (the bundle is written
 atomically by `write_bundle`); when it fails, only the report lands there, next to where the
@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from calibration import CalibrationSelection, select_calibration
+from calibration import select_calibration
 from device_agent.atomic import atomic_write_bytes
 from device_agent.bundle.format import bundle_filename, sha256_hex
 from edge_kit.compile.coverage import model_int8_coverage
@@ -28,7 +27,7 @@ from edge_kit.compile.evaluate import accuracy, predict_logits
 from edge_kit.compile.gate import GateFailedError, GateResult, run_gate
 from edge_kit.compile.preprocess_graph import embed_preprocessing
 from edge_kit.compile.qdq_analysis import summarize_qdq
-from edge_kit.compile.quantize import OrtQuantizer, Quantizer, calibration_inputs, make_ort_quantizer
+from edge_kit.compile.quantize import make_quantizer
 from edge_kit.compile.search import Decision, search_candidates
 from edge_kit.config import Config
 from edge_kit.ship.package import assemble_and_write, io_spec, monitor_plan, reference_json, selftest_npz
@@ -81,7 +80,7 @@ def build(
     """
     from edge_kit.train.data import load_dataset
     from edge_kit.train.provenance import collect_provenance
-    from edge_kit.train.trainer import train
+    from edge_kit.train.run import train
 
     out = Path(out_dir)
     backend = backend or config.quantize.backend
@@ -99,18 +98,19 @@ def build(
 
     with tempfile.TemporaryDirectory(prefix="edgekit-build-", dir=workdir) as tmp:
         t0 = time.perf_counter()
-        quantizer = _make_quantizer(backend, config, dataset, trained, selection, Path(tmp))
+        quantizer = make_quantizer(backend, config, dataset, trained, selection, Path(tmp))
         timings["calibrate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         x_test = dataset.preprocess(dataset.X_test)
         fp32 = accuracy(predict_logits(quantizer.fp32_path, x_test), dataset.y_test)
+        control = quantizer.node_control
         gate = run_gate(
             gate=config.gate, fp32_metric=fp32, quantize=quantizer.quantize,
             evaluate=lambda path: accuracy(predict_logits(path, x_test), dataset.y_test),
             units=quantizer.units,
-            tensor_units=quantizer.tensor_units if isinstance(quantizer, OrtQuantizer) else None,
-            prefilter=quantizer.prefilter if isinstance(quantizer, OrtQuantizer) else None,
+            tensor_units=control.tensor_units if control is not None else None,
+            prefilter=control.prefilter if control is not None else None,
         )
         timings["quantize + gate"] = time.perf_counter() - t0
 
@@ -207,21 +207,6 @@ def build(
     timings["total"] = time.perf_counter() - started
     log.info("wrote %s (gate %s: %s %.4f -> %.4f)", bundle, "passed", gate.metric, gate.fp32, gate.best.metric)
     return BuildResult(bundle, trained.run_id, gate, sha256_hex(model_bytes), registered, timings)
-
-
-def _make_quantizer(backend: str, config: Config, dataset: Any, trained: Any,
-                    selection: CalibrationSelection, tmp: Path) -> Quantizer:
-    raw = calibration_inputs(dataset.X_train, selection)
-    if not np.isfinite(np.asarray(raw, dtype=np.float64)).all():
-        from calibration import CalibrationError
-
-        raise CalibrationError("calibration data (training split) holds NaN or inf values",
-                               hint="clean the data snapshot; calibration never skips samples silently")
-    if backend == "inc":
-        from edge_kit.compile.quantize.inc import make_inc_quantizer
-
-        return make_inc_quantizer(config, trained, dataset, raw, tmp)
-    return make_ort_quantizer(config.quantize, Path(trained.onnx), tmp, raw, selection, dataset.preprocess)
 
 
 def _log_failure(register: bool, tracking_uri: str, run_id: str, report_md: str) -> None:

@@ -1,4 +1,5 @@
-"""Model factories: the built-ins (`mlp`, `small_cnn`) and any `module:function` next to the config.
+"""Model factories: the built-ins (`mlp`, `small_cnn`) and any `module:function` next to the config; a
+model's signature (what makes two checkpoints interchangeable) and rebuilding a trained one from its checkpoint.
 
 A factory is called as ``factory(input_shape=(...), num_classes=k, **model.kwargs)`` and must return a
 `torch.nn.Module` mapping a float32 batch (batch, *input_shape) of preprocessed inputs to logits.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +18,8 @@ from typing import Any
 from torch import nn
 
 from edge_kit.config import Config
-from edge_kit.errors import ConfigError
+from edge_kit.errors import ConfigError, UsageError
+from edge_kit.train.checkpoint import check_signature, read_checkpoint
 
 Factory = Callable[..., nn.Module]
 
@@ -123,3 +126,34 @@ def architecture_signature(model: nn.Module) -> list[tuple[str, tuple[int, ...]]
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
+
+def model_signature(config: Config, model: nn.Module, input_shape: tuple[int, ...],
+                    num_classes: int) -> dict[str, Any]:
+    """Identity of a model: two checkpoints with equal signatures hold interchangeable weights."""
+    doc = {"factory": config.model.factory, "kwargs": config.model.kwargs, "input_shape": list(input_shape),
+           "num_classes": num_classes, "architecture": [[n, list(s)] for n, s in architecture_signature(model)]}
+    return json.loads(json.dumps(doc, sort_keys=True, default=str))  # plain lists/dicts: comparable after a load
+
+
+def load_trained_model(config: Config, checkpoint: Path) -> nn.Module:
+    """Rebuild the module a checkpoint holds, in eval mode on the CPU.
+
+    Raises UsageError (exit 2) when the file is unreadable or holds a different model than the config builds.
+    """
+    try:
+        state = read_checkpoint(Path(checkpoint))
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {checkpoint} does not exist") from None
+    except Exception as exc:
+        raise UsageError(f"cannot read checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from exc
+    meta = state.get("meta", {})
+    found = state["signature"]
+    input_shape = tuple(int(d) for d in found.get("input_shape", meta.get("input_shape", ())))
+    num_classes = int(found.get("num_classes", len(meta.get("labels", []))))
+    model = build_model(config, input_shape, num_classes)
+    check_signature(Path(checkpoint), found, model_signature(config, model, input_shape, num_classes))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UsageError(f"checkpoint {checkpoint} does not fit the configured model: {exc}") from exc
+    return model.eval()

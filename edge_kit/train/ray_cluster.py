@@ -5,9 +5,12 @@ Kept apart from the training engine so batch scoring can connect without importi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import sys
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,27 @@ def connect(address: str | None, cpus: int) -> None:
     private_token()
     ray.init(address="local", num_cpus=max(2, cpus), include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1")
+
+
+@contextlib.contextmanager
+def connected(address: str | None, cpus: int) -> Iterator[None]:
+    """Connected to Ray for the block (see `connect`), with everything Ray prints for the cluster on stderr.
+
+    A Ray driver prints its workers' forwarded output and the raylet's messages ("(raylet) A worker died
+    ...") on sys.stdout, from threads of its own; stdout belongs to the command's result (`--json`: one
+    JSON object). So within the block sys.stdout is sys.stderr, and a connection made here is closed
+    before the block ends, which stops those threads: no late line lands on stdout either.
+    """
+    import ray
+
+    already = ray.is_initialized()
+    with contextlib.redirect_stdout(sys.stderr):
+        connect(address, cpus)
+        try:
+            yield
+        finally:
+            if not already:
+                ray.shutdown()
 
 
 def private_token() -> None:

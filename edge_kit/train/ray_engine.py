@@ -32,17 +32,9 @@ from edge_kit.errors import EdgeKitError, UsageError
 from edge_kit.train import tracking
 from edge_kit.train.checkpoint import CheckpointManager, LoadedCheckpoint, check_signature
 from edge_kit.train.data import Dataset
-from edge_kit.train.ray_cluster import connect
-from edge_kit.train.trainer import (
-    StopFlag,
-    Trainer,
-    TrainResult,
-    deterministic_algorithms,
-    finish_run,
-    mark_run,
-    record_provenance_drift,
-    run_tags,
-)
+from edge_kit.train.ray_cluster import connected
+from edge_kit.train.run_record import TrainResult, finish_run, mark_run, record_provenance_drift, run_tags
+from edge_kit.train.trainer import StopFlag, Trainer, deterministic_algorithms
 
 log = logging.getLogger(__name__)
 
@@ -152,23 +144,23 @@ def train_on_ray(config: Config, dataset: Dataset, trainer: Trainer, provenance:
         storage.write_record({"mlflow_run_id": run.run_id, "training_fingerprint": fingerprint})
     log.info("MLflow run %s (experiment %s, %s); Ray storage %s", run.run_id, experiment_id, uri, storage.folder)
 
-    connect(address, cfg.workers)
     loop_config = {"config": config, "dataset": dataset, "run_id": run.run_id, "tracking_uri": uri,
                    "fingerprint": fingerprint}
-    ray_trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name=name, storage_path=uri_storage,
-                             failure_config=FailureConfig(max_failures=MAX_FAILURES),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-    )
     try:
-        result = ray_trainer.fit()
-        if result.checkpoint is None:
-            raise RayTrainingFailed(f"the Ray run {name} ended without a checkpoint")
-        with result.checkpoint.as_directory() as folder:
-            final = read_latest(Path(folder))
+        with connected(address, cfg.workers):
+            ray_trainer = TorchTrainer(
+                worker_loop,
+                train_loop_config=loop_config,
+                scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+                run_config=RunConfig(name=name, storage_path=uri_storage,
+                                     failure_config=FailureConfig(max_failures=MAX_FAILURES),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+            )
+            result = ray_trainer.fit()
+            if result.checkpoint is None:
+                raise RayTrainingFailed(f"the Ray run {name} ended without a checkpoint")
+            with result.checkpoint.as_directory() as folder:
+                final = read_latest(Path(folder))
         check_signature(final.path, final.state["signature"], trainer.signature)
         trainer.restore(final.state)
         if not trainer.finished:

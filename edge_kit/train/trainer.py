@@ -1,4 +1,4 @@
-"""Training: seeded, deterministic, resumable PyTorch training tracked in MLflow, ending in a checked fp32 ONNX.
+"""The training loop: seeded, deterministic and resumable; shared by the local engine and Ray's workers.
 
 Bitwise resume: everything that decides the next step is either derived from the config (the data
 order of epoch e is a permutation drawn from a generator seeded by (seed, e)) or saved in the
@@ -7,18 +7,16 @@ run killed at any step and resumed from its newest checkpoint repeats exactly th
 ends with weights bitwise equal to an uninterrupted run on the same machine and thread count.
 
 SIGTERM (spot preemption) sets a flag; after the current step a checkpoint is written and
-TrainingInterrupted (exit 75) is raised. `--resume auto` continues from the newest valid checkpoint.
+TrainingInterrupted (exit 75) is raised. What runs the loop (MLflow run, checkpoints, reuse, Ray) is
+`edge_kit.train.run`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -26,7 +24,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,46 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from edge_kit.config import Config
-from edge_kit.errors import ConfigError, TrainingInterrupted, UsageError
-from edge_kit.train import tracking
-from edge_kit.train.checkpoint import (
-    CheckpointManager,
-    LoadedCheckpoint,
-    atomic_torch_save,
-    check_signature,
-    read_checkpoint,
-)
-from edge_kit.train.data import Dataset, load_dataset
-from edge_kit.train.export import export_and_check
-from edge_kit.train.models import architecture_signature, build_model, count_parameters, resolve_factory
-from edge_kit.train.provenance import collect_provenance
+from edge_kit.errors import ConfigError, TrainingInterrupted
+from edge_kit.train.data import Dataset
+from edge_kit.train.models import build_model, model_signature
 
 log = logging.getLogger(__name__)
-
-FINAL_CHECKPOINT = "final.pt"
-ONNX_FILE = "model.onnx"
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    run_id: str
-    experiment_id: str
-    tracking_uri: str
-    checkpoint: Path  # final .pt
-    onnx: Path  # fp32 ONNX, dynamic batch, input "input", output "logits"
-    metrics: dict[str, Any]  # final test accuracy etc.
-    reused: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "experiment_id": self.experiment_id,
-            "tracking_uri": self.tracking_uri,
-            "checkpoint": str(self.checkpoint),
-            "onnx": str(self.onnx),
-            "metrics": self.metrics,
-            "reused": self.reused,
-        }
 
 
 # --- determinism -------------------------------------------------------------------------------
@@ -156,28 +118,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def training_fingerprint(config: Config, dataset: Dataset, device: torch.device) -> str:
-    """What decides the trained weights: data, model and optimisation settings, the snapshot, the device type.
-
-    Checkpoint interval, retention and storage are left out: they change when and where state is saved,
-    not what is computed. The engine and worker count stay in: data-parallel ranks see other batches.
-    """
-    train = {k: v for k, v in config.to_dict()["train"].items()
-             if k not in ("checkpoint_every", "keep_checkpoints", "storage")}
-    train["threads"] = torch.get_num_threads()  # "0" means the machine's default, which differs between machines
-    doc = {"data": config.to_dict()["data"], "model": config.to_dict()["model"], "train": train,
-           "device": device.type, "data_md5": dataset.snapshot.dvc_md5, "split": dataset.split_sha256}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_signature(config: Config, model: torch.nn.Module, input_shape: tuple[int, ...],
-                    num_classes: int) -> dict[str, Any]:
-    """Identity of a model: two checkpoints with equal signatures hold interchangeable weights."""
-    doc = {"factory": config.model.factory, "kwargs": config.model.kwargs, "input_shape": list(input_shape),
-           "num_classes": num_classes, "architecture": [[n, list(s)] for n, s in architecture_signature(model)]}
-    return json.loads(json.dumps(doc, sort_keys=True, default=str))  # plain lists/dicts: comparable after a load
 
 
 # --- SIGTERM -----------------------------------------------------------------------------------
@@ -374,254 +314,3 @@ class Trainer:
                 progress.epoch(pos.epoch, cfg.epochs, metrics)
         finally:
             progress.close()
-
-
-# --- orchestration -------------------------------------------------------------------------------
-
-def run_folder(config: Config, run_id: str) -> Path:
-    return config.workdir / "runs" / run_id
-
-
-def _reusable(config: Config, dataset: Dataset, provenance: dict[str, Any], fingerprint: str,
-              client: Any, experiment_id: str, uri: str) -> TrainResult | None:
-    git = provenance["git"]
-    if not git["commit"] or git["dirty"]:
-        log.info("not reusing a previous run: the git tree is %s", "dirty" if git["commit"] else "not a repository")
-        return None
-    for run in tracking.find_reusable_runs(client, experiment_id, fingerprint=fingerprint, commit=git["commit"],
-                                           data_md5=dataset.snapshot.dvc_md5):
-        run_id = run.info.run_id
-        folder = run_folder(config, run_id)
-        checkpoint = folder / FINAL_CHECKPOINT
-        onnx = folder / ONNX_FILE
-        if not checkpoint.is_file():
-            checkpoint = tracking.artifact_local_path(client, uri, run_id, tracking.CHECKPOINT_ARTIFACT, folder) \
-                or checkpoint
-        if not onnx.is_file():
-            onnx = tracking.artifact_local_path(client, uri, run_id, tracking.ONNX_ARTIFACT, folder) or onnx
-        if checkpoint.is_file() and onnx.is_file():
-            log.info("reusing MLflow run %s: same training config, clean commit %s and data md5", run_id,
-                     git["commit"][:12])
-            metrics = {k: v for k, v in run.data.metrics.items()}
-            return TrainResult(run_id, experiment_id, uri, checkpoint, onnx, metrics, reused=True)
-        log.info("run %s matches but its artifacts are gone; not reusing it", run_id)
-    return None
-
-
-def train(config: Config, *, resume: str = "auto", tracking_uri: str | None = None,
-          reuse: bool = False, ray_address: str | None = None) -> TrainResult:
-    """Train (resuming from the newest valid checkpoint), track it in MLflow and export a checked fp32 ONNX.
-
-    reuse=True (used by `edge-kit build`): return the newest FINISHED MLflow run whose training
-    fingerprint, git commit (clean tree) and data md5 equal the current ones, if its artifacts exist.
-    With `train.engine = "ray"` the steps run on Ray (``ray_address``, else RAY_ADDRESS, else a local
-    instance); everything before and after them (MLflow run, export, artifacts) is the same code.
-    """
-    if resume not in ("auto", "never"):
-        raise UsageError(f"--resume must be 'auto' or 'never', got {resume!r}")
-    if ray_address and config.train.engine != "ray":
-        raise UsageError("--ray-address needs `[train] engine = \"ray\"` in the config",
-                         hint="set train.engine = \"ray\" (the local engine trains in this process)")
-    with project_lock(config.ensure_workdir()), deterministic_algorithms(config.train.threads):
-        return _train(config, resume=resume, tracking_uri=tracking_uri, reuse=reuse, ray_address=ray_address)
-
-
-@contextmanager
-def project_lock(workdir: Path) -> Iterator[None]:
-    """One training per project at a time: two would write the same checkpoints and split the same runs.
-
-    An flock, so the kernel releases it when the holder dies, SIGKILL included: no stale lock to clean up.
-    """
-    import fcntl
-
-    path = workdir / "train.lock"
-    with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise UsageError(f"another edge-kit training is running in this project (pid {holder}, lock {path})",
-                             hint="wait for it to finish, or stop it (it checkpoints on SIGTERM)") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _train(config: Config, *, resume: str, tracking_uri: str | None, reuse: bool,
-           ray_address: str | None = None) -> TrainResult:
-    resolve_factory(config)  # an unimportable factory fails before any work
-    dataset = load_dataset(config)
-    # On Ray the workers hold the device: the driver may have no GPU even when they do.
-    ray_engine = config.train.engine == "ray"
-    device = torch.device("cuda" if config.train.use_gpu else "cpu") if ray_engine \
-        else select_device(config.train.device)
-    provenance = collect_provenance(config, dataset)
-    uri = tracking.resolve_tracking_uri(config, tracking_uri)
-    client = tracking.client_for(uri)
-    experiment_id = tracking.ensure_experiment(client, config, uri)
-    # With Ray this Trainer only rebuilds the model for the signature and, at the end, the export.
-    trainer = Trainer(config, dataset, torch.device("cpu") if ray_engine else device)
-    fingerprint = training_fingerprint(config, dataset, device)
-    if reuse:
-        found = _reusable(config, dataset, provenance, fingerprint, client, experiment_id, uri)
-        if found is not None:
-            return found
-    if ray_engine:
-        from edge_kit.train.ray_engine import train_on_ray
-
-        return train_on_ray(config, dataset, trainer, provenance, client, experiment_id, uri, fingerprint,
-                            resume=resume, address=ray_address)
-
-    checkpoints = CheckpointManager(config.workdir / "checkpoints", config.train.keep_checkpoints)
-    latest: LoadedCheckpoint | None = None
-    if resume == "auto":
-        latest = checkpoints.latest_valid()
-        if latest is not None:
-            check_signature(latest.path, latest.state["signature"], trainer.signature)
-            check_signature(latest.path, {"training config": latest.state.get("training_fingerprint")},
-                            {"training config": fingerprint})
-    else:
-        archived = checkpoints.archive("replaced")
-        if archived is not None:
-            log.info("--resume never: previous checkpoints moved to %s", archived)
-
-    run = None
-    if latest is not None:
-        trainer.restore(latest.state)
-        run = tracking.resume_run(client, str(latest.state.get("mlflow_run_id")), uri)
-        log.info("resuming from %s (step %d, epoch %d)", latest.path.name, trainer.position.global_step,
-                 trainer.position.epoch + 1)
-        if run is not None:
-            record_provenance_drift(run, provenance)
-    if run is None:
-        run = tracking.start_run(client, experiment_id, uri, config, run_tags(config, trainer, provenance, fingerprint))
-    log.info("MLflow run %s (experiment %s, %s)", run.run_id, experiment_id, uri)
-    assert run is not None
-    handle = run
-
-    def save() -> Path:
-        return checkpoints.save(trainer.state(handle.run_id, fingerprint))
-
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        handle.log_metrics(metrics, step=epoch + 1)
-
-    started = time.perf_counter()
-    try:
-        with sigterm_flag() as stop:
-            trainer.run(save=save, on_epoch=on_epoch, stop=stop, flush=checkpoints.flush)
-        checkpoints.close()
-        result = finish_run(config, dataset, trainer, handle, provenance, fingerprint)
-    except TrainingInterrupted:
-        checkpoints.close(raise_errors=False)
-        mark_run(handle, "KILLED")
-        raise
-    except BaseException:
-        checkpoints.close(raise_errors=False)
-        mark_run(handle, "FAILED")
-        raise
-    log.info("training done in %.1f s: test accuracy %.4f", time.perf_counter() - started,
-             result.metrics["test_accuracy"])
-    # The run is complete and its final state is stored with it: the step checkpoints have served.
-    shutil.rmtree(checkpoints.folder, ignore_errors=True)
-    return result
-
-
-def run_tags(config: Config, trainer: Trainer, provenance: dict[str, Any], fingerprint: str) -> dict[str, str]:
-    """The tags a new MLflow run starts with: provenance legs, fingerprints, device and model size."""
-    return {**tracking.provenance_tags(provenance), tracking.TAG_FINGERPRINT: config.fingerprint(),
-            tracking.TAG_TRAINING_FINGERPRINT: fingerprint, "edgekit.device": trainer.device.type,
-            "edgekit.parameters": str(count_parameters(trainer.model))}
-
-
-def mark_run(run: tracking.RunHandle, status: str) -> None:
-    """Record how the run ended without hiding the error that ended it (the store may be the problem)."""
-    try:
-        run.finish(status)
-    except Exception as exc:  # MLflow/SQLAlchemy errors vary; the original error matters more
-        log.warning("could not mark MLflow run %s as %s: %s", run.run_id, status, exc)
-
-
-def record_provenance_drift(run: tracking.RunHandle, provenance: dict[str, Any]) -> None:
-    """A run resumed on other code or another environment no longer comes from one clean commit: say so.
-
-    Its `edgekit.git_dirty` tag becomes "true", so `train(reuse=True)` never hands it out as the model of a
-    commit; what changed is kept in `edgekit.resumed_with`.
-    """
-    tags = run.client.get_run(run.run_id).data.tags
-    now = tracking.provenance_tags(provenance)
-    keys = (tracking.TAG_COMMIT, tracking.TAG_DIRTY, tracking.TAG_LOCK)
-    changed = {k: now[k] for k in keys if tags.get(k) != now[k]}
-    if not changed:
-        return
-    log.warning("resuming MLflow run %s with different code or environment (%s); the run is marked dirty",
-                run.run_id, ", ".join(f"{k.removeprefix('edgekit.')}={v[:12]}" for k, v in changed.items()))
-    run.set_tags({tracking.TAG_DIRTY: "true", "edgekit.resumed_with": json.dumps(changed, sort_keys=True)})
-
-
-def finish_run(config: Config, dataset: Dataset, trainer: Trainer, run: tracking.RunHandle,
-            provenance: dict[str, Any], fingerprint: str) -> TrainResult:
-    folder = run_folder(config, run.run_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = {**trainer.state(run.run_id, fingerprint), "format": "edgekit.checkpoint/1", "completed": True}
-    checkpoint = folder / FINAL_CHECKPOINT
-    atomic_torch_save(final, checkpoint)
-    model = trainer.model.to("cpu").eval()
-    held_out = dataset.preprocess(dataset.X_test)
-    exported = export_and_check(model, dataset.input_shape, folder / ONNX_FILE, held_out)
-    metrics = {
-        "test_accuracy": evaluate(model, torch.from_numpy(held_out), torch.from_numpy(dataset.y_test)),
-        "onnx_max_abs_diff": exported.max_abs_diff,
-        "steps": float(trainer.position.global_step),
-        "epochs": float(config.train.epochs),
-    }
-    # test_accuracy is already in the per-epoch history (the last epoch's value is this one).
-    run.log_metrics({k: v for k, v in metrics.items() if k != "test_accuracy"}, step=config.train.epochs)
-    resolved = folder / "config.json"
-    resolved.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
-    (folder / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
-    (folder / "split.json").write_text(json.dumps(
-        {"train_ids": dataset.train_ids.tolist(), "test_ids": dataset.test_ids.tolist(),
-         "dvc_md5": dataset.snapshot.dvc_md5, "seed": config.data.seed}) + "\n")
-    (folder / "preprocessing.json").write_text(json.dumps(
-        {"preprocessing": dataset.preprocessing, "labels": dataset.labels, "input_shape": list(dataset.input_shape),
-         "input_kind": dataset.input_kind, "feature_names": dataset.feature_names}, indent=2) + "\n")
-    run.log_artifact(checkpoint, "model")
-    run.log_artifact(folder / ONNX_FILE, "model")
-    for name in ("config.json", "provenance.json", "split.json", "preprocessing.json"):
-        run.log_artifact(folder / name, "meta")
-    run.log_artifact(config.path, "meta")
-    run.set_tags({tracking.TAG_COMPLETED: "true"})
-    run.finish("FINISHED")
-    return TrainResult(run.run_id, run.experiment_id, run.tracking_uri, checkpoint, folder / ONNX_FILE, metrics,
-                       reused=False)
-
-
-def load_trained_model(config: Config, checkpoint: Path) -> torch.nn.Module:
-    """Rebuild the module a checkpoint holds, in eval mode on the CPU.
-
-    Raises UsageError (exit 2) when the file is unreadable or holds a different model than the config builds.
-    """
-    try:
-        state = read_checkpoint(Path(checkpoint))
-    except FileNotFoundError:
-        raise UsageError(f"checkpoint {checkpoint} does not exist") from None
-    except Exception as exc:
-        raise UsageError(f"cannot read checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from exc
-    meta = state.get("meta", {})
-    found = state["signature"]
-    input_shape = tuple(int(d) for d in found.get("input_shape", meta.get("input_shape", ())))
-    num_classes = int(found.get("num_classes", len(meta.get("labels", []))))
-    model = build_model(config, input_shape, num_classes)
-    check_signature(Path(checkpoint), found, model_signature(config, model, input_shape, num_classes))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise UsageError(f"checkpoint {checkpoint} does not fit the configured model: {exc}") from exc
-    return model.eval()
-

@@ -1,33 +1,39 @@
-"""The quantize stage: calibration set, backend, and the int8 candidates the gate asks for.
+"""The quantize stage: what a quantizer offers the gate and the search, and which backend makes it.
 
 A `Quantizer` turns "these nodes stay fp32" into an int8 ONNX file. The gate drives it; the
-quantizer knows nothing about budgets. Backends: `ort` (ONNX Runtime static QDQ, default) and
-`inc` (Intel Neural Compressor's PyTorch path, see `quantize_inc`).
+quantizer knows nothing about budgets. Backends: `ort` (ONNX Runtime static QDQ, default;
+`ort_quantizer.OrtQuantizer`) and `inc` (Intel Neural Compressor's PyTorch path, `inc.IncQuantizer`).
+A backend that can keep single nodes and tensors float offers it as `node_control` (the gate's tensor
+repairs, the search's variants); one that cannot (inc: its autotune already chose) has None there.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import onnx
 
-from calibration import BatchedCalibrationReader, CalibrationSelection, compute_ranges, preset_for
-from calibration.ranges import CalibrationRanges
-from edge_kit.compile.fallback import FallbackUnit, fallback_units, tensor_units
-from edge_kit.compile.float_tensors import keep_float, quantized_activations
-from edge_kit.compile.quantize.ort import prepare_for_quantization, quantize_ort, resolve_target, target_preset
-from edge_kit.config import QuantizeSection
+from calibration import CalibrationSelection
+from edge_kit.compile.fallback import FallbackUnit
+from edge_kit.config import Config
 
-log = logging.getLogger(__name__)
 
-CALIBRATION_BATCH = 32
-SQNR_SAMPLES = 32
+class NodeControl(Protocol):
+    """Per-node and per-tensor control over the int8 model, for backends that have it."""
+
+    def quantize_variant(self, excluded: tuple[str, ...], per_channel: bool, tag: str,
+                         float_tensors: tuple[str, ...] = ()) -> Path: ...
+
+    def tensor_units(self, int8_path: Path) -> list[FallbackUnit]: ...
+
+    def prefilter(self, int8_path: Path, units: list[FallbackUnit]) -> list[FallbackUnit]: ...
+
+    def dense_nodes(self) -> tuple[str, ...]: ...
+
+    def first_layer(self) -> str | None: ...
+
+    def output_tensors(self, int8_path: Path) -> tuple[str, ...]: ...
 
 
 class Quantizer(Protocol):
@@ -37,6 +43,9 @@ class Quantizer(Protocol):
     @property
     def units(self) -> list[FallbackUnit]: ...
 
+    @property
+    def node_control(self) -> NodeControl | None: ...
+
     def quantize(self, excluded: tuple[str, ...], tag: str, float_tensors: tuple[str, ...] = ()) -> Path: ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -45,130 +54,23 @@ class Quantizer(Protocol):
     def notes(self) -> list[str]: ...
 
 
-@dataclass
-class OrtQuantizer:
-    """ORT static QDQ quantization with ranges calibrated once and reused by every round."""
-
-    settings: QuantizeSection
-    fp32_path: Path
-    workdir: Path
-    ranges: CalibrationRanges
-    backend: str = "ort"
-    _units: list[FallbackUnit] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    probe: np.ndarray | None = None  # a few preprocessed calibration samples for the SQNR signal
-    requested_target: str = ""  # as configured ("auto" or a preset); settings.target is the resolved preset
-    _plain: dict[tuple[tuple[str, ...], bool], Path] = field(default_factory=dict)  # ORT's output per node set
-
-    @property
-    def units(self) -> list[FallbackUnit]:
-        return self._units
-
-    def tensor_units(self, int8_path: Path) -> list[FallbackUnit]:
-        """The quantized activations of a model this quantizer made: each can be kept float on its own."""
-        return tensor_units(onnx.load(str(int8_path)))
-
-    def prefilter(self, int8_path: Path, units: list[FallbackUnit]) -> list[FallbackUnit]:
-        """Order units worst-SQNR first (for models with more units than the gate trials one by one)."""
-        if self.probe is None:
-            return units
-        from edge_kit.compile.sqnr import order_by_sqnr
-
-        return order_by_sqnr(self.fp32_path, int8_path, units, self.probe)
-
-    def quantize(self, excluded: tuple[str, ...], tag: str, float_tensors: tuple[str, ...] = ()) -> Path:
-        return self.quantize_variant(excluded, self.settings.per_channel, tag, float_tensors)
-
-    def quantize_variant(self, excluded: tuple[str, ...], per_channel: bool, tag: str,
-                         float_tensors: tuple[str, ...] = ()) -> Path:
-        """A candidate: the same ranges, a weight granularity, nodes kept fp32 and tensors kept float.
-
-        ORT's output depends only on the fp32 model, the ranges, the granularity and the excluded nodes,
-        so it is made once per such set: every tensor trial of the gate starts from round 0's model.
-        """
-        key = (tuple(sorted(excluded)), per_channel)
-        plain = self._plain.get(key)
-        if plain is None:
-            plain = self.workdir / f"ort-{len(self._plain)}.onnx"
-            quantize_ort(self.fp32_path, plain, self.ranges, target=self.settings.target, per_channel=per_channel,
-                         nodes_to_exclude=excluded)
-            self._plain[key] = plain
-        out = self.workdir / f"int8-{tag}.onnx"
-        if float_tensors:
-            onnx.save(keep_float(onnx.load(str(plain)), float_tensors), str(out))
-        else:
-            shutil.copyfile(plain, out)
-        return out
-
-    def dense_nodes(self) -> tuple[str, ...]:
-        """Fully connected layers (Gemm/MatMul) with the nodes that keep their outputs float."""
-        from edge_kit.compile.search import DENSE_OPS
-
-        return tuple(m for u in self._units if u.op_type in DENSE_OPS for m in u.members)
-
-    def first_layer(self) -> str | None:
-        """The first compute layer (Conv/Gemm/MatMul) in graph order: the one reading the model's input."""
-        from edge_kit.compile.coverage import COMPUTE_OPS
-
-        return next((u.node for u in self._units if u.op_type in COMPUTE_OPS), None)
-
-    def output_tensors(self, int8_path: Path) -> tuple[str, ...]:
-        """The graph outputs that a model this quantizer made quantizes (their Q/DQ pair can be dropped)."""
-        model = onnx.load(str(int8_path))
-        outputs = {o.name for o in model.graph.output}
-        return tuple(t.name for t in quantized_activations(model) if t.name in outputs)
-
-    def describe(self) -> dict[str, Any]:
-        preset = target_preset(self.settings.target)
-        return {
-            "backend": "ort",
-            "format": "QDQ",
-            "per_channel": self.settings.per_channel,
-            "target": preset.name,
-            "activation_type": preset.activation_type.name,
-            "weight_type": preset.weight_type.name,
-            "reduce_range": preset.reduce_range,
-            "target_why": preset.why,
-            "target_requested": self.requested_target or preset.name,
-            "host": build_host(),
-        }
-
-
-def build_host() -> dict[str, Any]:
-    """The machine the gate measured on (and the candidates were timed on): its int8 kernels decide both."""
-    from device_agent.host import host_info
-
-    info = host_info(packages=("onnxruntime",))
-    return {k: info[k] for k in ("cpu", "machine", "cores", "int8_isa", "isa_flags", "packages")}
-
-
 def calibration_inputs(x_train_raw: np.ndarray, selection: CalibrationSelection) -> np.ndarray:
     return np.asarray(x_train_raw[selection.positions])
 
 
-def make_ort_quantizer(
-    settings: QuantizeSection,
-    fp32_onnx: Path,
-    workdir: Path,
-    calibration_raw: np.ndarray,
-    selection: CalibrationSelection,
-    preprocess: Any,
-) -> OrtQuantizer:
-    """Pre-process the fp32 model, calibrate it once on the selected training samples."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    target, warning = resolve_target(settings.target)
-    requested = settings.target
-    settings = dataclasses.replace(settings, target=target)
-    prepared, notes = prepare_for_quantization(fp32_onnx, workdir / "fp32-prepared.onnx")
-    model = onnx.load(str(prepared))
-    input_name = model.graph.input[0].name
-    reader = BatchedCalibrationReader(calibration_raw, input_name, batch_size=CALIBRATION_BATCH,
-                                      preprocess=preprocess, ids=selection.ids)
-    ranges = compute_ranges(prepared, reader, preset_for(settings.calibration), workdir / "calibration.json")
-    head = np.asarray(calibration_raw[:SQNR_SAMPLES])
-    probe = np.asarray(preprocess(head) if preprocess is not None else head, dtype=np.float32)
-    if warning:
-        log.warning("%s", warning)
-        notes = [*notes, warning]
-    return OrtQuantizer(settings, prepared, workdir, ranges, _units=fallback_units(model), notes=notes,
-                        probe=probe, requested_target=requested)
+def make_quantizer(backend: str, config: Config, dataset: Any, trained: Any, selection: CalibrationSelection,
+                   workdir: Path) -> Quantizer:
+    """The configured backend's quantizer, calibrated on the selected training samples."""
+    raw = calibration_inputs(dataset.X_train, selection)
+    if not np.isfinite(np.asarray(raw, dtype=np.float64)).all():
+        from calibration import CalibrationError
+
+        raise CalibrationError("calibration data (training split) holds NaN or inf values",
+                               hint="clean the data snapshot; calibration never skips samples silently")
+    if backend == "inc":
+        from edge_kit.compile.quantize.inc import make_inc_quantizer
+
+        return make_inc_quantizer(config, trained, dataset, raw, workdir)
+    from edge_kit.compile.quantize.ort_quantizer import make_ort_quantizer
+
+    return make_ort_quantizer(config.quantize, Path(trained.onnx), workdir, raw, selection, dataset.preprocess)

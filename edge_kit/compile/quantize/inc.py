@@ -46,6 +46,10 @@ class IncQuantizer:
     def units(self) -> list[FallbackUnit]:
         return []  # ONNX node names do not map back to INC's torch modules; autotune already searched
 
+    @property
+    def node_control(self) -> None:
+        return None  # its one autotuned model: no node or tensor can be kept float afterwards
+
     def quantize(self, excluded: tuple[str, ...], tag: str, float_tensors: tuple[str, ...] = ()) -> Path:
         if excluded or float_tensors:
             raise UsageError("the inc backend cannot keep individual ONNX nodes or tensors in fp32")
@@ -57,7 +61,7 @@ class IncQuantizer:
 
 def make_inc_quantizer(config: Config, trained: Any, dataset: Any, calibration_raw: np.ndarray,
                        workdir: Path) -> IncQuantizer:
-    from edge_kit.compile.quantize.ort import resolve_target
+    from edge_kit.compile.quantize.ort import build_host, resolve_target
 
     target, warning = resolve_target(config.quantize.target)
     if target == "arm64":
@@ -68,7 +72,7 @@ def make_inc_quantizer(config: Config, trained: Any, dataset: Any, calibration_r
     from neural_compressor.torch.quantization import INT8StaticQuantConfig, TuningConfig, autotune, convert, prepare
 
     from edge_kit.compile.evaluate import accuracy
-    from edge_kit.train.trainer import load_trained_model
+    from edge_kit.train.models import load_trained_model
 
     torch.manual_seed(0)
     model = load_trained_model(config, Path(trained.checkpoint)).eval()
@@ -122,8 +126,6 @@ def make_inc_quantizer(config: Config, trained: Any, dataset: Any, calibration_r
                "target": target, "target_requested": config.quantize.target,
                "engine": "neural_compressor pt2e (X86InductorQuantizer)",
                "tolerable_loss_relative": tolerable, "activation_type": "QUInt8", "weight_type": "QInt8"}
-    from edge_kit.compile.quantize import build_host
-
     details["host"] = build_host()
     return IncQuantizer(Path(trained.onnx), int8_path, details, notes=[note] + ([warning] if warning else []))
 

@@ -76,6 +76,14 @@ def host_target(isa: str | None = None) -> str:
     return "arm64" if platform.machine().lower() in ("aarch64", "arm64") else "x86-avx2"
 
 
+def build_host() -> dict[str, Any]:
+    """The machine the gate measured on (and the candidates were timed on): its int8 kernels decide both."""
+    from device_agent.host import host_info
+
+    info = host_info(packages=("onnxruntime",))
+    return {k: info[k] for k in ("cpu", "machine", "cores", "int8_isa", "isa_flags", "packages")}
+
+
 def resolve_target(name: str, isa: str | None = None) -> tuple[str, str | None]:
     """(preset name, warning or None): `auto` becomes the host's preset; a preset for other CPUs is
     kept, with a warning, because the gate and the timings measure this host's kernels, not the device's

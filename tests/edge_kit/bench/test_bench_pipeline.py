@@ -12,7 +12,7 @@ import pytest
 
 from device_agent.bundle.format import read_bundle
 from edge_kit.config import load_config
-from edge_kit.train.trainer import FINAL_CHECKPOINT, ONNX_FILE, run_folder
+from edge_kit.train.run_record import FINAL_CHECKPOINT, ONNX_FILE, run_folder
 from tests.helpers.bench_fixtures import load_report
 
 CONFIG = """

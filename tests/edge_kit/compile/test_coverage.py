@@ -6,7 +6,7 @@ from pathlib import Path
 
 from calibration import select_calibration
 from edge_kit.compile.coverage import int8_coverage, mac_counts, model_int8_coverage
-from edge_kit.compile.quantize import make_ort_quantizer
+from edge_kit.compile.quantize.ort_quantizer import make_ort_quantizer
 from edge_kit.config import QuantizeSection
 from tests.helpers.tiny_models import TinyCase
 

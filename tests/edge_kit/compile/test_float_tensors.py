@@ -11,7 +11,7 @@ import pytest
 
 from calibration import select_calibration
 from edge_kit.compile.float_tensors import keep_float, quantized_activations
-from edge_kit.compile.quantize import OrtQuantizer, make_ort_quantizer
+from edge_kit.compile.quantize.ort_quantizer import OrtQuantizer, make_ort_quantizer
 from edge_kit.config import QuantizeSection
 from tests.helpers.tiny_models import TinyCase
 

@@ -11,7 +11,7 @@ from calibration import select_calibration
 from edge_kit.compile.evaluate import accuracy, predict_logits
 from edge_kit.compile.gate import check_budget, run_gate
 from edge_kit.compile.qdq_analysis import summarize_qdq
-from edge_kit.compile.quantize import OrtQuantizer, make_ort_quantizer
+from edge_kit.compile.quantize.ort_quantizer import OrtQuantizer, make_ort_quantizer
 from edge_kit.config import GateSection, QuantizeSection
 from edge_kit.ship.report import ReportInputs, render_report
 from tests.helpers.tiny_models import TinyCase

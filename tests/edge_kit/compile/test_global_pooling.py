@@ -14,7 +14,7 @@ from calibration import select_calibration
 from edge_kit.compile.evaluate import predict_logits
 from edge_kit.compile.fusion import fused_int8_ops
 from edge_kit.compile.global_pooling import rewrite_global_pooling
-from edge_kit.compile.quantize import make_ort_quantizer
+from edge_kit.compile.quantize.ort_quantizer import make_ort_quantizer
 from edge_kit.config import QuantizeSection
 from tests.helpers.tiny_models import export_onnx
 

@@ -14,7 +14,7 @@ from onnx import TensorProto
 from calibration import select_calibration
 from edge_kit.compile.evaluate import accuracy, predict_logits
 from edge_kit.compile.qdq_analysis import summarize_qdq
-from edge_kit.compile.quantize import make_ort_quantizer
+from edge_kit.compile.quantize.ort_quantizer import make_ort_quantizer
 from edge_kit.config import QuantizeSection
 from tests.helpers.tiny_models import TinyCase, export_onnx
 

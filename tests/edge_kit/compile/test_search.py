@@ -13,7 +13,7 @@ from torch import nn
 from calibration import select_calibration
 from edge_kit.compile.evaluate import accuracy, predict_logits
 from edge_kit.compile.gate import Candidate, GateResult, run_gate
-from edge_kit.compile.quantize import OrtQuantizer, make_ort_quantizer
+from edge_kit.compile.quantize.ort_quantizer import OrtQuantizer, make_ort_quantizer
 from edge_kit.compile.search import TIE_TOLERANCE, Decision, edge_specs, score, search_candidates
 from edge_kit.config import GateSection, QuantizeSection
 from edge_kit.ship.report import render_candidates
@@ -205,3 +205,25 @@ def test_replay_rebuilds_an_edge_candidate_with_its_float_tensors_byte_for_byte(
     again = search_candidates(q2, result, q2.settings, LOOSE, mlp_case.x_test, mlp_case.y_test, replay=record)
     assert again is not None and again.chosen.spec == edge.spec
     assert again.chosen.path.read_bytes() == edge.path.read_bytes()
+
+
+def test_a_backend_without_node_control_offers_its_own_model_and_fp32_only(mlp_case: TinyCase,
+                                                                          tmp_path: Path) -> None:
+    """The search asks the quantizer what it can do (`node_control`), not which class it is."""
+    from edge_kit.compile.quantize.inc import IncQuantizer
+    from edge_kit.errors import UsageError
+
+    q, d = _build(mlp_case, tmp_path / "a", LOOSE, search_seconds=0.3)
+    inc = IncQuantizer(q.fp32_path, q.quantize((), "plain"), {"backend": "inc"})  # an int8 model, made elsewhere
+    assert inc.node_control is None and q.node_control is q
+    result = run_gate(gate=LOOSE, fp32_metric=1.0, quantize=inc.quantize,
+                      evaluate=lambda p: accuracy(predict_logits(p, mlp_case.x_test), mlp_case.y_test),
+                      units=inc.units)
+    own = search_candidates(inc, result, q.settings, LOOSE, mlp_case.x_test, mlp_case.y_test)
+    assert own is not None
+    assert sorted(c.spec.name for c in own.candidates) == ["fp32", "int8 (inc)"]
+    # A recorded ORT variant cannot be rebuilt by it: a clear refusal, not a wrong model.
+    edge = next(c for c in d.candidates if c.spec.float_tensors)
+    with pytest.raises(UsageError, match="the inc backend cannot build candidate"):
+        search_candidates(inc, result, q.settings, LOOSE, mlp_case.x_test, mlp_case.y_test,
+                          replay={"chosen": edge.spec.to_json()})

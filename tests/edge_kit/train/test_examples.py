@@ -16,7 +16,7 @@ import yaml
 
 from edge_kit.config import load_config
 from edge_kit.train.data import materialise_snapshot, snapshot_path
-from edge_kit.train.trainer import train
+from edge_kit.train.run import train
 from tests.helpers.training import commit_all, make_project
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"

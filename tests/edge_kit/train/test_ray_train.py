@@ -139,7 +139,7 @@ def test_the_mlflow_run_has_what_a_local_run_has(tmp_path: Path, tracking: str,
     from mlflow import MlflowClient
 
     from edge_kit.config import load_config
-    from edge_kit.train.trainer import train
+    from edge_kit.train.run import train
 
     local_config = make_project(tmp_path / "local", tiny_config(EPOCHS))
     local = train(load_config(local_config), tracking_uri=tracking)

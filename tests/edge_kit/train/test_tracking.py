@@ -81,7 +81,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 def test_run_goes_to_a_tracking_server(tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from edge_kit.train.trainer import train
+    from edge_kit.train.run import train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # as a team's shared server is usually named
     config_path = make_project(tmp_path / "project", tiny_config(epochs=1))

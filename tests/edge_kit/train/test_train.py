@@ -16,7 +16,9 @@ from edge_kit.config import load_config
 from edge_kit.train import checkpoint as ckpt
 from edge_kit.train.checkpoint import CheckpointWriteError, ForeignCheckpointError, read_checkpoint
 from edge_kit.train.data import load_dataset
-from edge_kit.train.trainer import TrainResult, load_trained_model, train
+from edge_kit.train.models import load_trained_model
+from edge_kit.train.run import train
+from edge_kit.train.run_record import TrainResult
 from tests.helpers.training import commit_all, make_project, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]  # real MLflow store, DVC, ONNX Runtime
@@ -101,7 +103,7 @@ def test_reuse_returns_the_finished_run_of_a_clean_commit(trained: tuple[Path, T
 
         assert git_state(config_path.parent)["dirty"] is True
         # A dirty tree cannot name the code it trained with: no reuse (training again would be honest).
-        from edge_kit.train import trainer as train_module
+        from edge_kit.train import run as train_module
 
         config = load_config(config_path)
         dataset = load_dataset(config)
