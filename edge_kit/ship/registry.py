@@ -6,7 +6,8 @@ its report as artifacts of the same run, and aliases say which version is which.
   `mlflow models serve` load it; the `.edgebundle` (what devices run) and `report.md` sit beside it under
   `bundle/`, and the version's tags name them and carry the gate's figures.
 - Aliases move: `candidate` to every version whose build passed the gate; `champion` when an operator
-  promotes one (`edge-kit promote BUNDLE`). `models:/<name>@champion` is what ships.
+  promotes one (`edge-kit promote BUNDLE --pubkey PUB`), and only for a bundle whose signature was
+  verified. `models:/<name>@champion` is what ships.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from device_agent.bundle.format import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,19 @@ def find_version(client: Any, model_name: str, model_sha256: str) -> Any:
     versions = [v for v in client.search_model_versions(f"name = '{model_name}'")
                 if v.tags.get("bundle.model_sha256") == model_sha256]
     return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def promote_bundle(tracking_uri: str, bundle: Bundle) -> dict[str, Any]:
+    """`promote` for a bundle whose signature was verified (read with a public key); an unverified one is
+    refused (VerificationError, exit 4) whatever it claims, since its name picks the registered model.
+    The tracking URI is the caller's, never one named inside the bundle."""
+    from device_agent.bundle.format import SIGNATURE
+    from edge_kit.errors import VerificationError
+
+    if bundle.signed_by is None:
+        raise VerificationError(SIGNATURE, f"{bundle.path.name}: promote needs a bundle whose signature was "
+                                           "verified", hint="pass --pubkey with the build's public key")
+    return promote(tracking_uri, bundle.name, bundle.model_sha256)
 
 
 def promote(tracking_uri: str, model_name: str, model_sha256: str) -> dict[str, Any]:
