@@ -21,7 +21,7 @@ def section(page: str, heading: str) -> str:
     text = (ROOT / "docs" / page).read_text()
     level = heading.split(" ")[0]
     start = text.index(f"\n{heading}\n")
-    ends = [m.start() for m in re.finditer(r"\n#{1,%d} " % len(level), text) if m.start() > start]
+    ends = [m.start() for m in re.finditer(rf"\n#{{1,{len(level)}}} ", text) if m.start() > start]
     return text[start:ends[0] if ends else len(text)]
 
 
@@ -116,3 +116,18 @@ def test_the_drawing_reader_sees_depth_and_codes() -> None:
     assert drawn["EdgeKitError"] == ("", 1)
     assert drawn["CalibrationError"] == ("DataError", 2) and drawn["DataError"] == ("UsageError", 2)
     assert drawn["GateFailedError"] == ("EdgeKitError", 3) and drawn["TrainingInterrupted"][1] == 75
+
+
+def test_every_page_the_code_and_docs_cite_exists() -> None:
+    """A file that cites `docs/<page>.md`, an upper-case page at the root, or links a page, names one that exists."""
+    files = [p for top in (*CODE, "harness", "benchmarks", "tests") for p in (ROOT / top).rglob("*.py")]
+    files += [*(ROOT / "docs").glob("*.md"), ROOT / "README.md", ROOT / "Makefile"]
+    missing = []
+    for path in files:
+        text = path.read_text(errors="replace")
+        cited = [ROOT / m for m in re.findall(r"(?<![\w/.-])(docs/[\w-]+\.md)", text)]
+        cited += [ROOT / m for m in re.findall(r"(?<![\w/.-])([A-Z][A-Z_-]*\.md)\b", text)]
+        if path.suffix == ".md":
+            cited += [path.parent / m for m in re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]*)?\)", text)]
+        missing += [f"{path.relative_to(ROOT)}: {c.relative_to(ROOT)}" for c in cited if not c.exists()]
+    assert not missing, missing
