@@ -119,6 +119,7 @@ class DeploymentUpdater:
         self._pending: DeploymentMessage | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._job_stop = threading.Event()  # stops the download in progress: the updater stops, or a clear
         self._thread: threading.Thread | None = None
         self._last_progress = 0.0
         self._sha_cache: tuple[str, int, int, str] | None = None
@@ -128,7 +129,12 @@ class DeploymentUpdater:
     def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         """MQTT handler (network thread): parse and hand over; never blocks on I/O."""
         if not payload:
-            return  # the fleet cleared the retained message: nothing to do
+            # The fleet cleared this device's topic (a halted rollout): a download in progress stops
+            # and is not installed; a message not yet acted on is dropped.
+            with self._lock:
+                self._pending = None
+                self._job_stop.set()
+            return
         self.received += 1
         try:
             message = parse_deployment_message(payload)
@@ -150,6 +156,7 @@ class DeploymentUpdater:
 
     def stop(self) -> None:
         self._stop.set()
+        self._job_stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -196,15 +203,22 @@ class DeploymentUpdater:
             return self._step(message, INSTALLED, bytes_=message.size or 0)
         assert message.url is not None and message.size is not None  # the parser requires both for install
         have = _size_of(part_path(self.staging, message.sha256))
+        with self._lock:
+            self._job_stop = threading.Event()
+            if self._stop.is_set():
+                raise Stopped
         self._step(message, DOWNLOADING, bytes_=have)
         try:
             staged = download(
                 message.url, sha256=message.sha256, size=message.size, staging=self.staging,
                 device_id=self.agent.device_id, max_bytes=self.max_bundle_bytes, policy=self.policy,
-                stop=self._stop, on_progress=lambda n: self._progress(message, n))
+                stop=self._job_stop, on_progress=lambda n: self._progress(message, n))
         except DownloadFailed as exc:
             if self._stop.is_set():
                 raise Stopped from None
+            if self._job_stop.is_set():
+                return self._step(message, FAILED, reason="cancelled: the fleet cleared this deployment (halted)",
+                                  bytes_=_size_of(part_path(self.staging, message.sha256)))
             report = self._step(message, FAILED, reason=f"download: {exc}",
                                 bytes_=_size_of(part_path(self.staging, message.sha256)))
             if not exc.permanent:

@@ -210,3 +210,26 @@ def test_deploy_needs_a_public_key_and_a_bundle_folder(tmp_path, bundle_v1, keyp
     code, out = _run_with_deploy(tmp_path, bundle_v1, "--pubkey", str(keypair[1]))
     assert code == 2 and "folder" in str(out["error"])
     assert not (tmp_path / "state").exists()
+
+
+def test_a_cleared_topic_stops_the_download_in_progress_and_installs_nothing(tmp_path, bundle_v1, bundle_v2,
+                                                                             keypair):
+    slow = BundleServer(throttle=20_000).start()
+    device = Device(tmp_path / "d", bundle_v1, keypair[1])
+    device.updater.start()
+    try:
+        message = _message(slow, bundle_v2, "2.0.0")
+        device.updater.on_message("t", encode_deployment_message(message), True)
+        deadline = time.monotonic() + 30
+        while slow.served.bytes_sent() < 20_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        device.updater.on_message("t", b"", True)  # the fleet halted the rollout: the topic is cleared
+        while (device.updater.status() or {}).get("step") != FAILED and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        device.updater.stop()
+        slow.stop()
+    status = device.updater.status()
+    assert status is not None and status["step"] == FAILED and "cleared" in status["reason"]
+    assert device.version == "1.0.0" and device.files() == ["digits-1.0.0.edgebundle"]
+    assert 0 < (tmp_path / "d" / "state" / "staging" / f"{message.sha256}.part").stat().st_size < message.size  # type: ignore[operator]
