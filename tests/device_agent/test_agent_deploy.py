@@ -209,3 +209,22 @@ def _status_steps(subscriber: Subscriber, deployment: str) -> set[str]:
     with subscriber.lock:
         docs = [doc for doc, _ in subscriber.status]
     return {d["deployment"]["step"] for d in docs if (d.get("deployment") or {}).get("deployment") == deployment}
+
+
+def test_a_broker_that_lost_its_sessions_still_delivers_the_deployment(tmp_path, broker, server, bundle_v1,
+                                                                       bundle_v2, keypair):
+    device = Device(tmp_path / "dev-d", "dev-d", bundle_v1, keypair[1], broker)
+    try:
+        device.start()
+        wait_until(lambda: device.status().get("connected"), 30, "the agent connected")
+        # The broker comes back without its persistence: no session, no subscription of the agent's.
+        broker.stop()
+        for f in broker.workdir.glob("*.db"):
+            f.unlink()
+        broker.start()
+        _publish(broker, "dev-d", _install(server, bundle_v2, "2.0.0"))
+        # Only a subscription renewed on the reconnect brings the retained message to the agent.
+        wait_until(lambda: device.step() == "installed", 90, "the install after the broker restart")
+        assert device.version() == "2.0.0"
+    finally:
+        device.stop()
