@@ -2,8 +2,11 @@
 
 One ASGI middleware in front of every route, so no endpoint can forget a check:
 
-- Host must be an allowed name (loopback names, the address it listens on, `--allowed-host`): a page
-  on another site that rebinds its DNS name to 127.0.0.1 reaches the server under that other name.
+- Host must be a well-formed host (a name or address, an optional port; `[::1]attacker.example` is
+  400) and an allowed one (loopback names, the address it listens on, `--allowed-host`): a page on
+  another site that rebinds its DNS name to 127.0.0.1 reaches the server under that other name.
+- A request head over 16 KiB, or one header line over 8 KiB, is 431 (uvicorn takes a head that
+  arrives in one read whole, whatever its size).
 - Origin, when a browser sends one, must be this server's own origin or an `--allowed-origin`.
 - A state-changing request (any method but GET/HEAD) needs `Authorization: Bearer <token>` and
   `Content-Type: application/json`. A cross-site HTML form can send neither, so it cannot approve an
@@ -24,6 +27,7 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +43,8 @@ OPEN_PATHS = frozenset({"/", "/index.html", "/healthz"})
 # signed, not secret; the device verifies what it fetched against its own public key).
 OPEN_PREFIXES = ("/static/", "/api/bundles/")
 READ_METHODS = frozenset({"GET", "HEAD"})
+MAX_HEADER_LINE = 8 * 1024  # one header line; more is 431
+MAX_HEAD_BYTES = 16 * 1024  # request target and headers together (uvicorn's h11 limit for a head in pieces)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -89,11 +95,15 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return found
 
 
-def _host_name(host: str) -> str:
-    host = host.strip().lower()
-    if host.startswith("["):  # [v6]:port
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+# RFC 9110 Host: a bracketed IPv6 literal or a name/IPv4 address, then an optional decimal port.
+# Anything else (`[::1]attacker.example`, spaces, a userinfo `@`) is not a host name: 400.
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{1,5})?")
+
+
+def _host_name(host: str) -> str | None:
+    """The host part of a Host header (lower case), or None when the header is not a valid host."""
+    match = _HOST.fullmatch(host.strip().lower())
+    return match.group(1) if match else None
 
 
 def _is_loopback(scope: Scope) -> bool:
@@ -104,6 +114,19 @@ def _is_loopback(scope: Scope) -> bool:
         return ipaddress.ip_address(client[0]).is_loopback
     except ValueError:
         return False
+
+
+def _head_too_long(scope: Scope) -> str | None:
+    """Why the request head is over the limits (uvicorn parses a head that arrives in one read whole)."""
+    total = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    for name, value in scope["headers"]:
+        line = len(name) + len(value) + 4  # "name: value\r\n"
+        if line > MAX_HEADER_LINE:
+            return f"a header line is longer than {MAX_HEADER_LINE} bytes"
+        total += line
+    if total > MAX_HEAD_BYTES:
+        return f"the request head is longer than {MAX_HEAD_BYTES} bytes"
+    return None
 
 
 async def _refuse(send: Send, status: int, message: str) -> None:
@@ -149,6 +172,9 @@ class SecurityMiddleware:
 
     def check(self, scope: Scope) -> tuple[int, str] | None:
         s = self.security
+        too_long = _head_too_long(scope)
+        if too_long is not None:
+            return 431, too_long
         host = _header(scope, b"host")
         if host is None or _host_name(host) not in self.hosts:
             return 400, "Host not allowed: add it with --allowed-host (see docs/fleet.md, reverse proxy)"

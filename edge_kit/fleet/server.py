@@ -182,7 +182,7 @@ def make_app(service: FleetService, security: HttpSecurity) -> Any:
 
     async def alert_action(request: Request) -> Response:
         body = _body(await request.body())
-        alert_id = int(request.path_params["alert_id"])
+        alert_id = _alert_id(request.path_params["alert_id"])
         if request.path_params["action"] == "approve":
             by = body.get("by", "operator") if isinstance(body, dict) else "operator"
             if not isinstance(by, str) or not 0 < len(by) <= 64 or not by.isprintable():
@@ -204,7 +204,7 @@ def make_app(service: FleetService, security: HttpSecurity) -> Any:
         Route("/api/alerts", _guarded(alerts), methods=["GET"]),
         Route("/metrics", _guarded(metrics), methods=["GET"]),
         Route("/api/labels", _guarded(labels), methods=["POST"]),
-        Route("/api/alerts/{alert_id:int}/{action:str}", _guarded(alert_action), methods=["POST"]),
+        Route("/api/alerts/{alert_id}/{action:str}", _guarded(alert_action), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
     if s.deployments is not None:  # this server rolls bundles out (docs/deploy.md)
@@ -227,6 +227,13 @@ def _body(raw: bytes) -> Any:
         return json.loads(raw, parse_constant=_no_constant) if raw else {}
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"body is not JSON: {str(exc)[:200]}") from exc
+
+
+def _alert_id(text: str) -> int:
+    """An alert id from the path: a decimal the database can hold, else 404 (not a 500 from the driver)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):  # 18 digits always fit a signed int64
+        raise AlertError(404, f"no alert {text[:30]!r}")
+    return int(text)
 
 
 def _no_constant(name: str) -> Any:

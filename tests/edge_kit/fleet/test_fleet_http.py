@@ -224,3 +224,78 @@ def test_operator_token_sources_and_bad_tokens(tmp_path: Path) -> None:
         assert exc.value.exit_code == 2
     with pytest.raises(UsageError):
         load_token(str(tmp_path / "missing"), {})
+
+
+def _one_line_error(status: int, body: bytes, expected: int) -> None:
+    assert status == expected, (status, body[:300])
+    message = json.loads(body)["error"]
+    assert "\n" not in message and len(message) < 300
+
+
+@pytest.mark.parametrize("alert_id", ["1" + "0" * 23, "9" * 19, "9" * 5000, "abc", "-1"])
+def test_an_alert_id_the_database_cannot_hold_is_a_404(http: str, alert_id: str) -> None:
+    headers = {"Content-Type": "application/json", **AUTH}
+    for action in ("approve", "dismiss"):
+        _one_line_error(*_request(http, "POST", f"/api/alerts/{alert_id}/{action}", b"{}", headers), 404)
+
+
+@pytest.mark.parametrize("host", ["[::1]attacker.example", "[::1]:80attacker.example", "127.0.0.1 attacker.example",
+                                  "user@127.0.0.1", "127.0.0.1:", "127.0.0.1:99999999", "[::1", "::1"])
+def test_a_host_header_that_only_starts_like_an_allowed_host_is_a_400(http: str, host: str) -> None:
+    _one_line_error(*_request(http, "GET", "/api/devices", headers={"Host": host}), 400)
+
+
+def test_allowed_hosts_with_and_without_ports_still_pass(http: str) -> None:
+    for host in ("127.0.0.1", "127.0.0.1:8080", "localhost:1", "[::1]", "[::1]:8080", "LOCALHOST"):
+        assert _request(http, "GET", "/api/devices", headers={"Host": host})[0] == 200, host
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Long": "a" * 30 * 1024},  # one 30 KiB line, arriving in one read
+    {f"X-Part-{i}": "b" * 4000 for i in range(5)},  # 20 KiB of headers, each line short
+])
+def test_a_request_head_over_the_limits_is_a_431(http: str, headers: dict[str, str]) -> None:
+    _one_line_error(*_request(http, "GET", "/api/devices", headers=headers), 431)
+    assert _request(http, "GET", "/api/devices", headers={"X-Fine": "c" * 4000})[0] == 200
+
+
+def test_json_nested_past_the_parsers_stack_is_a_400(http: str) -> None:
+    deep = b'{"device": ' + b"[" * 1100 + b"]" * 1100 + b"}"
+    headers = {"Content-Type": "application/json", **AUTH}
+    _one_line_error(*_request(http, "POST", "/api/labels", deep, headers), 400)
+
+
+@pytest.mark.slow
+def test_the_real_fleet_serve_refuses_abuse_with_one_line_4xx(tmp_path: Path, mosquitto, digits_bundle) -> None:
+    """The same attacks against `edge-kit fleet serve` in its own process: 4xx each, no traceback logged."""
+    import os
+    import signal
+    import subprocess
+
+    from harness.processes import cli_env, free_port, wait_for_port
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    token_file = tmp_path / "token"
+    token_file.write_text(OPERATOR_TOKEN)
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "fleet", "serve", "--broker", mosquitto.url,
+                                 "--db", f"sqlite:///{tmp_path / 'fleet.db'}", "--http", f"127.0.0.1:{port}",
+                                 "--bundle", str(digits_bundle.path), "--token-file", str(token_file)],
+                                env=cli_env(), stdout=out, stderr=out, start_new_session=True)
+    try:
+        wait_for_port(port, timeout=60)
+        headers = {"Content-Type": "application/json", **AUTH}
+        _one_line_error(*_request(base, "POST", f"/api/alerts/{10**23}/approve", b"{}", headers), 404)
+        _one_line_error(*_request(base, "POST", f"/api/alerts/{'7' * 5000}/dismiss", b"{}", headers), 404)
+        _one_line_error(*_request(base, "GET", "/api/devices", headers={"Host": "[::1]attacker.example", **AUTH}), 400)
+        _one_line_error(*_request(base, "GET", "/api/devices", headers={"X-Long": "a" * 30 * 1024, **AUTH}), 431)
+        deep = b'{"device": ' + b"[" * 1100 + b"]" * 1100 + b"}"
+        _one_line_error(*_request(base, "POST", "/api/labels", deep, headers), 400)
+        assert _request(base, "GET", "/api/devices", headers=AUTH)[0] == 200  # still serving
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    assert "Traceback" not in log.read_text(errors="replace")
