@@ -236,12 +236,17 @@ class FleetServe:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = (tmp / "fleet.log").open("wb")
+        argv = [sys.executable, "-m", "edge_kit", "fleet", "serve", "--broker", broker.url, "--db",
+                f"sqlite:///{tmp}/fleet.db", "--http", f"127.0.0.1:{self.port}", "--fleet", FLEET, "--bundles",
+                str(bundle.parent), "--token-file", str(tmp / "token")]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        usage = subprocess.run([*argv[:5], "--help"], capture_output=True, text=True, env=env, cwd=ROOT).stdout
+        self.concurrency: int | None = concurrency if "--download-concurrency" in usage else None
+        if self.concurrency is not None:
+            argv += ["--download-concurrency", str(concurrency)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_kit", "fleet", "serve", "--broker", broker.url, "--db",
-             f"sqlite:///{tmp}/fleet.db", "--http", f"127.0.0.1:{self.port}", "--fleet", FLEET, "--bundles",
-             str(bundle.parent), "--token-file", str(tmp / "token"), "--download-concurrency", str(concurrency)],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=self.log, stderr=self.log,
-            start_new_session=True)
+            argv,
+            cwd=ROOT, env=env, stdout=self.log, stderr=self.log, start_new_session=True)
         try:
             wait_for_port(self.port, timeout=120)
         except TimeoutError:
@@ -311,7 +316,8 @@ def run(server_kind: str, devices: int, concurrency: int, retry_after: int, link
     installed = sum(1 for step, _ in fleet.finished.values() if step == INSTALLED)
     ends = sorted(t for _, t in fleet.finished.values())
     return {
-        "server": server_kind, "devices": devices, "concurrency_cap": concurrency,
+        "server": server_kind, "devices": devices,
+        "concurrency_cap": getattr(server, "concurrency", concurrency) or "server default",
         "link_bytes_per_s": link if server_kind == "standin" else None, "bundle_bytes": size,
         "installed": installed, "failed": devices - installed,
         "time_to_done_s": round(seconds, 2), "last_device_s": round(devices_done, 2),
