@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +23,12 @@ import pytest
 from device_agent.bundle.format import MANIFEST, REFERENCE, SIGNATURE, canonical_json, read_bundle, write_bundle
 from device_agent.bundle.signing import generate_keypair, load_private_key, load_public_key
 from device_agent.errors import VerificationError
+from edge_kit.errors import ConfigError
 from edge_kit.fleet.reference_index import ReferenceConflict, ReferenceStore
+from edge_kit.fleet.settings import load_settings
 from harness.fleetkit import DigitsBundle
+from harness.processes import MosquittoBroker, cli_env, free_port, wait_for_port
+from tests.helpers.mqtt import wait_until
 
 
 def rebundle(source: Path, out: Path, *, key: Path | None = None, reference: dict | None = None,
@@ -127,3 +136,63 @@ def test_explicit_bundles_that_conflict_are_an_error(digits_bundle: DigitsBundle
     forged = rebundle(digits_bundle.path, tmp_path / "f", reference=forged_reference(digits_bundle), version="9")
     with pytest.raises(ReferenceConflict, match=r"another reference\.json"):
         ReferenceStore([digits_bundle.path, forged])
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return bytes(resp.read())
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_fleet_serve_with_pubkey_reports_what_it_refused(
+        digits_bundle: DigitsBundle, keys: tuple[Path, Path], tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    private, public = keys
+    folder = tmp_path / "bundles"
+    signed = rebundle(digits_bundle.path, folder, key=private)
+    shutil.move(rebundle(digits_bundle.path, tmp_path / "f", reference=forged_reference(digits_bundle)),
+                folder / "0-forged.edgebundle")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    argv = [sys.executable, "-m", "edge_kit", "fleet", "serve", "--broker", mosquitto.url, "--db",
+            f"sqlite:///{tmp_path}/fleet.db", "--http", f"127.0.0.1:{port}", "--fleet", "sig", "--bundles",
+            str(folder), "--pubkey", str(public), "--open-reads"]
+    with log.open("wb") as out:
+        server = subprocess.Popen(argv, env=cli_env(), stdout=out, stderr=out, start_new_session=True)
+    try:
+        wait_for_port(port, timeout=90)
+        devices = json.loads(_get(f"{base}/api/devices"))
+        [model] = devices["models"]
+        assert model["source"] == str(signed) and model["signed_by"] == devices["bundles"]["verified_by"]
+        assert [(Path(r["path"]).name, r["kind"]) for r in devices["bundles"]["rejected"]] == [
+            ("0-forged.edgebundle", "unsigned")]
+        assert 'edgekit_fleet_bundles_rejected_total{kind="unsigned"} 1' in _get(f"{base}/metrics").decode()
+        # A file signed by the fleet's key but rewriting the reference, dropped in while it runs.
+        shutil.move(rebundle(digits_bundle.path, tmp_path / "r", key=private, reference=forged_reference(digits_bundle),
+                             version="1.0.1"), folder / "1-resigned.edgebundle")
+        wait_until(lambda: 'edgekit_fleet_bundles_rejected_total{kind="reference_conflict"} 1'
+                   in _get(f"{base}/metrics").decode(), 30, "the conflicting bundle counted")
+        [model] = json.loads(_get(f"{base}/api/devices"))["models"]
+        assert model["source"] == str(signed) and model["version"] == "1.0.0"
+        assert "0-forged.edgebundle (unsigned)" in log.read_text()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    # A --bundle the key (here from the fleet config) did not sign stops the server before it starts (exit 4).
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'[bundles]\npubkey = "{public.relative_to(tmp_path)}"\n')
+    refused = subprocess.run([*argv[:argv.index("--bundles")], "--bundle", str(folder / "0-forged.edgebundle"),
+                              "--config", str(config)], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 4 and "unsigned" in refused.stderr
+
+
+def test_the_fleet_config_names_the_key_relative_to_itself(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "fleet.toml"
+    config.write_text('[bundles]\npubkey = "keys/edgekit.pub"\n')
+    assert load_settings(config).bundles.pubkey == str(tmp_path / "etc" / "keys" / "edgekit.pub")
+    assert load_settings(None).bundles.pubkey is None
+    config.write_text("[bundles]\npubkey = 3\n")
+    with pytest.raises(ConfigError, match=r"bundles\.pubkey"):
+        load_settings(config)
