@@ -21,10 +21,9 @@ from device_agent.http.protocol import HttpLimits
 from device_agent.settings_schema import (
     POSITIVE,
     THREADS_DOC,
+    ConfigPage,
     check_given,
     check_section,
-    markdown,
-    markdown_main,
     setting,
     subsection,
     subsections_of,
@@ -234,14 +233,7 @@ agent does with these values: [agent](agent.md). The other configs: [project](co
 [fleet](config-fleet.md)."""
 
 
-def settings_markdown() -> str:
-    """docs/config-agent.md: every section and key with its type, default, what is allowed and what it does."""
-    return markdown("Agent config reference", AGENT_DOC_INTRO, SECTIONS)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return markdown_main("python -m device_agent.settings", settings_markdown, argv)
-
+PAGE = ConfigPage("Agent config reference", AGENT_DOC_INTRO, SECTIONS)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PAGE.main("python -m device_agent.settings"))

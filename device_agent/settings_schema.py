@@ -2,8 +2,9 @@
 
 A config section is a frozen dataclass whose fields are declared with `setting(...)`: default,
 one-line description and rule (bounds, choices or a check) together. `check_rules` enforces them on a
-parsed config and `markdown` renders the same declarations as a reference page, so the docs cannot
-drift from the code. Adding a key is one line::
+parsed config and `markdown` renders the same declarations as a reference page (each config module's
+`PAGE = ConfigPage(...)`, printed by `python -m <module> --markdown`), so the docs cannot drift from
+the code. Adding a key is one line::
 
     workers: int = setting(1, "processes that train in parallel", lo=1)
 
@@ -198,12 +199,23 @@ def markdown(title: str, intro: str, sections: Mapping[str, type], *, notes: Ite
 THREADS_DOC = "0 = the library's default (all cores)"
 
 
-def markdown_main(prog: str, page: Callable[[], str], argv: list[str] | None = None) -> int:
-    """`python -m <module> --markdown`: print the module's reference page (what `make docs` writes)."""
-    import argparse
+@dataclass(frozen=True)
+class ConfigPage:
+    """A config's reference page, generated from its key declarations (`make docs` writes it)."""
 
-    parser = argparse.ArgumentParser(prog=prog, description="Print this config's reference page.")
-    parser.add_argument("--markdown", action="store_true", required=True, help="print the page to stdout")
-    parser.parse_args(argv)
-    print(page(), end="")
-    return 0
+    title: str
+    intro: str
+    sections: Mapping[str, type]
+
+    def markdown(self) -> str:
+        return markdown(self.title, self.intro, self.sections)
+
+    def main(self, prog: str, argv: list[str] | None = None) -> int:
+        """`python -m <module> --markdown`: print the page to stdout."""
+        import argparse
+
+        parser = argparse.ArgumentParser(prog=prog, description=f"Print the {self.title}.")
+        parser.add_argument("--markdown", action="store_true", required=True, help="print the page to stdout")
+        parser.parse_args(argv)
+        print(self.markdown(), end="")
+        return 0

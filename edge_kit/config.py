@@ -21,22 +21,14 @@ from typing import Any
 
 from device_agent.settings_schema import (
     THREADS_DOC,
-    Check,
-    Choices,
-    Rule,
+    ConfigPage,
     check_rules,
-    markdown,
-    markdown_main,
-    rule_of,
     setting,
 )
 from device_agent.strict_toml import check_sections, read_toml, section_values
 from edge_kit.errors import ConfigError
 
-__all__ = [
-    "SECTIONS", "Check", "Choices", "Config", "ConfigError", "Rule", "check_rules", "config_markdown",
-    "load_config", "markdown", "parse_config", "rule_of", "setting",
-]
+__all__ = ["PAGE", "SECTIONS", "Config", "ConfigError", "load_config", "parse_config"]
 
 
 # -- the project config -------------------------------------------------------------------
@@ -274,14 +266,7 @@ error naming the dotted key (exit code 2), never ignored. The other configs: [fl
 fleet serve --config`), [agent](config-agent.md) (`edge-agent run --config`)."""
 
 
-def config_markdown() -> str:
-    """docs/config.md: every section and key with its type, default, what is allowed and what it does."""
-    return markdown("Project config reference", CONFIG_DOC_INTRO, SECTIONS)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return markdown_main("python -m edge_kit.config", config_markdown, argv)
-
+PAGE = ConfigPage("Project config reference", CONFIG_DOC_INTRO, SECTIONS)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PAGE.main("python -m edge_kit.config"))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent.settings_schema import POSITIVE, check_rules, markdown, markdown_main, setting, subsection
+from device_agent.settings_schema import POSITIVE, ConfigPage, check_rules, setting, subsection
 from device_agent.strict_toml import check_sections, check_value, read_toml, section_values
 from edge_kit.errors import ConfigError
 
@@ -157,14 +157,7 @@ allowed is an error naming the dotted key (exit code 2), never ignored. What the
 these values: [fleet](fleet.md). The other configs: [project](config.md), [agent](config-agent.md)."""
 
 
-def settings_markdown() -> str:
-    """docs/config-fleet.md: every section and key with its type, default, what is allowed and what it does."""
-    return markdown("Fleet config reference", FLEET_DOC_INTRO, SECTIONS)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return markdown_main("python -m edge_kit.fleet.settings", settings_markdown, argv)
-
+PAGE = ConfigPage("Fleet config reference", FLEET_DOC_INTRO, SECTIONS)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PAGE.main("python -m edge_kit.fleet.settings"))

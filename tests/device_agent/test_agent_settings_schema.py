@@ -11,7 +11,7 @@ import pytest
 
 from device_agent.errors import EXIT_USAGE, ConfigError
 from device_agent.runtime import session_options
-from device_agent.settings import SECTIONS, AgentSettings, HttpSettings, apply_flags, load_settings, settings_markdown
+from device_agent.settings import PAGE, SECTIONS, AgentSettings, HttpSettings, apply_flags, load_settings
 from device_agent.settings_schema import THREADS_DOC, keys_of, rule_of
 
 
@@ -76,7 +76,7 @@ def test_threads_zero_is_onnx_runtimes_default_and_one_thread_is_the_default() -
 
 
 def test_the_page_lists_every_key_of_every_section() -> None:
-    page = settings_markdown()
+    page = PAGE.markdown()
     for name, cls in SECTIONS.items():
         assert f"## [{name}]" in page
         for f in keys_of(cls):
