@@ -111,6 +111,7 @@ class DeploymentUpdater:
             folder.mkdir(parents=True, exist_ok=True)
         self.report: DeploymentReport | None = None
         self._finished: dict[str, str] = {}  # "<deployment>|<action>|<sha256>" -> final step
+        self._previous: str | None = None  # the bundle serving when a swap began (see `_journal`)
         self.received = 0
         self.invalid: dict[str, int] = {}
         self.last_invalid: str | None = None
@@ -189,6 +190,8 @@ class DeploymentUpdater:
         Raises `_Transient` after a download that gave up (to be tried again) and `Stopped` when
         the updater is stopping."""
         key = f"{message.deployment}|{message.action}|{message.sha256}"
+        if self._previous is not None:  # killed between a swap and keeping what served before it
+            self._keep(Path(self._previous))
         if key in self._finished:
             return None
         report = self._install(message) if message.action == INSTALL else self._rollback(message)
@@ -226,13 +229,14 @@ class DeploymentUpdater:
             return report
         self._step(message, VERIFYING, bytes_=message.size)
         target = self.bundles_dir / bundle_filename(message.name, message.version)
-        previous = self.agent.model.path
+        previous = self._journal(self.agent.model.path)
         try:
             self._verify(staged, message, check=self.agent.selection.check_update)
             placed = self._place(staged, target)
             self.agent.update(target)
         except EdgeKitError as exc:
             self._discard(target)
+            self._previous = None  # it still serves: nothing to keep
             return self._step(message, FAILED, reason=str(exc), bytes_=message.size)
         self._keep(previous)
         staged.unlink(missing_ok=True)
@@ -249,13 +253,14 @@ class DeploymentUpdater:
                                                       "to return to (only bundles this device served are kept)")
         self._step(message, VERIFYING)
         target = self.bundles_dir / bundle_filename(message.name, message.version)
-        previous = self.agent.model.path
+        previous = self._journal(self.agent.model.path)
         try:
             self._verify(kept, message, check=self.agent.selection.check_rollback)
             self._place(kept, target)
             self.agent.rollback_to(target)
         except EdgeKitError as exc:
             self._discard(target)
+            self._previous = None  # it still serves: nothing to keep
             return self._step(message, FAILED, reason=str(exc))
         self._keep(previous)
         log.info("deployment %s: rolled back to %s %s", message.deployment, message.name, message.version)
@@ -286,11 +291,21 @@ class DeploymentUpdater:
         if target.exists() and target.resolve() != self.agent.model.path.resolve():
             target.unlink(missing_ok=True)
 
+    def _journal(self, previous: Path) -> Path:
+        """Write down which bundle serves before a swap: if the process dies after the swap but before
+        `_keep`, the next message handled still moves it to `kept/` (the folder would otherwise hold
+        both, and a rollback would find nothing kept)."""
+        self._previous = str(previous)
+        self._save_state()
+        return previous
+
     def _keep(self, previous: Path) -> None:
         """Move the bundle that served until the swap out of the bundles folder into `kept/` (newest
         `keep` of them stay). Out of the folder, so a restart serves the new one: after a rollback
         the newer version must not win the start-up order again. Only bundles that served are kept,
         so a rollback can only return to one of them."""
+        self._previous = None
+        self._save_state()
         if not previous.is_file() or previous.resolve() == self.agent.model.path.resolve():
             return
         sha = file_sha256(previous)
@@ -354,6 +369,7 @@ class DeploymentUpdater:
         try:
             doc = json.loads(path.read_text())
             self._finished = {str(k): str(v) for k, v in dict(doc.get("finished", {})).items()}
+            self._previous = str(doc["previous"]) if doc.get("previous") else None
             if doc.get("report"):
                 self.report = parse_deployment_report(doc["report"])
         except FileNotFoundError:
@@ -363,7 +379,8 @@ class DeploymentUpdater:
             log.warning("ignoring unreadable %s: %s", path, exc)
 
     def _save_state(self) -> None:
-        doc = {"report": self.report.to_dict() if self.report else None, "finished": self._finished}
+        doc = {"report": self.report.to_dict() if self.report else None, "finished": self._finished,
+               "previous": self._previous}
         atomic_write_bytes(self.state_dir / STATE_FILE, json.dumps(doc, indent=1).encode())
 
 

@@ -233,3 +233,26 @@ def test_a_cleared_topic_stops_the_download_in_progress_and_installs_nothing(tmp
     assert status is not None and status["step"] == FAILED and "cleared" in status["reason"]
     assert device.version == "1.0.0" and device.files() == ["digits-1.0.0.edgebundle"]
     assert 0 < (tmp_path / "d" / "state" / "staging" / f"{message.sha256}.part").stat().st_size < message.size  # type: ignore[operator]
+
+
+def test_a_kill_between_the_swap_and_keeping_the_old_bundle_is_finished_on_the_next_message(
+        tmp_path, bundle_v1, bundle_v2, keypair, server):
+    # What a kill right after the swap leaves on disk: both bundles in the folder (the new one serves
+    # after the restart, as the higher version) and the journal naming the one that served before.
+    root = tmp_path / "d"
+    (root / "bundles").mkdir(parents=True)
+    (root / "state").mkdir()
+    old = root / "bundles" / bundle_v1.name
+    shutil.copy2(bundle_v1, old)
+    shutil.copy2(bundle_v2, root / "bundles" / bundle_v2.name)
+    (root / "state" / "deployment.json").write_text(json.dumps({"report": None, "finished": {},
+                                                                "previous": str(old)}))
+    agent = Agent(root / "bundles", public_key=load_public_key(keypair[1]), device_id="dev-1")
+    assert agent.model.runtime.info.version == "2.0.0"
+    updater = DeploymentUpdater(agent, bundles_dir=root / "bundles", state_dir=root / "state",
+                                max_bundle_bytes=10 * 1024**2, policy=POLICY)
+    report = updater.handle(_message(server, bundle_v2, "2.0.0"))  # the retained message, delivered again
+    assert report is not None and report.step == INSTALLED
+    assert sorted(p.name for p in (root / "bundles").iterdir()) == ["digits-2.0.0.edgebundle"]
+    assert (root / "state" / "kept" / f"{_sha(bundle_v1)}.edgebundle").is_file()
+    assert server.served.requests == []  # nothing downloaded: it already serves
