@@ -1,15 +1,20 @@
 """deploy/mosquitto.conf and deploy/mosquitto.acl, run as shipped (ports and paths substituted) in a real
-Mosquitto, with identities from `edge-kit fleet enroll`: no device speaks for another, an un-enrolled
-client cannot connect, a revoked device cannot come back, and a real `edge-agent run` connects with
-its enrolled identity."""
+Mosquitto, with identities from `edge-kit fleet enroll`: no device speaks for another (the broker and a
+real `fleet serve` on the service identity both refuse), an un-enrolled client cannot connect, a revoked
+device cannot come back, and a real `edge-agent run` connects with its enrolled identity."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +26,12 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agent.uplink.wire import deployment_topic, parse_broker_url, status_topic, summary_topic
+from device_agent.uplink.wire import deployment_topic, status_topic, summary_topic
 from edge_kit.fleet.identity import SERVICE_IDENTITY, FleetCA
-from edge_kit.fleet.ingest import SESSION_EXPIRY_SECONDS, ConsumerConfig, run_consumer
-from edge_kit.fleet.settings import FleetSettings
-from edge_kit.fleet.storage import Storage
 from harness.bundles import digits_like_inputs
 from harness.bundles import make_bundle as make_agent_bundle
 from harness.fleetkit import DigitsBundle, sample_images, summary
-from harness.processes import REPO_ROOT, MosquittoBroker, run_cli
+from harness.processes import REPO_ROOT, MosquittoBroker, cli_env, free_port, run_cli
 from tests.helpers.mqtt import AgentProcess, wait_until
 from tests.helpers.tls_certs import make_pki
 
@@ -138,67 +140,100 @@ def connects(broker: MosquittoBroker, identity: Identity | None, *, ca: Path | N
         client.close()
 
 
-def consumer(broker: MosquittoBroker, service: Identity, storage: Storage, bundle: DigitsBundle
-             ) -> tuple[threading.Thread, threading.Event]:
-    stop, ready = threading.Event(), threading.Event()
-    link = parse_broker_url(f"mqtts://127.0.0.1:{broker.port}", session_expiry=SESSION_EXPIRY_SECONDS,
-                            ca_certs=str(service.ca), certfile=str(service.cert), keyfile=str(service.key))
-    cfg = ConsumerConfig(broker=link, db=storage.url, fleet=FLEET, group="g", worker=0,
-                         bundles=(str(bundle.path),), bundles_dir=None, settings=FleetSettings())
-    thread = threading.Thread(target=run_consumer, args=(cfg, stop, ready), daemon=True)
-    thread.start()
-    assert ready.wait(30), "the fleet consumer did not subscribe with its enrolled identity"
-    return thread, stop
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return bytes(resp.read())
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return bool(_get(url))
+    except OSError:  # 503 while a consumer is not connected yet, or nothing listening
+        return False
+
+
+def _metric(base: str, name: str) -> float:
+    for line in _get(f"{base}/metrics").decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@contextlib.contextmanager
+def fleet_serve(broker: MosquittoBroker, service: Identity, bundle: DigitsBundle, tmp_path: Path) -> Iterator[str]:
+    """A real `edge-kit fleet serve` connecting with the service identity; yields its base URL."""
+    port = free_port()
+    log = tmp_path / "fleet.log"
+    argv = [sys.executable, "-m", "edge_kit", "fleet", "serve", "--broker", f"mqtts://127.0.0.1:{broker.port}",
+            "--mqtt-ca-certs", str(service.ca), "--mqtt-certfile", str(service.cert), "--mqtt-keyfile",
+            str(service.key), "--db", f"sqlite:///{tmp_path}/fleet.db", "--http", f"127.0.0.1:{port}",
+            "--fleet", FLEET, "--bundle", str(bundle.path), "--open-reads"]
+    with log.open("wb") as out:
+        server = subprocess.Popen(argv, env=cli_env(), stdout=out, stderr=out, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_until(lambda: server.poll() is None and _healthy(f"{base}/healthz"), 120,
+                       "fleet serve connected with its enrolled identity")
+        except AssertionError:
+            raise AssertionError(log.read_text(errors="replace")[-3000:]) from None
+        yield base
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
 
 
 def test_a_device_speaks_only_for_itself(pki: Any, tmp_path: Path, digits_bundle: DigitsBundle) -> None:
     _, ids, broker = pki
-    storage = Storage(f"sqlite:///{tmp_path}/fleet.db")
-    thread, stop = consumer(broker, ids["service"], storage, digits_bundle)
     clients: list[Client] = []
-    try:
-        dev1, dev2 = Client(broker, "dev1", ids["dev1"]), Client(broker, "dev2", ids["dev2"])
-        watcher = Client(broker, "service-watch", ids["service"])  # the service identity reads everything
-        clients += [dev1, dev2, watcher]
-        assert dev1.wait_connected() and dev2.wait_connected() and watcher.wait_connected()
-        watcher.client.subscribe(f"edgekit/{FLEET}/#", qos=1)
-        dev1.client.subscribe(deployment_topic(FLEET, "dev2"), qos=1)  # reading another device's orders
-        dev2.client.subscribe(deployment_topic(FLEET, "dev2"), qos=1)
-        wait_until(lambda: len(watcher.granted) == 1 and len(dev1.granted) == 1 and len(dev2.granted) == 1, 10,
-                   "the subscriptions")
-        rng = np.random.default_rng(0)
-        now = time.time()
+    with fleet_serve(broker, ids["service"], digits_bundle, tmp_path) as base:
+        try:
+            dev1, dev2 = Client(broker, "dev1", ids["dev1"]), Client(broker, "dev2", ids["dev2"])
+            watcher = Client(broker, "service-watch", ids["service"])  # the service identity reads everything
+            clients += [dev1, dev2, watcher]
+            assert dev1.wait_connected() and dev2.wait_connected() and watcher.wait_connected()
+            watcher.client.subscribe(f"edgekit/{FLEET}/#", qos=1)
+            dev1.client.subscribe(deployment_topic(FLEET, "dev2"), qos=1)  # reading another device's orders
+            dev2.client.subscribe(deployment_topic(FLEET, "dev2"), qos=1)
+            wait_until(lambda: len(watcher.granted) == 1 and len(dev1.granted) == 1 and len(dev2.granted) == 1, 10,
+                       "the subscriptions")
+            # The fleet is subscribed once it has stored a device's retained status.
+            assert dev1.publish(status_topic(FLEET, "dev1"), b'{"state": "online"}', "application/json") == 0
+            wait_until(lambda: any(d["device"] == "dev1" for d in json.loads(_get(f"{base}/api/devices"))["devices"]),
+                       60, "the fleet to store dev1's status")
+            rng = np.random.default_rng(0)
+            now = time.time()
 
-        def payload(device: str, start: float) -> tuple[bytes, str]:
-            return summary(digits_bundle, device, start, sample_images(50, rng)[0], fleet=FLEET).to_bytes()
+            def payload(device: str, start: float) -> tuple[bytes, str]:
+                return summary(digits_bundle, device, start, sample_images(50, rng)[0], fleet=FLEET).to_bytes()
 
-        assert dev1.publish(summary_topic(FLEET, "dev1"), *payload("dev1", now - 600)) == 0
-        # dev1 forges a complete, self-consistent summary for dev2 on dev2's topic: refused by the broker.
-        assert dev1.publish(summary_topic(FLEET, "dev2"), *payload("dev2", now - 540)) == 135  # Not authorized
-        assert dev1.publish(status_topic(FLEET, "dev2"), b'{"state": "offline"}', "application/json") == 135
-        # dev1 may publish its own topic, but a payload claiming dev2 there is refused by the fleet.
-        assert dev1.publish(summary_topic(FLEET, "dev1"), *payload("dev2", now - 480)) == 0
-        assert dev2.publish(summary_topic(FLEET, "dev2"), *payload("dev2", now - 420)) == 0
-        # A device cannot publish deployments; the service can, and only the addressed device reads them.
-        assert dev1.publish(deployment_topic(FLEET, "dev2"), b"{}", "application/json") == 135
-        assert watcher.publish(deployment_topic(FLEET, "dev2"), b'{"x": 1}', "application/json") == 0
-        wait_until(lambda: storage.window_count() >= 2 and storage.counters().get("rejected:topic_mismatch"), 20,
-                   "two stored windows and the mismatch counted")
-        wait_until(lambda: deployment_topic(FLEET, "dev2") in dev2.received, 10, "dev2's deployment")
-        time.sleep(1.0)  # time for anything the broker wrongly let through to arrive
-        rows = storage.windows(digits_bundle.sha256, 0)
-        assert sorted(r[0] for r in rows) == ["dev1", "dev2"]
-        assert storage.counters().get("rejected:topic_mismatch") == 1
-        # The watcher saw dev2's topics carry only what dev2 (and the service) sent.
-        assert watcher.received.count(summary_topic(FLEET, "dev2")) == 1
-        assert status_topic(FLEET, "dev2") not in watcher.received
-        assert dev1.received == []  # dev1's subscription to dev2's deployment delivers nothing
-    finally:
-        for c in clients:
-            c.close()
-        stop.set()
-        thread.join(10)
-        storage.close()
+            assert dev1.publish(summary_topic(FLEET, "dev1"), *payload("dev1", now - 600)) == 0
+            # dev1 forges a complete, self-consistent summary for dev2 on dev2's topic: refused by the broker.
+            assert dev1.publish(summary_topic(FLEET, "dev2"), *payload("dev2", now - 540)) == 135  # Not authorized
+            assert dev1.publish(status_topic(FLEET, "dev2"), b'{"state": "offline"}', "application/json") == 135
+            # dev1 may publish on its own topic, but a payload claiming dev2 there is refused by the fleet.
+            assert dev1.publish(summary_topic(FLEET, "dev1"), *payload("dev2", now - 480)) == 0
+            assert dev2.publish(summary_topic(FLEET, "dev2"), *payload("dev2", now - 420)) == 0
+            # A device cannot publish deployments; the service can, and only the addressed device reads them.
+            assert dev1.publish(deployment_topic(FLEET, "dev2"), b"{}", "application/json") == 135
+            assert watcher.publish(deployment_topic(FLEET, "dev2"), b'{"x": 1}', "application/json") == 0
+            accepted = 'edgekit_fleet_summaries_total{outcome="accepted"}'
+            mismatch = 'edgekit_fleet_rejected_total{kind="topic_mismatch"}'
+            wait_until(lambda: _metric(base, accepted) == 2 and _metric(base, mismatch) == 1, 30,
+                       "two stored windows and the mismatch counted")
+            wait_until(lambda: deployment_topic(FLEET, "dev2") in dev2.received, 10, "dev2's deployment")
+            time.sleep(1.0)  # time for anything the broker wrongly let through to arrive
+            assert _metric(base, accepted) == 2 and _metric(base, mismatch) == 1
+            devices = {d["device"]: d for d in json.loads(_get(f"{base}/api/devices"))["devices"]}
+            assert sorted(devices) == ["dev1", "dev2"] and devices["dev2"]["state"] != "offline"
+            # The watcher saw dev2's topics carry only what dev2 (and the service) sent.
+            assert watcher.received.count(summary_topic(FLEET, "dev2")) == 1
+            assert status_topic(FLEET, "dev2") not in watcher.received
+            assert dev1.received == []  # dev1's subscription to dev2's deployment delivers nothing
+        finally:
+            for c in clients:
+                c.close()
 
 
 def test_an_unenrolled_client_cannot_connect(pki: Any, tmp_path: Path) -> None:
