@@ -144,8 +144,8 @@ def bench_false_alarms(quick: bool) -> list[dict]:
 
 def bench_suite(quick: bool) -> tuple[list[dict], dict]:
     if quick:
-        return run_suite(trials=8, sizes=(50, 200), streams=("iid", "repeat"), null_trials=30)
-    return run_suite(trials=30, sizes=(50, 200, 500), streams=("iid", "repeat", "ar1"), null_trials=120)
+        return run_suite(trials=8, sizes=(50, 200), streams=("iid", "repeat", "resample"), null_trials=30)
+    return run_suite(trials=30, sizes=(50, 200, 500), streams=("iid", "repeat", "ar1", "resample"), null_trials=120)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from device_agent.monitoring import summary_codec
 from device_agent.monitoring.dispersion import BlockCounts, pit_scores
 from device_agent.monitoring.reference import Reference
+from device_agent.monitoring.repeats import RepeatCounter
 
 
 class Histogrammer:
@@ -79,6 +80,8 @@ class WindowSummary:
     blocks: BlockCounts | None = None  # the open window's block histograms (agent side)
     scores: np.ndarray | None = None  # (channels, max_bins) reference PIT per bin, with `blocks`
     dispersion: np.ndarray | None = None  # (channels, 4): X, df, S, k carried from decoded/merged windows
+    repeats: RepeatCounter | None = None  # exact repeats of the inputs (agent side)
+    n_eff: float | None = None  # effective sample size carried from decoded/merged windows
 
     @classmethod
     def zero(
@@ -110,6 +113,7 @@ class WindowSummary:
             label_names=list(label_names or []),
             blocks=BlockCounts(c, histogrammer.max_bins),
             scores=histogrammer.scores,
+            repeats=RepeatCounter(),
         )
 
     def update(self, histogrammer: Histogrammer, values: np.ndarray) -> None:
@@ -144,6 +148,17 @@ class WindowSummary:
         self.total += columns.sum(axis=1)
         self.total_sq += np.einsum("ij,ij->i", columns, columns)
         self.n += columns.shape[1]
+
+    def count_inputs(self, raw: np.ndarray) -> None:
+        """Note the raw input rows of inferences added (or to be added) by `update`, for exact repeats."""
+        if self.repeats is not None:
+            self.repeats.add(raw)
+
+    def effective_n(self) -> float | None:
+        """n^2 / sum of squared multiplicities of identical inputs, or None when not every input was seen."""
+        if self.repeats is not None and self.repeats.rows == self.n and self.n_eff is None:
+            return self.repeats.effective_n()
+        return self.n_eff
 
     def update_labels(self, true_classes: np.ndarray, predicted_classes: np.ndarray) -> None:
         """Add ground truth fed back for earlier predictions (confusion counts)."""
@@ -183,6 +198,7 @@ class WindowSummary:
             label_names=list(self.label_names),
             confusion=None if confusion is None else confusion.copy(),
             dispersion=_add_optional(self.dispersion_statistic(), other.dispersion_statistic()),
+            n_eff=_merged_effective_n(self.n, self.effective_n(), other.n, other.effective_n()),
         )
 
     def dispersion_statistic(self) -> np.ndarray | None:
@@ -221,3 +237,12 @@ def _add_optional(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | No
         return None
     total: np.ndarray = a + b
     return total
+
+
+def _merged_effective_n(n_a: int, a: float | None, n_b: int, b: float | None) -> float | None:
+    """Effective n of two windows together: their sums of squared multiplicities add (inputs apart)."""
+    if a is None or b is None:
+        return None
+    squares = (n_a * n_a / a if a > 0 else 0.0) + (n_b * n_b / b if b > 0 else 0.0)
+    total = n_a + n_b
+    return float(min(total, total * total / squares)) if squares > 0 else float(total)

@@ -8,6 +8,8 @@ Optional per-channel field `disp: [X, df, S, blocks - 1]` (added without a schem
 accept new payloads and payloads without it, such as tests/device_agent/data/summary_v1.json, still
 ingest): the between-block chi-square of the window and its degrees of freedom, the dependence signal of
 `device_agent.monitoring.dispersion`. Summaries that lack it are tested as independent draws.
+Optional top-level `n_eff` (also without a schema bump): n^2 / sum of squared multiplicities of
+identical inputs (`device_agent.monitoring.repeats`), at most n.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def to_payload(s: WindowSummary) -> dict[str, Any]:
         "n": s.n,
         "channels": channels,
     }
+    n_eff = s.effective_n()
+    if n_eff is not None:  # 5 significant digits, never above n
+        payload["n_eff"] = min(float(f"{n_eff:.5g}"), float(s.n))
     if s.confusion is not None:
         payload["labels"] = {
             "classes": list(s.label_names),
@@ -112,6 +117,7 @@ def fields_from_payload(payload: Any) -> dict[str, Any]:
         "label_names": [str(c) for c in labels["classes"]] if labels else [],
         "confusion": np.asarray(labels["confusion"], dtype=np.int64) if labels else None,
         "dispersion": dispersion,
+        "n_eff": None if p.get("n_eff") is None else float(p["n_eff"]),
     }
 
 

@@ -42,6 +42,9 @@ def check_payload(p: Any) -> dict[str, Any]:
         raise PayloadError("counts", "n must be an integer in [0, 2**63)")
     if not p["channels"]:
         raise PayloadError("malformed", "no channels")
+    n_eff = p.get("n_eff")
+    if n_eff is not None and not (_is_number(n_eff) and 0 <= n_eff <= p["n"]):
+        raise PayloadError("counts", "n_eff (effective sample size) must be a number in [0, n]")
     _check_strings(p)
     if not _channels_ok(p["channels"], p["n"]):  # one bulk check; the loop below only names the culprit
         _check_channels_one_by_one(p["channels"], p["n"])

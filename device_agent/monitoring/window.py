@@ -137,7 +137,7 @@ class WindowMonitor:
                 fill = 0
             if n >= self._chunk:
                 self._wait_pending()
-                self._apply(self.summary, self.plan.values_by_channel(raw, outputs, predicted))
+                self._apply(self.summary, self.plan.values_by_channel(raw, outputs, predicted), raw)
             else:
                 self._inputs[fill : fill + n] = raw
                 self._outputs[fill : fill + n] = outputs
@@ -167,11 +167,12 @@ class WindowMonitor:
 
     def _summarise(self, summary: WindowSummary, inputs: np.ndarray, outputs: np.ndarray) -> None:
         # The predicted classes are recomputed here (one argmax per chunk) rather than copied per call.
-        self._apply(summary, self.plan.values_by_channel(inputs, outputs))
+        self._apply(summary, self.plan.values_by_channel(inputs, outputs), inputs)
 
-    def _apply(self, summary: WindowSummary, columns: np.ndarray) -> None:
+    def _apply(self, summary: WindowSummary, columns: np.ndarray, raw: np.ndarray) -> None:
         with self._summary_lock:
             summary.update_by_channel(self.histogrammer, columns)
+            summary.count_inputs(raw)
 
     def _wait_pending(self) -> None:
         if self._pending is not None:

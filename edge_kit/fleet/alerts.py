@@ -8,6 +8,12 @@ is recorded as `rate_limited` and the alert waits for another approval. Every tr
 with its outcome (`succeeded`, `failed`, `timeout`, `rate_limited`, `no_command`), exit code and
 the tail of its output. The command gets EDGEKIT_ALERT_ID, EDGEKIT_MODEL_SHA256 and
 EDGEKIT_ALERT_SCOPE in its environment.
+
+What one device can do: automatic approval runs the command for fleet-scoped alerts only (a fleet
+alert needs the support of more than one device, `drift.py`, `concept.py`); an alert about one
+device waits for an operator. An alert records its `support`, the devices whose data carry it; a
+dismissed alert silences its condition only while no other device supports it, so dismissing an
+alert one device raised does not hide a later one that others raise.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from edge_kit.errors import AlertError as AlertError  # re-exported: server.py imports it from here
@@ -39,12 +45,17 @@ class AlertManager:
         self._threads: list[threading.Thread] = []
 
     def raise_alert(self, model_sha256: str, scope: str, kind: str, summary: str,
-                    detail: dict[str, Any]) -> tuple[int, bool]:
-        """Store an alert unless one stands for the same condition; returns (id, created)."""
+                    detail: dict[str, Any], support: Sequence[str] | None = None) -> tuple[int, bool]:
+        """Store an alert unless one stands for the same condition; returns (id, created).
+
+        `support`: the devices whose data carry the condition (stored in the detail).
+        """
         existing = self.storage.open_alert(model_sha256, scope, kind)
-        if existing is not None:
+        if existing is not None and not _newly_supported(existing, support):
             return int(existing["id"]), False
-        auto = self.settings.approval == "auto"
+        if support is not None:
+            detail = {**detail, "support": sorted(set(support))}
+        auto = self.settings.approval == "auto" and scope == "fleet"
         alert_id = self.storage.create_alert(model_sha256, scope, kind, "approved" if auto else "pending_approval",
                                              summary, detail)
         log.warning("alert %d: %s", alert_id, summary)
@@ -111,6 +122,16 @@ class AlertManager:
         """Wait for running retraining commands (tests, shutdown)."""
         for t in list(self._threads):
             t.join(timeout)
+
+
+def _newly_supported(existing: dict[str, Any], support: Sequence[str] | None) -> bool:
+    """Whether a dismissed alert's condition is raised again by devices that did not carry it then."""
+    if existing.get("state") != "dismissed" or not support:
+        return False
+    before = (existing.get("detail") or {}).get("support")
+    if not isinstance(before, list):  # dismissed before support was recorded: it keeps standing
+        return False
+    return bool(set(support) - set(map(str, before)))
 
 
 def run_command(command: list[str], env: dict[str, str], timeout: float) -> tuple[str, int | None, str]:

@@ -40,31 +40,69 @@ def confusion_from_labels(true_classes: list[int], predicted: list[int], k: int)
 
 def labelled_accuracy(storage: Storage, ref: ModelReference, since: float, settings: ConceptSettings,
                       alpha: float, device: str | None = None) -> dict[str, Any] | None:
-    """Accuracy and confusion matrix from returned labels, or None when there are none."""
+    """Accuracy and confusion matrix from returned labels, or None when there are none.
+
+    Fleet-wide (no `device`), each device's labels count at most `max_device_weight` x the (lower)
+    median device's number of labels, so one device sending millions of right or wrong labels moves
+    the figure by at most its share. `drifted` (the fleet's `accuracy_drop`) needs the drop with every
+    single device left out too: one device alone never raises it. `devices_below_floor` names the
+    devices whose own labels are below the floor (what a later alert's support is compared with).
+    """
     k = len(ref.labels)
-    total = np.zeros((k, k), dtype=np.int64)
-    found = False
+    per_device: dict[str, np.ndarray] = {}
     for dev, blob in storage.labels(ref.sha256, since):
         if device is not None and dev != device:
             continue
         m = np.frombuffer(blob, dtype=np.int64)
         if m.size != k * k:
             continue
-        total += m.reshape(k, k)
-        found = True
-    n = int(total.sum())
-    if not found or n == 0:
+        per_device[dev] = per_device.get(dev, np.zeros((k, k), dtype=np.int64)) + m.reshape(k, k)
+    if not per_device:
         return None
-    correct = int(np.trace(total))
-    accuracy = correct / n
-    out: dict[str, Any] = {"estimate": False, "n": n, "accuracy": accuracy, "confusion": total.tolist(),
-                           "classes": ref.labels, "gate_accuracy": ref.gate_accuracy, "drifted": False}
+    names = sorted(per_device)
+    matrices = np.stack([per_device[d] for d in names]).astype(np.float64)  # (D, k, k)
+    received = matrices.sum(axis=(1, 2))
+    weighted = matrices * device_label_scale(received, settings.max_device_weight)[:, None, None]
+    total = weighted.sum(axis=0)
+    n = float(total.sum())
+    if n == 0:
+        return None
+    accuracy = float(np.trace(total)) / n
+    out: dict[str, Any] = {"estimate": False, "n": round(n), "n_received": int(received.sum()),
+                           "devices": len(names), "accuracy": accuracy, "confusion": np.rint(total).astype(np.int64)
+                           .tolist(), "classes": ref.labels, "gate_accuracy": ref.gate_accuracy, "drifted": False}
     if ref.gate_accuracy is not None:
         floor = ref.gate_accuracy - settings.max_accuracy_drop
-        p = float(binomtest(correct, n, p=min(max(floor, 1e-9), 1 - 1e-9), alternative="less").pvalue)
-        out.update({"drop": ref.gate_accuracy - accuracy, "floor": floor, "p_value": p,
-                    "drifted": bool(n >= settings.min_labels and accuracy < floor and p <= alpha)})
+        dropped, p = _accuracy_dropped(float(np.trace(total)), n, floor, settings, alpha)
+        own = np.einsum("dii->d", matrices) / np.maximum(received, 1.0)
+        below = [d for d, a, r in zip(names, own.tolist(), received.tolist(), strict=True) if r > 0 and a < floor]
+        if device is None:  # the fleet's verdict: it must hold without any one device
+            dropped = dropped and len(names) >= 2 and all(
+                _accuracy_dropped(float(np.trace(total - w)), n - float(w.sum()), floor, settings, alpha)[0]
+                for w in weighted)
+        out.update({"drop": ref.gate_accuracy - accuracy, "floor": floor, "p_value": p, "drifted": dropped,
+                    "devices_below_floor": below})
     return out
+
+
+def device_label_scale(received: np.ndarray, max_device_weight: float) -> np.ndarray:
+    """(D,) factor <= 1 per device: its labels count at most `max_device_weight` x the lower median's."""
+    received = np.asarray(received, dtype=np.float64)
+    if max_device_weight <= 0 or received.size == 0:
+        return np.ones(received.size)
+    cap = max_device_weight * np.sort(received)[(received.size - 1) // 2]
+    return np.asarray(np.minimum(1.0, cap / np.maximum(received, 1.0)))
+
+
+def _accuracy_dropped(correct: float, n: float, floor: float, settings: ConceptSettings,
+                      alpha: float) -> tuple[bool, float]:
+    """Whether `correct` of `n` labels (weighted, so rounded) is a drop below `floor`, and its p-value."""
+    trials = round(n)
+    if trials <= 0:
+        return False, 1.0
+    successes = min(round(correct), trials)
+    p = float(binomtest(successes, trials, p=min(max(floor, 1e-9), 1 - 1e-9), alternative="less").pvalue)
+    return bool(trials >= settings.min_labels and successes / trials < floor and p <= alpha), p
 
 
 def estimated_accuracy(storage: Storage, ref: ModelReference, since: float,

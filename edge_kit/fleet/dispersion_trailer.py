@@ -5,6 +5,9 @@ FIELDS) in reference channel order, then the channel count (uint32) and a marker
 marker (windows stored before, or from agents that do not send it) reads as "no signal", and the
 tests treat that window as independent draws, as they always did. `storage.decode_counts` strips
 the trailer, so code that reads counts never sees it.
+
+The design effect of exact repeats (n / n_eff, from the summary's optional `n_eff`) travels the same
+way, as a second trailer after it: float32 then its own marker.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from edge_kit.fleet.stats import dispersion_factor
 MARKER = b"\x00EKdsp1\x00"
 FIELDS = 4  # X, df, S, k: device_agent/monitoring/dispersion.py
 _WIDTHS = (2, 4, 8)  # the count item sizes `storage.encode_counts` uses
+REPEATS_MARKER = b"\x00EKrep1\x00"
+_REPEATS_SIZE = 4 + len(REPEATS_MARKER)
 
 
 def attach(counts_blob: bytes, dispersion: np.ndarray | None) -> bytes:
@@ -26,6 +31,34 @@ def attach(counts_blob: bytes, dispersion: np.ndarray | None) -> bytes:
         return counts_blob
     d = np.ascontiguousarray(dispersion, dtype="<f4")
     return counts_blob + d.tobytes() + np.uint32(len(d)).astype("<u4").tobytes() + MARKER
+
+
+def attach_repeats(blob: bytes, design_effect: float | None) -> bytes:
+    """`blob` (counts, maybe with a dispersion trailer) + float32 design effect of repeats + marker."""
+    if design_effect is None:
+        return blob
+    return blob + np.float32(design_effect).astype("<f4").tobytes() + REPEATS_MARKER
+
+
+def _repeats_trailer(blob: bytes, bins: int) -> int:
+    """Length of a repeats trailer at the end of `blob` (0 when there is none)."""
+    if not blob.endswith(REPEATS_MARKER) or len(blob) < _REPEATS_SIZE:
+        return 0
+    rest = blob[: len(blob) - _REPEATS_SIZE]
+    return _REPEATS_SIZE if len(rest) in {w * bins for w in _WIDTHS} or _trailer(rest, bins) else 0
+
+
+def split_repeats(blobs: Sequence[bytes], bins: int) -> tuple[list[bytes], np.ndarray]:
+    """Blobs without a repeats trailer, and the (W,) design effects of repeats (NaN where none)."""
+    out = np.full(len(blobs), np.nan)
+    plain: list[bytes] = []
+    for i, blob in enumerate(blobs):
+        size = _repeats_trailer(blob, bins)
+        if size:
+            out[i] = float(np.frombuffer(blob[-size : -len(REPEATS_MARKER)], dtype="<f4")[0])
+            blob = blob[:-size]
+        plain.append(blob)
+    return plain, out
 
 
 def _trailer(blob: bytes, bins: int) -> int:
@@ -39,6 +72,9 @@ def _trailer(blob: bytes, bins: int) -> int:
 
 def strip(blob: bytes, bins: int) -> bytes:
     """The counts part of a stored blob (what `storage.decode_counts` reads)."""
+    repeats = _repeats_trailer(blob, bins)
+    if repeats:
+        blob = blob[:-repeats]
     size = _trailer(blob, bins)
     return blob[: len(blob) - size] if size else blob
 

@@ -117,12 +117,16 @@ def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSetting
     `stats.total_variation` (tests check they agree), fused into a few float32 passes over the
     counts: 10,000 devices x 100 channels x 32 bins is 32 million cells per evaluation.
     `dispersion` is the (W, C) design effect phi of each window (`stats.dispersion_factor`;
-    None: independent draws): KS uses n / phi, chi-square X / phi.
+    None: independent draws): KS uses n / phi, chi-square X / phi. phi is held to
+    [1, `max_design_effect`], and every p-value is non-decreasing in phi: a device that reports more
+    dependence can only make its windows less significant (tests check it). For that, which tests a
+    channel combines (and Bonferroni over them) is decided on n, not on n / phi.
     """
     prep = prepare(ref, settings)
     counts = np.asarray(counts)
     n = counts[:, 0, :].sum(axis=-1, dtype=np.float64)
-    phi = np.ones(counts.shape[:2]) if dispersion is None else np.maximum(np.asarray(dispersion, np.float64), 1.0)
+    phi = np.ones(counts.shape[:2]) if dispersion is None else np.asarray(dispersion, np.float64)
+    phi = np.clip(np.nan_to_num(phi, nan=settings.max_design_effect), 1.0, settings.max_design_effect)
     n_eff = n[:, None] / phi
     n_ref = ref.n.astype(np.float64)
     q = counts * (1.0 / np.maximum(n, 1.0)).astype(np.float32)[:, None, None]
@@ -146,12 +150,17 @@ def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSetting
     df = np.broadcast_to(prep.ref_bins_used - 1, chi2.shape).copy()
     if prep.empty_ref_bins.any():  # bins only the window hit add a degree of freedom
         df += ((counts > 0) & prep.empty_ref_bins).sum(axis=-1)
-    chi2_valid = (n_eff >= prep.chi_min_n[None, :]) & (df > 0) & (n[:, None] > 0)
-    chi2_p = np.where(chi2_valid, special.chdtrc(np.maximum(df, 1), chi2 / phi), 1.0)
+    valid_at_n = (n[:, None] >= prep.chi_min_n[None, :]) & (df > 0) & (n[:, None] > 0)
+    chi2_valid = valid_at_n & (n_eff >= prep.chi_min_n[None, :])
+    asymptotic_p = special.chdtrc(np.maximum(df, 1), chi2 / phi)
+    chi2_p = np.where(chi2_valid, asymptotic_p, 1.0)
     is_class = ref.is_class
-    _simulated_class_pvalues(ref, counts, n, chi2 / phi, chi2_valid, chi2_p)
-    # Numeric: KS and chi-square, Bonferroni over the two (chi-square counts only when valid).
-    numeric_p = np.where(chi2_valid, np.minimum(2.0 * np.minimum(ks_p, chi2_p), 1.0), ks_p)
+    # Class counts chi-square's approximation does not fit get a simulated p-value; where it fits at n
+    # but not at n / phi, the larger of the two, so that a larger phi never lowers p.
+    _simulated_class_pvalues(ref, counts, n, chi2 / phi, chi2_valid, chi2_p,
+                             np.where(valid_at_n, asymptotic_p, 0.0))
+    # Numeric: KS and chi-square, Bonferroni over the two (chi-square counts only when valid at n).
+    numeric_p = np.where(valid_at_n, np.minimum(2.0 * np.minimum(ks_p, chi2_p), 1.0), ks_p)
     p_channel = np.where(is_class[None, :], chi2_p, numeric_p)
     # Untestable channels (fewer than 2 reference bins) are neither tested nor counted.
     testable = ref.testable
@@ -167,10 +176,9 @@ def test_windows(ref: ModelReference, counts: np.ndarray, settings: DriftSetting
 
 
 def _simulated_class_pvalues(ref: ModelReference, counts: np.ndarray, n: np.ndarray, statistic: np.ndarray,
-                             valid: np.ndarray, p: np.ndarray) -> None:
-    """Class channels where chi-square's approximation fails get a Monte-Carlo p-value (in place in `p`).
-
-    Before, such windows got p = 1: a small window could never flag a changed class mix.
+                             valid: np.ndarray, p: np.ndarray, floor: np.ndarray) -> None:
+    """Class channels where chi-square's approximation fails get a Monte-Carlo p-value (in place in `p`),
+    at least `floor`. Without it such windows got p = 1: a small window could never flag a changed class mix.
     """
     for c in np.nonzero(ref.is_class & ref.testable)[0]:
         rows = np.nonzero(~valid[:, c] & (n > 0))[0]
@@ -179,7 +187,8 @@ def _simulated_class_pvalues(ref: ModelReference, counts: np.ndarray, n: np.ndar
         bins = int(ref.bins[c])
         for size in np.unique(n[rows]):
             same = rows[n[rows] == size]
-            p[same, c] = stats.simulated_chi_square_pvalue(ref.counts[c, :bins], int(size), statistic[same, c])
+            simulated = stats.simulated_chi_square_pvalue(ref.counts[c, :bins], int(size), statistic[same, c])
+            p[same, c] = np.maximum(simulated, floor[same, c])
 
 
 @dataclass
@@ -193,6 +202,7 @@ class Evaluation:
     fleet_alert: bool = False
     fleet_channels: list[str] = field(default_factory=list)
     device_alerts: dict[str, list[str]] = field(default_factory=dict)  # device -> drifted channels
+    fleet_support: list[str] = field(default_factory=list)  # devices whose data carry the fleet's flags
     tested_device_windows: int = 0
     untested_small_windows: int = 0
     seconds: float = 0.0
@@ -204,6 +214,7 @@ class Evaluation:
             "fleet_alert": self.fleet_alert,
             "fleet_channels": self.fleet_channels,
             "device_alerts": self.device_alerts,
+            "fleet_support": self.fleet_support,
             "tested_device_windows": self.tested_device_windows,
             "untested_small_windows": self.untested_small_windows,
             "seconds": self.seconds,
@@ -258,35 +269,56 @@ def evaluate_counts(ref: ModelReference, devices: np.ndarray, starts: np.ndarray
 
     `flat_counts` is (W, sum(bins)) as stored; windows must be sorted by start time. `fleet`
     optionally gives other (starts, flat counts[, dispersion]) for the fleet level, with
-    `fleet_devices` naming their devices (for the per-device weight cap; without it no cap); by
+    `fleet_devices` naming their devices (without it each window counts as a device of its own); by
     default it pools the same windows the device level tests. `dispersion` is (W, C, 4), the agent's
-    dispersion signal per channel (X, df, S, k; NaN where a window has none; None: no window has it).
+    dispersion signal per channel (X, df, S, k; NaN where a window has none; None: no window has it), with
+    the design effect of exact repeats as a fifth field where windows report it (`window_design_effect`).
     """
     t0 = time.perf_counter()
     ev = Evaluation(model=ref.sha256, evaluated_at=time.time() if now is None else now, cutoff=0.0)
-    fleet_args = fleet if fleet is not None else (starts, flat_counts, dispersion)
-    f_devices = fleet_devices if fleet is not None else devices
-    f_flat = fleet_args[1] if f_devices is None else cap_device_weight(ref, f_devices, fleet_args[0], fleet_args[1],
-                                                                       settings)
-    _evaluate_fleet(ev, ref, fleet_args[0], f_flat, settings, fleet_args[2] if len(fleet_args) > 2 else None)
+    f_devices: np.ndarray | None = devices
+    if fleet is None:
+        f_starts, f_flat, f_disp = starts, flat_counts, dispersion
+    else:
+        f_starts, f_flat = fleet[0], fleet[1]
+        f_disp = fleet[2] if len(fleet) > 2 else None
+        f_devices = fleet_devices
+    if f_devices is None:  # each window a voice of its own
+        f_devices = np.arange(len(f_starts)).astype(str)
+    _evaluate_fleet(ev, ref, np.asarray(f_devices), f_starts, f_flat, settings, f_disp)
     _evaluate_devices(ev, ref, devices, starts, flat_counts, settings, dispersion)
     ev.seconds = time.perf_counter() - t0
     return ev
 
 
-def cap_device_weight(ref: ModelReference, devices: np.ndarray, starts: np.ndarray, flat_counts: np.ndarray,
-                      settings: DriftSettings) -> np.ndarray:
-    """Scale each device's windows so that, within a fleet bucket, it counts at most
+def window_design_effect(dispersion: np.ndarray | None, windows: int, channels: int,
+                         settings: DriftSettings) -> np.ndarray:
+    """(W, C) design effect phi of each window, held to [1, `max_design_effect`].
+
+    `dispersion` is (W, C, 4) (X, df, S, k; `dispersion_trailer.window_phi`) or (W, C, 5) with the
+    design effect of exact repeats (n / n_eff) last: phi is the larger of the two, which see the
+    same dependence from two sides (repeats in a row, repeats in any order). NaN: not reported.
+    """
+    if dispersion is None:
+        return np.ones((windows, channels))
+    phi = disp.window_phi(dispersion[..., : disp.FIELDS])
+    if dispersion.shape[-1] > disp.FIELDS:
+        phi = np.maximum(phi, np.nan_to_num(dispersion[..., disp.FIELDS], nan=1.0))
+    return np.asarray(np.clip(phi, 1.0, settings.max_design_effect))
+
+
+def device_scale(ref: ModelReference, devices: np.ndarray, starts: np.ndarray, flat_counts: np.ndarray,
+                 settings: DriftSettings) -> np.ndarray:
+    """(W,) factor <= 1 per window so that, within a fleet bucket, a device counts at most
     `max_device_weight` x the (lower) median device's n.
 
     The pooled test weighs a device by its n, which the device itself reports: without a cap one
     device claiming a huge n speaks for the whole fleet and raises a fleet-wide alert alone. The
-    lower median, so that of two devices the honest one sets the cap. Rows are returned as float64
-    when scaled (the tests take fractional counts); unchanged when no device is over its cap.
+    lower median, so that of two devices the honest one sets the cap.
     """
     factor = settings.max_device_weight
     if factor <= 0 or len(starts) == 0:
-        return flat_counts
+        return np.ones(len(starts))
     n = flat_counts[:, : int(ref.bins[0])].sum(axis=1).astype(np.float64)
     bucket = np.floor(starts / settings.fleet_window_seconds)
     _, device_id = np.unique(np.asarray(devices).astype(str), return_inverse=True)
@@ -299,44 +331,104 @@ def cap_device_weight(ref: ModelReference, devices: np.ndarray, starts: np.ndarr
     for b in np.unique(pair_bucket):
         sel = pair_bucket == b
         cap[sel] = factor * np.sort(pair_n[sel])[(int(sel.sum()) - 1) // 2]
-    scale = np.minimum(1.0, cap / np.maximum(pair_n, 1.0))
+    scale: np.ndarray = np.minimum(1.0, cap / np.maximum(pair_n, 1.0))[pair]
+    return scale
+
+
+def cap_device_weight(ref: ModelReference, devices: np.ndarray, starts: np.ndarray, flat_counts: np.ndarray,
+                      settings: DriftSettings) -> np.ndarray:
+    """The windows' counts scaled by `device_scale` (float64 when scaled; unchanged when no device is over)."""
+    scale = device_scale(ref, devices, starts, flat_counts, settings)
     if (scale >= 1.0).all():
         return flat_counts
-    return flat_counts * scale[pair][:, None]
+    return flat_counts * scale[:, None]
 
 
-def _evaluate_fleet(ev: Evaluation, ref: ModelReference, starts: np.ndarray, flat_counts: np.ndarray,
-                    settings: DriftSettings, dispersion: np.ndarray | None = None) -> None:
-    """Fleet level: pool the windows of each time bucket; test the last m buckets with enough data."""
+def _evaluate_fleet(ev: Evaluation, ref: ModelReference, devices: np.ndarray, starts: np.ndarray,
+                    flat_counts: np.ndarray, settings: DriftSettings, dispersion: np.ndarray | None = None) -> None:
+    """Fleet level: pool the windows of each time bucket; test the last m buckets with enough data.
+
+    What one device can put into a bucket is bounded: its n (`device_scale`) and its design effect
+    (`window_design_effect`). The pooled design effect is that of a sum of independent windows, sum of
+    scale^2 n phi over sum of scale n. A channel of a bucket is flagged only when the pooled test flags
+    it and still does with any one device left out: no single device, whatever it sends, raises a fleet
+    alert that the others do not support (its own device-level test still sees it).
+    """
     w_total = len(starts)
+    scale = device_scale(ref, devices, starts, flat_counts, settings)
+    weighted = flat_counts if (scale >= 1.0).all() else flat_counts * scale[:, None]
+    n_scaled = weighted[:, : int(ref.bins[0])].sum(axis=1).astype(np.float64) if w_total else np.zeros(0)
+    variance = (scale * n_scaled)[:, None] * window_design_effect(dispersion, w_total, len(ref.channel_names),
+                                                                  settings)
     buckets = np.floor(starts / settings.fleet_window_seconds) * settings.fleet_window_seconds
     bucket_ids, inverse = np.unique(buckets, return_inverse=True)
-    pooled = np.zeros((len(bucket_ids), flat_counts.shape[1]), dtype=np.result_type(flat_counts.dtype, np.int64))
+    inverse = inverse.reshape(-1)
+    pooled = np.zeros((len(bucket_ids), weighted.shape[1]), dtype=np.result_type(weighted.dtype, np.int64))
+    pooled_var = np.zeros((len(bucket_ids), variance.shape[1]))
     if w_total and np.all(np.diff(starts) >= 0):  # sorted by start: each bucket is one contiguous block
         bounds = np.r_[np.searchsorted(buckets, bucket_ids), w_total]
         for b in range(len(bucket_ids)):
-            pooled[b] = flat_counts[bounds[b] : bounds[b + 1]].sum(axis=0)
+            pooled[b] = weighted[bounds[b] : bounds[b + 1]].sum(axis=0)
+            pooled_var[b] = variance[bounds[b] : bounds[b + 1]].sum(axis=0)
     else:
-        np.add.at(pooled, inverse, flat_counts)
+        np.add.at(pooled, inverse, weighted)
+        np.add.at(pooled_var, inverse, variance)
     bucket_n = pooled[:, : int(ref.bins[0])].sum(axis=1) if len(bucket_ids) else np.zeros(0)
     tested = np.nonzero(bucket_n >= settings.min_n)[0][-settings.m :]
-    phi = None
-    if dispersion is not None and tested.size:  # X and df add over the pooled windows
-        pooled_disp = np.zeros((len(bucket_ids), *dispersion.shape[1:]))
-        np.add.at(pooled_disp, inverse, np.nan_to_num(dispersion))
-        phi = disp.window_phi(pooled_disp[tested])
-    if tested.size:
-        r = test_windows(ref, ref.unflatten(pooled[tested], pooled.dtype.type), settings, details=True,
-                         dispersion=phi)
-        drifted = (r.p_adjusted <= settings.alpha) & r.effect_ok
-        for i, b in enumerate(tested):
-            ev.fleet_rows += _fleet_rows(ref, float(bucket_ids[b]), r, i, drifted)
-        ev.fleet_flags = [bool(x) for x in drifted.any(axis=1)]
-        ev.fleet_alert = k_of_m(ev.fleet_flags, settings.k, settings.m)
-        if ev.fleet_alert:
-            hit = drifted.any(axis=0)
-            ev.fleet_channels = [ref.channel_names[c] for c in np.nonzero(hit)[0]]
+    if not tested.size:
+        return
+    phi = pooled_var[tested] / np.maximum(bucket_n[tested], 1e-300)[:, None]
+    r = test_windows(ref, ref.unflatten(pooled[tested], pooled.dtype.type), settings, details=True, dispersion=phi)
+    drifted = (r.p_adjusted <= settings.alpha) & r.effect_ok
+    support: set[str] = set()
+    for i, b in enumerate(tested):
+        if drifted[i].any():
+            rows = np.nonzero(inverse == b)[0]
+            keep, carriers = _survives_leaving_one_out(ref, settings, devices[rows], weighted[rows], variance[rows],
+                                                       pooled[b], pooled_var[b], r.p_adjusted[i])
+            drifted[i] &= keep
+            if keep.any():
+                support.update(carriers)
+    ev.fleet_support = sorted(support)
+    for i, b in enumerate(tested):
+        ev.fleet_rows += _fleet_rows(ref, float(bucket_ids[b]), r, i, drifted)
+    ev.fleet_flags = [bool(x) for x in drifted.any(axis=1)]
+    ev.fleet_alert = k_of_m(ev.fleet_flags, settings.k, settings.m)
+    if ev.fleet_alert:
+        hit = drifted.any(axis=0)
+        ev.fleet_channels = [ref.channel_names[c] for c in np.nonzero(hit)[0]]
 
+
+def _survives_leaving_one_out(ref: ModelReference, settings: DriftSettings, devices: np.ndarray,
+                              counts: np.ndarray, variance: np.ndarray, pooled: np.ndarray,
+                              pooled_var: np.ndarray, pooled_p: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(C,) channels the bucket's pool still flags with each one of its devices left out, and the
+    devices that carry the flags (leaving one out makes the flagged channels less significant).
+
+    Only run for a bucket the pooled test flagged (rare), so its cost (one test per device) is paid
+    during drift, not every evaluation. A bucket of one device never survives: a fleet alert needs
+    the support of at least two devices.
+    """
+    names, owner = np.unique(devices.astype(str), return_inverse=True)
+    owner = owner.reshape(-1)
+    if len(names) < 2:
+        return np.zeros(len(ref.channel_names), dtype=bool), []
+    keep = np.ones(len(ref.channel_names), dtype=bool)
+    weakened = np.zeros((len(names), len(ref.channel_names)), dtype=bool)
+    for lo in range(0, len(names), CHUNK):
+        own = np.zeros((min(CHUNK, len(names) - lo), counts.shape[1]), dtype=np.float64)
+        own_var = np.zeros((len(own), variance.shape[1]))
+        sel = (owner >= lo) & (owner < lo + len(own))
+        np.add.at(own, owner[sel] - lo, counts[sel])
+        np.add.at(own_var, owner[sel] - lo, variance[sel])
+        rest = np.maximum(pooled[None, :] - own, 0.0)
+        rest_n = rest[:, : int(ref.bins[0])].sum(axis=1)
+        phi = (pooled_var[None, :] - own_var) / np.maximum(rest_n, 1e-300)[:, None]
+        r = test_windows(ref, ref.unflatten(rest, np.float64), settings, dispersion=phi)
+        flagged = (r.p_adjusted <= settings.alpha) & r.effect_ok & (rest_n >= settings.min_n)[:, None]
+        keep &= flagged.all(axis=0)
+        weakened[lo : lo + len(own)] = r.p_adjusted > pooled_p[None, :]
+    return keep, [str(d) for d in names[(weakened & keep[None, :]).any(axis=1)]]
 
 
 def _evaluate_devices(ev: Evaluation, ref: ModelReference, devices: np.ndarray, starts: np.ndarray,
@@ -362,7 +454,7 @@ def _evaluate_devices(ev: Evaluation, ref: ModelReference, devices: np.ndarray, 
     ok_chunks: list[np.ndarray] = []
     for lo in range(0, order.size, CHUNK):
         idx = order[lo : lo + CHUNK]
-        phi = None if dispersion is None else disp.window_phi(dispersion[idx])
+        phi = None if dispersion is None else window_design_effect(dispersion[idx], len(idx), 0, settings)
         r = test_windows(ref, ref.unflatten(flat_counts[idx], np.float32), settings, dispersion=phi)
         p_dev[lo : lo + len(idx)] = r.p_adjusted.min(axis=1)
         # Keep only what the decision needs, as float32, to bound memory at large fleets.
@@ -400,14 +492,19 @@ def load_windows(storage: Storage, ref: ModelReference, since: float,
 
 def _arrays(ref: ModelReference, rows: list[tuple[Any, ...]]
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(devices, starts, flat counts, dispersion (W, C, 4) or None when no window carries it)."""
+    """(devices, starts, flat counts, dispersion (W, C, 4), or (W, C, 5) with the design effect of repeats
+    last, or None when no window carries either)."""
     total = int(ref.bins.sum())
     if not rows:
         return np.array([], dtype=object), np.zeros(0), np.zeros((0, total), dtype=np.int64), None
     devices = np.array([r[0] for r in rows], dtype=object)
     starts = np.array([r[1] for r in rows], dtype=np.float64)
-    blobs, dispersion = disp.split([bytes(r[4]) for r in rows], total, len(ref.channel_names))
+    blobs, repeats = disp.split_repeats([bytes(r[4]) for r in rows], total)
+    blobs, dispersion = disp.split(blobs, total, len(ref.channel_names))
     flat = decode_counts(blobs, total)
+    if not np.isnan(repeats).all():
+        column = np.broadcast_to(repeats[:, None, None], (*dispersion.shape[:2], 1))
+        return devices, starts, flat, np.concatenate([dispersion, column], axis=-1)
     return devices, starts, flat, None if np.isnan(dispersion).all() else dispersion
 
 
@@ -438,7 +535,7 @@ def device_channels(storage: Storage, ref: ModelReference, device: str, settings
     keep = np.nonzero(n >= settings.min_n)[0][-settings.m :]
     if not keep.size:
         return []
-    phi = None if dispersion is None else disp.window_phi(dispersion[keep])
+    phi = None if dispersion is None else window_design_effect(dispersion[keep], len(keep), 0, settings)
     r = test_windows(ref, ref.unflatten(flat[keep]), settings, details=True, dispersion=phi)
     drifted = (r.p_adjusted <= cutoff) & r.effect_ok
     out = []

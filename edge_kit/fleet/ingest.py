@@ -43,6 +43,7 @@ from edge_kit.fleet import dispersion_trailer as dispersion
 from edge_kit.fleet.consumer_state import ConsumerState
 from edge_kit.fleet.reference_index import ModelReference, ReferenceStore
 from edge_kit.fleet.settings import FleetSettings, IngestSettings
+from edge_kit.fleet.stats import repeat_design_effect
 from edge_kit.fleet.storage import Storage, WindowRow, encode_counts
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,9 @@ class Validator:
             # words for it are not.
             seq=s.seq, n=s.n, fleet=fleet, model_name=ref.name, model_version=ref.version,
             received_at=now, confusion=confusion,
-            counts=dispersion.attach(encode_counts(flat), None if s.dispersion is None else s.dispersion[order]),
+            counts=dispersion.attach_repeats(
+                dispersion.attach(encode_counts(flat), None if s.dispersion is None else s.dispersion[order]),
+                repeat_design_effect(s.n, s.n_eff)),
         )
 
     def _order(self, ref: ModelReference, names: list[str]) -> np.ndarray:

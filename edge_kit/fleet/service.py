@@ -65,7 +65,8 @@ class FleetService:
             self.alerts.raise_alert(ref.sha256, "fleet", "data_drift",
                                     f"{label}: fleet-wide drift in {len(ev.fleet_channels)} channel(s): "
                                     f"{', '.join(ev.fleet_channels[:5])}",
-                                    {"channels": ev.fleet_channels, "flags": ev.fleet_flags})
+                                    {"channels": ev.fleet_channels, "flags": ev.fleet_flags},
+                                    support=ev.fleet_support)
         for device, channels in ev.device_alerts.items():
             self.alerts.raise_alert(ref.sha256, f"device:{device}", "data_drift",
                                     f"{label}: device {device} drifted in {', '.join(channels[:5])}",
@@ -76,7 +77,8 @@ class FleetService:
             self.alerts.raise_alert(ref.sha256, "fleet", "accuracy_drop",
                                     f"{label}: labelled accuracy {acc['accuracy']:.3f} below the gate's "
                                     f"{acc['gate_accuracy']:.3f} - {self.settings.concept.max_accuracy_drop}",
-                                    {k: acc[k] for k in ("n", "accuracy", "gate_accuracy", "p_value")})
+                                    {k: acc[k] for k in ("n", "accuracy", "gate_accuracy", "p_value")},
+                                    support=acc["devices_below_floor"])
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="drift-evaluation", daemon=True)

@@ -53,12 +53,22 @@ def ks_binning_bound(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
     return np.asarray(np.maximum(r, c).max(axis=-1))
 
 
+# Stephens' factor en + 0.12 + 0.11 / en falls until en = sqrt(0.11) and rises after: below that point
+# a smaller sample would give a *larger* factor, and p would go to 0 as n (or n / phi) goes to 0.
+_STEPHENS_MIN_EN = float(np.sqrt(0.11))
+
+
 def ks_pvalue(d: np.ndarray, n_ref: np.ndarray, n_cur: np.ndarray) -> np.ndarray:
-    """Asymptotic two-sample KS p-value with Stephens' small-sample correction."""
+    """Asymptotic two-sample KS p-value with Stephens' small-sample correction.
+
+    Non-decreasing as either sample size falls and as d falls (tests check it): the effective n of a
+    correlated window (n / phi) can only make the test less significant, never more. Below the
+    factor's minimum (en < 0.33, a sample of well under one draw) it is held at that minimum.
+    """
     n_ref = np.asarray(n_ref, dtype=np.float64)
     n_cur = np.asarray(n_cur, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        en = np.sqrt(n_ref * n_cur / (n_ref + n_cur))
+        en = np.maximum(np.sqrt(n_ref * n_cur / (n_ref + n_cur)), _STEPHENS_MIN_EN)
         lam = (en + 0.12 + 0.11 / en) * d
     p = special.kolmogorov(np.nan_to_num(lam))
     return np.where((n_cur > 0) & (n_ref > 0), np.clip(p, 0.0, 1.0), 1.0)
@@ -142,14 +152,15 @@ def simulated_chi_square_pvalue(ref: np.ndarray, n: int, statistic: np.ndarray, 
     return np.asarray((1.0 + above) / (null.size + 1.0))
 
 
-def dispersion_factor(chi2: np.ndarray, df: np.ndarray, prior_df: float = 30.0) -> np.ndarray:
+def dispersion_factor(chi2: np.ndarray, df: np.ndarray, prior_df: float = 30.0,
+                      max_phi: float = np.inf) -> np.ndarray:
     """Design effect phi >= 1 per channel from the agent's between-block chi-square (X, df).
 
     Under independent draws E[X] = df, so X / df estimates the over-dispersion of the counts. A
     channel with few degrees of freedom is noisy on its own: its estimate is shrunk towards the
     window's average over channels (`prior_df` pseudo degrees of freedom). Where no statistic came
     (old payloads, df = 0) phi is 1: the tests are then those of independent draws, as before.
-    Arrays are (..., C); NaN means "not reported".
+    Arrays are (..., C); NaN means "not reported". At most `max_phi`: what a device reports is bounded.
     """
     x = np.nan_to_num(np.asarray(chi2, dtype=np.float64))
     d = np.nan_to_num(np.asarray(df, dtype=np.float64))
@@ -158,7 +169,23 @@ def dispersion_factor(chi2: np.ndarray, df: np.ndarray, prior_df: float = 30.0) 
         pooled = np.where(total_d > 0, x.sum(axis=-1, keepdims=True) / total_d, 1.0)
         phi = np.where(d + prior_df > 0, (x + prior_df * pooled) / (d + prior_df), 1.0)
     phi = np.where(total_d > 0, phi, 1.0)
-    return np.asarray(np.maximum(phi, 1.0))
+    return np.asarray(np.clip(np.nan_to_num(phi, nan=max_phi, posinf=max_phi), 1.0, max_phi))
+
+
+REPEAT_DESIGN_EFFECT_MAX = 1e6  # n_eff = 0 with n > 0: as dependent as can be (tests cap phi far lower)
+
+
+def repeat_design_effect(n: int, n_eff: float | None) -> float | None:
+    """Design effect of exact repeats, n / n_eff (>= 1; None where the window did not report n_eff).
+
+    Kish's design effect: n_eff = n^2 / sum(m_i^2) over the multiplicities of identical inputs.
+    A device cannot claim more than independent draws: n_eff above n counts as n.
+    """
+    if n_eff is None or n <= 0:
+        return None
+    if n_eff <= n / REPEAT_DESIGN_EFFECT_MAX:
+        return REPEAT_DESIGN_EFFECT_MAX
+    return max(1.0, n / n_eff)
 
 
 def wasserstein(ref: np.ndarray, cur: np.ndarray, edges: np.ndarray, ref_std: np.ndarray) -> np.ndarray:

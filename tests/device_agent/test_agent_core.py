@@ -90,7 +90,8 @@ def test_a_closed_window_is_spooled_published_and_deleted_after_the_ack(bundle_v
     publisher.ack_all()
     assert len(spool) == 0
     [payload] = summaries(publisher)
-    assert set(payload) == {"schema", "fleet", "device", "model", "window", "n", "channels"}
+    assert set(payload) == {"schema", "fleet", "device", "model", "window", "n", "n_eff", "channels"}
+    assert 0 < payload["n_eff"] <= payload["n"]  # effective sample size after exact repeats of inputs
     assert payload["schema"] == "edgekit.summary/1"
     assert (payload["fleet"], payload["device"], payload["n"]) == ("f1", "dev1", 4)
     assert payload["model"]["sha256"] == agent.model.runtime.info.sha256

@@ -178,3 +178,35 @@ def test_a_digits_window_with_the_signal_stays_within_4_kb(digits_bundle: Digits
         data, _ = s.to_bytes(compress=True)
         assert s.dispersion_statistic() is not None
         assert len(data) <= 4096, f"n={n}: {len(data)} bytes"
+
+
+@pytest.mark.slow
+def test_inputs_repeating_in_random_order_are_not_drift_once_the_agent_counts_repeats(
+        tmp_path: Path, digits_bundle: DigitsBundle) -> None:
+    """A fixed set of 300 inputs replayed with replacement (a fixed camera, a replayed test set): nothing shifted,
+    but the block signal cannot see repeats that do not arrive together. The agent's n_eff can."""
+    ing = _ingestor(tmp_path, digits_bundle)
+    ref = ReferenceStore([digits_bundle.path]).get(digits_bundle.sha256)
+    assert ref is not None
+    rng = np.random.default_rng(8)
+    fixed, _ = sample_images(300, rng)
+    now = time.time()
+    for w in range(24):
+        x = fixed[rng.integers(0, 300, 500)]
+        s = summary(digits_bundle, "dev1", now - 3000 + 60 * w, x)
+        s.count_inputs(x.astype(np.float32))
+        payload = s.to_payload()
+        assert payload["n_eff"] < 250
+        ing.receive("edgekit/test/dev1/summary", json.dumps(payload).encode(), CONTENT_TYPE_JSON)
+        del payload["n_eff"]  # the same window from an agent that does not count repeats
+        payload["device"] = "dev2"
+        ing.receive("edgekit/test/dev2/summary", json.dumps(payload).encode(), CONTENT_TYPE_JSON)
+    ing.flush()
+    devices, _, flat, stored = drift._arrays(ref, ing.storage.windows(ref.sha256, 0))
+    assert stored is not None and stored.shape[-1] == 5
+    phi = drift.window_design_effect(stored, len(devices), len(ref.channel_names), SETTINGS)
+    r = drift.test_windows(ref, ref.unflatten(flat), SETTINGS, dispersion=phi)
+    flagged = (r.p_adjusted <= ALPHA).any(axis=1)
+    counted, blind = flagged[devices == "dev1"].mean(), flagged[devices == "dev2"].mean()
+    assert phi[devices == "dev1"].min() > 1.8
+    assert counted <= 0.15 < blind, (counted, blind)

@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from device_agent.monitoring.channels import MonitorPlan
 from device_agent.monitoring.reference import build_reference
@@ -157,3 +159,22 @@ def test_fused_window_tests_agree_with_the_reference_implementations(world: Worl
     numeric = ~ref.is_class
     assert not valid[0, numeric].any() and valid[2].all()  # n = 80 is too small for 32-bin chi-square
     assert valid[0, c]  # ... but not for the 3-class predicted-class test
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 3000), shift=st.floats(0.0, 1.5),
+       phis=st.lists(st.floats(1.0, 1e6), min_size=2, max_size=2))
+def test_every_channel_p_value_is_non_decreasing_in_the_design_effect(world: World, seed: int, n: int,
+                                                                    shift: float, phis: list[float]) -> None:
+    rng = np.random.default_rng(seed)
+    flat = world.counts(rng, n, shift=shift)[None, :]
+    counts = world.ref.unflatten(flat, np.float32)
+    channels = len(world.ref.channel_names)
+    per_channel = rng.uniform(1.0, 3.0, channels)  # phi may differ by channel; scale it as a whole
+    lo, hi = sorted(phis)
+    settings_ = DriftSettings(max_design_effect=50.0)
+    r_lo = drift.test_windows(world.ref, counts, settings_, dispersion=(lo * per_channel)[None, :])
+    r_hi = drift.test_windows(world.ref, counts, settings_, dispersion=(hi * per_channel)[None, :])
+    for name in ("ks_p", "chi2_p", "p_channel", "p_adjusted"):
+        assert np.all(getattr(r_hi, name) >= getattr(r_lo, name) - 1e-9), name
+    assert np.all(r_hi.dispersion <= 50.0)  # bounded whatever the window claims

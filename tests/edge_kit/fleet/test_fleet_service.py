@@ -104,9 +104,10 @@ def test_labels_give_accuracy_and_estimate_is_marked(http: str, service: FleetSe
     pred = logits(x).argmax(axis=1)
     wrong = pred.copy()
     wrong[:200] = (wrong[:200] + 1) % 10  # half of them wrong: far below the gate
-    status, body = _post(f"{http}/api/labels", {"device": "dev03", "model_sha256": digits_bundle.sha256,
-                                                "true": y.tolist(), "pred": wrong.tolist()})
-    assert status == 200 and body["n"] == 400
+    for device in ("dev03", "dev04"):  # a fleet's accuracy drop needs more than one device's labels
+        status, body = _post(f"{http}/api/labels", {"device": device, "model_sha256": digits_bundle.sha256,
+                                                    "true": y.tolist(), "pred": wrong.tolist()})
+        assert status == 200 and body["n"] == 400
     c = _get(f"{http}/api/concept")["models"][0]
     assert c["labelled"]["estimate"] is False and c["labelled"]["accuracy"] == pytest.approx(
         float((wrong == y).mean()))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats as sps
 
 from device_agent.monitoring.reference import bin_counts, quantile_edges
@@ -95,3 +97,49 @@ def test_benjamini_hochberg_matches_scipy() -> None:
 
 def test_bonferroni_caps_at_one() -> None:
     np.testing.assert_allclose(stats.bonferroni(np.array([0.001, 0.2]), 10), [0.01, 1.0])
+
+
+# -- monotone where it must be: more dependence (a larger phi) never makes a test more significant ------
+
+_sizes = st.floats(1e-6, 1e7, allow_nan=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(d=st.floats(0.0, 1.0), n_ref=st.floats(1.0, 1e6), a=_sizes, b=_sizes)
+def test_ks_pvalue_never_falls_as_the_effective_n_falls(d: float, n_ref: float, a: float, b: float) -> None:
+    small, large = min(a, b), max(a, b)
+    p_small = float(stats.ks_pvalue(np.float64(d), np.float64(n_ref), np.float64(small)))
+    p_large = float(stats.ks_pvalue(np.float64(d), np.float64(n_ref), np.float64(large)))
+    assert 0.0 <= p_large <= p_small + 1e-12 <= 1.0 + 1e-12
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.floats(0.0, 1.0), b=st.floats(0.0, 1.0), n=_sizes)
+def test_ks_pvalue_never_falls_as_the_statistic_falls(a: float, b: float, n: float) -> None:
+    lo, hi = min(a, b), max(a, b)
+    assert stats.ks_pvalue(np.float64(hi), np.float64(500), np.float64(n)) <= \
+        stats.ks_pvalue(np.float64(lo), np.float64(500), np.float64(n)) + 1e-12
+
+
+def test_a_tiny_effective_n_cannot_fabricate_significance() -> None:
+    # n / phi -> 0 used to blow up Stephens' correction: p went to 0 for any visible D.
+    assert float(stats.ks_pvalue(np.float64(0.5), np.float64(500), np.float64(1e-4))) > 0.5
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=st.lists(st.floats(0.0, 1e300), min_size=1, max_size=6), df=st.integers(0, 10**9),
+       factor=st.floats(1.0, 1e6), cap=st.floats(1.0, 100.0))
+def test_dispersion_factor_is_bounded_and_monotone_in_the_statistic(x: list[float], df: int, factor: float,
+                                                                    cap: float) -> None:
+    chi2 = np.array([x])
+    dfs = np.full_like(chi2, df)
+    phi = stats.dispersion_factor(chi2, dfs, max_phi=cap)
+    more = stats.dispersion_factor(chi2 * factor, dfs, max_phi=cap)
+    assert np.all((phi >= 1.0) & (phi <= cap)) and np.all(more >= phi - 1e-9)
+
+
+def test_repeat_design_effect_bounds_what_a_device_can_claim() -> None:
+    assert stats.repeat_design_effect(500, None) is None
+    assert stats.repeat_design_effect(500, 600.0) == 1.0  # never fewer than independent draws
+    assert stats.repeat_design_effect(500, 250.0) == 2.0
+    assert stats.repeat_design_effect(500, 0.0) == stats.REPEAT_DESIGN_EFFECT_MAX
