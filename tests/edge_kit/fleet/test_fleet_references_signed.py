@@ -1,8 +1,8 @@
 """Only bundles signed by the fleet's key give a model its reference, and none replaces one in use.
 
 The attack: a file in `--bundles` with the signed bundle's model.onnx and a rewritten reference.json
-(here: the drifted data's own histograms) used to replace the signed reference, so every drifted
-window matched and no alert could fire."""
+(here: the drifted data's own histograms). Were it to replace the signed reference, every drifted
+window would match it and no alert could fire."""
 
 from __future__ import annotations
 
