@@ -103,7 +103,7 @@ class Client:
         self.acks: list[tuple[int, int]] = []  # (mid, reason code)
         self.received: list[str] = []
         self.granted: list[int] = []
-        self.client.on_connect = lambda c, u, f, reason, p: reason == 0 and self.connected.set()
+        self.client.on_connect = self._on_connect
         self.client.on_publish = lambda c, u, mid, reason, p: self.acks.append((mid, reason.value))
         self.client.on_message = lambda c, u, msg: self.received.append(msg.topic)
         self.client.on_subscribe = lambda c, u, mid, reasons, p: self.granted.extend(r.value for r in reasons)
@@ -114,6 +114,10 @@ class Client:
             self.error = exc
             return
         self.client.loop_start()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason == 0:
+            self.connected.set()
 
     def wait_connected(self, timeout: float = 5.0) -> bool:
         return self.error is None and self.connected.wait(timeout)
@@ -266,7 +270,7 @@ def test_a_revoked_device_cannot_reconnect(pki: Any, tmp_path: Path) -> None:
     assert not connects(broker, ids["dev1"]) and connects(broker, ids["dev2"])
     # Enrolling the same id again issues a new certificate that works.
     again = ca.issue("dev1", tmp_path / "dev1-again")
-    broker.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    broker.proc.send_signal(signal.SIGHUP)
     assert connects(broker, Identity(again.ca, again.cert, again.key))
 
 
