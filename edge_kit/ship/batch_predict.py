@@ -181,16 +181,17 @@ def _run_on_ray(todo: list[Shard], bundle: str, pubkey: str | None, bundle_sha25
     import ray
     import ray.data
 
-    from edge_kit.train.ray_cluster import connect
+    from edge_kit.train.ray_cluster import connected
 
-    connect(address, actors)
     items = [{"source": str(s.source), "output": str(s.output)} for s in todo]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    scored = dataset.map_batches(
-        ShardScorer, fn_constructor_kwargs={"bundle": bundle, "pubkey": pubkey, "bundle_sha256": bundle_sha256},
-        batch_size=1, concurrency=actors, num_cpus=1)
     try:
-        results = scored.take_all()
+        with connected(address, actors):  # Ray's forwarded output on stderr: stdout is the result
+            dataset = ray.data.from_items(items, override_num_blocks=len(items))
+            scored = dataset.map_batches(
+                ShardScorer,
+                fn_constructor_kwargs={"bundle": bundle, "pubkey": pubkey, "bundle_sha256": bundle_sha256},
+                batch_size=1, concurrency=actors, num_cpus=1)
+            results = scored.take_all()
     except Exception as exc:  # Ray wraps what an actor raised; a bad shard should read as itself (exit 2)
         cause = _edge_kit_cause(exc)
         if cause is not None:

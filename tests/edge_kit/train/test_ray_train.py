@@ -53,9 +53,19 @@ def start(config: Path, tracking: str, cluster: RayCluster) -> subprocess.Popen[
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 600) -> dict[str, Any]:
+    return finish_with_stderr(proc, timeout)[0]
+
+
+def finish_with_stderr(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[dict[str, Any], str]:
+    """The `--json` result, which must be all of stdout: one JSON object, whatever Ray printed meanwhile."""
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}: {err[-3000:]}"
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    try:
+        doc = json.loads(out)
+    except json.JSONDecodeError as exc:
+        raise AssertionError(f"stdout is not exactly one JSON object ({exc}): {out[:3000]!r}") from None
+    assert isinstance(doc, dict), out[:3000]
+    return doc, err
 
 
 def storage_steps(config: Path) -> list[int]:
@@ -107,9 +117,13 @@ def test_a_worker_killed_mid_epoch_restarts_the_group_and_changes_no_weight(
     workers = train_workers(ray_cluster)
     assert len(workers) == 2, f"expected 2 Ray Train workers, found {workers}"
     os.kill(workers[-1], signal.SIGKILL)
-    result = finish(proc)
+    # Ray tells the driver that a worker died ("(raylet) A worker died or was killed ..."): on stderr, while
+    # stdout stays the one JSON object a script parses.
+    result, err = finish_with_stderr(proc)
     assert_bitwise_equal(weights(result), weights(reference[1]))
     assert workers[-1] not in train_workers(ray_cluster)
+    # What Ray forwarded from its actors went to stderr (routed there, not dropped).
+    assert "Started training worker group" in err, err[-3000:]
 
 
 def test_a_killed_driver_started_again_resumes_from_storage(
