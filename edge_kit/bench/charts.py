@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from device_agent.atomic import atomic_file
+
 LATENCY_PNG = "latency.png"
 THROUGHPUT_PNG = "throughput.png"
 FOOTPRINT_PNG = "size_memory.png"
@@ -82,6 +84,7 @@ def _threads1(engine: dict[str, Any]) -> dict[str, Any]:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, mode=0o644) as f:
+        fig.savefig(f, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

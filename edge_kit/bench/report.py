@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from device_agent.atomic import atomic_write_bytes
 from edge_kit.bench.plan import ENGINE_ORDER, BenchPlan
 from edge_kit.bench.verdict import int8_verdict
 
@@ -81,8 +82,8 @@ def compare(engines: dict[str, dict[str, Any]], base: str = "int8") -> dict[str,
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / REPORT_MD).write_text(render_markdown(report))
+    atomic_write_bytes(out_dir / REPORT_JSON, (json.dumps(report, indent=2, default=str) + "\n").encode(), mode=0o644)
+    atomic_write_bytes(out_dir / REPORT_MD, render_markdown(report).encode(), mode=0o644)
 
 
 def _mb(n: float) -> str:

@@ -9,7 +9,6 @@ absolute difference is reported, and the export fails above the tolerance.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from device_agent.atomic import atomic_write_bytes
 from edge_kit.errors import EdgeKitError
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,6 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path
     model = model.to("cpu").eval()
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter warns about things that do not apply to inference
@@ -63,15 +59,16 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path
             )
         if program is None:
             raise EdgeKitError("torch.onnx.export returned no program")
-        program.save(str(tmp), external_data=False)
-        os.replace(tmp, path)
+        with tempfile.TemporaryDirectory(prefix="edgekit-export-") as scratch:
+            written = Path(scratch) / path.name  # the exporter saves to a path only: published from here
+            program.save(str(written), external_data=False)
+            data = written.read_bytes()
     except EdgeKitError:
         raise
     except Exception as exc:  # the exporter raises many types; the model is the user's
         raise EdgeKitError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                            hint="run with --debug for the exporter's full report") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, data)
     return path
 
 

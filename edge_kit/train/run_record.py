@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from device_agent.atomic import atomic_write_bytes
 from edge_kit.config import Config
 from edge_kit.train import tracking
 from edge_kit.train.checkpoint import atomic_torch_save
@@ -118,15 +119,13 @@ def finish_run(config: Config, dataset: Dataset, trainer: Trainer, run: tracking
     }
     # test_accuracy is already in the per-epoch history (the last epoch's value is this one).
     run.log_metrics({k: v for k, v in metrics.items() if k != "test_accuracy"}, step=config.train.epochs)
-    resolved = folder / "config.json"
-    resolved.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
-    (folder / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
-    (folder / "split.json").write_text(json.dumps(
-        {"train_ids": dataset.train_ids.tolist(), "test_ids": dataset.test_ids.tolist(),
-         "dvc_md5": dataset.snapshot.dvc_md5, "seed": config.data.seed}) + "\n")
-    (folder / "preprocessing.json").write_text(json.dumps(
-        {"preprocessing": dataset.preprocessing, "labels": dataset.labels, "input_shape": list(dataset.input_shape),
-         "input_kind": dataset.input_kind, "feature_names": dataset.feature_names}, indent=2) + "\n")
+    _write_json(folder / "config.json", config.to_dict(), indent=2, sort_keys=True)
+    _write_json(folder / "provenance.json", provenance, indent=2, sort_keys=True)
+    _write_json(folder / "split.json", {"train_ids": dataset.train_ids.tolist(), "test_ids": dataset.test_ids.tolist(),
+                                        "dvc_md5": dataset.snapshot.dvc_md5, "seed": config.data.seed})
+    _write_json(folder / "preprocessing.json", {
+        "preprocessing": dataset.preprocessing, "labels": dataset.labels, "input_shape": list(dataset.input_shape),
+        "input_kind": dataset.input_kind, "feature_names": dataset.feature_names}, indent=2)
     run.log_artifact(checkpoint, "model")
     run.log_artifact(folder / ONNX_FILE, "model")
     for name in ("config.json", "provenance.json", "split.json", "preprocessing.json"):
@@ -136,3 +135,8 @@ def finish_run(config: Config, dataset: Dataset, trainer: Trainer, run: tracking
     run.finish("FINISHED")
     return TrainResult(run.run_id, run.experiment_id, run.tracking_uri, checkpoint, folder / ONNX_FILE, metrics,
                        reused=False)
+
+
+def _write_json(path: Path, doc: Any, **dumps: Any) -> None:
+    """Atomically: a crash mid-write leaves the previous file or none, never a truncated one to read back."""
+    atomic_write_bytes(path, (json.dumps(doc, default=str, **dumps) + "\n").encode(), mode=0o644)
