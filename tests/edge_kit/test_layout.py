@@ -9,6 +9,7 @@ This reads the source (every import statement, including the ones inside functio
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,14 @@ def test_the_check_catches_an_upward_import(tmp_path: Path) -> None:
     names = [name for _, name in imported_modules(bad)]
     assert names == ["edge_kit.compile.gate"]
     assert area_of(names[0]) not in ALLOWED["train"] | {"train", "shared"}
+
+
+@pytest.mark.parametrize("stage", ["train", "compile", "ship"])
+def test_the_stage_table_names_every_module_of_the_stage(stage: str) -> None:
+    """docs/architecture.md's table of the pipeline's folders lists every module in them (subpackages too)."""
+    row = next(line for line in (REPO / "docs" / "architecture.md").read_text().splitlines()
+               if line.startswith(f"| `edge_kit/{stage}/` |"))
+    named = set(re.findall(r"`([a-z_0-9]+)(?:\.py|/)?`", row))
+    modules = {p.stem if p.stem != "__init__" else p.parent.name
+               for p in (REPO / "edge_kit" / stage).rglob("*.py")} - {stage}
+    assert sorted(modules - named) == [], f"the {stage} row of docs/architecture.md misses these modules"
