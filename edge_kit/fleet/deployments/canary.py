@@ -7,7 +7,8 @@ model (or failed to install it), the figures are compared:
 - install: a canary that reported `failed` (download, verification or self-test) fails the canary.
 - requests: the share of failed requests on the canaries (status `serving` block) may exceed the
   control devices' share by at most `max_failed_rate_increase`.
-- latency: the canaries' median p95 may be at most `max_latency_ratio` x the control devices' median p95.
+- latency: the canaries' median p95 may be at most `max_latency_ratio` x the control devices' median p95
+  (+ `latency_slack_ms`), once each side served `min_latency_requests` requests.
 - predicted_class: the predicted-class counts of canary vs control windows, chi-square test of
   homogeneity (`stats.chi_square`, the drift machinery's test); fails when significant at `alpha` AND
   the total variation distance is at least the drift config's `effect_class_tvd` (so a huge sample
@@ -41,7 +42,11 @@ CONTROL_LOOKBACK_SECONDS = 3600.0  # control windows from this long before the d
 class CanaryThresholds:
     max_failed_rate_increase: float = 0.01
     max_latency_ratio: float = 2.0
-    min_requests: int = 20  # fewer requests on a side: the request and latency figures do not decide
+    latency_slack_ms: float = 1.0  # sub-millisecond models jitter by more than 2x at the p95
+    min_requests: int = 20  # fewer requests on a side: the failed-request figure does not decide
+    # A p95 over fewer requests is its few slowest ones, and a model that just swapped in serves its first
+    # (cold) requests slowly: the latency figure waits for this many on each side.
+    min_latency_requests: int = 200
 
 
 @dataclass(frozen=True)
@@ -112,10 +117,11 @@ def _serving(canary: Sequence[str], control: Sequence[str], statuses: dict[str, 
     latency: dict[str, Any] = {"canary_p95_ms": float(np.median(cp)) if cp else None,
                                "control_p95_ms": float(np.median(kp)) if kp else None,
                                "max_ratio": t.max_latency_ratio, "ok": None}
-    if cp and kp and cr >= t.min_requests and kr >= t.min_requests:
+    latency["min_requests"] = t.min_latency_requests
+    if cp and kp and cr >= t.min_latency_requests and kr >= t.min_latency_requests:
         latency["ratio"] = latency["canary_p95_ms"] / max(latency["control_p95_ms"], 1e-3)
-        # 1 ms of slack: sub-millisecond models jitter by more than 2x at the p95.
-        latency["ok"] = bool(latency["canary_p95_ms"] <= t.max_latency_ratio * latency["control_p95_ms"] + 1.0)
+        latency["ok"] = bool(latency["canary_p95_ms"]
+                             <= t.max_latency_ratio * latency["control_p95_ms"] + t.latency_slack_ms)
     return requests, latency
 
 

@@ -39,6 +39,7 @@ from device_agent.uplink.wire import deployment_topic, topic_level_problem
 from edge_kit.fleet.alerts import AlertManager
 from edge_kit.fleet.deployments import canary as canary_mod
 from edge_kit.fleet.deployments.bundles import (
+    SHA256,
     BundleError,
     BundleFiles,
     DownloadLimits,
@@ -135,13 +136,7 @@ class RolloutManager:
                 raise BundleError(409, f"device {clash[0]} is already in active deployment {busy[clash[0]]}: "
                                        "halt or finish that one first")
             dep_id = f"d{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-            rows = []
-            for d in targets:
-                model = (known.get(d) or {}).get("model_sha256")
-                prev = self.files.by_model(model) if model else None
-                rows.append((d, CANARY_ROLE if d in canaries else REST_ROLE,
-                             Previous(prev.sha256 if prev else None, prev.name if prev else None,
-                                      prev.version if prev else None, model)))
+            rows = [(d, CANARY_ROLE if d in canaries else REST_ROLE, self._previous(known.get(d))) for d in targets]
             self.store.create({"id": dep_id, "fleet": self.fleet, "state": CANARY, "name": bundle.name,
                                "version": bundle.version, "bundle_sha256": bundle.sha256,
                                "model_sha256": bundle.model_sha256, "size": bundle.size, "url": bundle.url,
@@ -151,6 +146,20 @@ class RolloutManager:
         log.info("deployment %s: %s %s to %d device(s), canaries %s", dep_id, bundle.name, bundle.version,
                  len(targets), ", ".join(sorted(canaries)))
         return self.view(dep_id)
+
+    def _previous(self, device: dict[str, Any] | None) -> Previous:
+        """The bundle a device serves now, where a rollback returns it: the file sha256 its status reports,
+        else the bundle in the fleet's folder that holds the model its last window named."""
+        model, version = serving_model(device)
+        status = (device or {}).get("status") or {}
+        name = (status.get("model") or {}).get("name") if isinstance(status.get("model"), dict) else None
+        sha = status.get("bundle_sha256")
+        if isinstance(sha, str) and SHA256.fullmatch(sha) and isinstance(name, str) and version:
+            return Previous(sha, name, version, model)
+        stored = self.files.by_model(model) if model else None
+        if stored is None:
+            return Previous(None, None, None, model)
+        return Previous(stored.sha256, stored.name, stored.version, model)
 
     def promote(self, dep_id: str, note: str = "promoted by the operator") -> dict[str, Any]:
         with self._lock:

@@ -179,6 +179,22 @@ def test_a_canary_that_fails_to_install_halts_the_rollout_at_once(fleet: Fleet) 
     assert sorted(_messages(f)) == canaries
 
 
+def test_a_slow_canary_that_fails_requests_fails_on_those_figures(fleet: Fleet) -> None:
+    f = fleet
+    view = f.manager.create(_source(f), DEVICES, canary=1, canary_windows=1, auto_promote=True, seed=6)
+    dep, canaries = view["deployment"], _canaries(view)
+    _install(f, dep, canaries, windows=1)
+    f.send(status(f.v2, canaries[0], fleet=FLEET, deployment=report(dep, f.v2, "installed", time.time()),
+                  requests=500, failed=40, p95=30.0))
+    f.manager.tick()
+    view = f.manager.view(dep)
+    assert view["state"] == "rolled_back" and view["canary"]["failing"] == ["requests", "latency"]
+    figures = view["canary"]["figures"]
+    assert figures["requests"]["canary_rate"] == 0.08 and figures["requests"]["control_rate"] == 0.002
+    assert figures["latency"]["canary_p95_ms"] == 30.0 and figures["latency"]["control_p95_ms"] == 2.0
+    assert "p95 30.0 ms vs control 2.0 ms" in f.storage.alerts()[0]["summary"]
+
+
 def test_operator_promote_halt_and_rollback(fleet: Fleet) -> None:
     f = fleet
     view = f.manager.create(_source(f), DEVICES[:4], canary=1, canary_windows=2, auto_promote=False, seed=2)
