@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import time
 import zipfile
@@ -85,7 +86,7 @@ def is_complete(output: Path, bundle_sha256: str) -> bool:
         return False
 
 
-def parquet_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
+def parquet_batches(path: Path, batch_size: int, row_values: int | None = None) -> Iterator[np.ndarray]:
     """Rows of a Parquet shard, every column numeric, as float32 (n, columns) batches."""
     import pyarrow.parquet as pq
 
@@ -93,6 +94,9 @@ def parquet_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
         reader = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid and OSError subclasses for a damaged file
         raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+    columns = len(reader.schema_arrow)
+    if row_values is not None and columns != row_values:  # checked before a row group is read
+        raise DataError(f"{path}: {columns} columns do not fit the model: it takes {row_values} values per row")
     for batch in reader.iter_batches(batch_size=batch_size):
         try:
             yield np.column_stack([c.to_numpy(zero_copy_only=False) for c in batch.columns]).astype(np.float32)
@@ -100,12 +104,14 @@ def parquet_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
             raise DataError(f"{path}: every column must be numeric: {exc}") from exc
 
 
-def shard_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
+def shard_batches(path: Path, batch_size: int, row_values: int | None = None) -> Iterator[np.ndarray]:
+    """Batches of a shard; a shard whose declared rows do not hold `row_values` values is refused
+    (DataError) before a row is read, so a small crafted file cannot declare its way into memory."""
     if path.suffix.lower() == ".parquet":
-        return parquet_batches(path, batch_size)
+        return parquet_batches(path, batch_size, row_values)
     from device_agent.batch import open_batches
 
-    return open_batches(path, batch_size)[1]
+    return open_batches(path, batch_size, row_values)[1]
 
 
 def score_shard(runtime: Any, shard: Shard, bundle_sha256: str) -> int:
@@ -115,7 +121,7 @@ def score_shard(runtime: Any, shard: Shard, bundle_sha256: str) -> int:
 
     chunks: list[np.ndarray] = []
     done = 0
-    for batch in shard_batches(shard.source, READ_BATCH):
+    for batch in shard_batches(shard.source, READ_BATCH, math.prod(runtime.sample_shape)):
         try:
             x = runtime.as_batch(batch)
         except InputError as exc:
@@ -143,9 +149,26 @@ class ShardScorer:
         self.bundle_sha256 = bundle_sha256
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [score_shard(self.runtime, Shard(Path(str(s)), Path(str(o))), self.bundle_sha256)
-                for s, o in zip(batch["source"], batch["output"], strict=True)]
-        return {"source": batch["source"], "rows": np.asarray(rows, dtype=np.int64)}
+        rows, errors, codes = [], [], []
+        for s, o in zip(batch["source"], batch["output"], strict=True):
+            try:
+                rows.append(score_shard(self.runtime, Shard(Path(str(s)), Path(str(o))), self.bundle_sha256))
+                errors.append("")
+                codes.append(0)
+            except EdgeKitError as exc:  # returned, not raised: Ray Data's retry layer keeps only its text
+                rows.append(0)
+                errors.append(str(exc))
+                codes.append(exc.exit_code)
+        return {"source": batch["source"], "rows": np.asarray(rows, dtype=np.int64),
+                "error": np.asarray(errors, dtype=str), "exit_code": np.asarray(codes, dtype=np.int64)}
+
+
+class ShardRefused(EdgeKitError):
+    """A shard an actor refused on purpose (a bad file: exit 2), with that error's exit code and message."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def batch_predict(bundle: Path, inputs: str, out_dir: Path, *, pubkey: str | None = None, actors: int = 1,
@@ -197,6 +220,9 @@ def _run_on_ray(todo: list[Shard], bundle: str, pubkey: str | None, bundle_sha25
         if cause is not None:
             raise cause from None
         raise
+    for r in results:
+        if str(r.get("error", "")):
+            raise ShardRefused(str(r["error"]), int(r["exit_code"]))
     missing = {s.source for s in todo} - {Path(str(r["source"])) for r in results}
     if missing:
         raise EdgeKitError(f"{len(missing)} shards came back without a result, e.g. {sorted(missing)[0]}")
