@@ -216,6 +216,48 @@ def test_one_device_alone_raises_no_fleet_accuracy_drop(labelled: Storage, fleet
     assert not _accuracy(labelled, fleet)["drifted"]
 
 
+@st.composite
+def intruder_labels(draw: st.DrawFn) -> list[list[int]]:
+    """Any confusion matrix a window may carry: up to window (60 s) x max_inferences_per_second labels."""
+    total = draw(st.integers(0, 6_000_000))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    shape = draw(st.sampled_from(["right", "wrong", "random"]))
+    m = np.zeros((10, 10), dtype=np.int64)
+    if shape == "right":
+        m[np.arange(10), np.arange(10)] = rng.multinomial(total, np.full(10, 0.1))
+    elif shape == "wrong":
+        m[np.arange(10), (np.arange(10) + 1) % 10] = rng.multinomial(total, np.full(10, 0.1))
+    else:
+        m = rng.multinomial(total, rng.dirichlet(np.ones(100))).reshape(10, 10)
+    return [[int(v) for v in row] for row in m]
+
+
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(confusion=intruder_labels(), honest_accuracy=st.sampled_from([0.5, 1.0]))
+def test_no_single_device_decides_the_fleet_accuracy_verdict(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory,
+                                                            confusion: list[list[int]],
+                                                            honest_accuracy: float) -> None:
+    storage = Storage(f"sqlite:///{tmp_path_factory.mktemp('labels')}/fleet.db")
+    try:
+        for d in range(HONEST):
+            right = int(300 * honest_accuracy)
+            storage.add_labels(f"dev{d}", fleet.ref.sha256, _confusion(right, 300 - right))
+        payload = json.loads(json.dumps(fleet.template))
+        payload["labels"] = {"classes": [str(i) for i in range(10)], "n": int(np.sum(confusion)),
+                             "confusion": confusion}
+        try:
+            row = _row(fleet.validator, payload)
+        except PayloadError:
+            assume(False)
+        storage.ingest([row], [], {})
+        acc = _accuracy(storage, fleet)
+        assert acc["drifted"] is (honest_accuracy == 0.5), (acc["accuracy"], acc["n_received"])
+    finally:
+        storage.close()
+
+
 def test_a_dismissed_alert_does_not_silence_one_that_other_devices_raise(labelled: Storage) -> None:
     alerts = AlertManager(labelled, AlertSettings())
     first, created = alerts.raise_alert("m", "fleet", "accuracy_drop", "drop", {}, support=["intruder"])
