@@ -1,6 +1,7 @@
-"""What a training run records, the same for both engines: its MLflow tags at the start, a note when it
-resumes on other code, how it ended, and at the end its run folder (final `.pt`, checked fp32 ONNX, the
-resolved config, provenance, split and preprocessing) logged as the run's artifacts.
+"""What a training run records, the same for both engines: its training fingerprint (what decides the
+weights), its MLflow tags at the start, a note when it resumes on other code, how it ended, and at the end
+its run folder (final `.pt`, checked fp32 ONNX, the resolved config, provenance, split and preprocessing)
+logged as the run's artifacts.
 """
 
 from __future__ import annotations
