@@ -37,6 +37,8 @@ COMMANDS: dict[str, str] = {
     "bench": "bench",
     "promote": "promote",
     "fleet serve": "fleet_serve",
+    "fleet deploy": "fleet_deploy",
+    "fleet rollout": "fleet_rollout",
     "fleet enroll": "fleet_enroll",
     "fleet revoke": "fleet_revoke",
     "batch-predict": "batch_predict",
@@ -203,6 +205,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open HTTP connections before the oldest idle one is closed (default 256)")
     p.add_argument("--http-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a request may take to arrive in full (default 10)")
+    p.add_argument("--public-url", metavar="URL",
+                   help="http(s)://HOST[:PORT] devices download bundles from (default: the --http address)")
+    p.add_argument("--download-concurrency", type=int, default=64, metavar="N",
+                   help="bundle downloads served at once; beyond: 503 with Retry-After (default 64)")
+    p.add_argument("--download-cap", type=float, default=3.0, metavar="X",
+                   help="bytes one device may fetch per deployment, as a multiple of the bundle size (default 3)")
+    _common(p)
+
+    p = fleet_sub.add_parser(
+        "deploy", help="roll a bundle out to the fleet: canary devices first, then the rest",
+        description="Start a deployment on a running `fleet serve` (docs/deploy.md): the bundle goes to N canary "
+                    "devices first;\nonce they sent W windows of it, their model's behaviour is compared with "
+                    "the devices still on the old\nversion, and the bundle is promoted to the rest or the "
+                    "canaries are rolled back. Prints the deployment id.")
+    p.add_argument("bundle", help="a local .edgebundle (uploaded), folder:NAME (in the server's --bundles folder) "
+                                  "or an https:// URL (with --sha256 --size --name --version)")
+    p.add_argument("--server", required=True, help="the fleet server's URL, e.g. http://fleet:8080")
+    p.add_argument("--token-file", help="file holding the operator token (else EDGEKIT_FLEET_TOKEN)")
+    p.add_argument("--devices", metavar="ID,ID,...", help="target devices (default: every device the fleet has seen)")
+    p.add_argument("--canary", type=int, default=1, metavar="N", help="canary devices, drawn at random (default 1)")
+    p.add_argument("--canary-windows", type=int, default=3, metavar="W",
+                   help="windows each canary sends of the new model before the decision (default 3)")
+    p.add_argument("--auto-promote", action="store_true", help="promote to the rest as soon as the canary passes")
+    p.add_argument("--seed", type=int, help="seed of the canary draw (default: drawn, and shown in the deployment)")
+    p.add_argument("--sha256", help="with a URL: the sha256 of the bundle file")
+    p.add_argument("--size", type=int, help="with a URL: the bundle file's size in bytes")
+    p.add_argument("--name", help="with a URL: the bundle's name (manifest)")
+    p.add_argument("--version", help="with a URL: the bundle's version (manifest)")
+    _common(p)
+
+    p = fleet_sub.add_parser(
+        "rollout", help="show a deployment, or promote, halt or roll it back",
+        description="Show a deployment on a running `fleet serve` (state, every device's version and step, the "
+                    "canary's figures),\nor change it: --promote (canary to everyone), --halt (tell no further "
+                    "device), --rollback (every device\ntold returns to the bundle it served before).")
+    p.add_argument("deployment", help="the deployment id `fleet deploy` printed")
+    p.add_argument("--server", required=True, help="the fleet server's URL, e.g. http://fleet:8080")
+    p.add_argument("--token-file", help="file holding the operator token (else EDGEKIT_FLEET_TOKEN)")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--promote", action="store_true", help="promote the canary to every target device")
+    action.add_argument("--halt", action="store_true", help="tell no further device; installed ones keep it")
+    action.add_argument("--rollback", action="store_true",
+                        help="every device told to install returns to the bundle it served before")
     _common(p)
 
     p = fleet_sub.add_parser(
