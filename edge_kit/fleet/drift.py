@@ -18,6 +18,11 @@ Multiple testing and practical relevance:
   standard deviations for numeric channels, total variation for the predicted class), and an alert
   needs k flagged windows among the last m tested ones. Big fleets make tiny, harmless differences
   significant; the effect threshold and the k-of-m rule keep those from paging anyone.
+
+One device, one voice: in the fleet pool a device's n and design effect are bounded
+(`device_scale`, `window_design_effect`), and a bucket's channel is flagged only if it stays flagged
+with any one device left out, so no single device raises or (beyond its bounded share) removes a
+fleet alert; its own device-level test is its own.
 """
 
 from __future__ import annotations
