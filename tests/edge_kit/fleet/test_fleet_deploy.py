@@ -252,6 +252,39 @@ def _source(f: Fleet) -> BundleSource:
     return BundleSource.stored(f.manager.files.in_folder(f.v2.path.name), "path")
 
 
+def test_a_database_of_the_previous_schema_is_upgraded_with_its_data(tmp_path: Path) -> None:
+    """A fleet database at revision 0002 (no deployment tables) gains them on start and keeps its windows."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from edge_kit.fleet import migrations
+    from edge_kit.fleet.deployments.store import DeploymentStore, Previous
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(migrations._config(conn), "0002")
+        conn.execute(sa.text("INSERT INTO windows VALUES ('dev0', 'ab', 1.0, 2.0, 0, 5, 'f', 'digits', '1.0.0', "
+                             "3.0, x'00', NULL)"))
+    with engine.connect() as conn:
+        assert migrations.current_revision(conn) == "0002"
+        assert not sa.inspect(conn).has_table("deployments")
+    engine.dispose()
+    storage = Storage(url)
+    try:
+        assert storage.schema_revision == migrations.head_revision() >= "0003"
+        assert storage.window_count() == 1
+        store = DeploymentStore(storage)
+        row = {"id": "d1", "fleet": "f", "state": "canary", "name": "digits", "version": "1.1.0",
+               "bundle_sha256": "cd" * 32, "model_sha256": "ef", "size": 10, "url": None, "source": "path",
+               "canary_n": 1, "canary_windows": 2, "auto_promote": True, "seed": 3}
+        store.create(row, [("dev0", "canary", Previous("ab" * 32, "digits", "1.0.0", "ab"))])
+        assert store.get("d1")["auto_promote"] is True  # type: ignore[index]
+        assert [d["previous_version"] for d in store.devices("d1")] == ["1.0.0"]
+    finally:
+        storage.close()
+
+
 # -- HTTP --------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """End to end: real `edge-agent run` processes (each with its own folders) rolled out by a real `fleet serve`
 over a real Mosquitto, through the CLI. A good bundle (the same model under a new version) goes canary ->
 promote -> done; a bundle that passes verification and self-test but predicts differently (other weights)
-is halted at the canary and rolled back, and the control devices never see it."""
+is halted at the canary and rolled back, and the control devices never see it; a bundle that fails its
+self-test on the canary halts the rollout at once."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -77,7 +79,10 @@ def test_canary_promote_then_a_skewed_bundle_rolled_back(tmp_path: Path) -> None
     key = load_private_key(private)
     made = {"v1": make_bundle(tmp_path / "v1", seed=0, version="1.0.0", signing_key=key),
             # Other weights: verifies and passes its own self-test, but predicts other classes than v1.
-            "skewed": make_bundle(tmp_path / "skewed", seed=1, version="1.2.0", signing_key=key)}
+            "skewed": make_bundle(tmp_path / "skewed", seed=1, version="1.2.0", signing_key=key),
+            # Signed and well-formed, but its self-test expects outputs the model does not give: refused on devices.
+            "broken": make_bundle(tmp_path / "broken", seed=0, version="1.3.0", signing_key=key,
+                                  selftest_outputs=np.full((8, 10), 5.0, dtype=np.float32))}
     made["good"] = _same_model_new_version(made["v1"], tmp_path / "good", "1.1.0", key)
     folder = tmp_path / "fleet-bundles"
     folder.mkdir()
@@ -152,6 +157,15 @@ def test_canary_promote_then_a_skewed_bundle_rolled_back(tmp_path: Path) -> None
         r = run_cli("edge_kit", "fleet", "rollout", bad_dep, "--server", base, "--token-file", str(token),
                     "--promote", timeout=60)
         assert r.returncode == 2 and "only a canary can be promoted" in r.stderr
+
+        # A bundle that fails its self-test on the canary halts the rollout at once (no windows needed).
+        broken = deploy(made["broken"])
+        view = wait_until(lambda: (v := _rollout(base, token, broken["deployment"]))["state"] != "canary" and v, 240,
+                          "the canary's failed install")
+        assert view["state"] == "rolled_back" and view["canary"]["failing"] == ["install"], view["canary"]
+        failed = [d for d, v in view["devices"].items() if v["state"] == "failed"]
+        assert len(failed) == 1 and "selftest" in view["canary"]["figures"]["install"]["reasons"][failed[0]]
+        assert all(version(d) == "1.1.0" for d in DEVICES)
     finally:
         if traffic is not None:
             traffic.close()
