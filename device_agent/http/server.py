@@ -189,7 +189,8 @@ class _Connection(asyncio.Protocol):
     def _wait_for_budget(self) -> None:
         assert self.transport is not None
         self.transport.pause_reading()
-        self.waiting_since = time.monotonic()
+        if self.waiting_since is None:  # still waiting (woken by resume_writing): the wait goes on
+            self.waiting_since = time.monotonic()
         self.server._waiting[self] = None
 
     def wake(self) -> None:

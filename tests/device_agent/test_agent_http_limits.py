@@ -421,3 +421,47 @@ def test_edge_agent_run_applies_the_http_flags(bundle_v1: Path, tmp_path: Path, 
             assert status == 413 and "max_samples" in json.loads(answer)["error"]
     finally:
         assert agent.stop() == 0
+
+
+def test_many_large_bodies_sent_in_pieces_all_finish_within_the_budget(make_server, monkeypatch) -> None:
+    """Twelve clients trickle bodies of random sizes in random pieces: the budget never wedges them
+    (every one is answered 200), never exceeds its bound, and is empty afterwards."""
+    import random
+    import threading
+
+    from device_agent.http import server as server_module
+
+    limit = 200_000
+    _, server = make_server(HttpLimits(max_body_bytes=limit, request_timeout=30))
+    peak = [0]
+    take = server._take_budget
+
+    def watched(conn, n):
+        ok = take(conn, n)
+        peak[0] = max(peak[0], server._body_bytes)
+        return ok
+
+    monkeypatch.setattr(server, "_take_budget", watched)
+    statuses: list[int] = []
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        body = padded_predict_body(20, rng.randrange(70_000, limit), seed=seed)
+        data = request("POST", "/predict", body)
+        with connect(server, timeout=60) as sock:
+            sent = 0
+            while sent < len(data):
+                piece = rng.randrange(1, 60_000)
+                sock.sendall(data[sent : sent + piece])
+                sent += piece
+                time.sleep(rng.random() * 0.02)
+            statuses.append(read_response(sock)[0])
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert statuses == [200] * 12
+    assert peak[0] <= server_module.BODY_BUDGET_FACTOR * limit
+    wait_until(lambda: server._body_bytes == 0 and not server._waiting, 5, "the budget to be free again")
