@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 # The example with fewer epochs: the demo's detection does not need the best model, and CI time is short.
 FAST_EPOCHS = 4
 
