@@ -288,6 +288,8 @@ class FleetService:
             states[a["state"]] = states.get(a["state"], 0) + 1
         for state, count in sorted(states.items()):
             lines.append(f'edgekit_fleet_alerts{{state="{state}"}} {count}')
+        if self.deployments is not None:
+            lines += self.deployments.metrics()
         return "\n".join(lines) + "\n"
 
 

@@ -372,6 +372,22 @@ class RolloutManager:
                 "note": dep["note"], "devices": devices,
                 "canary": dep["decision"] or {"ready": False, "passed": None, "figures": {}}}
 
+    def metrics(self) -> list[str]:
+        """Prometheus lines: deployments by state, bundle downloads in progress and refused."""
+        states: dict[str, int] = {}
+        for dep in self.store.all():
+            states[dep["state"]] = states.get(dep["state"], 0) + 1
+        slots = self.download_slots
+        return [
+            "# HELP edgekit_fleet_deployments Deployments by state.", "# TYPE edgekit_fleet_deployments gauge",
+            *(f'edgekit_fleet_deployments{{state="{state}"}} {n}' for state, n in sorted(states.items())),
+            "# HELP edgekit_fleet_bundle_downloads Bundle downloads in progress.",
+            "# TYPE edgekit_fleet_bundle_downloads gauge", f"edgekit_fleet_bundle_downloads {slots.active}",
+            "# HELP edgekit_fleet_bundle_downloads_refused_total Downloads refused by the concurrency cap (503).",
+            "# TYPE edgekit_fleet_bundle_downloads_refused_total counter",
+            f"edgekit_fleet_bundle_downloads_refused_total {slots.refused}",
+        ]
+
     def list(self) -> list[dict[str, Any]]:
         return [self.view(d["id"]) for d in self.store.all()]
 

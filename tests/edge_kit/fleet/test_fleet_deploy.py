@@ -341,6 +341,9 @@ def test_bundle_download_ranges_etag_and_caps(fleet: Fleet, http: str) -> None:
         assert code == 503 and headers["retry-after"] == "5"
     finally:
         slots.release()
+    metrics = fleet.service.metrics()
+    assert "edgekit_fleet_bundle_downloads_refused_total 1\n" in metrics
+    assert "edgekit_fleet_bundle_downloads 0\n" in metrics
 
     # Per-device cap (1 x the size here) for a device the deployment targets.
     view = fleet.manager.create(_source(fleet), DEVICES, canary=1, canary_windows=1, auto_promote=False, seed=0)
@@ -349,6 +352,7 @@ def test_bundle_download_ranges_etag_and_caps(fleet: Fleet, http: str) -> None:
     code, _, body = _get(url, {"X-Edgekit-Device": device})
     assert code == 429 and b"already fetched" in body
     assert fleet.manager.view(view["deployment"])["devices"][device]["served_bytes"] == len(data)
+    assert 'edgekit_fleet_deployments{state="canary"} 1' in fleet.service.metrics()
 
 
 def test_upload_in_chunks_then_deploy_over_the_api(fleet: Fleet, http: str, tmp_path: Path) -> None:
