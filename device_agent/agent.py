@@ -128,6 +128,9 @@ class Agent:
         self._counters = {"predictions": 0, "requests": 0, "bad_requests": 0, "windows_closed": 0, "labels": 0}
         self._counter_lock = threading.Lock()
         self._update_lock = threading.Lock()
+        # Labels are split between the serving and the retired monitor in one step (and never while a
+        # window of either closes), so none land in a monitor that is about to be dropped.
+        self._label_lock = threading.Lock()
         self._stopping = threading.Event()
         self._timer: threading.Thread | None = None
         self._retired: WindowMonitor | None = None
@@ -211,14 +214,41 @@ class Agent:
         return Prediction(outputs, classes, active.runtime.labels, request_id)
 
     def feed_labels(self, labels: Sequence[Any], request_id: str | None = None) -> int:
-        """Ground truth for the latest predictions (or for `request_id`'s); updates confusion counts."""
+        """Ground truth for the latest predictions (or for `request_id`'s); updates confusion counts.
+
+        After a hot swap the latest predictions may still be the previous model's: each label goes to
+        the model that made its prediction (the oldest of the latest to the previous one), so it counts
+        against that version, in windows under its sha256."""
         try:
-            counted = self._monitor.feed_labels(labels, request_id)
+            with self._label_lock:
+                counted = self._feed_labels(labels, request_id)
         except InputError:
             self._count(bad_requests=1)
             raise
         self._count(labels=counted)
         return counted
+
+    def _feed_labels(self, labels: Sequence[Any], request_id: str | None) -> int:
+        current, retired = self._monitor, self._retired
+        if retired is None:
+            return current.feed_labels(labels, request_id)
+        if request_id is not None:
+            if retired.remembers_request(request_id) and not current.remembers_request(request_id):
+                return retired.feed_labels(labels, request_id)
+            return current.feed_labels(labels, request_id)
+        newer = current.unlabelled_recent
+        if len(labels) <= newer:
+            return current.feed_labels(labels)
+        remembered = newer + retired.unlabelled_recent
+        if len(labels) > remembered:
+            raise InputError(f"{len(labels)} labels but only {remembered} unlabelled recent predictions remembered")
+        split = len(labels) - newer
+        older, latest = labels[:split], labels[split:]
+        retired.check_labels(older)  # both halves checked before either is consumed
+        if newer:
+            current.check_labels(latest)
+        counted = retired.feed_labels(older)
+        return counted + (current.feed_labels(latest) if newer else 0)
 
     def count_bad_request(self) -> None:
         """For front ends that refuse a request before it reaches `predict` (unparsable body)."""
@@ -237,10 +267,14 @@ class Agent:
         with self._update_lock:  # never at the same time as a swap
             t = self._clock() if now is None else now
             if self._retired is not None:
-                # Predictions that were already running on the old model when it was swapped out
-                # landed in its monitor after its last window closed: ship them too, under its sha256.
-                self._ship(self._close_monitor(self._retired, t))
-                self._retired = None
+                with self._label_lock:
+                    # Predictions that were already running on the old model when it was swapped out,
+                    # and labels that came back for its predictions, landed in its monitor after its
+                    # last window closed: ship them too, under its sha256. It stays for late labels
+                    # until all it remembers is labelled or the next swap retires another.
+                    self._ship(self._close_monitor(self._retired, t))
+                    if not self._retired.unlabelled_recent and not self._retired.remembered_request_bytes:
+                        self._retired = None
             closed = self._close_monitor(self._monitor, t)
             self._ship(closed)
         return closed if closed.n or closed.confusion is not None else None
@@ -312,11 +346,14 @@ class Agent:
                 self.last_update = {"ok": True, "action": action, "path": str(path), "changed": False, "at": at}
                 return self.last_update
             old_monitor = self._monitor
-            closed = self._close_monitor(old_monitor, at)
-            self._monitor = self._new_monitor(loaded, closed.window_end, closed.seq + 1)
+            with self._label_lock:
+                if self._retired is not None:  # the version before: what it still holds ships now
+                    self._ship(self._close_monitor(self._retired, at))
+                closed = self._close_monitor(old_monitor, at)
+                self._retired = old_monitor
+                self._monitor = self._new_monitor(loaded, closed.window_end, closed.seq + 1)
             self._active = loaded
             self.serving.reset(at)
-            self._retired = old_monitor
             self._ship(closed)
             self.last_update = {
                 "ok": True, "action": action, "path": str(path), "changed": True, "at": at,

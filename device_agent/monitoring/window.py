@@ -108,6 +108,7 @@ class WindowMonitor:
         self._lock = threading.Lock()
         self._summary_lock = threading.Lock()  # the worker's updates vs labels and closing
         self._recent = np.zeros(label_memory, dtype=np.int64)  # ring of predicted classes
+        self._recent_size = label_memory
         self._recent_next = 0
         self._recent_count = 0
         self._requests: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -143,10 +144,12 @@ class WindowMonitor:
                 self._outputs[fill : fill + n] = outputs
                 self._fill = fill + n
             start = self._recent_next
-            if request_id is None and start + n < len(self._recent):  # the hot path: one slice copy
-                self._recent[start : start + n] = predicted
-                self._recent_next = start + n
-                self._recent_count = min(len(self._recent), self._recent_count + n)
+            end = start + n
+            if request_id is None and end < self._recent_size:  # the hot path: one slice copy
+                self._recent[start:end] = predicted
+                self._recent_next = end
+                count = self._recent_count + n
+                self._recent_count = count if count < self._recent_size else self._recent_size
             else:
                 self._remember(predicted, request_id)
 
@@ -217,6 +220,18 @@ class WindowMonitor:
     @property
     def remembered_request_bytes(self) -> int:
         return self._request_bytes
+
+    @property
+    def unlabelled_recent(self) -> int:
+        """Predictions made without a request id that are remembered and not yet labelled."""
+        return self._recent_count
+
+    def remembers_request(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def check_labels(self, labels: Sequence[Any]) -> None:
+        """Raise InputError for labels that are not this model's classes, consuming nothing."""
+        self._class_indices(labels)
 
     def feed_labels(self, labels: Sequence[Any], request_id: str | None = None) -> int:
         """Ground truth for the most recent unlabelled predictions made without a request id, or for one
