@@ -139,7 +139,7 @@ def consumer(port: int, db: str, bundle_path: str, worker: int, stop: Any, ready
     cpu.put((time.process_time() - start, totals.get("accepted", 0)))
 
 
-def scenario(name: str, workers: int, publishers: int, total: int) -> dict[str, Any]:
+def scenario(name: str, workers: int, publishers: int, total: int, db: str | None = None) -> dict[str, Any]:
     """Subscribe (creating the persistent sessions), go offline, let the publishers fill the broker's
     queue, then start the subscribers again and time the drain from the first to the last message
     stored. The publishers (separate processes) have finished by then, so on this 2-core machine
@@ -152,7 +152,7 @@ def scenario(name: str, workers: int, publishers: int, total: int) -> dict[str, 
         tmp = Path(tmp_name)
         broker, port = start_broker(tmp)
         bundle = make_bundle(tmp / "bundles")
-        db = f"sqlite:///{tmp}/fleet.db"
+        db = db or f"sqlite:///{tmp}/fleet.db"  # `db`: an empty database elsewhere (bench_fleet_scale's PostgreSQL)
         Storage(db).close()
         result: Any = ctx.Queue()
         cpu: Any = ctx.Queue()
