@@ -82,7 +82,8 @@ def describe(view: dict[str, Any]) -> str:
         lines.append(f"  canary {verdict}")
     else:
         got = canary.get("windows") or {}
-        lines.append(f"  canary waiting: windows {got} of {canary.get('windows_needed', '?')} each")
+        waiting = "; ".join(canary.get("waiting_for") or []) or "the canaries"
+        lines.append(f"  canary waiting for {waiting} (windows {got} of {canary.get('windows_needed', '?')} each)")
     for name, fig in (canary.get("figures") or {}).items():
         shown = {k: v for k, v in fig.items() if not isinstance(v, list | dict)}
         lines.append(f"    {name}: {json.dumps(shown)}")

@@ -18,7 +18,9 @@ model (or failed to install it), the figures are compared:
 - accuracy: where labels arrived for both sides (at least `min_labels` each), the canaries' labelled
   accuracy may be at most `concept.max_accuracy_drop` below the control devices'.
 
-A figure without enough data on one side is reported with `"ok": null` and does not decide.
+A figure without enough data on one side is reported with `"ok": null` and does not decide; but with
+control devices the decision waits until the predicted-class comparison has data on both sides, so a
+canary is never passed without its model's behaviour having been compared.
 """
 
 from __future__ import annotations
@@ -77,11 +79,22 @@ def evaluate(storage: Storage, settings: FleetSettings, *, new: ModelReference |
     figures["predicted_class"] = _predicted_class(storage, settings, new, canary_rows, control, created_at)
     figures["input_drift"] = _input_drift(settings, new, canary_rows)
     figures["accuracy"] = _accuracy(storage, settings, new, canary, control, created_at)
-    ready = bool(failed) or (new is not None and all(n >= windows for n in per_device.values()))
+    # The model's behaviour must have been compared before a canary can pass: with control devices, the
+    # decision also waits for their windows (control devices that just installed the model the canary's
+    # bundle replaces have none yet), else a canary with nothing to compare against would pass.
+    waiting = []
+    if new is None:
+        waiting.append("the new bundle's reference (put the bundle in the server's --bundles folder)")
+    elif not all(n >= windows for n in per_device.values()):
+        waiting.append(f"{windows} windows from every canary")
+    elif control.devices and figures["predicted_class"]["ok"] is None:
+        waiting.append("enough predictions from canary and control devices for the predicted-class test")
+    ready = bool(failed) or not waiting
     failing = [name for name, f in figures.items() if f.get("ok") is False]
     return {"ready": ready, "passed": (not failing) if ready else None, "failing": failing if ready else [],
-            "windows": per_device, "windows_needed": windows, "canary_devices": list(canary),
-            "control_devices": list(control.devices), "figures": figures, "evaluated_at": now}
+            "waiting_for": [] if ready else waiting, "windows": per_device, "windows_needed": windows,
+            "canary_devices": list(canary), "control_devices": list(control.devices), "figures": figures,
+            "evaluated_at": now}
 
 
 def _serving(canary: Sequence[str], control: Sequence[str], statuses: dict[str, dict[str, Any]],

@@ -221,7 +221,8 @@ const DEPLOY_ACTIONS = { canary: ["promote", "halt", "rollback"], rolling: ["hal
 
 function canaryFigures(c) {
   if (!c || !c.figures || !Object.keys(c.figures).length) return '<span class="muted">waiting for the canaries</span>';
-  const verdict = !c.ready ? `waiting: windows ${esc(JSON.stringify(c.windows || {}))} of ${esc(c.windows_needed)}`
+  const verdict = !c.ready ? `waiting for ${esc((c.waiting_for || []).join("; "))} ` +
+      `(windows ${esc(JSON.stringify(c.windows || {}))} of ${esc(c.windows_needed)})`
     : c.passed ? '<span class="no">passed</span>' : `<span class="yes">FAILED: ${esc((c.failing || []).join(", "))}</span>`;
   const rows = Object.entries(c.figures).map(([name, f]) => {
     const shown = Object.entries(f).filter(([k, v]) => k !== "ok" && (v === null || typeof v !== "object"))

@@ -179,6 +179,37 @@ def test_a_canary_that_fails_to_install_halts_the_rollout_at_once(fleet: Fleet) 
     assert sorted(_messages(f)) == canaries
 
 
+def test_the_decision_waits_for_control_windows_before_passing_a_canary(tmp_path: Path) -> None:
+    """Control devices with no windows of the model they serve (they just installed it): no comparison yet,
+    so the canary is not passed on the figures that happen to have data."""
+    folder = tmp_path / "bundles"
+    folder.mkdir()
+    v1, v2 = make_bundle(folder, version="1.0.0"), make_bundle(folder, version="1.1.0")
+    settings = parse_settings({"drift": {"min_n": 50}})
+    storage = Storage(f"sqlite:///{tmp_path}/fleet.db")
+    try:
+        references = ReferenceStore(folder=folder)
+        f = Fleet(storage, Ingestor(storage, references, settings.ingest), None, None, v1, v2, folder,  # type: ignore[arg-type]
+                  np.random.default_rng(0))
+        f.send(*[status(v1, d, fleet=FLEET) for d in DEVICES[:3]])  # seen (status), no windows yet
+        f.manager = RolloutManager(storage, settings, references, BundleFiles(folder),
+                                   AlertManager(storage, settings.alerts), FLEET, "http://fleet:1")
+        view = f.manager.create(_source(f), None, canary=1, canary_windows=2, auto_promote=True, seed=0)
+        dep, canaries = view["deployment"], _canaries(view)
+        _install(f, dep, canaries, windows=2, skew=True)
+        f.manager.tick()
+        view = f.manager.view(dep)
+        assert view["state"] == "canary" and view["canary"]["ready"] is False
+        assert "predicted-class" in view["canary"]["waiting_for"][0]
+        now = time.time()
+        f.send(*[window(v1, d, now + 1, f.rng, fleet=FLEET) for d in DEVICES[:3] if d not in canaries])
+        f.manager.tick()
+        view = f.manager.view(dep)
+        assert view["state"] == "rolled_back" and view["canary"]["failing"] == ["predicted_class"]
+    finally:
+        storage.close()
+
+
 def test_a_slow_canary_that_fails_requests_fails_on_those_figures(fleet: Fleet) -> None:
     f = fleet
     view = f.manager.create(_source(f), DEVICES, canary=1, canary_windows=1, auto_promote=True, seed=6)
