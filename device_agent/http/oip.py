@@ -30,7 +30,8 @@ from device_agent.http import jsonio
 from device_agent.http.protocol import HttpError, Request, Response
 
 if TYPE_CHECKING:
-    from device_agent.http.routes import Routes
+    from device_agent.agent import Agent
+    from device_agent.http.request_checks import RequestChecks
 
 DATATYPE = "FP32"  # what the agent's models take and give (ModelRuntime runs float32)
 BINARY_EXTENSION = "binary_tensor_data"
@@ -44,9 +45,9 @@ def _server_version() -> str:
 
 
 class OpenInference:
-    def __init__(self, routes: Routes) -> None:
-        self.routes = routes
-        self.agent = routes.agent
+    def __init__(self, agent: Agent, checks: RequestChecks) -> None:
+        self.checks = checks
+        self.agent = agent
         self.server_doc = jsonio.dumps({"name": "edge-agent", "version": _server_version(),
                                         "extensions": [BINARY_EXTENSION]})
 
@@ -107,32 +108,32 @@ class OpenInference:
     # -- inference ---------------------------------------------------------------------------------
 
     def _infer(self, request: Request, name: str, version: str | None) -> Response:
-        routes = self.routes
+        checks = self.checks
         try:
             runtime = self._model(name, version)
         except HttpError:
             self.agent.count_bad_request()
             raise
         if request.header("content-encoding", "identity").lower() != "identity":
-            raise routes.bad("compressed request bodies are not accepted", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+            raise checks.bad("compressed request bodies are not accepted", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
         body = request.body
         header_length = request.header("inference-header-content-length")
         if header_length:
             # At most 18 digits before int(): 5,000 digits would raise (Python caps int() at 4,300).
             if (len(header_length) > 18 or not (header_length.isascii() and header_length.isdigit())
                     or int(header_length) > len(body)):
-                raise routes.bad(f"Inference-Header-Content-Length {header_length[:20]!r} does not fit the body "
+                raise checks.bad(f"Inference-Header-Content-Length {header_length[:20]!r} does not fit the body "
                                  f"of {len(body)} bytes")
             json_end = int(header_length)
         else:
             json_end = len(body)
-        doc = routes.json_body(memoryview(body)[:json_end])
+        doc = checks.json_body(memoryview(body)[:json_end])
         tensors = doc.get("inputs")
         if not isinstance(tensors, list) or len(tensors) != 1 or not isinstance(tensors[0], dict):
-            raise routes.bad(f'"inputs" must be a list of one tensor, {runtime.input_name!r}')
+            raise checks.bad(f'"inputs" must be a list of one tensor, {runtime.input_name!r}')
         x = self._input(tensors[0], runtime, body, json_end)
-        routes.check_samples(x)
-        request_id = routes.request_id(doc.get("id"))
+        checks.check_samples(x)
+        request_id = checks.request_id(doc.get("id"))
         outputs_binary = self._outputs_binary(doc, runtime.output_names[0])
         result = self.agent.predict(x, request_id=request_id)
         out = np.ascontiguousarray(result.outputs, dtype="<f4")
@@ -151,7 +152,7 @@ class OpenInference:
                         headers=(("Inference-Header-Content-Length", str(len(head))),))
 
     def _input(self, tensor: dict[str, Any], runtime: Any, body: bytes | memoryview, binary_start: int) -> np.ndarray:
-        bad = self.routes.bad
+        bad = self.checks.bad
         name = tensor.get("name")
         if name != runtime.input_name:
             raise bad(f"unknown input {name!r}: the model's input is {runtime.input_name!r}")
@@ -192,11 +193,11 @@ class OpenInference:
         if requested is None:
             return binary
         if not isinstance(requested, list):
-            raise self.routes.bad('"outputs" must be a list of requested outputs')
+            raise self.checks.bad('"outputs" must be a list of requested outputs')
         for item in requested:
             if not isinstance(item, dict) or item.get("name") != output_name:
                 name = item.get("name") if isinstance(item, dict) else item
-                raise self.routes.bad(f"unknown output {name!r}: the model's output is {output_name!r}")
+                raise self.checks.bad(f"unknown output {name!r}: the model's output is {output_name!r}")
             params = item.get("parameters") or {}
             if isinstance(params, dict) and "binary_data" in params:
                 binary = bool(params["binary_data"])

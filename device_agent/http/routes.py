@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from http import HTTPStatus
 from typing import Any
 
@@ -19,12 +18,13 @@ import numpy as np
 from device_agent.agent import Agent
 from device_agent.errors import InputError
 from device_agent.http import jsonio
+from device_agent.http.oip import OpenInference
 from device_agent.http.protocol import HttpError, HttpLimits, Request, Response
+from device_agent.http.request_checks import RequestChecks
 
 log = logging.getLogger(__name__)
 
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
-MAX_REQUEST_ID = 256
 NPY_HEAD_MAX = 10 + 65535  # magic, version, header length and the longest header numpy writes
 
 
@@ -39,11 +39,10 @@ def error_response(status: int, message: str) -> Response:
 
 class Routes:
     def __init__(self, agent: Agent, limits: HttpLimits) -> None:
-        from device_agent.http.oip import OpenInference
-
         self.agent = agent
         self.limits = limits
-        self.oip = OpenInference(self)
+        self.checks = RequestChecks(agent, limits)
+        self.oip = OpenInference(agent, self.checks)
 
     def handle(self, request: Request) -> Response:
         """The answer to one complete request; never raises."""
@@ -73,55 +72,23 @@ class Routes:
             raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}")
         return error_response(HTTPStatus.NOT_FOUND, f"no route {path}")
 
-    # -- helpers shared with oip.py ----------------------------------------------------------------
-
-    def bad(self, message: str, status: int = HTTPStatus.BAD_REQUEST) -> HttpError:
-        """An error for a request refused before it reached the agent, counted as a bad request."""
-        self.agent.count_bad_request()
-        return HttpError(status, message)
-
-    def json_body(self, body: bytes | bytearray | memoryview) -> dict[str, Any]:
-        try:
-            doc = jsonio.loads(body) if len(body) else None
-        except (UnicodeDecodeError, jsonio.DecodeError) as exc:
-            raise self.bad(f"body is not valid JSON: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise self.bad("body must be a JSON object")
-        return doc
-
-    def request_id(self, value: Any) -> str | None:
-        if value is None or value == "":
-            return None
-        rid = str(value)
-        if len(rid) > MAX_REQUEST_ID:
-            raise self.bad(f"request id longer than {MAX_REQUEST_ID} characters")
-        return rid
-
-    def check_samples(self, x: np.ndarray) -> None:
-        """Refuse a batch over http.max_samples before it reaches the model."""
-        per_sample = max(1, math.prod(self.agent.model.runtime.sample_shape))  # math.prod: np.prod costs ~5 us
-        n = -(-x.size // per_sample)
-        if n > self.limits.max_samples:
-            raise self.bad(f"{n} samples in one request, the limit is {self.limits.max_samples} (http.max_samples)",
-                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-
     # -- own API -----------------------------------------------------------------------------------
 
     def _predict(self, request: Request) -> Response:
         content_type = (request.header("content-type") or "application/json").split(";")[0].strip().lower()
-        request_id = self.request_id(request.header("x-request-id"))
+        request_id = self.checks.request_id(request.header("x-request-id"))
         if content_type in NPY_TYPES:
             inputs = self.npy_array(request.body)
         else:
-            doc = self.json_body(request.body)
+            doc = self.checks.json_body(request.body)
             if "inputs" not in doc:
-                raise self.bad('JSON body needs "inputs": a sample or a batch of samples')
+                raise self.checks.bad('JSON body needs "inputs": a sample or a batch of samples')
             try:
                 inputs = np.asarray(doc["inputs"], dtype=np.float32)
             except (ValueError, TypeError, OverflowError) as exc:
-                raise self.bad(f'"inputs" is not a rectangular array of numbers: {exc}') from exc
-            request_id = self.request_id(doc.get("request_id")) or request_id
-        self.check_samples(inputs)
+                raise self.checks.bad(f'"inputs" is not a rectangular array of numbers: {exc}') from exc
+            request_id = self.checks.request_id(doc.get("request_id")) or request_id
+        self.checks.check_samples(inputs)
         result = self.agent.predict(inputs, request_id=request_id)
         return json_response(HTTPStatus.OK, {
             "outputs": result.outputs,
@@ -143,24 +110,25 @@ class Routes:
             else:
                 raise ValueError(f".npy format version {version} is not supported")
         except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
-            raise self.bad(f"body is not a .npy array: {exc}") from exc
+            raise self.checks.bad(f"body is not a .npy array: {exc}") from exc
         dtype = np.dtype(dtype)
         if dtype.hasobject:
-            raise self.bad("body is not a .npy array of numbers (object arrays are refused)")
+            raise self.checks.bad("body is not a .npy array of numbers (object arrays are refused)")
         count = int(np.prod(shape, dtype=np.int64))
         offset = f.tell()
         if len(body) - offset != count * dtype.itemsize:
-            raise self.bad(f"body is not a .npy array: {len(body) - offset} data bytes for shape {shape} {dtype}")
+            raise self.checks.bad(f"body is not a .npy array: {len(body) - offset} data bytes "
+                                  f"for shape {shape} {dtype}")
         flat = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
         return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
     def _labels(self, request: Request) -> Response:
-        doc = self.json_body(request.body)
+        doc = self.checks.json_body(request.body)
         labels = doc.get("labels")
         if not isinstance(labels, list):
-            raise self.bad('JSON body needs "labels": a list of class names or indices')
+            raise self.checks.bad('JSON body needs "labels": a list of class names or indices')
         if len(labels) > self.limits.max_samples:
-            raise self.bad(f"{len(labels)} labels in one request, the limit is {self.limits.max_samples}",
+            raise self.checks.bad(f"{len(labels)} labels in one request, the limit is {self.limits.max_samples}",
                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        counted = self.agent.feed_labels(labels, self.request_id(doc.get("request_id")))
+        counted = self.agent.feed_labels(labels, self.checks.request_id(doc.get("request_id")))
         return json_response(HTTPStatus.OK, {"counted": counted})

@@ -18,6 +18,7 @@ from device_agent.monitoring import summary_codec
 from device_agent.monitoring.dispersion import BlockCounts, pit_scores
 from device_agent.monitoring.reference import Reference
 from device_agent.monitoring.repeats import RepeatCounter
+from device_agent.monitoring.summary_validation import SCHEMA
 
 
 class Histogrammer:
@@ -215,7 +216,40 @@ class WindowSummary:
     # -- wire form (device_agent/monitoring/summary_codec.py) ------------------------------------
 
     def to_payload(self) -> dict[str, Any]:
-        return summary_codec.to_payload(self)
+        """The JSON document of this summary (its bytes: `to_bytes`)."""
+        channels = {}
+        disp = self.dispersion_statistic()
+        for i, name in enumerate(self.channel_names):
+            empty = self.n == 0
+            channels[name] = {
+                "counts": self.counts[i, : self.bins[i]].tolist(),
+                "min": None if empty else summary_codec.json_number(self.minimum[i]),
+                "max": None if empty else summary_codec.json_number(self.maximum[i]),
+                "sum": summary_codec.json_number(self.total[i]),
+                "sumsq": summary_codec.json_number(self.total_sq[i]),
+            }
+            if disp is not None:  # 5 significant digits: an estimate with ~10% noise needs no more
+                d = disp[i]
+                channels[name]["disp"] = [float(f"{d[0]:.5g}"), int(d[1]), float(f"{d[2]:.5g}"), int(d[3])]
+        payload: dict[str, Any] = {
+            "schema": SCHEMA,
+            "fleet": self.fleet,
+            "device": self.device,
+            "model": dict(self.model),
+            "window": {"start": self.window_start, "end": self.window_end, "seq": self.seq},
+            "n": self.n,
+            "channels": channels,
+        }
+        n_eff = self.effective_n()
+        if n_eff is not None:  # 5 significant digits, never above n
+            payload["n_eff"] = min(float(f"{n_eff:.5g}"), float(self.n))
+        if self.confusion is not None:
+            payload["labels"] = {
+                "classes": list(self.label_names),
+                "n": int(self.confusion.sum()),
+                "confusion": self.confusion.tolist(),
+            }
+        return payload
 
     def to_bytes(self, *, compress: bool = True) -> tuple[bytes, str]:
         """Encoded payload and its MQTT 5 content type."""

@@ -1,7 +1,8 @@
 """The wire form of a window summary: a versioned JSON document, plain or zlib, by MQTT content type.
 
-`to_payload` and `fields_from_payload` map between a `WindowSummary` and the document; `encode` and
-`decode_payload` between the document and bytes (with a decoded-size limit against zlib bombs). The
+`WindowSummary.to_payload` writes the document and `fields_from_payload` reads it back into constructor
+arguments (this module never imports the value, so neither depends on the other's import); `encode`
+and `decode_payload` map between the document and bytes (with a decoded-size limit against zlib bombs). The
 document is checked by `summary_validation.check_payload` before any of it is used.
 
 Optional per-channel field `disp: [X, df, S, blocks - 1]` (added without a schema bump, so older servers
@@ -18,57 +19,17 @@ import itertools
 import json
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from device_agent.errors import PayloadError
-from device_agent.monitoring.summary_validation import SCHEMA, check_payload
-
-if TYPE_CHECKING:
-    from device_agent.monitoring.summary import WindowSummary
+from device_agent.monitoring.summary_validation import check_payload
 
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_ZLIB = "application/json+zlib"
 # A decoded payload larger than this is refused (protects the server from zlib bombs).
 MAX_DECODED_BYTES = 4 * 1024 * 1024
-
-
-def to_payload(s: WindowSummary) -> dict[str, Any]:
-    """The JSON document of a summary."""
-    channels = {}
-    disp = s.dispersion_statistic()
-    for i, name in enumerate(s.channel_names):
-        empty = s.n == 0
-        channels[name] = {
-            "counts": s.counts[i, : s.bins[i]].tolist(),
-            "min": None if empty else _num(s.minimum[i]),
-            "max": None if empty else _num(s.maximum[i]),
-            "sum": _num(s.total[i]),
-            "sumsq": _num(s.total_sq[i]),
-        }
-        if disp is not None:  # 5 significant digits: an estimate with ~10% noise needs no more
-            d = disp[i]
-            channels[name]["disp"] = [float(f"{d[0]:.5g}"), int(d[1]), float(f"{d[2]:.5g}"), int(d[3])]
-    payload: dict[str, Any] = {
-        "schema": SCHEMA,
-        "fleet": s.fleet,
-        "device": s.device,
-        "model": dict(s.model),
-        "window": {"start": s.window_start, "end": s.window_end, "seq": s.seq},
-        "n": s.n,
-        "channels": channels,
-    }
-    n_eff = s.effective_n()
-    if n_eff is not None:  # 5 significant digits, never above n
-        payload["n_eff"] = min(float(f"{n_eff:.5g}"), float(s.n))
-    if s.confusion is not None:
-        payload["labels"] = {
-            "classes": list(s.label_names),
-            "n": int(s.confusion.sum()),
-            "confusion": s.confusion.tolist(),
-        }
-    return payload
 
 
 def encode(payload: dict[str, Any], *, compress: bool = True) -> tuple[bytes, str]:
@@ -151,6 +112,6 @@ def decode_payload(data: bytes, content_type: str | None, *,
         raise PayloadError("malformed_json", str(exc)) from exc
 
 
-def _num(x: float) -> float | None:
+def json_number(x: float) -> float | None:
     """JSON-safe float, rounded to 9 significant digits (enough for counts' moments, fewer bytes)."""
     return float(f"{x:.9g}") if np.isfinite(x) else None
