@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "fleet enroll": "fleet_enroll",
     "fleet revoke": "fleet_revoke",
     "batch-predict": "batch_predict",
+    "data snapshot": "data_snapshot",
 }
 
 
@@ -166,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local instance)")
     _common(p)
 
+    data = sub.add_parser(
+        "data", help="the project's data snapshot",
+        description="The project's versioned data: the snapshot file that DVC records and training reads.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    p = data_sub.add_parser(
+        "snapshot", help="write the data snapshot and check it against its DVC record",
+        description="Write the snapshot a project config names (data/<name>.npz for a built-in dataset, "
+                    "byte-identical every time)\nif it is missing, and check it against its DVC record: the "
+                    "snapshot stage's entry in dvc.lock, or its .dvc file.\nA snapshot that no longer matches "
+                    "its record is left as it is and refused (exit 2). This is the `snapshot`\nstage of the "
+                    "examples' dvc.yaml, so `dvc repro` works on a fresh clone.")
+    p.add_argument("--config", required=True, help="project config (TOML; keys in docs/config.md)")
+    _common(p)
+
     fleet = sub.add_parser(
         "fleet", help="fleet drift service",
         description="The fleet server, which gathers what the devices report (docs/fleet.md).")
@@ -284,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_key(args: argparse.Namespace) -> str | None:
     if args.command == "fleet":
         return f"fleet {args.fleet_command}" if getattr(args, "fleet_command", None) else None
+    if args.command == "data":
+        return f"data {args.data_command}" if getattr(args, "data_command", None) else None
     return args.command
 
 

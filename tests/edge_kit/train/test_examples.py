@@ -1,87 +1,123 @@
-"""The shipped examples: valid configs, committed DVC records that a fresh clone rebuilds, real accuracy."""
+"""The shipped examples: valid configs, committed DVC records that a fresh clone rebuilds, real accuracy,
+and `dvc repro` on a fresh clone (the snapshot is a stage of dvc.yaml)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
 
 from edge_kit.config import load_config
 from edge_kit.train.data import materialise_snapshot, snapshot_path
-from edge_kit.train.run import train
-from tests.helpers.training import commit_all, make_project
+from edge_kit.train.snapshot import file_md5
+from harness.processes import cli_env
+from tests.helpers.training import commit_all, git, make_project
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
+SNAPSHOTS = [("digits", "digits.npz"), ("tabular", "breast_cancer.npz")]
+
+
 def copy_example(name: str, dest: Path) -> Path:
-    """The example's tracked files (config, .dvc record, data/.gitignore, dvc.yaml) in a throwaway git+DVC repo."""
+    """The example's tracked files (config, .gitignore files, dvc.yaml, dvc.lock) in a throwaway git+DVC repo."""
     config = make_project(dest, (EXAMPLES / name / "edgekit.toml").read_text())
     (dest / "data").mkdir()
     for record in [*(EXAMPLES / name / "data").glob("*.dvc"), EXAMPLES / name / "data" / ".gitignore"]:
         shutil.copy(record, dest / "data" / record.name)
-    shutil.copy(EXAMPLES / name / "dvc.yaml", dest / "dvc.yaml")
+    for tracked in ("dvc.yaml", "dvc.lock", ".gitignore"):
+        shutil.copy(EXAMPLES / name / tracked, dest / tracked)
     return config
 
 
-@pytest.mark.parametrize(("name", "snapshot"), [("digits", "digits.npz"), ("tabular", "breast_cancer.npz")])
+def _locked_snapshot(name: str, snapshot: str) -> dict:
+    lock = yaml.safe_load((EXAMPLES / name / "dvc.lock").read_text())
+    [out] = lock["stages"]["snapshot"]["outs"]
+    assert out["path"] == f"data/{snapshot}"
+    return dict(out)
+
+
+@pytest.mark.parametrize(("name", "snapshot"), SNAPSHOTS)
 def test_committed_dvc_record_is_rebuilt_exactly(tmp_path: Path, name: str, snapshot: str) -> None:
     config = load_config(copy_example(name, tmp_path))
     assert snapshot_path(config).name == snapshot
     assert not snapshot_path(config).exists()  # as on a fresh clone: the data file is git-ignored
     info = materialise_snapshot(config)  # raises DataError if the bytes differ from the committed md5
-    assert info.dvc_file == tmp_path.resolve() / "data" / f"{snapshot}.dvc"
+    assert info.dvc_file == tmp_path.resolve() / "dvc.lock"  # the snapshot stage's record, not a `dvc add`
+    assert info.dvc_md5 == file_md5(snapshot_path(config)) == _locked_snapshot(name, snapshot)["md5"]
+    assert not (tmp_path / "data" / f"{snapshot}.dvc").exists()
 
 
-@pytest.mark.parametrize("name", ["digits", "tabular"])
-def test_dvc_pipeline_calls_the_cli(name: str) -> None:
+@pytest.mark.parametrize(("name", "snapshot"), SNAPSHOTS)
+def test_dvc_pipeline_makes_the_snapshot_and_calls_the_cli(name: str, snapshot: str) -> None:
     stages = yaml.safe_load((EXAMPLES / name / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["snapshot", "train", "build"]
+    assert stages["snapshot"]["cmd"] == "edge-kit data snapshot --config edgekit.toml"
+    assert stages["snapshot"]["outs"] == [{f"data/{snapshot}": {"persist": True}}]  # a changed one is kept, refused
+    assert f"data/{snapshot}" in stages["train"]["deps"]
     assert "edge-kit train --config edgekit.toml --json" in stages["train"]["cmd"]
     assert "edge-kit build --config edgekit.toml --out dist" in stages["build"]["cmd"]
-    assert any(str(dep).startswith("data/") for dep in stages["train"]["deps"])
     assert (EXAMPLES / name / ".gitignore").read_text().count("/.edgekit/") == 1
+    # One owner per output: a `.dvc` record of the same file would make DVC refuse the whole pipeline.
+    assert not list((EXAMPLES / name / "data").glob("*.dvc"))
+    assert _locked_snapshot(name, snapshot)["md5"]
 
 
-def _root_conftest() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("edge_kit_tests_root_conftest", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def test_a_changed_snapshot_is_kept_and_refused(tmp_path: Path, edge_kit_cli) -> None:
+    config = copy_example("digits", tmp_path)
+    first = edge_kit_cli("data", "snapshot", "--config", str(config), "--json", timeout=120)
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout)
+    assert out["dvc_md5"] == _locked_snapshot("digits", "digits.npz")["md5"]
+    snapshot = Path(out["path"])
+    changed = snapshot.read_bytes() + b"x"
+    snapshot.write_bytes(changed)
+    again = edge_kit_cli("data", "snapshot", "--config", str(config), "--json", timeout=120)
+    assert again.returncode == 2, again.stderr
+    assert "does not match its DVC record dvc.lock" in again.stderr and "dvc checkout snapshot" in again.stderr
+    assert json.loads(again.stdout)["exit_code"] == 2
+    assert snapshot.read_bytes() == changed  # nothing overwritten
+    refused = edge_kit_cli("train", "--config", str(config), timeout=120)
+    assert refused.returncode == 2 and "refusing to train on unrecorded data" in refused.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_dvc_repro_trains_the_tabular_example(tmp_path: Path) -> None:
-    """`dvc repro` runs the train stage through the CLI; the build stage can then reuse that run."""
-    project = tmp_path / "clone"
-    config = copy_example("tabular", project)
-    commit_all(project)  # as cloned: .dvc record committed, data file absent, DVC cache empty
-    materialise_snapshot(load_config(config))  # what `edge-kit train` does first; checked against the record
-    # `edge-kit` on PATH for DVC's stage command: this checkout's CLI, as the suite's fixtures run it.
+def test_dvc_repro_on_a_fresh_clone_makes_the_snapshot_then_trains(tmp_path: Path) -> None:
+    """A fresh `git clone`: no data file, an empty DVC cache. `dvc repro train` makes the snapshot (checked
+    against the committed dvc.lock), then trains on it; a second `dvc repro train` has nothing to do."""
+    origin = tmp_path / "origin"
+    copy_example("tabular", origin)
+    commit_all(origin)
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(origin), str(clone))
+    assert not (clone / "data" / "breast_cancer.npz").exists() and not (clone / ".dvc" / "cache").exists()
+    # `edge-kit` on PATH for DVC's stage commands: this checkout's CLI, as the suite's fixtures run it.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "edge-kit"
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m edge_kit "$@"\n')
     shim.chmod(0o755)
-    env = _root_conftest().cli_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"})
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "train"], cwd=project,
+    env = cli_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"})
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "train"], cwd=clone,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    out = json.loads((project / ".edgekit" / "train.json").read_text())
+    assert proc.stdout.index("Running stage 'snapshot'") < proc.stdout.index("Running stage 'train'")
+    snapshot = clone / "data" / "breast_cancer.npz"
+    assert file_md5(snapshot) == _locked_snapshot("tabular", "breast_cancer.npz")["md5"]
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"snapshot", "train"}
+    [data_dep] = [d for d in lock["train"]["deps"] if d["path"] == "data/breast_cancer.npz"]
+    assert data_dep["md5"] == lock["snapshot"]["outs"][0]["md5"]
+    out = json.loads((clone / ".edgekit" / "train.json").read_text())
     assert out["metrics"]["test_accuracy"] >= 0.95  # breast cancer, MLP
     assert Path(out["onnx"]).is_file() and out["metrics"]["onnx_max_abs_diff"] <= 1e-4
-    assert (project / "dvc.lock").is_file()  # DVC recorded the stage
-    # What `edge-kit build` does next: dvc.lock is new, the code is still the commit, so the run is reused.
-    again = train(load_config(config), reuse=True)
-    assert again.reused and again.run_id == out["run_id"]
+    again = subprocess.run([sys.executable, "-m", "dvc", "repro", "train"], cwd=clone,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout + again.stderr
