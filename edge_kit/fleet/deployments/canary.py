@@ -9,10 +9,13 @@ model (or failed to install it), the figures are compared:
   control devices' share by at most `max_failed_rate_increase`.
 - latency: the canaries' median p95 may be at most `max_latency_ratio` x the control devices' median p95
   (+ `latency_slack_ms`), once each side served `min_latency_requests` requests.
-- predicted_class: the predicted-class counts of canary vs control windows, chi-square test of
-  homogeneity (`stats.chi_square`, the drift machinery's test); fails when significant at `alpha` AND
-  the total variation distance is at least the drift config's `effect_class_tvd` (so a huge sample
-  cannot fail a canary on a negligible difference).
+- predicted_class: the predicted-class counts of the canaries' windows under the new bundle against the
+  old version's: the same canary devices' windows from before the swap when they have some (devices
+  see different class mixes, so comparing a device with itself is not confounded by which devices
+  happened to be drawn), else the control devices' windows. Chi-square test of homogeneity
+  (`stats.chi_square`, the drift machinery's test); fails when significant at `alpha` AND the total
+  variation distance is at least the drift config's `effect_class_tvd` (so a huge sample cannot fail a
+  canary on a negligible difference).
 - input_drift: the canaries' pooled input channels against the NEW bundle's reference, with the drift
   tests (`drift.test_windows`, Bonferroni over the channels): the bundle was calibrated for other data.
 - accuracy: where labels arrived for both sides (at least `min_labels` each), the canaries' labelled
@@ -61,6 +64,7 @@ class Side:
 
 def evaluate(storage: Storage, settings: FleetSettings, *, new: ModelReference | None, created_at: float,
              canary: Sequence[str], canary_steps: dict[str, tuple[str | None, str | None]], control: Side,
+             canary_before: dict[str, ModelReference] | None = None,
              statuses: dict[str, dict[str, Any]], windows: int,
              thresholds: CanaryThresholds = CanaryThresholds(), now: float | None = None) -> dict[str, Any]:
     """The figures and, once ready, the verdict: {"ready", "passed", "failing": [figure names], "figures"}."""
@@ -76,7 +80,8 @@ def evaluate(storage: Storage, settings: FleetSettings, *, new: ModelReference |
                     "installed": sum(1 for s, _ in canary_steps.values() if s == "installed"), "ok": not failed},
     }
     figures["requests"], figures["latency"] = _serving(canary, control.devices, statuses, new, thresholds)
-    figures["predicted_class"] = _predicted_class(storage, settings, new, canary_rows, control, created_at)
+    figures["predicted_class"] = _predicted_class(storage, settings, new, canary_rows, control, created_at,
+                                                  canary_before or {})
     figures["input_drift"] = _input_drift(settings, new, canary_rows)
     figures["accuracy"] = _accuracy(storage, settings, new, canary, control, created_at)
     # The model's behaviour must have been compared before a canary can pass: with control devices, the
@@ -147,25 +152,38 @@ def _class_counts(ref: ModelReference, rows: Sequence[tuple[Any, ...]]) -> np.nd
     return np.asarray(flat[:, offset: offset + bins].sum(axis=0), dtype=np.int64)
 
 
+def _old_class_counts(storage: Storage, new: ModelReference, references: dict[str, ModelReference], since: float,
+                      before: float | None) -> np.ndarray | None:
+    """Predicted-class counts of these devices' windows of the models they served (before `before`, if given)."""
+    total: np.ndarray | None = None
+    by_model: dict[str, tuple[ModelReference, list[str]]] = {}
+    for device, ref in references.items():
+        by_model.setdefault(ref.sha256, (ref, []))[1].append(device)
+    for ref, devices in by_model.values():
+        if ref.labels != new.labels or ref.sha256 == new.sha256:
+            continue  # another label set: its predicted classes are not the same categories
+        rows = [r for r in storage.windows(ref.sha256, since)
+                if r[0] in set(devices) and (before is None or r[1] < before)]
+        counts = _class_counts(ref, rows)
+        if counts is not None and (total is None or counts.shape == total.shape):
+            total = counts if total is None else total + counts
+    return total
+
+
 def _predicted_class(storage: Storage, settings: FleetSettings, new: ModelReference | None,
-                     canary_rows: list[tuple[Any, ...]], control: Side, created_at: float) -> dict[str, Any]:
-    out: dict[str, Any] = {"test": "chi-square (canary vs control predicted-class counts)",
+                     canary_rows: list[tuple[Any, ...]], control: Side, created_at: float,
+                     canary_before: dict[str, ModelReference]) -> dict[str, Any]:
+    out: dict[str, Any] = {"test": "chi-square (predicted-class counts, new bundle vs old version)",
                            "alpha": settings.drift.alpha, "min_tvd": settings.drift.effect_class_tvd, "ok": None}
     if new is None:
         return out
     canary_counts = _class_counts(new, canary_rows)
-    control_counts: np.ndarray | None = None
     since = created_at - CONTROL_LOOKBACK_SECONDS
-    by_model: dict[str, tuple[ModelReference, list[str]]] = {}
-    for device, ref in control.references.items():
-        by_model.setdefault(ref.sha256, (ref, []))[1].append(device)
-    for ref, devices in by_model.values():
-        if ref.labels != new.labels:
-            continue  # another label set: its predicted classes are not the same categories
-        rows = [r for r in storage.windows(ref.sha256, since) if r[0] in set(devices)]
-        counts = _class_counts(ref, rows)
-        if counts is not None and (canary_counts is None or counts.shape == canary_counts.shape):
-            control_counts = counts if control_counts is None else control_counts + counts
+    control_counts = _old_class_counts(storage, new, canary_before, since, before=created_at)
+    out["control"] = "the canary devices before the swap"
+    if control_counts is None or int(control_counts.sum()) == 0:
+        control_counts = _old_class_counts(storage, new, control.references, since, before=None)
+        out["control"] = "the control devices"
     out["canary_n"] = int(canary_counts.sum()) if canary_counts is not None else 0
     out["control_n"] = int(control_counts.sum()) if control_counts is not None else 0
     if canary_counts is None or control_counts is None or canary_counts.shape != control_counts.shape:

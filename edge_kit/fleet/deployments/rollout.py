@@ -276,11 +276,13 @@ class RolloutManager:
                 if ref is not None:
                     control_refs[r["device"]] = ref
         canaries = [r["device"] for r in rows if r["role"] == CANARY_ROLE]
+        before = {r["device"]: ref for r in rows if r["role"] == CANARY_ROLE and r["previous_model_sha256"]
+                  and (ref := self.references.get(r["previous_model_sha256"])) is not None}
         statuses = {d: (k.get("status") or {}) for d, k in known.items()}
         return canary_mod.evaluate(
             self.storage, self.settings, new=new, created_at=float(dep["created_at"]), canary=canaries,
             canary_steps={r["device"]: (r["step"], r["reason"]) for r in rows if r["role"] == CANARY_ROLE},
-            control=canary_mod.Side(sorted(control_refs), control_refs), statuses=statuses,
+            control=canary_mod.Side(sorted(control_refs), control_refs), canary_before=before, statuses=statuses,
             windows=int(dep["canary_windows"]), thresholds=self.thresholds, now=now)
 
     def _fail(self, dep: dict[str, Any], decision: dict[str, Any]) -> None:
