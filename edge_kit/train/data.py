@@ -128,7 +128,8 @@ def _npz_raw(path: Path) -> RawData:
             X = np.asarray(npz["X"])
             y_values = np.asarray(npz["y"])
             names = [str(n) for n in npz["feature_names"]] if "feature_names" in npz else []
-            stored_kind = str(npz["input_kind"]) if "input_kind" in npz else None
+            # Written as a 1-element array (np.ascontiguousarray makes 0-d arrays 1-d): its item, not its repr.
+            stored_kind = str(npz["input_kind"].reshape(-1)[0]) if "input_kind" in npz else None
             stored_labels = [str(n) for n in npz["labels"]] if "labels" in npz else None
     except DataError:
         raise

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from edge_kit.config import load_config
-from edge_kit.train.data import materialise_snapshot, snapshot_path
+from edge_kit.train.data import materialise_snapshot, read_snapshot, snapshot_path
 from edge_kit.train.snapshot import file_md5
 from harness.processes import cli_env
 from tests.helpers.training import commit_all, git, make_project
@@ -52,6 +52,8 @@ def test_committed_dvc_record_is_rebuilt_exactly(tmp_path: Path, name: str, snap
     assert info.dvc_file == tmp_path.resolve() / "dvc.lock"  # the snapshot stage's record, not a `dvc add`
     assert info.dvc_md5 == file_md5(snapshot_path(config)) == _locked_snapshot(name, snapshot)["md5"]
     assert not (tmp_path / "data" / f"{snapshot}.dvc").exists()
+    raw = read_snapshot(config, info.path)  # what the stored snapshot says about itself survives the round trip
+    assert (raw.input_kind, len(raw.feature_names)) == {"digits": ("image", 0), "tabular": ("features", 30)}[name]
 
 
 @pytest.mark.parametrize(("name", "snapshot"), SNAPSHOTS)
@@ -89,15 +91,19 @@ def test_a_changed_snapshot_is_kept_and_refused(tmp_path: Path, edge_kit_cli) ->
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_dvc_repro_on_a_fresh_clone_makes_the_snapshot_then_trains(tmp_path: Path) -> None:
-    """A fresh `git clone`: no data file, an empty DVC cache. `dvc repro train` makes the snapshot (checked
-    against the committed dvc.lock), then trains on it; a second `dvc repro train` has nothing to do."""
+def test_dvc_repro_on_a_fresh_clone_runs_from_the_snapshot_to_the_signed_bundle(tmp_path: Path,
+                                                                              edge_kit_cli) -> None:
+    """A fresh `git clone`: no data file, an empty DVC cache. `dvc repro` makes the snapshot (checked against
+    the committed dvc.lock), trains on it and builds the signed bundle; a second `dvc repro` has nothing to do."""
     origin = tmp_path / "origin"
     copy_example("tabular", origin)
     commit_all(origin)
-    clone = tmp_path / "clone"
-    git(tmp_path, "clone", "-q", str(origin), str(clone))
+    clone = tmp_path / "work" / "clone"  # dvc.yaml's key is ../../.keys/edgekit.key, as in this repository
+    clone.parent.mkdir()
+    git(clone.parent, "clone", "-q", str(origin), str(clone))
     assert not (clone / "data" / "breast_cancer.npz").exists() and not (clone / ".dvc" / "cache").exists()
+    keys = edge_kit_cli("keygen", "--out", str(tmp_path / ".keys"), timeout=60)
+    assert keys.returncode == 0, keys.stderr
     # `edge-kit` on PATH for DVC's stage commands: this checkout's CLI, as the suite's fixtures run it.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -105,19 +111,26 @@ def test_dvc_repro_on_a_fresh_clone_makes_the_snapshot_then_trains(tmp_path: Pat
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m edge_kit "$@"\n')
     shim.chmod(0o755)
     env = cli_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"})
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "train"], cwd=clone,
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.index("Running stage 'snapshot'") < proc.stdout.index("Running stage 'train'")
+    ran = [proc.stdout.index(f"Running stage '{stage}'") for stage in ("snapshot", "train", "build")]
+    assert ran == sorted(ran)
     snapshot = clone / "data" / "breast_cancer.npz"
     assert file_md5(snapshot) == _locked_snapshot("tabular", "breast_cancer.npz")["md5"]
     lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"snapshot", "train"}
+    assert set(lock) == {"snapshot", "train", "build"}
     [data_dep] = [d for d in lock["train"]["deps"] if d["path"] == "data/breast_cancer.npz"]
     assert data_dep["md5"] == lock["snapshot"]["outs"][0]["md5"]
     out = json.loads((clone / ".edgekit" / "train.json").read_text())
     assert out["metrics"]["test_accuracy"] >= 0.95  # breast cancer, MLP
     assert Path(out["onnx"]).is_file() and out["metrics"]["onnx_max_abs_diff"] <= 1e-4
-    again = subprocess.run([sys.executable, "-m", "dvc", "repro", "train"], cwd=clone,
+    [bundle] = (clone / "dist").glob("*.edgebundle")
+    verified = edge_kit_cli("verify", str(bundle), "--pubkey", str(tmp_path / ".keys" / "edgekit.pub"), timeout=60)
+    assert verified.returncode == 0, verified.stderr
+    shown = edge_kit_cli("inspect", str(bundle), "--json", timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert lock["snapshot"]["outs"][0]["md5"] in shown.stdout  # the bundle's provenance names the data it used
+    again = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone,
                            env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout + again.stderr
