@@ -275,6 +275,8 @@ class Agent:
                     self._ship(self._close_monitor(self._retired, t))
                     if not self._retired.unlabelled_recent and not self._retired.remembered_request_bytes:
                         self._retired = None
+                    else:  # kept for labels only: its sample buffers (megabytes) go
+                        self._retired.release_buffers()
             closed = self._close_monitor(self._monitor, t)
             self._ship(closed)
         return closed if closed.n or closed.confusion is not None else None

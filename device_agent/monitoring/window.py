@@ -233,6 +233,26 @@ class WindowMonitor:
         """Raise InputError for labels that are not this model's classes, consuming nothing."""
         self._class_indices(labels)
 
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(inputs.nbytes + outputs.nbytes for inputs, outputs in self._buffers)
+
+    def release_buffers(self) -> None:
+        """Give back the sample buffers of a model that no longer serves; its label memory stays.
+
+        A prediction that still finishes on it afterwards is summarised at once instead of buffered
+        (a chunk of 0 sends every batch down `record`'s direct path)."""
+        with self._lock:
+            k = self._fill
+            self._wait_pending()
+            if k:
+                self._summarise(self.summary, self._inputs[:k], self._outputs[:k])
+                self._fill = 0
+            width = self._outputs.shape[1]
+            empty = (np.empty((0, *self.plan.input_shape), np.float32), np.empty((0, width), np.float32))
+            self._buffers, self._current, self._chunk = [empty], 0, 0
+            self._inputs, self._outputs = empty
+
     def feed_labels(self, labels: Sequence[Any], request_id: str | None = None) -> int:
         """Ground truth for the most recent unlabelled predictions made without a request id, or for one
         request's; returns how many were counted. Labels consume what they label: a prediction is

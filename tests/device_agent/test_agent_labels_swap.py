@@ -120,6 +120,33 @@ def test_a_second_swap_ships_what_the_first_retired_model_still_held(
     assert np.array(labelled[0]["labels"]["confusion"]).sum() == 2
 
 
+def test_a_retired_model_kept_for_labels_gives_back_its_buffers_and_still_counts_late_predictions(
+        bundle_v1: Path, bundle_v2: Path, tmp_path: Path, clock) -> None:
+    agent, publisher = _agent(bundle_v1, tmp_path, clock)
+    old_runtime = agent.model.runtime
+    made = agent.predict(digits_like_inputs(6, seed=8))
+    clock.advance(3)
+    agent.update(bundle_v2)
+    retired = agent._retired
+    assert retired is not None and retired.buffer_bytes > 0
+    agent.close_window(clock.advance(10))
+    assert agent._retired is retired and retired.buffer_bytes == 0  # unlabelled predictions: kept, buffers gone
+    # A request that was still running on the old model when the window closed, and labels for it.
+    x = digits_like_inputs(2, seed=9)
+    logits = old_runtime.run(x)
+    retired.record(x, logits, logits.argmax(axis=1), None)
+    assert agent.feed_labels([int(c) for c in made.classes] + [int(c) for c in logits.argmax(axis=1)]) == 8
+    agent.close_window(clock.advance(10))
+    assert agent._retired is None  # all it remembered is labelled
+    assert agent.forwarder is not None
+    agent.forwarder.pump()
+    payloads = [json.loads(zlib.decompress(m.payload)) for m in publisher.messages if m.topic.endswith("/summary")]
+    late = payloads[-1]
+    confusion = np.array(late["labels"]["confusion"])
+    assert late["model"]["version"] == "1.0.0" and late["n"] == 2
+    assert confusion.sum() == 8 and np.trace(confusion) == 8  # each label met the prediction it names
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_running_agent_takes_labels_over_http_for_predictions_made_before_a_swap(
