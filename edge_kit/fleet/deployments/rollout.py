@@ -65,6 +65,7 @@ from edge_kit.fleet.storage import Storage
 
 log = logging.getLogger(__name__)
 CLEAR = "clear"  # the action of an empty retained payload: the device's topic holds nothing
+STEPS_AFTER_STOP_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,11 @@ class RolloutManager:
 
     def tick(self, now: float | None = None) -> None:
         """Record the devices' reported steps; decide canaries; mark finished rollouts done."""
-        active = self.store.all(ACTIVE)
+        # Deployments halted or rolled back within the hour still record their devices' steps (the
+        # rollbacks' `rolled_back`); their state no longer moves.
+        recent = time.time() - STEPS_AFTER_STOP_SECONDS
+        active = self.store.all(ACTIVE) + [d for d in self.store.all([HALTED, ROLLED_BACK])
+                                           if float(d["updated_at"]) >= recent]
         if not active:
             return
         known = {d["device"]: d for d in self.storage.devices()}

@@ -163,6 +163,11 @@ def test_skewed_bundle_is_rolled_back_with_an_alert_naming_the_figure(fleet: Fle
     assert "predicted_class" in alerts[0]["summary"] and "chi-square" in alerts[0]["summary"]
     with pytest.raises(BundleError, match="only a canary can be promoted"):
         f.manager.promote(dep)
+    # The canaries' rollback reports are still recorded on the rolled-back deployment.
+    f.send(*[status(f.v1, d, fleet=FLEET, deployment=report(dep, f.v1, "rolled_back", time.time()))
+             for d in canaries])
+    f.manager.tick()
+    assert {f.manager.view(dep)["devices"][d]["state"] for d in canaries} == {"rolled_back"}
 
 
 def test_a_canary_that_fails_to_install_halts_the_rollout_at_once(fleet: Fleet) -> None:
