@@ -1,6 +1,6 @@
 """Device agent benchmark: what monitoring costs, memory, payload size, cold start. One run, side by side.
 
-    python benchmarks/bench_agent.py [--quick] [--bundle PATH]
+    python benchmarks/bench_agent.py [--quick] [--bundle PATH] [--only-overhead | --only-http]
 
 Measured on the same int8 bundle (the real digits bundle from dist/ if present, else a digits-shaped
 int8 CNN made here with ONNX Runtime's quantizer):
@@ -10,7 +10,8 @@ int8 CNN made here with ONNX Runtime's quantizer):
   model standardises inside its graph (`model.preprocessing.in_graph`) both session rows feed raw
   inputs: there is no caller-side preprocessing left. The variants run
   interleaved in short rounds (rotating order) for several seconds each, and each figure is total
-  time over total calls, so load from other processes hits all of them alike;
+  time over total calls, so load from other processes hits all of them alike; process CPU time per
+  call is reported beside wall time (`--only-overhead` runs just this table);
 - the cost of closing a window (flush, encode, compress);
 - payload bytes per window (zlib JSON, as sent; plain JSON for reference);
 - resident memory of `edge-agent run` while serving HTTP requests and publishing to Mosquitto;
@@ -85,6 +86,15 @@ def per_call_seconds(fn: Callable[[], Any], calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+def per_call_wall_and_cpu(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
+    """Wall seconds and process CPU seconds (all threads: the monitor's background worker too) per call.
+    On a shared machine the CPU time is the steadier of the two: time spent descheduled is not in it."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls, (time.process_time() - c0) / calls
+
+
 def throughput(bundle: Path, quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import onnxruntime as ort
 
@@ -126,22 +136,28 @@ def throughput(bundle: Path, quick: bool) -> tuple[list[dict[str, Any]], dict[st
         calls = max(8, 256 // batch)
         names = list(variants)
         totals = dict.fromkeys(names, 0.0)
+        cpu_totals = dict.fromkeys(names, 0.0)
         per_round: dict[str, list[float]] = {k: [] for k in names}
         done = 0
         t_end = time.perf_counter() + seconds_per_variant * len(names)
         while time.perf_counter() < t_end:
             for name in names[done % len(names):] + names[: done % len(names)]:
-                dt = per_call_seconds(variants[name], calls)
+                dt, cpu = per_call_wall_and_cpu(variants[name], calls)
                 totals[name] += dt
+                cpu_totals[name] += cpu
                 per_round[name].append(dt)
             done += 1
         per_call = {k: v / done for k, v in totals.items()}
         base, base_pre = per_call["ort_session"], per_call["ort_session+preprocess"]
+        cpu_base = cpu_totals["ort_session"]
         for name, sec in per_call.items():
             rows.append({
                 "batch": batch, "variant": name, "us_per_call": sec * 1e6, "samples_per_s": batch / sec,
                 "vs_ort_session_pct": (sec / base - 1) * 100, "vs_ort+preprocess_pct": (sec / base_pre - 1) * 100,
+                "cpu_us_per_call": cpu_totals[name] / done * 1e6,
+                "cpu_vs_ort_session_pct": (cpu_totals[name] / cpu_base - 1) * 100,
             })
+            figures[f"b{batch}_{name}_cpu_vs_ort_session_pct"] = round((cpu_totals[name] / cpu_base - 1) * 100, 2)
             figures[f"b{batch}_{name}_samples_per_s"] = round(batch / sec, 1)
         on = per_call["agent_summaries_on"]
         figures[f"b{batch}_summaries_overhead_vs_ort_session_pct"] = round((on / base - 1) * 100, 2)
@@ -518,6 +534,27 @@ def serving_table(bundle: Path, tmp: Path, quick: bool) -> tuple[list[dict[str, 
     figures["install_mb_uvicorn_starlette_would_add"] = _install_mb(ASGI_DISTS)
     return rows, figures
 
+def overhead_only(args: argparse.Namespace) -> None:
+    """The first table alone: Agent.predict (monitoring off, summaries on) against a bare session."""
+    from device_agent.host import host_info
+
+    with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp_dir:
+        bundle, source = find_bundle(Path(tmp_dir), args.bundle)
+        load_before = os.getloadavg()
+        rows, figures = throughput(bundle, args.quick)
+    machine = host_info()
+    print(f"bundle: {source}; machine: {machine.get('cpu')}, {machine.get('int8_isa')}; "
+          f"load average before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}")
+    print_table(rows)
+    name = "agent_overhead" if args.name == "agent" else args.name
+    path = write_result(
+        name, figures, rows=rows, bundle_source=source, quick=args.quick,
+        load_average_1_5_15=[round(v, 2) for v in os.getloadavg()],
+        conditions="variants interleaved in short rotating rounds, total time / total calls; ORT: 1 intra-op thread",
+    )
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and requests")
@@ -526,6 +563,8 @@ def main() -> None:
                         help="skip the edge-agent process figures (RSS, cold start), e.g. where Mosquitto is missing")
     parser.add_argument("--name", default="agent", help="result name (benchmarks/results/NAME.json)")
     parser.add_argument("--only-http", action="store_true", help="only the HTTP serving table")
+    parser.add_argument("--only-overhead", action="store_true",
+                        help="only the Agent.predict vs bare session table (result name agent_overhead)")
     parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)  # child process of the serving table
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -533,6 +572,9 @@ def main() -> None:
         _serve(args.serve, Path(args.bundle), args.port)
         return
     logging.basicConfig(level=logging.WARNING)
+    if args.only_overhead:
+        overhead_only(args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp_dir:
         tmp = Path(tmp_dir)
         bundle, source = find_bundle(tmp, args.bundle)

@@ -47,6 +47,7 @@ __all__ = ["Agent", "LoadedModel", "Prediction", "load_model"]
 log = logging.getLogger(__name__)
 
 SEQ_META = "next_seq"
+_perf_counter = time.perf_counter
 
 
 @dataclass(slots=True)
@@ -136,7 +137,7 @@ class Agent:
         self._retired: WindowMonitor | None = None
         self.last_update: dict[str, Any] | None = None
         # Requests, failures and latency of the model now serving (reset at each swap): canary figures.
-        self.serving = ServingStats()
+        self.serving = ServingStats(self._counter_lock)
         self.serving.reset(self.started_at)
         # More top-level blocks of the status document, by key (the deployment updater adds its own).
         self.status_sources: dict[str, Callable[[], Any]] = {}
@@ -191,27 +192,29 @@ class Agent:
 
     def predict(self, inputs: Any, request_id: str | None = None) -> Prediction:
         """Run a batch (or one sample) of RAW inputs; raises InputError for a bad request (counted)."""
-        active, monitor = self._active, self._monitor
-        began = time.perf_counter()
+        runtime, monitor = self._active.runtime, self._monitor
+        began = _perf_counter()
         try:
-            batch = active.runtime.as_batch(inputs)
+            batch = runtime.as_batch(inputs)
         except InputError:
             self._count(bad_requests=1)
             self.serving.record(0.0, ok=False)
             raise
         try:
-            outputs = active.runtime.run(batch)
+            outputs = runtime.run(batch)
         except Exception:
             self.serving.record(0.0, ok=False)
             raise
-        self.serving.record(time.perf_counter() - began, ok=True)
+        seconds = _perf_counter() - began
         classes = outputs.argmax(axis=1)
         if self.monitoring:
             monitor.record(batch, outputs, classes, request_id)
-        with self._counter_lock:
-            self._counters["predictions"] += len(batch)
-            self._counters["requests"] += 1
-        return Prediction(outputs, classes, active.runtime.labels, request_id)
+        with self._counter_lock:  # the serving figures share it: one acquisition per request
+            counters = self._counters
+            counters["predictions"] += len(batch)
+            counters["requests"] += 1
+            self.serving.record_ok_locked(seconds)
+        return Prediction(outputs, classes, runtime.labels, request_id)
 
     def feed_labels(self, labels: Sequence[Any], request_id: str | None = None) -> int:
         """Ground truth for the latest predictions (or for `request_id`'s); updates confusion counts.

@@ -18,8 +18,11 @@ LATENCY_SAMPLES = 2048
 
 
 class ServingStats:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    """Thread-safe. `lock` may be the caller's own (the agent's counter lock), so that a request is
+    counted here and in the caller's counters under one acquisition (`record_ok_locked`)."""
+
+    def __init__(self, lock: threading.Lock | None = None) -> None:
+        self._lock = lock if lock is not None else threading.Lock()
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.requests = 0
         self.failed_requests = 0
@@ -38,6 +41,11 @@ class ServingStats:
                 self._latencies.append(seconds)
             else:
                 self.failed_requests += 1
+
+    def record_ok_locked(self, seconds: float) -> None:
+        """`record(seconds, ok=True)` for a caller that already holds the lock it passed in."""
+        self.requests += 1
+        self._latencies.append(seconds)
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:

@@ -69,3 +69,16 @@ def test_a_bundle_whose_outputs_differ_on_this_device_fails_its_self_test(tmp_pa
     with pytest.raises(VerificationError) as err:
         load_model(path)
     assert err.value.member == SELFTEST
+
+
+@pytest.mark.parametrize("samples", [1, 32, 1100])  # 1100 x 64 values: past the byte-scan size, the sum path
+def test_one_non_finite_value_in_a_float32_batch_is_refused_and_huge_finite_values_are_not(
+        bundle_v1: Path, samples: int) -> None:
+    runtime = load_model(bundle_v1).runtime
+    huge = np.full((samples, 1, 8, 8), np.finfo(np.float32).max, dtype=np.float32)  # a float32 sum would overflow
+    assert runtime.as_batch(huge) is huge  # already a proper batch: checked, not copied
+    for bad in (np.nan, np.inf, -np.inf):
+        x = digits_like_inputs(samples, seed=3).astype(np.float32)
+        x[-1, 0, 7, 7] = bad
+        with pytest.raises(InputError, match="NaN or infinite"):
+            runtime.as_batch(x)
