@@ -6,10 +6,11 @@ effect sum(m_i^2) / n over the distinct inputs' multiplicities m_i (Kish): the e
 is n_eff = n^2 / sum(m_i^2). The block-based dispersion signal only sees repeats that arrive close
 together; this sees them wherever they fall.
 
-Each input row is hashed to 64 bits with numpy (a multiply-add of its 32-bit words with fixed random
-odd keys, then a mixing step): no per-row Python call. Memory is bounded: past `max_hashes` kept
-hashes, only those whose top bits are zero are kept (a hash-based sample of the distinct inputs, the
-same rate for every copy of an input), and sum(m_i^2) is estimated from the sample.
+Each input row is hashed to 64 bits with numpy (a multiply-add of its 64-bit words, or 32-bit ones
+for rows of an odd number of them, with fixed random odd keys, then a mixing step): no per-row
+Python call. Memory is bounded: past `max_hashes` kept hashes, only those whose top bits are zero
+are kept (a hash-based sample of the distinct inputs, the same rate for every copy of an input), and
+sum(m_i^2) is estimated from the sample.
 """
 
 from __future__ import annotations
@@ -64,19 +65,29 @@ class RepeatCounter:
         flat = np.ascontiguousarray(rows).reshape(len(rows), -1)
         if flat.dtype.itemsize % 4 or flat.size == 0:
             flat = np.ascontiguousarray(flat.astype(np.float32))
-        words = flat.view(np.uint32)
-        if self._keys is None or len(self._keys) != words.shape[1]:
-            rng = np.random.default_rng(_SEED)
-            self._keys = rng.integers(0, 2**63, words.shape[1], dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-        h = np.zeros(len(words), dtype=np.uint64)
-        for lo in range(0, words.shape[1], _COLUMNS_PER_PASS):  # uint64 products wrap: a hash mod 2**64
-            part = words[:, lo : lo + _COLUMNS_PER_PASS].astype(np.uint64)
-            part *= self._keys[lo : lo + _COLUMNS_PER_PASS]
-            h += part.sum(axis=1, dtype=np.uint64)
+        if flat.shape[1] * flat.dtype.itemsize % 8 == 0:
+            # Rows of whole 64-bit words: hashed in place, one integer matrix-vector product (numpy's
+            # own loop, no BLAS for integers; products and sums wrap, a hash mod 2**64), no copy.
+            # Five times faster on digits chunks than widening 32-bit words.
+            words = flat.view(np.uint64)
+            h: np.ndarray = np.matmul(words, self._keys_for(words.shape[1]))
+        else:
+            words = flat.view(np.uint32)
+            keys = self._keys_for(words.shape[1])
+            h = np.zeros(len(words), dtype=np.uint64)
+            for lo in range(0, words.shape[1], _COLUMNS_PER_PASS):  # bounds the widened copy
+                h += words[:, lo : lo + _COLUMNS_PER_PASS].astype(np.uint64) @ keys[lo : lo + _COLUMNS_PER_PASS]
         h ^= h >> np.uint64(31)
         h *= _MIX
         h ^= h >> np.uint64(29)
         return h
+
+    def _keys_for(self, width: int) -> np.ndarray:
+        """Fixed random odd 64-bit keys, one per word of a row (the same for every window)."""
+        if self._keys is None or len(self._keys) != width:
+            rng = np.random.default_rng(_SEED)
+            self._keys = rng.integers(0, 2**63, width, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        return self._keys
 
     def _thin(self) -> None:
         kept = np.concatenate(self._kept)
