@@ -21,6 +21,7 @@ import logging
 import math
 import sqlite3
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +30,8 @@ import orjson  # parses summaries ~4x faster than json (134 -> 30 us each): most
 
 from device_agent.bundle.signing import load_public_key
 from device_agent.errors import PayloadError
-from device_agent.monitoring.summary import WindowSummary
+from device_agent.monitoring.summary_codec import decode_payload
+from device_agent.monitoring.summary_validation import checked_counts
 from device_agent.uplink.connection import MqttConnection
 from device_agent.uplink.wire import (
     BrokerConfig,
@@ -64,12 +66,17 @@ def _topic_parts(topic: str) -> tuple[str, str, str]:
 
 
 class Validator:
-    """Turns one MQTT message into a stored row, or raises PayloadError with a kind for /metrics."""
+    """Turns one MQTT message into a stored row, or raises PayloadError with a kind for /metrics.
+
+    The checked JSON document goes straight to the row, in the reference's channel order, without
+    building a `WindowSummary` first: decoded once (zlib, then orjson), its counts converted once
+    (`checked_counts`), then gathered into reference order by one cached index per channel layout.
+    """
 
     def __init__(self, references: ReferenceStore, settings: IngestSettings) -> None:
         self.references = references
         self.settings = settings
-        self._orders: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+        self._layouts: dict[tuple[str, tuple[str, ...]], _Layout] = {}
 
     def summary(self, topic: str, data: bytes, content_type: str | None, now: float | None = None) -> WindowRow:
         now = time.time() if now is None else now
@@ -77,74 +84,85 @@ class Validator:
             raise PayloadError("too_large", f"{len(data)} bytes > limit {self.settings.max_payload_bytes}")
         fleet, device, _ = _topic_parts(topic)
         try:
-            s = WindowSummary.from_bytes(data, content_type, fast_loads=orjson.loads)
+            p, flat = checked_counts(decode_payload(data, content_type, fast_loads=orjson.loads))
+            window = p["window"]
+            start, end, seq = float(window["start"]), float(window["end"]), int(window.get("seq", 0))
         except PayloadError:
             raise
-        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a count beyond int64, a null max
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a window start beyond a float
             raise PayloadError("malformed", f"summary cannot be decoded: {exc}") from exc
-        if s.fleet != fleet or s.device != device:
-            raise PayloadError("topic_mismatch", f"payload says {s.fleet}/{s.device}, topic {topic!r}")
-        ref = self.references.get(s.model["sha256"])
+        if p["fleet"] != fleet or p["device"] != device:
+            raise PayloadError("topic_mismatch", f"payload says {p['fleet']}/{p['device']}, topic {topic!r}")
+        sha256 = p["model"]["sha256"]
+        ref = self.references.get(sha256)
         if ref is None:
-            raise PayloadError("unknown_model", f"no bundle for model sha256 {s.model['sha256'][:16]}...")
-        order = self._order(ref, s.channel_names)
-        bins = s.bins[order]
-        if not np.array_equal(bins, ref.bins):
-            bad = ref.channel_names[int(np.argmax(bins != ref.bins))]
+            raise PayloadError("unknown_model", f"no bundle for model sha256 {sha256[:16]}...")
+        channels = list(p["channels"].values())
+        layout = self._layout(ref, p["channels"])
+        if list(map(len, (c["counts"] for c in channels))) != layout.payload_bins:
+            bad = next(name for name, c in zip(p["channels"], channels, strict=True)
+                       if len(c["counts"]) != layout.bins_of[name])
             raise PayloadError("bins", f"channel {bad!r} counts are not aligned with the reference edges")
-        if s.n > 0 and not (np.isfinite(s.minimum).all() and np.isfinite(s.maximum).all()):
+        n: int = p["n"]
+        # The checks let min and max through only as finite numbers or null, and only together.
+        if n > 0 and any(c.get("min") is None for c in channels):
             raise PayloadError("malformed", "a non-empty window needs numeric min and max for every channel")
-        if s.n > MAX_WINDOW_N or int(s.counts.max(initial=0)) > MAX_WINDOW_N:
-            raise PayloadError("counts", f"n = {s.n} is not a plausible window size")
+        if n > MAX_WINDOW_N:  # every count is at most n (they add up to n): n bounds them all
+            raise PayloadError("counts", f"n = {n} is not a plausible window size")
         # A device may not claim more inferences than it could have run: n weighs its window in
         # every pooled test, so an inflated n would let one device speak for the fleet.
         rate = self.settings.max_inferences_per_second
-        if s.n > max(s.window_end - s.window_start, 1.0) * rate:
-            raise PayloadError("rate", f"n = {s.n} in a {s.window_end - s.window_start:.0f} s window is over "
+        if n > max(end - start, 1.0) * rate:
+            raise PayloadError("rate", f"n = {n} in a {end - start:.0f} s window is over "
                                        f"ingest.max_inferences_per_second = {rate:g}")
-        if s.window_end > now + self.settings.max_clock_skew_seconds:
-            raise PayloadError("future_window", f"window ends {s.window_end - now:.0f} s in the future")
-        if s.window_start < EARLIEST_WINDOW or s.window_end - s.window_start > self.settings.max_window_seconds:
-            raise PayloadError("window", f"implausible window [{s.window_start}, {s.window_end}]")
+        if end > now + self.settings.max_clock_skew_seconds:
+            raise PayloadError("future_window", f"window ends {end - now:.0f} s in the future")
+        if start < EARLIEST_WINDOW or end - start > self.settings.max_window_seconds:
+            raise PayloadError("window", f"implausible window [{start}, {end}]")
         confusion = None
-        if s.confusion is not None:
-            if s.label_names != ref.labels:
+        labels = p.get("labels")
+        if labels is not None:
+            if labels["classes"] != ref.labels:
                 raise PayloadError("labels", "label classes differ from the model's labels")
             # Labels are ground truth fed back for earlier predictions, so a window may carry more labels
             # than its own n (late labels of the previous window); no window can carry more than the
             # device could have predicted in it, which bounds what a device can claim the same way as n.
-            if int(s.confusion.sum()) > max(s.window_end - s.window_start, 1.0) * rate:
-                raise PayloadError("labels_over_n", f"{int(s.confusion.sum())} labels in a "
-                                   f"{s.window_end - s.window_start:.0f} s window is over "
+            labelled = sum(map(sum, labels["confusion"]))
+            if labelled > max(end - start, 1.0) * rate:
+                raise PayloadError("labels_over_n", f"{labelled} labels in a "
+                                   f"{end - start:.0f} s window is over "
                                    f"ingest.max_inferences_per_second = {rate:g}")
-            confusion = s.confusion.astype(np.int64).tobytes()
-        flat = s.counts[order].reshape(-1)[ref.flat_index]
+            confusion = np.array(labels["confusion"], dtype=np.int64).tobytes()
+        disp = None
+        if all("disp" in c for c in channels):  # all or nothing: a partial signal is no signal
+            disp = np.array([c["disp"] for c in channels], dtype=np.float64).reshape(len(channels), 4)[layout.order]
+        n_eff = p.get("n_eff")
         return WindowRow(
-            device=device, model_sha256=ref.sha256, window_start=s.window_start, window_end=s.window_end,
+            device=device, model_sha256=ref.sha256, window_start=start, window_end=end,
             # Name and version from the matched reference: the sha256 is what was checked, the payload's
             # words for it are not.
-            seq=s.seq, n=s.n, fleet=fleet, model_name=ref.name, model_version=ref.version,
+            seq=seq, n=n, fleet=fleet, model_name=ref.name, model_version=ref.version,
             received_at=now, confusion=confusion,
             counts=dispersion.attach_repeats(
-                dispersion.attach(encode_counts(flat), None if s.dispersion is None else s.dispersion[order]),
-                repeat_design_effect(s.n, s.n_eff)),
+                dispersion.attach(encode_counts(flat[layout.gather]), disp),
+                repeat_design_effect(n, None if n_eff is None else float(n_eff))),
         )
 
-    def _order(self, ref: ModelReference, names: list[str]) -> np.ndarray:
-        """Payload channel positions in reference order (channels are matched by name, not position)."""
-        key = (ref.sha256, tuple(names))
-        order = self._orders.get(key)
-        if order is None:
+    def _layout(self, ref: ModelReference, channels: dict[str, Any]) -> _Layout:
+        """How a payload's channels map onto the reference (channels are matched by name, not position)."""
+        key = (ref.sha256, tuple(channels))
+        layout = self._layouts.get(key)
+        if layout is None:
+            names = list(channels)
             if sorted(names) != sorted(ref.channel_names):
                 missing = sorted(set(ref.channel_names) - set(names))[:3]
                 extra = sorted(set(names) - set(ref.channel_names))[:3]
                 raise PayloadError("channels", f"channels differ from the reference of {ref.name} {ref.version}: "
                                                f"missing {missing}, unknown {extra}")
-            position = {n: i for i, n in enumerate(names)}
-            order = np.array([position[n] for n in ref.channel_names], dtype=np.int64)
-            if len(self._orders) < 1024:
-                self._orders[key] = order
-        return order
+            layout = _Layout(ref, names)
+            if len(self._layouts) < 1024:
+                self._layouts[key] = layout
+        return layout
 
     @staticmethod
     def status(topic: str, data: bytes, now: float | None = None) -> dict[str, Any]:
@@ -165,6 +183,20 @@ class Validator:
                                          "string that is not valid UTF-8")
         return {"device": device, "fleet": fleet, "state": status["state"],
                 "at": time.time() if now is None else now, "status": status}
+
+
+class _Layout:
+    """A payload's channel order against its reference: what `Validator.summary` needs per message."""
+
+    def __init__(self, ref: ModelReference, names: list[str]) -> None:
+        position = {n: i for i, n in enumerate(names)}
+        self.order = np.array([position[n] for n in ref.channel_names], dtype=np.int64)
+        self.bins_of = {n: int(b) for n, b in zip(ref.channel_names, ref.bins, strict=True)}
+        self.payload_bins = [self.bins_of[n] for n in names]  # what each payload channel's counts must hold
+        # Positions in the payload's concatenated counts, in reference channel order: one gather
+        # turns the payload's counts into the stored layout (valid once the bins match).
+        offsets = np.cumsum([0, *self.payload_bins])
+        self.gather = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in self.order])
 
 
 def _no_constant(name: str) -> Any:
@@ -252,7 +284,17 @@ class Ingestor:
         and the rest kept. Refusing the whole batch would have the broker redeliver it forever.
         An operational failure (database down, disk full) still raises: then redelivery is right.
         """
-        batch = self.batch
+        mids = self.commit(self.batch)
+        self.batch = IngestBatch()
+        return mids
+
+    def take(self) -> IngestBatch:
+        """The batch received so far, for `commit` on another thread; a new one starts filling."""
+        batch, self.batch = self.batch, IngestBatch()
+        return batch
+
+    def commit(self, batch: IngestBatch) -> list[tuple[int, int]]:
+        """`flush` of a batch taken out of the ingestor (`take`): the (mid, qos) pairs it earned."""
         if not batch.mids:
             return []
         try:
@@ -267,7 +309,6 @@ class Ingestor:
         counters["duplicate"] = stored - new
         for k, v in counters.items():
             self.totals[k] = self.totals.get(k, 0) + v
-        self.batch = IngestBatch()
         return batch.mids
 
     def _store_one_by_one(self, batch: IngestBatch) -> tuple[int, int]:
@@ -369,10 +410,13 @@ def run_consumer(cfg: ConsumerConfig, stop: Flag | None = None, ready: Flag | No
                 state.count_reconnect(cfg.worker)
             state.set_connected(cfg.worker, True)
 
+    committer = _BackgroundCommit(ingestor)
+
     def on_disconnect() -> None:
         if state is not None:
             state.set_connected(cfg.worker, False)
-        if ingestor.batch.mids:  # keep the rows, drop the acks (see the docstring)
+        committer.wait()  # keep the rows, drop the acks (see the docstring)
+        if ingestor.batch.mids:
             _store(ingestor)
 
     def on_subscribe(c: Any, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
@@ -397,15 +441,21 @@ def run_consumer(cfg: ConsumerConfig, stop: Flag | None = None, ready: Flag | No
     try:
         while stop is None or not stop.is_set():
             link.step(0.02)
-            # One transaction (one fsync) per batch: flush when it is full, or when its oldest message
+            if committer.done:
+                _ack(link, committer.wait())
+            # One transaction (one fsync) per batch: commit when it is full, or when its oldest message
             # has waited MAX_BATCH_DELAY (light load, or a broker that caps in-flight messages lower).
             if ingestor.batch.mids and (len(ingestor.batch) >= batch_size
                                         or time.monotonic() - ingestor.batch.first_at > MAX_BATCH_DELAY):
-                _flush_and_ack(link, ingestor)
+                _ack(link, committer.wait())  # one batch in flight at most: commits (and acks) stay in order
+                if ingestor.batch.mids:  # (a failed commit dropped the link, whose hook stored this batch)
+                    committer.submit()
+        _ack(link, committer.wait())
         _flush_and_ack(link, ingestor)
         if link.connected:
             client.loop(timeout=0.05)  # send the last acknowledgements
     finally:
+        committer.close()
         link.close()
         if state is not None:
             state.set_connected(cfg.worker, False)
@@ -424,10 +474,57 @@ def _store(ingestor: Ingestor) -> list[tuple[int, int]] | None:
 
 
 def _flush_and_ack(link: MqttConnection, ingestor: Ingestor) -> None:
-    mids = _store(ingestor)
+    _ack(link, _store(ingestor))
+
+
+def _ack(link: MqttConnection, mids: list[tuple[int, int]] | None) -> None:
+    """Acknowledge what a commit earned; after a failed one (None), drop the link instead."""
     if mids is None:
         link.drop()  # the broker redelivers unacknowledged messages only on a new connection
         return
     for mid, qos in mids:
         if qos > 0:
             link.client.ack(mid, qos)
+
+
+def _commit(ingestor: Ingestor, batch: IngestBatch) -> list[tuple[int, int]] | None:
+    """`_store` of a batch taken out of the ingestor (runs on the commit thread)."""
+    try:
+        return ingestor.commit(batch)
+    except Exception:
+        log.exception("storing a batch failed; it stays unacknowledged and the broker redelivers it")
+        return None
+
+
+class _BackgroundCommit:
+    """At most one batch committing on a thread of its own while the next one fills on the MQTT thread.
+
+    A commit mostly waits (SQLite's fsync, PostgreSQL's round trip) with the GIL released, so the next
+    batch is decoded and validated meanwhile. Acknowledgements still follow the commit: `wait` hands
+    its (mid, qos) pairs to the MQTT thread, which acks them only on the connection that delivered them
+    (the disconnect hook waits for the commit and drops its acks).
+    """
+
+    def __init__(self, ingestor: Ingestor) -> None:
+        self._ingestor = ingestor
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-ingest-commit")
+        self._pending: Future[list[tuple[int, int]] | None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._pending is not None and self._pending.done()
+
+    def submit(self) -> None:
+        """Commit the batch received so far in the background (call `wait` first: one at a time)."""
+        assert self._pending is None
+        self._pending = self._thread.submit(_commit, self._ingestor, self._ingestor.take())
+
+    def wait(self) -> list[tuple[int, int]] | None:
+        """The acks the batch in flight earned ([] when none is); None when its commit failed."""
+        if self._pending is None:
+            return []
+        future, self._pending = self._pending, None
+        return future.result()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)

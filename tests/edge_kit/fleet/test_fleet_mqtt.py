@@ -121,6 +121,8 @@ def test_ingest_dedup_bad_input_and_restart_without_loss(tmp_path: Path, mosquit
         key = 'edgekit_fleet_summaries_total{outcome="accepted"}'
         _wait(lambda: _metrics(base).get(key) == 30, 30, "30 accepted summaries")
         _wait(lambda: _metrics(base).get('edgekit_fleet_summaries_total{outcome="duplicate"}') == 5, 10, "dups")
+        # The spoofed summary was published last: it may sit in a batch committed after the duplicates.
+        _wait(lambda: _metrics(base).get('edgekit_fleet_rejected_total{kind="topic_mismatch"}') == 1, 10, "spoof")
         m = _metrics(base)
         assert m['edgekit_fleet_rejected_total{kind="malformed_json"}'] == 1
         assert m['edgekit_fleet_rejected_total{kind="future_window"}'] == 1
