@@ -1,11 +1,12 @@
 """The whole loop on one machine: `python -m edge_kit.demo.fleet` (`make fleet-demo`).
 
 Builds (or reuses) the signed digits bundle, starts Mosquitto, `edge-kit fleet serve` and a handful of
-`edge-agent run` processes, and feeds each agent held-out digits over its HTTP API. Some devices
-gradually receive shifted inputs (Gaussian noise, a translated image, a changed class mix); within a few
-windows the dashboard shows drift on those devices only and raises alerts. Approving an alert (in the
-dashboard, or `--approve` when headless) runs the retraining build, whose new bundle version the agents
-pick up through hot update.
+`edge-agent run` processes (each with its own bundles folder), and feeds each agent held-out digits over
+its HTTP API. Some devices gradually receive shifted inputs (Gaussian noise, a translated image, a changed
+class mix); within a few windows the dashboard shows drift on those devices only and raises alerts.
+Approving an alert (in the dashboard, or `--approve` when headless) runs the retraining build; the demo
+deploys its bundle through the fleet server (one canary, then the rest once the canary passes).
+`--bad-bundle` then deploys a bundle whose predictions skew: the canary halts it and rolls it back.
 
     python -m edge_kit.demo.fleet                         # interactive: prints the dashboard URL; Ctrl-C stops
     python -m edge_kit.demo.fleet --headless --duration 90 [--approve] [--json]
@@ -31,6 +32,7 @@ import numpy as np
 
 from device_agent.bundle.format import read_bundle
 from device_agent.bundle.selection import resolve_bundle
+from edge_kit.demo import rollout
 from edge_kit.demo.broker import Broker
 from edge_kit.demo.feeder import DeviceFeeder
 from edge_kit.demo.processes import ManagedProcess, free_port, http_json, wait_for_port
@@ -65,6 +67,7 @@ class DemoOptions:
     headless: bool = False
     duration: float = 90.0
     approve: bool = False
+    bad_bundle: bool = False  # deploy a skewed bundle after the retrained one (or half way without --approve)
 
     def shift_for(self, index: int) -> Shift:
         kind = SHIFT_KINDS[index] if index < len(SHIFT_KINDS) else "none"
@@ -101,6 +104,8 @@ class FleetDemo:
         self.final_alerts: list[dict[str, Any]] = []
         self.versions: dict[str, str] = {}  # model sha256 -> version, as the fleet server knows them
         self.initial_version = ""
+        self.final_deployments: list[dict[str, Any]] = []
+        self.deployments: dict[str, str] = {}  # "retrained" / "skewed" -> deployment id
 
     @property
     def dashboard(self) -> str:
@@ -160,7 +165,7 @@ class FleetDemo:
         self.fleet = ManagedProcess.python("fleet", "edge_kit", [
             "fleet", "serve", "--broker", self.broker.url, "--db", f"sqlite:///{db}",
             "--http", f"127.0.0.1:{self.fleet_port}", "--fleet", FLEET, "--bundles", str(self.bundles),
-            "--config", str(self.fleet_config()), "--json"], self.logs)
+            "--pubkey", str(self.pubkey), "--config", str(self.fleet_config()), "--json"], self.logs)
         # Devices may publish only once the fleet's consumer has subscribed, or their first windows go
         # nowhere. It subscribes to summaries (shared) and statuses in one SUBSCRIBE; Mosquitto's count
         # leaves shared subscriptions out, so: this check's own $SYS subscription + the status one.
@@ -172,8 +177,15 @@ class FleetDemo:
             if spool.parent.exists():
                 shutil.rmtree(spool.parent)
             spool.parent.mkdir(parents=True)
+            # Each device its own bundles folder, seeded with the first bundle; later ones arrive as deployments.
+            own = spool.parent / "bundles"
+            own.mkdir()
+            first = resolve_bundle(self.bundles)
+            shutil.copy2(first, own / first.name)
+            config = spool.parent / "agent.toml"
+            config.write_text(f'[deploy]\nenabled = true\nstate_dir = "{spool.parent / "deploy"}"\n')
             process = ManagedProcess.python(name, "device_agent", [
-                "run", "--bundle", str(self.bundles), "--broker", self.broker.url, "--device-id", name,
+                "run", "--bundle", str(own), "--config", str(config), "--broker", self.broker.url, "--device-id", name,
                 "--fleet", FLEET, "--spool", str(spool), "--http", f"127.0.0.1:{port}",
                 "--window-seconds", str(self.o.window_seconds), "--pubkey", str(self.pubkey), "--json"], self.logs)
             self.devices.append(Device(name, self.o.shift_for(i), port, process, spool))
@@ -215,13 +227,48 @@ class FleetDemo:
                 "models_served": {k: sorted(v) for k, v in versions.items()}}
 
     def retrain_done(self, alert_id: int) -> bool:
-        """The retraining finished and (if it succeeded) every agent answered with a second model version."""
+        """The retraining finished and (if it succeeded) its deployment finished: rolled out to every agent
+        (each answered with a second model version), or halted by the canary."""
         outcome = self.retrain_outcome(alert_id)
         if outcome["state"] in ("retrain_failed",):
             return True
         if outcome["state"] != "retrained":
             return False
-        return all(len(v) > 1 for v in outcome["models_served"].values())
+        if "retrained" not in self.deployments:
+            self.deploy("retrained", rollout.newest_bundle(self.bundles))
+            return False
+        state = self.deployment_state("retrained")
+        if state == "done":
+            return all(len(v) > 1 for v in outcome["models_served"].values())
+        return state in ("halted", "rolled_back")
+
+    def deploy(self, what: str, bundle: Path) -> None:
+        clean = {d.name for d in self.devices if d.shift.kind == "none"}
+        seed = rollout.clean_canary_seed([d.name for d in self.devices], clean)
+        answer = rollout.deploy(self.dashboard, bundle, seed)
+        self.deployments[what] = str(answer["deployment"])
+        canary = [d for d, v in answer["devices"].items() if v["role"] == "canary"]
+        log.info("deployed %s (%s) as %s: canary %s", bundle.name, what, answer["deployment"], ", ".join(canary))
+
+    def deployment_state(self, what: str) -> str | None:
+        dep = self.deployments.get(what)
+        return None if dep is None else str(rollout.deployment(self.dashboard, dep)["state"])
+
+    def skewed_done(self) -> bool:
+        """The skewed bundle was deployed, the canary decided, and a rolled-back canary said it returned
+        (the bundle is made and deployed here on the first call)."""
+        if "skewed" not in self.deployments:
+            current = rollout.newest_bundle(self.bundles)
+            version = read_bundle(current).version
+            bad = rollout.skewed_bundle(current, self.bundles, self.key, f"{version}.post1")
+            self.deploy("skewed", bad)
+            return False
+        view = rollout.deployment(self.dashboard, self.deployments["skewed"])
+        if view["state"] in ("canary", "rolling"):
+            return False
+        # Rolled back: done once the canaries reported returning to the bundle they served before.
+        told = [v for v in view["devices"].values() if v["role"] == "canary"]
+        return view["state"] != "rolled_back" or all(v["state"] in ("rolled_back", "failed") for v in told)
 
     def check_processes(self) -> None:
         for p in [self.fleet, *(d.process for d in self.devices)]:
@@ -252,6 +299,9 @@ class FleetDemo:
                     d.process.stop()  # a no-op for those already stopped
                 if self.fleet is not None:
                     self.fleet.stop()
+                if "skewed" in self.deployments:  # a next run must not start from the deliberately bad bundle
+                    for path in self.bundles.glob("*.post1.edgebundle"):
+                        path.unlink()
                 if self.broker is not None:
                     self.broker.stop()
 
@@ -335,7 +385,22 @@ class FleetDemo:
             "alerts": [{k: a[k] for k in ("id", "version", "scope", "kind", "state", "summary", "created_at")}
                        for a in alerts],
             "retrain": self.retrain,
+            "deployments": self.deployment_summaries(),
         }
+
+    def deployment_summaries(self) -> list[dict[str, Any]]:
+        if self.fleet is None or not self.fleet.running:
+            return self.final_deployments
+        out = []
+        for what, dep in self.deployments.items():
+            view = rollout.deployment(self.dashboard, dep)
+            canary = view.get("canary") or {}
+            out.append({"what": what, "deployment": dep, "version": view["version"], "state": view["state"],
+                        "canary_passed": canary.get("passed"), "failing": canary.get("failing", []),
+                        "note": view.get("note"),
+                        "devices": {d: {"version": v["version"], "state": v["state"], "role": v["role"]}
+                                    for d, v in view["devices"].items()}})
+        return out
 
 
 def held_out_digits(config: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -361,7 +426,9 @@ def run_demo(options: DemoOptions, stop: threading.Event | None = None) -> dict[
               file=sys.stderr, flush=True)
         deadline = time.monotonic() + options.duration if options.headless else float("inf")
         hard_stop = deadline + RETRAIN_GRACE_S
+        half_way = time.monotonic() + options.duration / 2
         approved_id: int | None = None
+        retrained = skewed = False
         while not stop.wait(1.0):
             demo.check_processes()
             now = time.monotonic()
@@ -370,9 +437,16 @@ def run_demo(options: DemoOptions, stop: threading.Event | None = None) -> dict[
                 if answer is not None:
                     approved_id = int(answer["id"])
                     demo.retrain = {"alert": approved_id, "approved_at": time.time()}
-            if now >= deadline and (approved_id is None or demo.retrain_done(approved_id) or now >= hard_stop):
+            if approved_id is not None and not retrained:
+                retrained = demo.retrain_done(approved_id)
+            # The skewed bundle follows the retrained one (or comes half way through without --approve).
+            if options.bad_bundle and not skewed and (retrained or (not options.approve and now >= half_way)):
+                skewed = demo.skewed_done()
+            finished = (approved_id is None or retrained) and (not options.bad_bundle or skewed)
+            if now >= deadline and (finished or now >= hard_stop):
                 break
         demo.final_alerts = demo.alerts()
+        demo.final_deployments = demo.deployment_summaries()
         demo.versions = {str(m["sha256"]): str(m["version"])
                          for m in http_json(f"{demo.dashboard}api/devices").get("models", [])}
         if approved_id is not None:
@@ -395,6 +469,11 @@ def print_summary(s: dict[str, Any]) -> None:
     for version, devices in s["flagged_by_version"].items():
         if version != s["model_version"]:
             print(f"after retraining, version {version}: flagged {', '.join(devices)}")
+    for d in s.get("deployments", []):
+        verdict = "passed" if d["canary_passed"] else f"failed on {', '.join(d['failing'])}" \
+            if d["canary_passed"] is False else "undecided"
+        print(f"deployment {d['deployment']} ({d['what']}, {d['version']}): {d['state']}, canary {verdict}; "
+              + ", ".join(f"{k} {v['version']}" for k, v in sorted(d["devices"].items())))
     if s["retrain"]:
         r = s["retrain"]
         print(f"retraining (alert {r.get('alert')}): {r.get('state')}, outcome {r.get('outcome')}; versions served: "
@@ -410,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--headless", action="store_true", help="run for --duration seconds, print a summary, exit")
     p.add_argument("--duration", type=float, default=90.0, help="seconds to run headless (default 90)")
     p.add_argument("--approve", action="store_true", help="headless: approve the first alert (runs the retraining)")
+    p.add_argument("--bad-bundle", action="store_true",
+                   help="then deploy a bundle whose predictions skew: the canary halts and rolls it back")
     p.add_argument("--devices", type=int, default=6, help="simulated devices (default 6; 2, 4 and 6 get shifts)")
     p.add_argument("--window-seconds", type=float, default=4.0, help="agent summary window (default 4)")
     p.add_argument("--workdir", type=Path, default=Path(".edgekit/fleet-demo"), help="the demo's own folder")
@@ -428,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     options = DemoOptions(
         workdir=args.workdir, example_config=args.config, bundle=args.bundle, devices=args.devices,
         window_seconds=args.window_seconds, http_port=args.http_port or None, headless=args.headless,
-        duration=args.duration, approve=args.approve,
+        duration=args.duration, approve=args.approve, bad_bundle=args.bad_bundle,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop cleanly and still print the summary

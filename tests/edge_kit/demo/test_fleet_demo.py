@@ -48,3 +48,36 @@ def test_headless_demo_flags_exactly_the_shifted_devices_and_loses_no_window(tmp
             assert 0 < d["detection_seconds"] < 8 * summary["window_seconds"], d
     assert summary["windows_lost"] == 0
     assert summary["windows_stored"] == summary["windows_closed"] > 0
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+@pytest.mark.integration
+def test_headless_demo_retrains_deploys_through_a_canary_and_rolls_back_a_skewed_bundle(tmp_path: Path) -> None:
+    """alert -> approve -> retrain -> canary -> promote to every device (each with its own bundles folder);
+    then a bundle that verifies and passes its self-test but skews predictions is halted at the canary."""
+    example = (REPO_ROOT / "examples" / "digits" / "edgekit.toml").read_text()
+    config = tmp_path / "digits.toml"
+    config.write_text(example.replace("epochs = 15", f"epochs = {FAST_EPOCHS}"))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GIT_PYTHON_REFRESH": "quiet"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_kit.demo.fleet", "--headless", "--duration", "60", "--approve", "--bad-bundle",
+         "--json", "--workdir", str(tmp_path / "demo"), "--config", str(config), "--http-port", "0"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["retrain"]["outcome"] == "succeeded", summary["retrain"]
+    deployments = {d["what"]: d for d in summary["deployments"]}
+    good, bad = deployments["retrained"], deployments["skewed"]
+    assert good["state"] == "done" and good["canary_passed"] is True, good
+    assert bad["state"] == "rolled_back" and "predicted_class" in bad["failing"], bad
+    canary = [d for d, v in bad["devices"].items() if v["role"] == "canary"]
+    assert len(canary) == 1 and bad["devices"][canary[0]]["state"] == "rolled_back"
+    for device, served in summary["retrain"]["models_served"].items():
+        assert good["version"] in served, (device, served)
+        # Only the canary ever answered with the skewed bundle; every device ends on the retrained one.
+        assert (bad["version"] in served) == (device == canary[0]), (device, served)
+        assert bad["devices"][device]["version"] == good["version"], bad["devices"]
+    assert any(a["kind"] == "canary_failed" for a in summary["alerts"])
+    assert not list((tmp_path / "demo" / "bundles").glob("*.post1.edgebundle"))  # the bad bundle is not kept
