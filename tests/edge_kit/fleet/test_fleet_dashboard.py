@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from edge_kit.fleet.service import FleetService
 from harness.fleetkit import OPERATOR_TOKEN
-from tests.edge_kit.fleet.test_fleet_deploy import Fleet, _install, _source
-from tests.edge_kit.fleet.test_fleet_deploy import fleet as _deploy_fleet  # noqa: F401 (the `fleet` fixture)
+from tests.helpers.deploykit import Fleet, bundle_source, deploy_fleet, install
 
 pytestmark = pytest.mark.integration
 
@@ -120,17 +122,23 @@ def test_the_header_says_when_a_consumer_is_disconnected(http: str, service: Fle
             browser.close()
 
 
-def test_deployments_panel_shows_the_canary_figures_and_promotes_and_halts(_deploy_fleet: Fleet) -> None:
+@pytest.fixture
+def rollout_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    with deploy_fleet(tmp_path) as f:
+        yield f
+
+
+def test_deployments_panel_shows_the_canary_figures_and_promotes_and_halts(rollout_fleet: Fleet) -> None:
     """The deployments panel: devices' roles, versions and steps, the canary's figures, promote and halt by click."""
-    fleet = _deploy_fleet
     from playwright.sync_api import sync_playwright
 
     from edge_kit.fleet.http_security import HttpSecurity
     from edge_kit.fleet.server import make_server, serve_in_thread
 
-    view = fleet.manager.create(_source(fleet), None, canary=2, canary_windows=2, auto_promote=False, seed=1)
+    fleet = rollout_fleet
+    view = fleet.manager.create(bundle_source(fleet), None, canary=2, canary_windows=2, auto_promote=False, seed=1)
     dep = view["deployment"]
-    _install(fleet, dep, sorted(d for d, v in view["devices"].items() if v["role"] == "canary"), windows=2)
+    install(fleet, dep, sorted(d for d, v in view["devices"].items() if v["role"] == "canary"), windows=2)
     fleet.manager.tick()
     assert fleet.manager.view(dep)["canary"]["passed"] is True
     server = make_server(fleet.service, "127.0.0.1", 0, HttpSecurity(token=OPERATOR_TOKEN))

@@ -10,7 +10,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,79 +18,26 @@ import pytest
 from device_agent.deploy.message import parse_deployment_message
 from device_agent.uplink.wire import deployment_topic
 from edge_kit.fleet.alerts import AlertManager
-from edge_kit.fleet.deployments.bundles import BundleError, BundleFiles, DownloadLimits, file_sha256
-from edge_kit.fleet.deployments.rollout import BundleSource, RolloutManager
+from edge_kit.fleet.deployments.bundles import BundleError, BundleFiles, file_sha256
+from edge_kit.fleet.deployments.rollout import RolloutManager
 from edge_kit.fleet.http_security import HttpSecurity
 from edge_kit.fleet.ingest import Ingestor
 from edge_kit.fleet.reference_index import ReferenceStore
 from edge_kit.fleet.server import make_server, serve_in_thread
-from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import parse_settings
 from edge_kit.fleet.storage import Storage
-from harness.fleetkit import OPERATOR_TOKEN, DigitsBundle, make_bundle
-from tests.edge_kit.fleet.deploykit import report, status, window
-
-FLEET = "test"
-DEVICES = [f"dev{i}" for i in range(6)]
-
-
-@dataclass
-class Fleet:
-    storage: Storage
-    ingestor: Ingestor
-    manager: RolloutManager
-    service: FleetService
-    v1: DigitsBundle
-    v2: DigitsBundle
-    folder: Path
-    rng: np.random.Generator
-
-    def send(self, *messages: tuple[str, bytes, str]) -> None:
-        for m in messages:
-            self.ingestor.receive(*m)
-        self.ingestor.flush()
+from harness.fleetkit import OPERATOR_TOKEN, make_bundle
+from tests.helpers.deploykit import DEVICES, FLEET, Fleet, bundle_source, deploy_fleet, install, report, status, window
 
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    folder = tmp_path / "bundles"
-    folder.mkdir()
-    v1 = make_bundle(folder, version="1.0.0")
-    v2 = make_bundle(folder, version="1.1.0")
-    settings = parse_settings({"drift": {"min_n": 50}, "concept": {"min_labels": 100}})
-    storage = Storage(f"sqlite:///{tmp_path}/fleet.db")
-    references = ReferenceStore(folder=folder)
-    ingestor = Ingestor(storage, references, settings.ingest)
-    rng = np.random.default_rng(7)
-    now = time.time()
-    f = Fleet(storage, ingestor, None, None, v1, v2, folder, rng)  # type: ignore[arg-type]
-    for w in range(3):  # every device has served v1 for a while: it is the control's old version
-        f.send(*[window(v1, d, now - 3000 + 300 * w, rng, fleet=FLEET, seq=w) for d in DEVICES])
-    f.send(*[status(v1, d, fleet=FLEET, requests=500, failed=1) for d in DEVICES])
-    service = FleetService(storage, references, settings)
-    f.service = service
-    limits = DownloadLimits(concurrency=1, per_device_factor=1.0)
-    f.manager = RolloutManager(storage, settings, references, BundleFiles(folder),
-                               AlertManager(storage, settings.alerts), FLEET, "http://fleet.example:8080",
-                               download_limits=limits)
-    service.deployments = f.manager
-    try:
+    with deploy_fleet(tmp_path) as f:
         yield f
-    finally:
-        storage.close()
 
 
 def _canaries(view: dict) -> list[str]:
     return sorted(d for d, v in view["devices"].items() if v["role"] == "canary")
-
-
-def _install(f: Fleet, dep: str, devices: list[str], *, skew: bool = False, windows: int = 3) -> None:
-    """The devices report the new bundle installed and send `windows` windows of it."""
-    now = time.time()
-    f.send(*[status(f.v2, d, fleet=FLEET, deployment=report(dep, f.v2, "installed", now), requests=500, failed=1)
-             for d in devices])
-    for w in range(windows):
-        f.send(*[window(f.v2, d, now + 1 + 60 * w, f.rng, fleet=FLEET, skew=skew, seq=10 + w) for d in devices])
 
 
 def _messages(f: Fleet) -> dict[str, dict]:
@@ -105,7 +51,7 @@ def _messages(f: Fleet) -> dict[str, dict]:
 
 def test_canary_passes_promotes_automatically_and_finishes(fleet: Fleet) -> None:
     f = fleet
-    view = f.manager.create(_source(f), None, canary=2, canary_windows=3, auto_promote=True, seed=1)
+    view = f.manager.create(bundle_source(f), None, canary=2, canary_windows=3, auto_promote=True, seed=1)
     dep = view["deployment"]
     assert view["state"] == "canary" and sorted(view["devices"]) == DEVICES  # default: every device seen
     canaries = _canaries(view)
@@ -117,11 +63,11 @@ def test_canary_passes_promotes_automatically_and_finishes(fleet: Fleet) -> None
     assert sent[canaries[0]]["sha256"] == v2_sha and sent[canaries[0]]["url"] == \
         f"http://fleet.example:8080/api/bundles/{v2_sha}"
 
-    _install(f, dep, canaries, windows=2)
+    install(f, dep, canaries, windows=2)
     f.manager.tick()
     view = f.manager.view(dep)
     assert view["state"] == "canary" and view["canary"]["ready"] is False  # 2 of 3 windows
-    _install(f, dep, canaries, windows=3)
+    install(f, dep, canaries, windows=3)
     f.manager.tick()
     view = f.manager.view(dep)
     figures = view["canary"]["figures"]
@@ -135,7 +81,7 @@ def test_canary_passes_promotes_automatically_and_finishes(fleet: Fleet) -> None
     rest = [d for d in DEVICES if d not in canaries]
     f.manager.tick()
     assert f.manager.view(dep)["state"] == "rolling"
-    _install(f, dep, rest, windows=0)
+    install(f, dep, rest, windows=0)
     f.manager.tick()
     view = f.manager.view(dep)
     assert view["state"] == "done"
@@ -144,9 +90,9 @@ def test_canary_passes_promotes_automatically_and_finishes(fleet: Fleet) -> None
 
 def test_skewed_bundle_is_rolled_back_with_an_alert_naming_the_figure(fleet: Fleet) -> None:
     f = fleet
-    view = f.manager.create(_source(f), DEVICES, canary=2, canary_windows=3, auto_promote=True, seed=3)
+    view = f.manager.create(bundle_source(f), DEVICES, canary=2, canary_windows=3, auto_promote=True, seed=3)
     dep, canaries = view["deployment"], _canaries(view)
-    _install(f, dep, canaries, skew=True)
+    install(f, dep, canaries, skew=True)
     f.manager.tick()
     view = f.manager.view(dep)
     assert view["state"] == "rolled_back", view["canary"]
@@ -172,7 +118,7 @@ def test_skewed_bundle_is_rolled_back_with_an_alert_naming_the_figure(fleet: Fle
 
 def test_a_canary_that_fails_to_install_halts_the_rollout_at_once(fleet: Fleet) -> None:
     f = fleet
-    view = f.manager.create(_source(f), DEVICES, canary=2, canary_windows=3, auto_promote=True, seed=5)
+    view = f.manager.create(bundle_source(f), DEVICES, canary=2, canary_windows=3, auto_promote=True, seed=5)
     dep, canaries = view["deployment"], _canaries(view)
     f.send(status(f.v1, canaries[0], fleet=FLEET,
                   deployment=report(dep, f.v2, "failed", time.time(), reason="self-test: output is NaN")))
@@ -199,9 +145,9 @@ def test_the_decision_waits_for_control_windows_before_passing_a_canary(tmp_path
         f.send(*[status(v1, d, fleet=FLEET) for d in DEVICES[:3]])  # seen (status), no windows yet
         f.manager = RolloutManager(storage, settings, references, BundleFiles(folder),
                                    AlertManager(storage, settings.alerts), FLEET, "http://fleet:1")
-        view = f.manager.create(_source(f), None, canary=1, canary_windows=2, auto_promote=True, seed=0)
+        view = f.manager.create(bundle_source(f), None, canary=1, canary_windows=2, auto_promote=True, seed=0)
         dep, canaries = view["deployment"], _canaries(view)
-        _install(f, dep, canaries, windows=2, skew=True)
+        install(f, dep, canaries, windows=2, skew=True)
         f.manager.tick()
         view = f.manager.view(dep)
         assert view["state"] == "canary" and view["canary"]["ready"] is False
@@ -217,9 +163,9 @@ def test_the_decision_waits_for_control_windows_before_passing_a_canary(tmp_path
 
 def test_a_slow_canary_that_fails_requests_fails_on_those_figures(fleet: Fleet) -> None:
     f = fleet
-    view = f.manager.create(_source(f), DEVICES, canary=1, canary_windows=1, auto_promote=True, seed=6)
+    view = f.manager.create(bundle_source(f), DEVICES, canary=1, canary_windows=1, auto_promote=True, seed=6)
     dep, canaries = view["deployment"], _canaries(view)
-    _install(f, dep, canaries, windows=1)
+    install(f, dep, canaries, windows=1)
     f.send(status(f.v2, canaries[0], fleet=FLEET, deployment=report(dep, f.v2, "installed", time.time()),
                   requests=500, failed=40, p95=30.0))
     f.manager.tick()
@@ -233,14 +179,14 @@ def test_a_slow_canary_that_fails_requests_fails_on_those_figures(fleet: Fleet) 
 
 def test_operator_promote_halt_and_rollback(fleet: Fleet) -> None:
     f = fleet
-    view = f.manager.create(_source(f), DEVICES[:4], canary=1, canary_windows=2, auto_promote=False, seed=2)
+    view = f.manager.create(bundle_source(f), DEVICES[:4], canary=1, canary_windows=2, auto_promote=False, seed=2)
     dep, canaries = view["deployment"], _canaries(view)
-    _install(f, dep, canaries, windows=2)
+    install(f, dep, canaries, windows=2)
     f.manager.tick()
     view = f.manager.view(dep)
     assert view["canary"]["passed"] is True and view["state"] == "canary"  # waits for the operator
     with pytest.raises(BundleError, match="already in active deployment"):
-        f.manager.create(_source(f), DEVICES[3:], canary=1, canary_windows=2, auto_promote=False)
+        f.manager.create(bundle_source(f), DEVICES[3:], canary=1, canary_windows=2, auto_promote=False)
     assert f.manager.promote(dep)["state"] == "rolling"
     view = f.manager.halt(dep)
     assert view["state"] == "halted"
@@ -257,7 +203,7 @@ def test_operator_promote_halt_and_rollback(fleet: Fleet) -> None:
 def test_state_survives_a_new_manager_on_the_same_database(fleet: Fleet, tmp_path: Path) -> None:
     """What `fleet serve` does after a restart: a new process, the same database, the rollout goes on."""
     f = fleet
-    view = f.manager.create(_source(f), DEVICES, canary=1, canary_windows=1, auto_promote=True, seed=4)
+    view = f.manager.create(bundle_source(f), DEVICES, canary=1, canary_windows=1, auto_promote=True, seed=4)
     dep, canaries = view["deployment"], _canaries(view)
     before = f.manager.messages()
     storage = Storage(f.storage.database.url)
@@ -265,7 +211,7 @@ def test_state_survives_a_new_manager_on_the_same_database(fleet: Fleet, tmp_pat
         again = RolloutManager(storage, f.service.settings, f.service.references, BundleFiles(f.folder),
                                AlertManager(storage, f.service.settings.alerts), FLEET, "http://fleet.example:8080")
         assert again.messages() == before  # the same retained messages, byte for byte
-        _install(f, dep, canaries, windows=1)
+        install(f, dep, canaries, windows=1)
         again.tick()
         assert again.view(dep)["state"] == "rolling"
     finally:
@@ -275,17 +221,13 @@ def test_state_survives_a_new_manager_on_the_same_database(fleet: Fleet, tmp_pat
 def test_bad_requests_are_refused(fleet: Fleet) -> None:
     f = fleet
     with pytest.raises(BundleError, match="canary must be 1 to 6"):
-        f.manager.create(_source(f), None, canary=7, canary_windows=1, auto_promote=False)
+        f.manager.create(bundle_source(f), None, canary=7, canary_windows=1, auto_promote=False)
     with pytest.raises(BundleError, match="cannot be an MQTT topic level"):
-        f.manager.create(_source(f), ["a/b"], canary=1, canary_windows=1, auto_promote=False)
+        f.manager.create(bundle_source(f), ["a/b"], canary=1, canary_windows=1, auto_promote=False)
     with pytest.raises(BundleError, match="inside the --bundles folder"):
         f.manager.files.in_folder("../fleet.db")
     with pytest.raises(BundleError, match="no deployment"):
         f.manager.view("nope")
-
-
-def _source(f: Fleet) -> BundleSource:
-    return BundleSource.stored(f.manager.files.in_folder(f.v2.path.name), "path")
 
 
 def test_a_database_of_the_previous_schema_is_upgraded_with_its_data(tmp_path: Path) -> None:
@@ -382,7 +324,7 @@ def test_bundle_download_ranges_etag_and_caps(fleet: Fleet, http: str) -> None:
     assert "edgekit_fleet_bundle_downloads 0\n" in metrics
 
     # Per-device cap (1 x the size here) for a device the deployment targets.
-    view = fleet.manager.create(_source(fleet), DEVICES, canary=1, canary_windows=1, auto_promote=False, seed=0)
+    view = fleet.manager.create(bundle_source(fleet), DEVICES, canary=1, canary_windows=1, auto_promote=False, seed=0)
     device = _canaries(view)[0]
     assert _get(url, {"X-Edgekit-Device": device})[0] == 200
     code, _, body = _get(url, {"X-Edgekit-Device": device})

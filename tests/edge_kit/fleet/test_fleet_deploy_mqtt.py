@@ -33,7 +33,7 @@ from device_agent.deploy.message import parse_deployment_message
 from device_agent.uplink.wire import deployment_topic
 from harness.fleetkit import OPERATOR_TOKEN, make_bundle
 from harness.processes import MosquittoBroker, cli_env, free_port, run_cli, wait_for_port
-from tests.edge_kit.fleet.deploykit import report, status, window
+from tests.helpers.deploykit import report, status, window
 from tests.helpers.mqtt import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
