@@ -16,10 +16,11 @@ inside functions and under TYPE_CHECKING, so a lazy upward import fails here too
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.imports import imported_modules, module_name
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL = {"errors", "atomic", "host", "strict_toml", "settings_schema", "cli_runner"}
@@ -65,33 +66,6 @@ def area_of(module: str) -> str:
     if parts[1] in KERNEL:
         return "kernel"
     return parts[1]
-
-
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(REPO).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    found: list[tuple[int, str]] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.extend((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.lineno, node.module))
-            found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names
-                         if _is_module(node.module, alias.name))
-        elif isinstance(node, ast.ImportFrom) and node.level > 0:
-            found.append((node.lineno, "." * node.level + (node.module or "")))
-    return found
-
-
-def _is_module(package: str, name: str) -> bool:
-    base = REPO / package.replace(".", "/") / name
-    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
 def upward_imports(module: str, imports: list[tuple[int, str]]) -> list[str]:

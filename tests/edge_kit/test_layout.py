@@ -8,11 +8,12 @@ This reads the source (every import statement, including the ones inside functio
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.imports import imported_modules, module_name
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = {"edge_kit", "edge_kit.errors", "edge_kit.config"}
@@ -39,33 +40,6 @@ def area_of(module: str) -> str:
     if parts[1] == "cli":
         return "cli"
     return parts[1]
-
-
-def module_name(path: Path) -> str:
-    rel = path.relative_to(REPO).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    found: list[tuple[int, str]] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.extend((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.lineno, node.module))
-            # `from edge_kit import tracking` names a module, not an attribute
-            found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names
-                         if _is_module(node.module, alias.name))
-    return found
-
-
-def _is_module(package: str, name: str) -> bool:
-    base = REPO / package.replace(".", "/") / name
-    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
 def sources(package: str) -> list[Path]:
