@@ -181,10 +181,7 @@ def read_bundle(
     every failure of the archive itself (encrypted, unsupported compression, truncated, oversized)
     is a VerificationError too, so a caller that skips bad candidates never sees anything else.
     """
-    check_signature_settings(public_key, require_signature)
-    bundle_path = Path(path)
-    if not bundle_path.is_file():
-        raise UsageError(f"bundle not found: {bundle_path}")
+    bundle_path = _bundle_file(path, public_key, require_signature)
     try:
         with _open_archive(bundle_path) as zf:
             infos = _index(zf)
@@ -200,15 +197,21 @@ def read_bundle(
     return Bundle(bundle_path, manifest, members, signature is not None, signed_by)
 
 
+def _bundle_file(path: str | Path, public_key: Ed25519PublicKey | None, require_signature: bool) -> Path:
+    """The bundle's path once the signature settings make sense and the file exists (exit 2 otherwise)."""
+    check_signature_settings(public_key, require_signature)
+    bundle_path = Path(path)
+    if not bundle_path.is_file():
+        raise UsageError(f"bundle not found: {bundle_path}")
+    return bundle_path
+
+
 def read_manifest(
     path: str | Path, *, public_key: Ed25519PublicKey | None = None, require_signature: bool = False
 ) -> tuple[dict[str, Any], str | None]:
     """The manifest (signature checked as in `read_bundle`) and the signer, without reading the other
     members: cheap enough to rank the candidates of a folder by version."""
-    check_signature_settings(public_key, require_signature)
-    bundle_path = Path(path)
-    if not bundle_path.is_file():
-        raise UsageError(f"bundle not found: {bundle_path}")
+    bundle_path = _bundle_file(path, public_key, require_signature)
     try:
         with _open_archive(bundle_path) as zf:
             infos = _index(zf)
