@@ -226,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle downloads served at once; beyond: 503 with Retry-After (default 64)")
     p.add_argument("--download-cap", type=float, default=3.0, metavar="X",
                    help="bytes one device may fetch per deployment, as a multiple of the bundle size (default 3)")
+    p.add_argument("--tls-certfile", metavar="PEM",
+                   help="serve HTTPS with this server certificate (e.g. `fleet enroll --role broker --host NAME`)")
+    p.add_argument("--tls-keyfile", metavar="PEM", help="the server certificate's private key (PEM)")
+    p.add_argument("--tls-client-ca", metavar="PEM",
+                   help="the fleet CA: bundle downloads then need a device certificate it issued (CN = device "
+                        "id); operators still use the token")
+    p.add_argument("--tls-crl", metavar="PEM",
+                   help="CRL of --tls-client-ca (the CA folder's crl.pem): revoked devices are refused "
+                        "(read at start)")
     _common(p)
 
     p = fleet_sub.add_parser(

@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.synchronize
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from edge_kit.fleet.deployments.rollout import RolloutManager
 from edge_kit.fleet.http_security import HttpSecurity, load_token
 from edge_kit.fleet.ingest import SESSION_EXPIRY_SECONDS, ConsumerConfig, run_consumer
 from edge_kit.fleet.reference_index import ReferenceStore
-from edge_kit.fleet.server import FleetHttpLimits, make_server, serve_in_thread
+from edge_kit.fleet.server import FleetHttpLimits, make_server, serve_in_thread, server_tls_context
 from edge_kit.fleet.service import FleetService
 from edge_kit.fleet.settings import FleetSettings, load_settings
 from edge_kit.fleet.storage import Storage
@@ -45,6 +46,28 @@ def broker_config(args: argparse.Namespace) -> BrokerConfig:
             raise UsageError(f"--mqtt-{key.replace('_', '-')}: file not found: {path}")
     return parse_broker_url(args.broker, session_expiry=SESSION_EXPIRY_SECONDS, insecure=args.mqtt_tls_insecure,
                             **{k: v for k, v in files.items() if v is not None})
+
+
+def http_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """TLS for the HTTP listener from the --tls-* flags; None when --tls-certfile is not given."""
+    certfile, keyfile = getattr(args, "tls_certfile", None), getattr(args, "tls_keyfile", None)
+    client_ca, crl = getattr(args, "tls_client_ca", None), getattr(args, "tls_crl", None)
+    if certfile is None:
+        given = [flag for flag, v in (("--tls-keyfile", keyfile), ("--tls-client-ca", client_ca),
+                                      ("--tls-crl", crl)) if v is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --tls-certfile (the server certificate)")
+        return None
+    if crl is not None and client_ca is None:
+        raise UsageError("--tls-crl needs --tls-client-ca (the CA whose revocations it lists)")
+    for flag, path in (("--tls-certfile", certfile), ("--tls-keyfile", keyfile), ("--tls-client-ca", client_ca),
+                       ("--tls-crl", crl)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag}: file not found: {path}")
+    try:
+        return server_tls_context(certfile, keyfile, client_ca, crl)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise UsageError(f"--tls-*: cannot use these files: {exc}") from exc
 
 
 def bundle_pubkey(args: argparse.Namespace, settings: FleetSettings) -> str | None:
@@ -134,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.bundle and not args.bundles:
         raise UsageError("fleet serve needs the models' reference histograms: give --bundle B or --bundles DIR")
     pubkey = bundle_pubkey(args, settings)
+    tls = http_tls(args)  # bad TLS files fail before the database is touched
     # Bad bundles fail before anything is created; with a key, only bundles it signed are used.
     references = ReferenceStore(args.bundle, args.bundles, public_key=load_public_key(pubkey) if pubkey else None)
     if pubkey is None:
@@ -152,15 +176,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Without a token nothing can authenticate and nothing can be changed; reads then stay
         # possible from loopback only, so a fresh install still shows its dashboard on the machine.
         open_reads=args.open_reads or token is None,
+        device_certs=getattr(args, "tls_client_ca", None) is not None,
     )
     deployments = _rollout_manager(args, storage, service, broker, pubkey)
     try:
-        http = make_server(service, host, port, security, limits)
+        http = make_server(service, host, port, security, limits, tls)
     except OSError as exc:
         raise UsageError(f"--http {args.http}: cannot listen: {exc}") from exc
     if not deployments.public_url:  # devices fetch bundles from the address the server listens on
         listen = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        deployments.public_url = f"http://{'[' + listen + ']' if ':' in listen else listen}:{http.server_address[1]}"
+        scheme = "https" if tls is not None else "http"
+        deployments.public_url = (f"{scheme}://{'[' + listen + ']' if ':' in listen else listen}:"
+                                  f"{http.server_address[1]}")
+    if tls is not None and security.device_certs:
+        log.info("bundle downloads need a device certificate from %s%s", args.tls_client_ca,
+                 f" (revocations: {args.tls_crl})" if args.tls_crl else "")
 
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
@@ -187,8 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     assert deployments.publisher is not None
     deployments.publisher.start()
     deployments.start()
-    log.info("fleet %s: %d consumer(s) on %s, dashboard http://%s:%d/, %d model(s) known",
-             args.fleet, args.workers, args.broker, host, port, len(references.all()))
+    log.info("fleet %s: %d consumer(s) on %s, dashboard %s://%s:%d/, %d model(s) known",
+             args.fleet, args.workers, args.broker, "https" if tls else "http", host, port, len(references.all()))
     supervisor = Supervisor(len(workers))
     try:
         while not stopping.wait(1.0):

@@ -13,8 +13,12 @@ One ASGI middleware in front of every route, so no endpoint can forget a check:
   alert (which runs the retraining command). No token configured: writes are refused outright.
 - Reading the API and /metrics needs the token too, unless `open_reads` is set, and then only for
   clients on the loopback interface. The page itself, its static files and /healthz hold no data
-  and are open, so an operator can load the page and type the token into it. Bundle downloads
-  (`GET /api/bundles/<sha256>`) are open too: devices have no operator token, and bundles are signed.
+  and are open, so an operator can load the page and type the token into it.
+- Bundle downloads (`GET/HEAD /api/bundles/<sha256>`) take no operator token: devices have none. With
+  `device_certs` (the listener is TLS with `--tls-client-ca`), they need the device's enrolled client
+  certificate instead (none: 401); the device is the certificate's CN, and an `X-Edgekit-Device`
+  naming another device is 403. Without it they are open to whoever reaches the server (bundles are
+  signed, not secret) and the device header is taken on trust.
 - A body-carrying request must state a Content-Length (no chunked bodies), at most `max_body`
   bytes; it is read in full before the route runs, and never more than stated.
 
@@ -41,7 +45,9 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 OPEN_PATHS = frozenset({"/", "/index.html", "/healthz"})
 # Static files, and bundle downloads: devices fetch those without the operator token (bundles are
 # signed, not secret; the device verifies what it fetched against its own public key).
-OPEN_PREFIXES = ("/static/", "/api/bundles/")
+DEVICE_PREFIX = "/api/bundles/"
+OPEN_PREFIXES = ("/static/", DEVICE_PREFIX)
+DEVICE_HEADER = b"x-edgekit-device"
 READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_HEADER_LINE = 8 * 1024  # one header line; more is 431
 MAX_HEAD_BYTES = 16 * 1024  # request target and headers together (uvicorn's h11 limit for a head in pieces)
@@ -60,6 +66,7 @@ class HttpSecurity:
     allowed_origins: frozenset[str] = field(default_factory=frozenset)
     open_reads: bool = False  # GET of the API without the token, for loopback clients only
     max_body: int = 1024 * 1024
+    device_certs: bool = False  # bundle downloads need a verified client certificate (TLS with a client CA)
 
     def hosts(self) -> frozenset[str]:
         return LOOPBACK_HOSTS | {h.lower() for h in self.allowed_hosts}
@@ -83,6 +90,13 @@ def load_token(token_file: str | None, environ: MutableMapping[str, str] | None 
                          "characters without spaces (make one: python -c 'import secrets; "
                          "print(secrets.token_urlsafe())')")
     return token
+
+
+def certified_device(scope: Scope) -> str | None:
+    """The device id the TLS handshake proved: the verified client certificate's CN, else None."""
+    tls = scope.get("extensions", {}).get("tls") or {}
+    name = tls.get("client_cert_cn")
+    return name if isinstance(name, str) and name else None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -183,6 +197,8 @@ class SecurityMiddleware:
             return 403, "cross-origin request refused (Origin not allowed)"
         path, method = scope["path"], scope["method"]
         if method in READ_METHODS:
+            if s.device_certs and path.startswith(DEVICE_PREFIX):
+                return self._device(scope)
             if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
                 return None
             if s.open_reads and _is_loopback(scope):
@@ -196,6 +212,15 @@ class SecurityMiddleware:
         content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
         if content_type != "application/json":
             return 415, "state-changing requests need Content-Type: application/json"
+        return None
+
+    def _device(self, scope: Scope) -> tuple[int, str] | None:
+        device = certified_device(scope)
+        if device is None:
+            return 401, "bundle downloads need this device's enrolled client certificate (TLS)"
+        claimed = _header(scope, DEVICE_HEADER)
+        if claimed is not None and claimed != device:
+            return 403, "X-Edgekit-Device does not match the client certificate's device"
         return None
 
     def _authorised(self, scope: Scope) -> tuple[int, str] | None:

@@ -14,7 +14,8 @@ POST /api/labels               {"device", "model_sha256", "confusion" | "true" +
 GET  /metrics                  Prometheus text format
 
 Who may call what is decided in one place, `http_security` (operator token, Host/Origin checks,
-JSON-only writes, body limits); connection limits and timeouts in `http_protocol`. Answers are
+JSON-only writes, body limits, device certificates); connection limits and timeouts in
+`uvicorn_deadlines`; TLS, when configured, by `server_tls_context`. Answers are
 strict JSON: a NaN or infinity anywhere becomes null, so every client's parser accepts them.
 """
 
@@ -26,9 +27,10 @@ import json
 import logging
 import math
 import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,10 +242,28 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"body is not strict JSON: {name}")
 
 
+def server_tls_context(certfile: str, keyfile: str | None = None, client_ca: str | None = None,
+                       crl: str | None = None) -> ssl.SSLContext:
+    """TLS for the HTTP listener. With `client_ca`, a client certificate is asked for but optional
+    (the dashboard and operators authenticate with the token); one that is sent must chain to
+    `client_ca` (and not be on `crl`), else the handshake fails. Raises ssl.SSLError / OSError."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cafile=client_ca)
+        if crl is not None:
+            context.load_verify_locations(cafile=crl)  # a PEM CRL loads like a certificate
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
+
+
 class FleetHttpServer:
     """uvicorn serving the app on a socket bound at construction (so a busy port fails early)."""
 
-    def __init__(self, app: Any, host: str, port: int, limits: FleetHttpLimits) -> None:
+    def __init__(self, app: Any, host: str, port: int, limits: FleetHttpLimits,
+                 tls: ssl.SSLContext | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family, backlog=1024)
         self.server_address: tuple[str, int] = self.socket.getsockname()[:2]
@@ -253,6 +273,7 @@ class FleetHttpServer:
             timeout_keep_alive=int(max(1, limits.keep_alive)), limit_concurrency=limits.max_connections + 1,
             proxy_headers=True, forwarded_allow_ips=limits.forwarded_allow_ips,
             h11_max_incomplete_event_size=16 * 1024, timeout_graceful_shutdown=5,
+            ssl_context_factory=None if tls is None else (lambda config, default: tls),
         )
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
@@ -270,12 +291,11 @@ class FleetHttpServer:
 
 
 def make_server(service: FleetService, host: str, port: int, security: HttpSecurity | None = None,
-                limits: FleetHttpLimits | None = None) -> FleetHttpServer:
+                limits: FleetHttpLimits | None = None, tls: ssl.SSLContext | None = None) -> FleetHttpServer:
     security = security or HttpSecurity()
     if host not in ("0.0.0.0", "::", ""):  # the address it listens on is a name clients may use
-        security = HttpSecurity(security.token, security.allowed_hosts | {host}, security.allowed_origins,
-                                security.open_reads, security.max_body)
-    return FleetHttpServer(make_app(service, security), host, port, limits or FleetHttpLimits())
+        security = replace(security, allowed_hosts=security.allowed_hosts | {host})
+    return FleetHttpServer(make_app(service, security), host, port, limits or FleetHttpLimits(), tls)
 
 
 def serve_in_thread(server: FleetHttpServer) -> threading.Thread:

@@ -11,6 +11,10 @@ uvicorn writes the headers and the body of an answer separately; TCP_NODELAY is 
 connection here so those writes do not meet Nagle's algorithm and the client's delayed ACK (which
 would hold every keep-alive answer ~40 ms). asyncio sets it only when the listening socket was made
 with proto IPPROTO_TCP, which a socket bound beforehand by `socket.create_server` is not.
+
+Over TLS, the client certificate the handshake verified (if the client sent one) is handed to the
+app as `scope["extensions"]["tls"]["client_cert_cn"]` (its subject common name; None without a
+certificate), so a route can tell which enrolled device is asking.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import h11
@@ -30,6 +35,9 @@ class DeadlineH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.app = _with_peer_certificate(self.app, peer_common_name(ssl_object.getpeercert()))
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -83,6 +91,29 @@ class DeadlineH11Protocol(H11Protocol):
         if idle:
             oldest = min(idle, key=lambda c: c.opened_at)
             oldest.transport.close()
+
+
+def peer_common_name(cert: dict[str, Any] | None) -> str | None:
+    """The subject CN of a verified peer certificate (`SSLObject.getpeercert()`); None when none was sent."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
+
+
+def _with_peer_certificate(app: ASGIApp, common_name: str | None) -> ASGIApp:
+    """The app, with this connection's client certificate name added to every request's scope."""
+
+    async def with_peer(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        extensions = scope.setdefault("extensions", {})
+        extensions["tls"] = {**extensions.get("tls", {}), "client_cert_cn": common_name}
+        await app(scope, receive, send)
+
+    return with_peer
 
 
 def protocol_class(request_timeout: float, max_connections: int) -> type[DeadlineH11Protocol]:

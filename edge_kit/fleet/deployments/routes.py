@@ -9,8 +9,10 @@ POST /api/deployments/<id>/promote|halt|rollback
 POST /api/bundles                          upload a chunk: {"sha256", "size", "offset", "data" (base64)}
 GET  /api/bundles/<sha256> (and HEAD)      the bundle bytes: Range, ETag, caps (503 + Retry-After, 429)
 
-Writes need the operator token (the security middleware); bundle downloads are open to anyone who
-reaches the server: bundles are signed, not secret (docs/deploy.md).
+Writes need the operator token (the security middleware). Bundle downloads need the device's client
+certificate when the server has a client CA (`--tls-client-ca`); the per-device byte cap then keys on
+the certificate's device. Without one they are open to anyone who reaches the server and the cap keys on
+the `X-Edgekit-Device` header: bundles are signed, not secret (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from starlette.routing import Route
 
 from edge_kit.fleet.deployments.bundles import SHA256, BundleError, parse_range
 from edge_kit.fleet.deployments.rollout import BundleSource, RolloutManager
+from edge_kit.fleet.http_security import certified_device
 
 DOWNLOAD_CHUNK = 64 * 1024
 MAX_UPLOAD_BYTES = 2 << 30
@@ -108,7 +111,8 @@ def deployment_routes(manager: RolloutManager, json_response: Json, parse_body: 
         headers["Content-Length"] = str(end - start + 1)
         if request.method == "HEAD":
             return Response(b"", status, headers)
-        device = request.headers.get("x-edgekit-device")
+        # The middleware refused a header that contradicts the certificate; the certificate wins.
+        device = certified_device(request.scope) or request.headers.get("x-edgekit-device")
         counted = await run_in_threadpool(_deployment_of, manager, sha, device)
         if counted is not None:
             served = manager.store.served_bytes(counted, device or "") or 0
