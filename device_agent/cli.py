@@ -160,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         from device_agent.deploy.updater import start_deployments
 
         # Subscribed before the first connect, so that connect already brings the retained message.
-        updater = start_deployments(agent, publisher, settings.deploy, settings.bundle)
+        updater = start_deployments(agent, publisher, settings.deploy, settings.bundle, settings.mqtt)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

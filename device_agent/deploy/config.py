@@ -34,7 +34,11 @@ class DeploySettings:
     give_up_after: float = setting(600.0, "seconds of failed download attempts before `failed` is reported "
                                    "(the agent keeps trying every 30 s)", **_POSITIVE)
     ca_certs: Path | None = setting(None, "CA (PEM) for `https://` bundle URLs signed by a private CA; unset = "
-                                    "the system's")
+                                    "the system's, plus `mqtt.ca_certs` (the fleet CA) when set")
+    certfile: Path | None = setting(None, "client certificate (PEM) shown to an `https://` fleet server that asks "
+                                    "for one (`fleet serve --tls-client-ca`); unset = `mqtt.certfile`")
+    keyfile: Path | None = setting(None, "the `certfile`'s private key (PEM); unset with `certfile` unset = "
+                                   "`mqtt.keyfile`")
 
     def state_path(self) -> Path:
         if self.state_dir is not None:
@@ -55,5 +59,9 @@ def check_deploy(deploy: DeploySettings, *, bundle: Path | None, pubkey: Path | 
     if bundle is None or not bundle.is_dir():
         raise ConfigError("deploy.enabled", f"needs agent.bundle to be a folder (got {bundle}): deployed bundles "
                                             "are installed there, so a restart serves them")
-    if deploy.ca_certs is not None and not deploy.ca_certs.is_file():
-        raise ConfigError("deploy.ca_certs", f"file not found: {deploy.ca_certs}")
+    for key in ("ca_certs", "certfile", "keyfile"):
+        path = getattr(deploy, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"deploy.{key}", f"file not found: {path}")
+    if deploy.keyfile is not None and deploy.certfile is None:
+        raise ConfigError("deploy.keyfile", "needs deploy.certfile (the certificate this key belongs to)")

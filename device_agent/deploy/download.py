@@ -13,8 +13,9 @@ deployment names must fit under the caller's cap, and no more than that size is 
 
 Retries: a refused or dropped connection, a 5xx or a 429 is retried with exponential backoff and
 jitter; a 503 or 429 with `Retry-After` waits that long (bounded), which is how the fleet's cap on
-concurrent downloads spreads a rollout out. Other 4xx answers are permanent. Stdlib only (no ONNX
-Runtime): the rollout benchmark runs a thousand of these at once.
+concurrent downloads spreads a rollout out. Other 4xx answers are permanent (a 401 or 403 from a fleet
+server that wants this device's client certificate, `DownloadPolicy.certfile`, among them). Stdlib
+only (no ONNX Runtime): the rollout benchmark runs a thousand of these at once.
 """
 
 from __future__ import annotations
@@ -67,7 +68,24 @@ class DownloadPolicy:
     give_up_after: float = 3600.0
     backoff_min: float = 0.5
     backoff_max: float = 60.0
-    ca_file: str | None = None  # for https:// URLs signed by a private CA
+    ca_file: str | None = None  # for https:// URLs signed by a private CA (replaces the system's CAs)
+    also_trust: str | None = None  # a CA trusted besides the system's (the fleet CA, from the MQTT settings)
+    certfile: str | None = None  # this device's client certificate, for a server that asks for one
+    keyfile: str | None = None
+
+
+def tls_context(policy: DownloadPolicy) -> ssl.SSLContext:
+    """The TLS settings of https:// downloads: which CAs sign servers, and this device's certificate.
+    A fleet server with a client CA knows the device by that certificate (docs/agent.md)."""
+    try:
+        context = ssl.create_default_context(cafile=policy.ca_file)
+        if policy.also_trust is not None:
+            context.load_verify_locations(cafile=policy.also_trust)
+        if policy.certfile is not None:
+            context.load_cert_chain(policy.certfile, policy.keyfile)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise DownloadFailed(f"cannot use the download TLS files: {exc}", permanent=True) from None
+    return context
 
 
 def staged_path(staging: Path, sha256: str) -> Path:
@@ -118,7 +136,7 @@ def download(
         done.unlink()  # damaged on disk since: fetch again
     part = part_path(staging, sha256)
     stats.resumed_from = _usable_prefix(part, size)
-    context = ssl.create_default_context(cafile=policy.ca_file) if url.startswith("https:") else None
+    context = tls_context(policy) if url.startswith("https:") else None
     deadline = time.monotonic() + policy.give_up_after
     _fetch(url, part, sha256=sha256, size=size, device_id=device_id, policy=policy, context=context, stats=stats,
            on_progress=on_progress, stop=stop, deadline=deadline)

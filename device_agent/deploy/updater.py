@@ -59,6 +59,7 @@ from device_agent.uplink.wire import deployment_topic
 
 if TYPE_CHECKING:
     from device_agent.agent import Agent
+    from device_agent.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,27 @@ class Subscriber(Protocol):
     def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None: ...
 
 
-def start_deployments(agent: Agent, link: Subscriber, deploy: DeploySettings, bundles_dir: Path) -> DeploymentUpdater:
-    """Build the updater from `[deploy]`, add its blocks to the agent's status, subscribe to this
-    device's deployment topic (renewed on every reconnect, so the retained message comes again) and
-    start its thread. Call before the link connects."""
-    policy = DownloadPolicy(timeout=deploy.download_timeout, give_up_after=deploy.give_up_after,
-                            ca_file=None if deploy.ca_certs is None else str(deploy.ca_certs))
+def download_policy(deploy: DeploySettings, mqtt: MqttSettings | None = None) -> DownloadPolicy:
+    """How downloads run, from `[deploy]`; the TLS identity falls back to `[mqtt]`'s (the device's
+    enrolled certificate, and the fleet CA trusted besides the system's CAs)."""
+    def text(path: Path | None) -> str | None:
+        return None if path is None else str(path)
+
+    certfile, keyfile = deploy.certfile, deploy.keyfile
+    if certfile is None and mqtt is not None:
+        certfile, keyfile = mqtt.certfile, mqtt.keyfile
+    also_trust = mqtt.ca_certs if mqtt is not None and deploy.ca_certs is None else None
+    return DownloadPolicy(timeout=deploy.download_timeout, give_up_after=deploy.give_up_after,
+                          ca_file=text(deploy.ca_certs), also_trust=text(also_trust), certfile=text(certfile),
+                          keyfile=text(keyfile))
+
+
+def start_deployments(agent: Agent, link: Subscriber, deploy: DeploySettings, bundles_dir: Path,
+                      mqtt: MqttSettings | None = None) -> DeploymentUpdater:
+    """Build the updater from `[deploy]` (and `[mqtt]`'s TLS identity), add its blocks to the agent's
+    status, subscribe to this device's deployment topic (renewed on every reconnect, so the retained
+    message comes again) and start its thread. Call before the link connects."""
+    policy = download_policy(deploy, mqtt)
     updater = DeploymentUpdater(agent, bundles_dir=bundles_dir, state_dir=deploy.state_path(),
                                 max_bundle_bytes=deploy.max_bundle_bytes, keep=deploy.keep, policy=policy)
     agent.status_sources.update(deployment=updater.status, deployment_messages=updater.message_counts,
