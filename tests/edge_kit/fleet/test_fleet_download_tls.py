@@ -28,6 +28,7 @@ from device_agent.settings import MqttSettings
 from edge_kit.fleet.identity import FleetCA
 from harness.fleetkit import OPERATOR_TOKEN, DigitsBundle, make_bundle
 from harness.processes import MosquittoBroker, cli_env, free_port, run_cli, wait_for_port
+from tests.helpers.mqtt import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 FLEET = "tlsdl"
@@ -141,6 +142,33 @@ def _operator_get(s: Setup, path: str, token: str | None) -> tuple[int, Any]:
             return exc.code, json.loads(exc.read())
 
 
+def _operator_post(s: Setup, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    context = ssl.create_default_context(cafile=str(s.ca.cert_path))
+    request = urllib.request.Request(f"https://127.0.0.1:{s.port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {OPERATOR_TOKEN}",
+                                              "Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def _device_get(s: Setup, identity: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One plain GET of the bundle with a device's certificate (no retries, unlike the agent's client)."""
+    i = s.ids[identity]
+    context = ssl.create_default_context(cafile=str(s.ca.cert_path))
+    context.load_cert_chain(str(i.cert), str(i.key))
+    try:
+        with urllib.request.urlopen(urllib.request.Request(s.url, headers=headers or {}), timeout=30,
+                                    context=context) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
 def test_downloads_need_the_devices_enrolled_certificate(setup: Setup) -> None:
     s = setup
     server = FleetServe(s)
@@ -185,6 +213,35 @@ def test_downloads_need_the_devices_enrolled_certificate(setup: Setup) -> None:
             _fetch(s, "dev1", "dev1", "staging-revoked", stats)
         assert not revoked.value.permanent and stats.received == 0
         assert file_sha256(_fetch(s, "dev2", "dev2", "staging-dev2")) == s.sha256
+    finally:
+        server.stop()
+
+
+def test_the_byte_cap_counts_the_certificates_device(setup: Setup) -> None:
+    s = setup
+    size = s.bundle.path.stat().st_size
+    server = FleetServe(s, "--download-cap", "1")
+    try:
+        code, dep = _operator_post(s, "/api/deployments", {"bundle_path": s.bundle.path.name,
+                                                           "devices": ["dev1", "dev2"], "canary": 2})
+        assert code == 201, dep
+        assert dep["url"] == s.url  # the default public URL follows the listener: https
+        # dev1 sends no device header at all: its certificate names it, and its bytes count against dev1.
+        code, body = _device_get(s, "dev1")
+        assert code == 200 and len(body) == size
+
+        def served() -> dict[str, int]:
+            view = _operator_get(s, f"/api/deployments/{dep['deployment']}", OPERATOR_TOKEN)[1]
+            return {d: v["served_bytes"] for d, v in view["devices"].items()}
+
+        wait_until(lambda: served()["dev1"] == size, 30, "dev1's bytes counted")
+        code, body = _device_get(s, "dev1")
+        assert code == 429 and b"dev1" in body  # cap 1 x the size, spent
+        code, _ = _device_get(s, "dev1", {"X-Edgekit-Device": "dev2"})
+        assert code == 403  # nor can it spend dev2's allowance under dev2's name
+        code, body = _device_get(s, "dev2", {"X-Edgekit-Device": "dev2"})
+        assert code == 200 and len(body) == size
+        wait_until(lambda: served() == {"dev1": size, "dev2": size}, 30, "dev2's bytes counted")
     finally:
         server.stop()
 
