@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -17,6 +15,7 @@ import torch
 
 from edge_kit.errors import EXIT_INTERRUPTED
 from edge_kit.train.checkpoint import CheckpointManager, read_checkpoint
+from harness.processes import cli_env, run_cli
 from tests.helpers.training import make_project, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -24,28 +23,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 EPOCHS = 6  # 138 optimizer steps: long enough to interrupt twice mid-run, short enough to repeat
 
 
-def _root_conftest() -> ModuleType:
-    """The suite's conftest (cli_env, run_cli): the CLI runs as `python -m edge_kit` from this checkout."""
-    path = Path(__file__).resolve().parents[2] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("edge_kit_tests_root_conftest", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-ROOT = _root_conftest()
-
-
 def start_training(config: Path, tracking: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "edge_kit", "train", "--config", str(config), "--tracking-uri", tracking, "--json"],
-        env=ROOT.cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def train_cli(config: Path, tracking: str) -> Any:
-    return ROOT.run_cli("edge_kit", "train", "--config", str(config), "--tracking-uri", tracking, "--json",
+    return run_cli("edge_kit", "train", "--config", str(config), "--tracking-uri", tracking, "--json",
                         timeout=300)
 
 
