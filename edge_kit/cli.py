@@ -43,6 +43,9 @@ COMMANDS: dict[str, str] = {
     "fleet revoke": "fleet_revoke",
     "batch-predict": "batch_predict",
     "data snapshot": "data_snapshot",
+    "data add": "data_add",
+    "fleet captures": "fleet_captures",
+    "fleet capture-request": "fleet_capture_request",
 }
 
 
@@ -180,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "examples' dvc.yaml, so `dvc repro` works on a fresh clone.")
     p.add_argument("--config", required=True, help="project config (TOML; keys in docs/config.md)")
     _common(p)
+    p = data_sub.add_parser(
+        "add", help="add exported field captures to the project's data as a new DVC snapshot",
+        description="Merge the labelled records of a `fleet captures export` folder into the project's field "
+                    "data\n(data/field.npz; records already there are skipped), record it with DVC, set data.field "
+                    "in the config,\nappend to data/field-manifest.json and commit those to git (docs/captures.md). "
+                    "The next build trains\non base + field rows and names both in its provenance.")
+    p.add_argument("export_dir", metavar="DIR", help="a folder `edge-kit fleet captures export` wrote")
+    p.add_argument("--config", required=True, help="project config (TOML; keys in docs/config.md)")
+    p.add_argument("--no-commit", action="store_true", help="record with DVC but do not commit to git")
+    _common(p)
 
     fleet = sub.add_parser(
         "fleet", help="fleet drift service",
@@ -235,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-crl", metavar="PEM",
                    help="CRL of --tls-client-ca (the CA folder's crl.pem): revoked devices are refused "
                         "(read at start)")
+    p.add_argument("--captures", metavar="DIR|URL",
+                   help="where uploaded field captures go: a folder or an fsspec URL (default: captures/ beside a "
+                        "SQLite --db; PostgreSQL needs it named) (docs/captures.md)")
+    p.add_argument("--captures-max-bytes", type=int, default=10 * 1024**3, metavar="N",
+                   help="capture store quota in bytes; uploads beyond it get 507 (default 10 GiB)")
+    p.add_argument("--device-key-file", metavar="PATH",
+                   help="the fleet's device key (the CA folder's device-token.key): devices without a client "
+                        "certificate upload captures with their enrolled token")
     _common(p)
 
     p = fleet_sub.add_parser(
@@ -291,6 +312,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="append", default=[], metavar="NAME",
                    help="with --role broker: a DNS name or IP address clients connect to (repeatable)")
     p.add_argument("--force", action="store_true", help="replace key and certificate files already in --out")
+    _common(p)
+
+    captures = fleet_sub.add_parser(
+        "captures", help="field captures the devices uploaded",
+        description="Field captures held by a running `fleet serve` (docs/captures.md).")
+    captures_sub = captures.add_subparsers(dest="captures_command", metavar="SUBCOMMAND", required=True)
+    p = captures_sub.add_parser(
+        "export", help="write the fleet's captures as .npz shards for `edge-kit data add`",
+        description="Download captured records (inputs, predictions, labels) from a running fleet server and "
+                    "write them\nas DIR/captures-NNNNN.npz shards with DIR/manifest.json (counts per device and "
+                    "label source).\nLabels can also come from a CSV keyed by request id (--labels-csv).")
+    p.add_argument("--server", required=True, help="the fleet server's URL, e.g. http://fleet:8080")
+    p.add_argument("--token-file", help="file holding the operator token (else EDGEKIT_FLEET_TOKEN)")
+    p.add_argument("--out", required=True, help="folder for the shards and manifest.json (replaced)")
+    p.add_argument("--devices", help="comma-separated device ids (default: every device)")
+    p.add_argument("--since", help="only records captured at or after this time (unix seconds or ISO 8601)")
+    p.add_argument("--labelled-only", action="store_true", help="only records that carry a label")
+    p.add_argument("--labels-csv", help="CSV of request_id,label (or request_id,row,label): fills or overrides labels")
+    p.add_argument("--shard-records", type=int, default=10_000, help="records per .npz shard (default 10000)")
+    _common(p)
+
+    p = fleet_sub.add_parser(
+        "capture-request", help="ask a device for more captured samples",
+        description="Ask a device (over its retained `capture` topic) to capture its next N predicted rows, "
+                    "within its own\nbudget; a device without capture enabled, or with fleet_requests off, "
+                    "ignores it (docs/captures.md).")
+    p.add_argument("device_id", help="the device to ask")
+    p.add_argument("--samples", type=int, required=True, help="how many more samples (1..100000)")
+    p.add_argument("--reason", default="", help="why (shown to operators)")
+    p.add_argument("--server", required=True, help="the fleet server's URL, e.g. http://fleet:8080")
+    p.add_argument("--token-file", help="file holding the operator token (else EDGEKIT_FLEET_TOKEN)")
     _common(p)
 
     p = fleet_sub.add_parser(
