@@ -1,7 +1,8 @@
 """Facts that cross the wire, defined once for the agent and the fleet server (docs/architecture.md section 6).
 
-- MQTT topic names: `edgekit/<fleet>/<device>/summary`, `.../status` and `.../deployment` (the
-  retained pointer to a bundle the fleet wants the device to serve), the shared-subscription
+- MQTT topic names: `edgekit/<fleet>/<device>/summary`, `.../status`, `.../deployment` (the
+  retained pointer to a bundle the fleet wants the device to serve) and `.../capture` (the fleet's
+  retained request for more captured samples, docs/captures.md), the shared-subscription
   form the fleet consumers use, and the reverse (topic -> fleet, device, kind).
 - Broker URLs: `mqtt[s]://[USER[:PASSWORD]@]HOST[:PORT]` plus the TLS and session options, parsed
   into one `BrokerConfig` that both the agent's publisher and the fleet's consumer connect with.
@@ -23,7 +24,8 @@ TOPIC_ROOT = "edgekit"
 SUMMARY = "summary"
 STATUS = "status"
 DEPLOYMENT = "deployment"  # fleet -> device, retained; the payload is deploy.message's
-KINDS = (SUMMARY, STATUS, DEPLOYMENT)
+CAPTURE = "capture"  # fleet -> device, retained; an edgekit.capture_request/1 message
+KINDS = (SUMMARY, STATUS, DEPLOYMENT, CAPTURE)
 # A password in the broker URL shows in `ps`; this variable is read instead when the URL has none.
 PASSWORD_ENV = "EDGEKIT_MQTT_PASSWORD"
 MQTT_PORT, MQTTS_PORT = 1883, 8883
@@ -46,6 +48,10 @@ def status_topic(fleet: str, device: str = "+") -> str:
 
 def deployment_topic(fleet: str, device: str = "+") -> str:
     return topic(fleet, device, DEPLOYMENT)
+
+
+def capture_topic(fleet: str, device: str = "+") -> str:
+    return topic(fleet, device, CAPTURE)
 
 
 def shared_topic(group: str, topic_filter: str) -> str:
