@@ -3,7 +3,8 @@
 Creates the fleet CA in DIR when it has none. The certificate's identity (subject CN) is the device id,
 which the broker uses as the MQTT username, so the ACL lets the device speak only for itself.
 `--role service` issues the fleet service's identity; `--role broker --host NAME` the broker's own
-server certificate.
+server certificate. A device also gets `upload.token` beside its key: its credential for the fleet's
+capture upload routes, derived from the CA folder's `device-token.key` (`fleet serve --device-key-file`).
 """
 
 from __future__ import annotations
@@ -27,4 +28,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"created the fleet CA in {ca.folder} (keep {ca.folder}/ca.key secret)")
         print(f"{issued.role} {issued.identity!r}: key {issued.key} (0600, copy to the {issued.role} only), "
               f"certificate {issued.cert}, CA {issued.ca}; valid until {issued.not_after}, serial {issued.serial:x}")
-    return issued.describe() | {"crl": str(ca.crl_path)}
+        if issued.upload_token is not None:
+            print(f"upload token {issued.upload_token} (0600, copy to the device: [capture] token_file); the fleet "
+                  f"checks it with `fleet serve --device-key-file {ca.device_key_path}`")
+    out_doc = issued.describe() | {"crl": str(ca.crl_path)}
+    if issued.upload_token is not None:
+        out_doc["device_key"] = str(ca.device_key_path)
+    return out_doc

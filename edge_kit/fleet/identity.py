@@ -6,6 +6,8 @@
     ca.pem     the CA certificate: the broker's `cafile` and every client's `ca_certs`
     crl.pem    the revocation list the broker reads (`crlfile`); always present, empty at first
     issued.json  every certificate issued: serial, identity, role, expiry, revocation time
+    device-token.key  the key of the devices' upload tokens (0600; made at the first device enrollment):
+               `fleet serve --device-key-file` names it (docs/captures.md)
 
 A device certificate's subject common name is the device id, which Mosquitto turns into the MQTT
 username (`use_identity_as_username true`); the broker's ACL (deploy/mosquitto.acl) then lets that
@@ -33,8 +35,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from device_agent.atomic import atomic_write_bytes
 from device_agent.uplink.wire import topic_level_problem
 from edge_kit.errors import UsageError
+from edge_kit.fleet.device_tokens import create_device_key, device_token
 
 CA_KEY, CA_CERT, CRL, ISSUED = "ca.key", "ca.pem", "crl.pem", "issued.json"
+DEVICE_TOKEN_KEY = "device-token.key"  # in the CA folder: the key every device's upload token is derived from
+UPLOAD_TOKEN = "upload.token"  # beside a device's key and certificate: its credential for the capture routes
 # The fleet service's MQTT username: a '/' cannot appear in a device id (an MQTT topic level), so
 # enrolling a device can never produce this identity.
 SERVICE_IDENTITY = "edgekit-fleet/service"
@@ -56,11 +61,13 @@ class Issued:
     serial: int
     not_after: str
     ca_created: bool
+    upload_token: Path | None = None  # role device only
 
     def describe(self) -> dict[str, Any]:
         return {"identity": self.identity, "role": self.role, "key": str(self.key), "cert": str(self.cert),
                 "ca": str(self.ca), "serial": f"{self.serial:x}", "not_after": self.not_after,
-                "ca_created": self.ca_created}
+                "ca_created": self.ca_created,
+                "upload_token": str(self.upload_token) if self.upload_token else None}
 
 
 def _now() -> dt.datetime:
@@ -94,6 +101,11 @@ class FleetCA:
     @property
     def crl_path(self) -> Path:
         return self.folder / CRL
+
+    @property
+    def device_key_path(self) -> Path:
+        """The key of the devices' upload tokens (`fleet serve --device-key-file`)."""
+        return self.folder / DEVICE_TOKEN_KEY
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -183,7 +195,9 @@ class FleetCA:
               hosts: tuple[str, ...] = (), force: bool = False) -> Issued:
         """A new key and certificate for `identity`, signed by the CA (created first if absent).
 
-        role "device": CN = the device id (validated as one MQTT topic level), client authentication.
+        role "device": CN = the device id (validated as one MQTT topic level), client authentication;
+            also its upload token (`upload.token`, 0600, beside the key), derived from the CA folder's
+            `device-token.key`, which the first device enrollment creates.
         role "service": CN = SERVICE_IDENTITY, client authentication (`identity` is ignored).
         role "broker": CN = the first host, subjectAltName = every host, server authentication.
         """
@@ -233,11 +247,17 @@ class FleetCA:
             atomic_write_bytes(key_path, _key_pem(key), mode=0o600)
             atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
             atomic_write_bytes(ca_copy, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+            token_path = None
+            if role == "device":
+                token_path = out / UPLOAD_TOKEN
+                token = device_token(create_device_key(self.device_key_path), identity)
+                atomic_write_bytes(token_path, (token + "\n").encode(), mode=0o600)
             records = self._issued()
             records.append({"serial": f"{serial:x}", "identity": identity, "role": role,
                             "not_after": not_after.isoformat(), "issued_at": now.isoformat(), "revoked_at": None})
             self._write_issued(records)
-        return Issued(identity, role, key_path, cert_path, ca_copy, serial, not_after.isoformat(), created)
+        return Issued(identity, role, key_path, cert_path, ca_copy, serial, not_after.isoformat(), created,
+                      token_path)
 
     def revoke(self, identity: str) -> list[str]:
         """Revoke every unrevoked certificate issued to `identity`; rewrites the CRL. Returns the serials."""
