@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -48,6 +48,17 @@ log = logging.getLogger(__name__)
 
 SEQ_META = "next_seq"
 _perf_counter = time.perf_counter
+
+
+class CaptureHook(Protocol):
+    """Field capture as the agent sees it (`device_agent.capture.Capture`, hooked in by `start_capture`)."""
+
+    def offer(self, inputs: np.ndarray, outputs: np.ndarray, classes: np.ndarray, request_id: str | None,
+              window_start: float, model_sha256: str) -> int: ...
+
+    def label(self, request_id: str, labels: Sequence[str]) -> int: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -141,6 +152,8 @@ class Agent:
         self.serving.reset(self.started_at)
         # More top-level blocks of the status document, by key (the deployment updater adds its own).
         self.status_sources: dict[str, Callable[[], Any]] = {}
+        # Field capture (docs/captures.md): None unless `[capture]` is enabled, so predict pays one check.
+        self.capture: CaptureHook | None = None
         self._host = {"cpu": cpu_model(), "int8_isa": int8_isa()}
         if forwarder is not None:
             forwarder.status_source = self.status_message
@@ -209,6 +222,9 @@ class Agent:
         classes = outputs.argmax(axis=1)
         if self.monitoring:
             monitor.record(batch, outputs, classes, request_id)
+        capture = self.capture
+        if capture is not None:  # on disk before predict returns (a failure is logged there, never raised)
+            capture.offer(batch, outputs, classes, request_id, monitor.summary.window_start, runtime.info.sha256)
         with self._counter_lock:  # the serving figures share it: one acquisition per request
             counters = self._counters
             counters["predictions"] += len(batch)
@@ -229,6 +245,9 @@ class Agent:
             self._count(bad_requests=1)
             raise
         self._count(labels=counted)
+        capture = self.capture
+        if capture is not None and request_id is not None:
+            capture.label(request_id, class_names(labels, self._active.runtime.labels))
         return counted
 
     def _feed_labels(self, labels: Sequence[Any], request_id: str | None) -> int:
@@ -439,6 +458,8 @@ class Agent:
         if self._timer is not None:
             self._timer.join(timeout=5)
         self.close_window()
+        if self.capture is not None:
+            self.capture.stop()  # spooled records wait for the next start
         if self.forwarder is not None:
             self.forwarder.stop()  # first, so this thread is the only one publishing from here on
             self.forwarder.pump()
@@ -450,6 +471,12 @@ class Agent:
             self.forwarder.spool.close()
             return final
         return self.status("offline")
+
+
+def class_names(labels: Sequence[Any], names: Sequence[str]) -> list[str]:
+    """Labels as class names: an integer is an index into `names` (the monitor's rule), anything else its text."""
+    return [names[int(x)] if isinstance(x, int | np.integer) and not isinstance(x, bool) and 0 <= int(x) < len(names)
+            else str(x) for x in labels]
 
 
 def _info(loaded: LoadedModel) -> Versioned:

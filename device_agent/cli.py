@@ -131,6 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from device_agent.agent import Agent
     from device_agent.bundle.watcher import BundleWatcher
+    from device_agent.capture.config import check_capture
     from device_agent.deploy.config import check_deploy
     from device_agent.http.server import AgentHTTPServer
     from device_agent.settings import apply_flags, load_settings
@@ -141,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = apply_flags(load_settings(args.config), args)
     check_deploy(settings.deploy, bundle=settings.bundle, pubkey=settings.pubkey)
+    check_capture(settings.capture, deploy=settings.deploy, mqtt=settings.mqtt)
     broker = settings.broker_config()
     assert settings.bundle is not None and settings.device_id is not None  # apply_flags checked
     listen = parse_host_port(settings.http) if settings.http else None
@@ -161,6 +163,12 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Subscribed before the first connect, so that connect already brings the retained message.
         updater = start_deployments(agent, publisher, settings.deploy, settings.bundle, settings.mqtt)
+    capture = None
+    if settings.capture.enabled:
+        from device_agent.capture.capture import start_capture
+
+        # Like deployments: subscribed before the first connect, for the retained capture request.
+        capture = start_capture(agent, publisher, settings.capture, deploy=settings.deploy, mqtt=settings.mqtt)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -191,6 +199,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         watcher.stop()
         if server is not None:
             server.stop()
+        if capture is not None:
+            capture.stop()  # after the last prediction; spooled records are uploaded after the next start
         final = agent.stop()
     return {"stopped": True, "counters": final["counters"], "spool": final.get("spool")}
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from device_agent.capture.config import CaptureSettings
 from device_agent.deploy.config import DeploySettings
 from device_agent.errors import ConfigError
 from device_agent.http.protocol import HttpLimits
@@ -100,6 +101,7 @@ class AgentSettings:
     mqtt: MqttSettings = subsection(MqttSettings)
     http_limits: HttpLimits = subsection(HttpLimits)
     deploy: DeploySettings = subsection(DeploySettings)
+    capture: CaptureSettings = subsection(CaptureSettings)
 
     def spool_path(self) -> Path:
         if self.spool is not None:
@@ -134,7 +136,7 @@ class AgentSettings:
 # The sections of agent.toml, in the order the docs show them. A new section is a dataclass of
 # `setting`s, an entry here, and a `subsection` field of the same name in AgentSettings.
 SECTIONS: dict[str, type] = {"agent": AgentSettings, "mqtt": MqttSettings, "http": HttpSettings,
-                             "deploy": DeploySettings}
+                             "deploy": DeploySettings, "capture": CaptureSettings}
 
 
 def _str(p: Path | None) -> str | None:

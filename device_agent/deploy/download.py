@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_agent.errors import EdgeKitError
+from device_agent.uplink.https import DEVICE_HEADER, client_tls_context
 
-DEVICE_HEADER = "X-Edgekit-Device"
 PART_SUFFIX, DONE_SUFFIX = ".part", ".bundle"
 _CHUNK = 64 * 1024
 MAX_RETRY_AFTER = 600.0  # a server asking for longer is capped: the device keeps trying
@@ -78,14 +78,10 @@ def tls_context(policy: DownloadPolicy) -> ssl.SSLContext:
     """The TLS settings of https:// downloads: which CAs sign servers, and this device's certificate.
     A fleet server with a client CA knows the device by that certificate (docs/agent.md)."""
     try:
-        context = ssl.create_default_context(cafile=policy.ca_file)
-        if policy.also_trust is not None:
-            context.load_verify_locations(cafile=policy.also_trust)
-        if policy.certfile is not None:
-            context.load_cert_chain(policy.certfile, policy.keyfile)
+        return client_tls_context(ca_file=policy.ca_file, also_trust=policy.also_trust, certfile=policy.certfile,
+                                  keyfile=policy.keyfile)
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise DownloadFailed(f"cannot use the download TLS files: {exc}", permanent=True) from None
-    return context
 
 
 def staged_path(staging: Path, sha256: str) -> Path:
