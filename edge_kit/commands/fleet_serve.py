@@ -23,10 +23,14 @@ from typing import Any
 from device_agent.bundle.signing import load_public_key
 from device_agent.uplink.wire import BrokerConfig, parse_broker_url, parse_host_port
 from edge_kit.errors import UsageError
+from edge_kit.fleet.captures.intake import Captures
+from edge_kit.fleet.captures.requests import CaptureRequests
+from edge_kit.fleet.captures.store import CaptureStore
 from edge_kit.fleet.consumer_state import ConsumerState
 from edge_kit.fleet.deployments.bundles import BundleFiles, DownloadLimits
 from edge_kit.fleet.deployments.publisher import DeploymentPublisher
 from edge_kit.fleet.deployments.rollout import RolloutManager
+from edge_kit.fleet.device_tokens import load_device_key
 from edge_kit.fleet.http_security import HttpSecurity, load_token
 from edge_kit.fleet.ingest import SESSION_EXPIRY_SECONDS, ConsumerConfig, run_consumer
 from edge_kit.fleet.reference_index import ReferenceStore
@@ -102,6 +106,33 @@ def _rollout_manager(args: argparse.Namespace, storage: Storage, service: FleetS
     return manager
 
 
+def captures_location(args: argparse.Namespace) -> str:
+    """--captures, else a `captures/` folder beside a SQLite --db; PostgreSQL (or an in-memory SQLite
+    database) has no folder beside it, so there it must be named."""
+    named = getattr(args, "captures", None)
+    if named:
+        return str(named)
+    db = str(args.db)
+    if db.startswith("sqlite:///") and db != "sqlite:///:memory:":
+        return str(Path(db.removeprefix("sqlite:///")).parent / "captures")
+    raise UsageError("--captures DIR|URL is needed with this --db: captures are kept beside a SQLite database "
+                     "file by default, and a PostgreSQL database has no folder beside it (docs/captures.md)")
+
+
+def _captures(args: argparse.Namespace, storage: Storage, service: FleetService, broker: BrokerConfig,
+              store: CaptureStore) -> DeploymentPublisher:
+    """Field captures (docs/captures.md): the store and index behind the upload routes, and the capture
+    requests published retained on each device's `capture` topic."""
+    requests = CaptureRequests(storage, args.fleet)
+    publisher = DeploymentPublisher(broker, args.fleet, requests.messages, what="capture request",
+                                    client_id=f"edgekit-fleet-{args.fleet}-captures-{socket.gethostname()}")
+    requests.publisher = publisher
+    service.enable_captures(Captures(storage, service.references, store), requests)
+    service.readiness_checks.append(("captures", lambda: None if publisher.connected
+                                     else "capture request publisher not connected"))
+    return publisher
+
+
 def _worker_main(cfg: ConsumerConfig, stop: multiprocessing.synchronize.Event, level: int) -> None:
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s worker{cfg.worker} %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))  # as the parent CLI holds it
@@ -163,6 +194,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if pubkey is None:
         log.warning("fleet serve without --pubkey: any file in the bundles folder is trusted by its hashes alone, "
                     "so whoever can write there decides what a model's reference is")
+    location = captures_location(args)
+    key_file = getattr(args, "device_key_file", None)
+    device_key = load_device_key(key_file) if key_file else None
+    store = CaptureStore(location, getattr(args, "captures_max_bytes", 10 * 1024**3))
     storage = Storage(args.db)  # creates the schema before any worker touches it
     service = FleetService(storage, references, settings)
     consumers = ConsumerState(args.workers)
@@ -177,8 +212,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # possible from loopback only, so a fresh install still shows its dashboard on the machine.
         open_reads=args.open_reads or token is None,
         device_certs=getattr(args, "tls_client_ca", None) is not None,
+        device_key=device_key, device_max_body=settings.captures.max_batch_bytes,
     )
     deployments = _rollout_manager(args, storage, service, broker, pubkey)
+    capture_publisher = _captures(args, storage, service, broker, store)
     try:
         http = make_server(service, host, port, security, limits, tls)
     except OSError as exc:
@@ -191,6 +228,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if tls is not None and security.device_certs:
         log.info("bundle downloads need a device certificate from %s%s", args.tls_client_ca,
                  f" (revocations: {args.tls_crl})" if args.tls_crl else "")
+    if not security.device_certs and device_key is None:
+        log.warning("capture uploads are refused (403): no device credentials (--tls-client-ca or --device-key-file)")
+    log.info("captures kept in %s (%d of %d bytes used)", location, store.used, store.max_bytes)
 
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
@@ -216,6 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     service.start()
     assert deployments.publisher is not None
     deployments.publisher.start()
+    capture_publisher.start()
     deployments.start()
     log.info("fleet %s: %d consumer(s) on %s, dashboard %s://%s:%d/, %d model(s) known",
              args.fleet, args.workers, args.broker, "https" if tls else "http", host, port, len(references.all()))
@@ -243,6 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         deployments.stop()
         if deployments.publisher is not None:
             deployments.publisher.close()
+        capture_publisher.close()
         service.stop()
         http.shutdown()
         http.server_close()

@@ -14,6 +14,10 @@ alert needs the support of more than one device, `drift.py`, `concept.py`); an a
 device waits for an operator. An alert records its `support`, the devices whose data carry it; a
 dismissed alert silences its condition only while no other device supports it, so dismissing an
 alert one device raised does not hide a later one that others raise.
+
+Approval also calls the `on_approved` hooks with the alert (`fleet serve` adds one that asks every
+device the alert names, `devices_named`, for more captured samples when `[captures] request_on_alert`
+is set); a failing hook is logged and changes nothing about the approval.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class AlertManager:
         self.clock = clock
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        # Called with the alert (as `storage.alert` gives it) once it is approved, by hand or automatically.
+        self.on_approved: list[Callable[[dict[str, Any]], None]] = []
 
     def raise_alert(self, model_sha256: str, scope: str, kind: str, summary: str,
                     detail: dict[str, Any], support: Sequence[str] | None = None) -> tuple[int, bool]:
@@ -61,6 +67,7 @@ class AlertManager:
         log.warning("alert %d: %s", alert_id, summary)
         if auto:
             self._trigger(alert_id, model_sha256, scope)
+            self._approved(alert_id)
         return alert_id, True
 
     def approve(self, alert_id: int, by: str = "operator") -> dict[str, Any]:
@@ -72,9 +79,22 @@ class AlertManager:
                 raise AlertError(409, f"alert {alert_id} is {alert['state']}, not waiting for approval")
             self.storage.set_alert_state(alert_id, "approved", approved_by=by)
         self._trigger(alert_id, str(alert["model_sha256"]), str(alert["scope"]))
+        self._approved(alert_id)
         found = self.storage.alert(alert_id)
         assert found is not None
         return found
+
+    def _approved(self, alert_id: int) -> None:
+        if not self.on_approved:
+            return
+        alert = self.storage.alert(alert_id)
+        if alert is None:
+            return
+        for hook in self.on_approved:
+            try:
+                hook(alert)
+            except Exception:  # a hook (a capture request) must not undo or fail the approval
+                log.exception("alert %d: an approval hook failed", alert_id)
 
     def dismiss(self, alert_id: int) -> dict[str, Any]:
         alert = self.storage.alert(alert_id)
@@ -122,6 +142,19 @@ class AlertManager:
         """Wait for running retraining commands (tests, shutdown)."""
         for t in list(self._threads):
             t.join(timeout)
+
+
+def devices_named(alert: dict[str, Any]) -> list[str]:
+    """The devices an alert is about: its device (device scope) or the devices supporting it (fleet scope)."""
+    detail = alert.get("detail") or {}
+    named = [detail["device"]] if isinstance(detail.get("device"), str) else []
+    support = detail.get("support")
+    if isinstance(support, list):
+        named += [d for d in support if isinstance(d, str)]
+    scope = str(alert.get("scope") or "")
+    if scope.startswith("device:"):
+        named.append(scope.removeprefix("device:"))
+    return sorted(set(named))
 
 
 def _newly_supported(existing: dict[str, Any], support: Sequence[str] | None) -> bool:

@@ -19,8 +19,16 @@ One ASGI middleware in front of every route, so no endpoint can forget a check:
   certificate instead (none: 401); the device is the certificate's CN, and an `X-Edgekit-Device`
   naming another device is 403. Without it they are open to whoever reaches the server (bundles are
   signed, not secret) and the device header is taken on trust.
+- Capture uploads and label updates (`POST /api/captures/upload`, `/api/captures/labels`) take a device
+  credential, never the operator token: the verified client certificate's CN when `device_certs` (an
+  `X-Edgekit-Device` naming another device is 403), else `X-Edgekit-Device: <id>` with
+  `Authorization: Device <token>`, the token checked against `device_key` (`device_tokens`). Neither
+  configured: 403; a missing or wrong credential: 401. The device is handed to the route in the scope
+  (`DEVICE_SCOPE_KEY`). The capture export (`GET /api/captures`) needs the operator token even with
+  `open_reads`: it holds the devices' real inputs.
 - A body-carrying request must state a Content-Length (no chunked bodies), at most `max_body`
-  bytes; it is read in full before the route runs, and never more than stated.
+  bytes (`device_max_body` for the device routes, whose batches are larger); it is read in full
+  before the route runs, and never more than stated.
 
 The token is compared with `hmac.compare_digest` (constant time).
 """
@@ -38,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_kit.errors import UsageError
+from edge_kit.fleet.device_tokens import token_matches
 
 TOKEN_ENV = "EDGEKIT_FLEET_TOKEN"
 MIN_TOKEN_CHARS = 16
@@ -48,6 +57,13 @@ OPEN_PATHS = frozenset({"/", "/index.html", "/healthz"})
 DEVICE_PREFIX = "/api/bundles/"
 OPEN_PREFIXES = ("/static/", DEVICE_PREFIX)
 DEVICE_HEADER = b"x-edgekit-device"
+# Routes a device writes to with its own credential (docs/captures.md), and the key under which the
+# authenticated device id reaches the route in the ASGI scope.
+DEVICE_WRITE_PATHS = frozenset({"/api/captures/upload", "/api/captures/labels"})
+DEVICE_SCOPE_KEY = "edgekit.device"
+# Reads that need the operator token even with open_reads: the capture export holds real inputs.
+TOKEN_ONLY_READS = frozenset({"/api/captures"})
+DEVICE_MAX_BODY = 4 * 1024 * 1024
 READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_HEADER_LINE = 8 * 1024  # one header line; more is 431
 MAX_HEAD_BYTES = 16 * 1024  # request target and headers together (uvicorn's h11 limit for a head in pieces)
@@ -67,6 +83,8 @@ class HttpSecurity:
     open_reads: bool = False  # GET of the API without the token, for loopback clients only
     max_body: int = 1024 * 1024
     device_certs: bool = False  # bundle downloads need a verified client certificate (TLS with a client CA)
+    device_key: bytes | None = field(default=None, repr=False)  # --device-key-file: device upload tokens
+    device_max_body: int = DEVICE_MAX_BODY  # body cap of the device routes (capture batches)
 
     def hosts(self) -> frozenset[str]:
         return LOOPBACK_HOSTS | {h.lower() for h in self.allowed_hosts}
@@ -196,9 +214,13 @@ class SecurityMiddleware:
         if origin is not None and not self._origin_ok(origin, host):
             return 403, "cross-origin request refused (Origin not allowed)"
         path, method = scope["path"], scope["method"]
+        if path in DEVICE_WRITE_PATHS and method not in READ_METHODS:
+            return self._uploading_device(scope)
         if method in READ_METHODS:
             if s.device_certs and path.startswith(DEVICE_PREFIX):
                 return self._device(scope)
+            if path in TOKEN_ONLY_READS:
+                return self._authorised(scope)
             if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
                 return None
             if s.open_reads and _is_loopback(scope):
@@ -221,6 +243,31 @@ class SecurityMiddleware:
         claimed = _header(scope, DEVICE_HEADER)
         if claimed is not None and claimed != device:
             return 403, "X-Edgekit-Device does not match the client certificate's device"
+        return None
+
+    def _uploading_device(self, scope: Scope) -> tuple[int, str] | None:
+        """The device credential of a device route; sets the device in the scope when it holds."""
+        s = self.security
+        claimed = _header(scope, DEVICE_HEADER)
+        device = certified_device(scope) if s.device_certs else None
+        if device is not None:
+            if claimed is not None and claimed != device:
+                return 403, "X-Edgekit-Device does not match the client certificate's device"
+        elif s.device_key is None:
+            if s.device_certs:
+                return 401, "capture uploads need this device's enrolled client certificate (TLS)"
+            return 403, "capture uploads need device credentials"
+        else:
+            scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
+            if claimed is None or claimed.startswith("\x00") or scheme.lower() != "device" or not token.strip():
+                return 401, "capture uploads need X-Edgekit-Device and Authorization: Device <token>"
+            if not token_matches(s.device_key, claimed, token):
+                return 401, "wrong device token for this X-Edgekit-Device"
+            device = claimed
+        content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            return 415, "state-changing requests need Content-Type: application/json"
+        scope[DEVICE_SCOPE_KEY] = device
         return None
 
     def _authorised(self, scope: Scope) -> tuple[int, str] | None:
@@ -250,8 +297,9 @@ class SecurityMiddleware:
             await _refuse(send, 400, "a request with a body needs a valid Content-Length")
             return None
         length = int(declared)
-        if length > self.security.max_body:
-            await _refuse(send, 413, f"body over {self.security.max_body} bytes")
+        cap = self.security.device_max_body if scope["path"] in DEVICE_WRITE_PATHS else self.security.max_body
+        if length > cap:
+            await _refuse(send, 413, f"body over {cap} bytes")
             return None
         chunks: list[bytes] = []
         got = 0

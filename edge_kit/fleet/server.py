@@ -11,6 +11,7 @@ GET  /api/alerts               alerts with their triggers; ?format=csv exports t
 POST /api/alerts/<id>/approve  run the retraining command (rate-limited); /dismiss silences it
 POST /api/labels               {"device", "model_sha256", "confusion" | "true" + "pred"}
 /api/deployments, /api/bundles deployments and bundle downloads (`edge_kit.fleet.deployments.routes`)
+/api/captures, /api/devices/<id>/capture-request  field captures (`edge_kit.fleet.captures.routes`)
 GET  /metrics                  Prometheus text format
 
 Who may call what is decided in one place, `http_security` (operator token, Host/Origin checks,
@@ -213,6 +214,10 @@ def make_app(service: FleetService, security: HttpSecurity) -> Any:
         from edge_kit.fleet.deployments.routes import deployment_routes
 
         routes[-1:-1] = deployment_routes(s.deployments, _json, _body, _guarded)
+    if s.captures is not None or s.capture_requests is not None:  # field captures (docs/captures.md)
+        from edge_kit.fleet.captures.routes import capture_routes
+
+        routes[-1:-1] = capture_routes(s.captures, s.capture_requests, _json, _body, _guarded)
     app = Starlette(routes=routes, exception_handlers={404: _handler(not_found), 405: _handler(not_found)})
     return SecurityMiddleware(app, security)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from device_agent.monitoring.summary_validation import INT64_MAX
 from edge_kit.fleet import concept, drift
-from edge_kit.fleet.alerts import AlertManager
+from edge_kit.fleet.alerts import AlertManager, devices_named
 from edge_kit.fleet.consumer_state import ConsumerState
 from edge_kit.fleet.reference_index import ModelReference, ReferenceStore
 from edge_kit.fleet.settings import FleetSettings
@@ -39,6 +39,22 @@ class FleetService:
         self.readiness_checks: list[tuple[str, Callable[[], str | None]]] = []
         # Set by `fleet serve`: the rollout manager (`edge_kit.fleet.deployments`); None: no deployments here.
         self.deployments: Any = None
+        # Set by `enable_captures` (`edge_kit.fleet.captures`): the capture store and index, the requests.
+        self.captures: Any = None
+        self.capture_requests: Any = None
+
+    def enable_captures(self, captures: Any, requests: Any) -> None:
+        """Keep field captures (`captures.intake.Captures`) and send capture requests
+        (`captures.requests.CaptureRequests`); with `[captures] request_on_alert`, an approved alert asks
+        each device it names for that many samples."""
+        self.captures, self.capture_requests = captures, requests
+        samples = self.settings.captures.request_on_alert
+        if samples and requests is not None:
+            def ask(alert: dict[str, Any]) -> None:
+                for device in devices_named(alert):
+                    requests.create(device, samples, f"{alert['kind'].replace('_', ' ')} alert {alert['id']}")
+
+            self.alerts.on_approved.append(ask)
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -121,9 +137,12 @@ class FleetService:
             info["devices"] = sum(1 for dev in devices if dev["model_sha256"] == ref.sha256)
             info["windows"] = self.storage.window_count(ref.sha256)
             models.append(info)
-        return {"devices": devices, "models": models, "bundles": self.references.describe(),
-                "online": sum(1 for d in devices if d["online"]),
-                "offline": sum(1 for d in devices if not d["online"])}
+        out = {"devices": devices, "models": models, "bundles": self.references.describe(),
+               "online": sum(1 for d in devices if d["online"]),
+               "offline": sum(1 for d in devices if not d["online"])}
+        if self.captures is not None:  # held / labelled per device and model version, for the dashboard
+            out["captures"] = self.captures.counts()["counts"]
+        return out
 
     def drift(self, model: str | None = None, device: str | None = None, channel: str | None = None,
               history: bool = False) -> dict[str, Any]:

@@ -103,12 +103,24 @@ class BundleSettings:
 
 
 @dataclass(frozen=True)
+class CaptureSettings:
+    """Field captures the devices upload (docs/captures.md)."""
+
+    request_on_alert: int = setting(0, "when an alert is approved, ask every device it names for this many more "
+                                    "captured samples (a retained capture request); 0 = off", lo=0, hi=100000)
+    max_batch_bytes: int = setting(4 * 1024 * 1024, "largest capture upload or label update body a device may "
+                                   "send (HTTP 413 beyond); other routes keep their own limit", lo=64 * 1024,
+                                   hi=256 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
 class FleetSettings:
     drift: DriftSettings = subsection(DriftSettings)
     concept: ConceptSettings = subsection(ConceptSettings)
     alerts: AlertSettings = subsection(AlertSettings)
     ingest: IngestSettings = subsection(IngestSettings)
     bundles: BundleSettings = subsection(BundleSettings)
+    captures: CaptureSettings = subsection(CaptureSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +132,7 @@ SECTIONS: dict[str, type] = {
     "alerts": AlertSettings,
     "ingest": IngestSettings,
     "bundles": BundleSettings,
+    "captures": CaptureSettings,
 }
 
 

@@ -73,3 +73,15 @@ alerts = sa.Table(
 triggers = sa.Table(
     "triggers", metadata, _id(), _bigint("alert_id"), _double("at"), _text("command"), _text("outcome"),
     sa.Column("returncode", sa.Integer()), _double("finished_at", True), _text("output", True))
+
+# Field captures (migration 0004): one row per uploaded record, keyed by its device-made id (exactly once).
+captures = sa.Table(
+    "captures", metadata, sa.Column("id", sa.Text(), primary_key=True), _text("device"), _text("model_sha256"),
+    _text("model_version"), _double("window_start"), _double("created"), _text("request_id", True),
+    _bigint("row_index"), sa.Column("predicted", sa.Integer(), nullable=False), _text("label", True),
+    _text("label_source", True), _text("shard"), sa.Column("position", sa.Integer(), nullable=False),
+    _bigint("bytes"), _double("stored_at"))
+
+capture_requests = sa.Table(
+    "capture_requests", metadata, sa.Column("id", sa.Text(), primary_key=True), _text("fleet"), _text("device"),
+    _bigint("samples"), _text("reason"), _double("created"))

@@ -1,5 +1,8 @@
 """The fleet's deployment messages over MQTT: retained, QoS 1, one topic per device.
 
+The same publisher carries capture requests (`edge_kit.fleet.captures.requests`) on each device's
+`capture` topic: another instance, its own client id, its own `everything`.
+
 Retained so a device that is offline during the rollout finds the message when it (re)connects;
 QoS 1 so the broker acknowledges each. What each topic must say is in the fleet database
 (`DeploymentStore.published`), so on every (re)connect to the broker all of it is published again: a
@@ -25,8 +28,10 @@ Messages = Callable[[], Sequence[tuple[str, bytes]]]
 class DeploymentPublisher:
     """Publishes (topic, payload) pairs retained; republishes `everything()` on every connect."""
 
-    def __init__(self, broker: BrokerConfig, fleet: str, everything: Messages, client_id: str | None = None) -> None:
+    def __init__(self, broker: BrokerConfig, fleet: str, everything: Messages, client_id: str | None = None,
+                 what: str = "deployment") -> None:
         self.everything = everything
+        self.what = what
         self.link = MqttConnection(broker, client_id or f"edgekit-fleet-{fleet}-deployer-{socket.gethostname()}")
         self.link.add_on_connect(self._republish)
         self.published = 0
@@ -60,4 +65,4 @@ class DeploymentPublisher:
         for topic, payload in messages:
             self._send(topic, payload)
         if messages:
-            log.info("published %d retained deployment message(s)", len(messages))
+            log.info("published %d retained %s message(s)", len(messages), self.what)
