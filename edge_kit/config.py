@@ -73,6 +73,17 @@ def check_source(key: str, source: str, c: Any) -> None:
         raise ConfigError(key, f"unknown source {source!r}", hint="use sklearn:NAME, npz:PATH or csv:PATH")
 
 
+def check_field(key: str, path: str, c: Any) -> None:
+    """The field data file `edge-kit data add` writes: an `.npz` path relative to the config (it may be missing
+    on a fresh clone until `dvc pull`/`dvc checkout` restores it; training then says so)."""
+    if not path.endswith(".npz"):
+        raise ConfigError(key, f"must name an .npz file (what `edge-kit data add` writes), got {path!r}")
+    try:
+        c.resolve(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(key, f"cannot use {path!r} as a path: {exc}") from exc
+
+
 def check_engine_only(key: str, value: Any, c: Any) -> None:
     """`workers` and `use_gpu` describe a Ray Train worker group; the local engine trains in one process."""
     default = 1 if key.endswith("workers") else False
@@ -105,6 +116,9 @@ class DataSection:
                                    lo=0.0, hi=1.0, open_lo=True, open_hi=True)
     seed: int = setting(0, "seed of the train/test split")
     label_column: str | None = setting(None, "the label column of a `csv:` source (required there)")
+    # Set by `edge-kit data add` (docs/captures.md); its rows are split like the source's and added to both splits.
+    field: str | None = setting(None, "field data added by `edge-kit data add` (an .npz tracked by its .dvc file), "
+                                "trained on besides `source`", check=check_field, allowed="PATH.npz")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,12 @@ Sources (config `data.source`):
 The split is stratified and seeded by `data.seed`; its row ids are stored in `.edgekit/split.json`
 and logged with the run, so the test split is known and never used for training or calibration.
 Preprocessing (mean/std standardisation) is fitted on the train split only.
+
+Field data (`data.field`, written by `edge-kit data add` from the devices' captures, docs/captures.md) is a
+second DVC-tracked file checked the same way. Its rows are split like the source's (stratified, seeded, stored
+in `.edgekit/field-split.json` under the field file's md5, so a new field snapshot gets a new split) and
+appended to both splits: the gate's test split holds field rows too. Their row ids follow the source's
+(source rows 0..n-1, field rows n..).
 """
 
 from __future__ import annotations
@@ -39,6 +45,27 @@ IMAGE = "image"
 FEATURES = "features"
 
 
+FIELD_SPLIT_FILE = "field-split.json"
+# The arrays of a field data file (`edge-kit data add`); `labels` holds the class names `y` indexes.
+FIELD_ARRAYS = ("X", "y", "labels", "id", "device", "model_sha256", "request_id", "label_source")
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """The field data a dataset holds: its DVC record and how many of its rows went to each split."""
+
+    snapshot: SnapshotInfo
+    rows: int
+    train_rows: int
+    test_rows: int
+    devices: dict[str, int]  # rows per device
+    label_sources: dict[str, int]  # rows per label source (device, csv)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.snapshot.to_dict(), "rows": self.rows, "train_rows": self.train_rows,
+                "test_rows": self.test_rows, "devices": dict(self.devices), "label_sources": dict(self.label_sources)}
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Raw inputs (float32, shaped (n, *input_shape)) and int64 labels of both splits, plus how to preprocess."""
@@ -56,6 +83,7 @@ class Dataset:
     preprocessing: dict[str, Any]  # {"mean": float | list, "std": float | list}; input = (raw - mean) / std
     snapshot: SnapshotInfo
     split_sha256: str = field(default="")
+    field: FieldInfo | None = None  # the field rows added to both splits (`data.field`), if any
 
     @property
     def num_classes(self) -> int:
@@ -257,6 +285,83 @@ def _stored_split(config: Config, snapshot: SnapshotInfo, y: np.ndarray) -> tupl
     return train, test
 
 
+def read_field_file(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a field data file (FIELD_ARRAYS), checked for consistency; DataError when unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [name for name in FIELD_ARRAYS if name not in npz]
+            if missing:
+                raise DataError(f"{path}: not a field data file (`edge-kit data add`): it lacks {missing}")
+            arrays = {name: np.asarray(npz[name]) for name in FIELD_ARRAYS}
+    except DataError:
+        raise
+    except Exception as exc:  # zip/format errors of a corrupt file come in many types
+        raise DataError(f"cannot read field data file {path}: {exc}") from exc
+    n = len(arrays["X"])
+    wrong = [name for name in FIELD_ARRAYS if name != "labels" and len(arrays[name]) != n]
+    if wrong:
+        raise DataError(f"{path}: arrays {wrong} do not have X's {n} rows")
+    y = arrays["y"]
+    if not np.issubdtype(y.dtype, np.integer) or (n and (y.min() < 0 or y.max() >= len(arrays["labels"]))):
+        raise DataError(f"{path}: y must hold class indices into its labels array")
+    return arrays
+
+
+def _field_rows(path: Path, labels: list[str], input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A field file's arrays with X float32 and y re-indexed to the source's class names."""
+    arrays = read_field_file(path)
+    X = arrays["X"]
+    if tuple(X.shape[1:]) != input_shape:
+        raise DataError(f"{path}: field rows have shape {list(X.shape[1:])}, the data source's rows "
+                        f"{list(input_shape)}")
+    if not np.issubdtype(X.dtype, np.number) or not np.all(np.isfinite(X)):
+        raise DataError(f"{path}: X must hold finite numbers")
+    names = [str(n) for n in arrays["labels"]]
+    unknown = sorted(set(names) - set(labels))
+    used = {names[i] for i in np.unique(arrays["y"])} if len(X) else set()
+    if unknown and used & set(unknown):
+        raise DataError(f"{path}: field labels {sorted(used & set(unknown))} are not classes of the data source",
+                        hint=f"classes: {', '.join(labels)}")
+    index = np.array([labels.index(n) if n in labels else -1 for n in names], dtype=np.int64)
+    return {**arrays, "X": X.astype(np.float32), "y": index[arrays["y"]] if len(X) else arrays["y"].astype(np.int64)}
+
+
+def _field_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Like `split_ids`, but a field file too small to stratify (or to split at all) still trains."""
+    from sklearn.model_selection import train_test_split
+
+    ids = np.arange(len(y))
+    if len(y) < 2:
+        return ids.astype(np.int64), np.zeros(0, np.int64)
+    try:
+        return split_ids(y, test_fraction, seed)
+    except DataError:  # fewer test rows than classes: split without stratifying
+        train, test = train_test_split(ids, test_size=test_fraction, random_state=seed)
+        return np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)
+
+
+def _stored_field_split(config: Config, field_md5: str, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The field rows' split, stored under the field file's md5 (a new field snapshot, a new split)."""
+    split_file = config.ensure_workdir() / FIELD_SPLIT_FILE
+    key = {"field_md5": field_md5, "seed": config.data.seed, "test_fraction": config.data.test_fraction}
+    if split_file.exists():
+        try:
+            stored = json.loads(split_file.read_text())
+            if all(stored.get(k) == v for k, v in key.items()):
+                return np.asarray(stored["train_ids"], np.int64), np.asarray(stored["test_ids"], np.int64)
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable split record %s; recomputing it", split_file)
+    train, test = _field_split(y, config.data.test_fraction, config.data.seed)
+    doc = {**key, "train_ids": train.tolist(), "test_ids": test.tolist()}
+    atomic_write_bytes(split_file, json.dumps(doc).encode())
+    return train, test
+
+
+def _counts(values: np.ndarray) -> dict[str, int]:
+    names, counts = np.unique(values.astype(np.str_), return_counts=True)
+    return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+
+
 def fit_preprocessing(X_train: np.ndarray, input_kind: str) -> dict[str, Any]:
     """Standardisation fitted on the train split: one scalar for images, one value per feature for tables."""
     x = X_train.astype(np.float64)
@@ -279,20 +384,40 @@ def load_dataset(config: Config) -> Dataset:
     train_ids, test_ids = _stored_split(config, snapshot, raw.y)
     import hashlib
 
+    input_shape = tuple(int(d) for d in raw.X.shape[1:])
+    X_train, y_train = raw.X[train_ids], raw.y[train_ids]
+    X_test, y_test = raw.X[test_ids], raw.y[test_ids]
     split_sha = hashlib.sha256(train_ids.tobytes() + b"|" + test_ids.tobytes()).hexdigest()
-    X_train = raw.X[train_ids]
+    field_info = None
+    if config.data.field:
+        field_snapshot = verify_snapshot(config.resolve(config.data.field))
+        rows = _field_rows(field_snapshot.path, raw.labels, input_shape)
+        f_train, f_test = _stored_field_split(config, field_snapshot.dvc_md5, rows["y"])
+        X_train = np.concatenate([X_train, rows["X"][f_train]])
+        y_train = np.concatenate([y_train, rows["y"][f_train]])
+        X_test = np.concatenate([X_test, rows["X"][f_test]])
+        y_test = np.concatenate([y_test, rows["y"][f_test]])
+        offset = len(raw.y)
+        train_ids = np.concatenate([train_ids, f_train + offset])
+        test_ids = np.concatenate([test_ids, f_test + offset])
+        # The field md5 is part of the split's identity: the training fingerprint changes with the field data.
+        split_sha = hashlib.sha256(train_ids.tobytes() + b"|" + test_ids.tobytes() + b"|"
+                                   + field_snapshot.dvc_md5.encode()).hexdigest()
+        field_info = FieldInfo(field_snapshot, len(rows["y"]), len(f_train), len(f_test),
+                               _counts(rows["device"]), _counts(rows["label_source"]))
     return Dataset(
         X_train=X_train,
-        y_train=raw.y[train_ids],
-        X_test=raw.X[test_ids],
-        y_test=raw.y[test_ids],
+        y_train=y_train,
+        X_test=X_test,
+        y_test=y_test,
         train_ids=train_ids,
         test_ids=test_ids,
         input_kind=raw.input_kind,
-        input_shape=tuple(int(d) for d in raw.X.shape[1:]),
+        input_shape=input_shape,
         feature_names=raw.feature_names,
         labels=raw.labels,
         preprocessing=fit_preprocessing(X_train, raw.input_kind),
         snapshot=snapshot,
         split_sha256=split_sha,
+        field=field_info,
     )

@@ -2,7 +2,7 @@
 
 - code: the git commit of the config's repository and whether the working tree was dirty;
 - environment: sha256 of the lock file, Python, platform, key library versions, CUDA, container image;
-- data: the DVC md5 and path of the snapshot.
+- data: the DVC md5 and path of the snapshot, and of the field data (`data.field`) with its capture counts.
 
 Recorded as tags and an artifact of every MLflow run, and copied into every bundle's manifest.
 """
@@ -153,11 +153,27 @@ def collect_provenance(config: Config, dataset: Dataset | None = None) -> dict[s
         snapshot = dataset.snapshot
         data = {"dvc_md5": snapshot.dvc_md5, "path": _relative(snapshot.path, config.root),
                 "dvc_file": _relative(snapshot.dvc_file, config.root), "split_sha256": dataset.split_sha256}
+        if dataset.field is not None:
+            data["field"] = field_provenance(config, dataset)
     return {
         "git": {"commit": git["commit"], "dirty": git["dirty"]},
         "environment": environment_info(config.root),
         "data": data,
     }
+
+
+def field_provenance(config: Config, dataset: Dataset) -> dict[str, Any]:
+    """The field data's record: md5, file, .dvc file, rows per split and per device, and what its manifest
+    (`data/field-manifest.json`, written by `edge-kit data add`) says of the captures it holds."""
+    from edge_kit.train.field_data import manifest_summary
+
+    field = dataset.field
+    assert field is not None
+    snap = field.snapshot
+    return {"dvc_md5": snap.dvc_md5, "path": _relative(snap.path, config.root),
+            "dvc_file": _relative(snap.dvc_file, config.root), "rows": field.rows, "train_rows": field.train_rows,
+            "test_rows": field.test_rows, "devices": dict(field.devices), "label_sources": dict(field.label_sources),
+            "captures": manifest_summary(snap.path, snap.dvc_md5)}
 
 
 def _relative(path: Path, root: Path) -> str:
