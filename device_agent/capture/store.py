@@ -336,13 +336,14 @@ class CaptureStore:
             changes = [(labels[row], seq) for seq, row in spooled if 0 <= row < len(labels)]
             db.executemany("UPDATE records SET label = ? WHERE seq = ?", changes)
             uploaded = db.execute("SELECT id, row FROM uploaded WHERE request_id = ?", (request_id,)).fetchall()
-            queued = self._queue_labels(db, tx, [(rid, labels[row]) for rid, row in uploaded
-                                                 if 0 <= row < len(labels)])
-        self._labels += queued
-        return len(changes), queued
+            updates = [(rid, labels[row]) for rid, row in uploaded if 0 <= row < len(labels)]
+            added = self._queue_labels(db, tx, updates)
+        self._labels += added
+        return len(changes), len(updates)
 
     def _queue_labels(self, db: sqlite3.Connection, tx: _Tx, labels: list[tuple[str, str]]) -> int:
-        """Upsert label updates (a newer label for the same record replaces the waiting one); bounded."""
+        """Upsert label updates (a newer label for the same record replaces the waiting one), bounded; returns
+        how many more wait now."""
         if not labels:
             return 0
         before = int(db.execute("SELECT COUNT(*) FROM label_updates").fetchone()[0])

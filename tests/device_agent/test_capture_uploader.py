@@ -1,0 +1,256 @@
+"""The capture uploader against a small local HTTP server standing in for the fleet: what each answer does
+(200, 400, 413, 401/403/507/5xx, no answer), that a batch whose answer never came is sent again with
+the same record ids, the device's credential headers, label updates, and the backoff."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from device_agent.capture.capture import Capture
+from device_agent.capture.config import CaptureSettings
+from device_agent.capture.store import CaptureStore
+from device_agent.capture.uploader import Uploader
+
+SHA = "cd" * 32
+DROP = "drop"  # close the connection after reading the request, without an answer (a crashed fleet)
+STORED_THEN_CRASH = "stored-then-crash"  # store the batch, then close without an answer
+
+
+class FleetDouble:
+    """Answers device routes like the fleet (ids stored once), or as scripted, one action per request."""
+
+    def __init__(self) -> None:
+        self.script: deque[Any] = deque()
+        self.requests: list[tuple[str, dict[str, str], Any]] = []
+        self.stored: dict[str, dict[str, Any]] = {}
+        self.labels: dict[str, str] = {}
+        self.reject: set[str] = set()
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                double.requests.append((self.path, dict(self.headers.items()), body))
+                action = double.script.popleft() if double.script else None
+                if action in (DROP, STORED_THEN_CRASH):
+                    if action == STORED_THEN_CRASH:
+                        double.take(body)
+                    self.close_connection = True
+                    return
+                if action is not None:
+                    status, payload = action
+                    self.answer(status, payload)
+                elif self.path == "/api/captures/upload":
+                    self.answer(200, double.take(body))
+                elif self.path == "/api/captures/labels":
+                    known = [item for item in body["labels"] if item["id"] in double.stored]
+                    double.labels.update({item["id"]: item["label"] for item in known})
+                    self.answer(200, {"updated": len(known), "unknown": len(body["labels"]) - len(known)})
+                else:
+                    self.answer(404, {"error": "no route"})
+
+            def answer(self, status: int, payload: Any) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def take(self, body: dict[str, Any]) -> dict[str, Any]:
+        stored = duplicates = 0
+        rejected = []
+        for record in body["records"]:
+            if record["id"] in self.reject:
+                rejected.append({"id": record["id"], "reason": "model_sha256 unknown"})
+            elif record["id"] in self.stored:
+                duplicates += 1
+            else:
+                self.stored[record["id"]] = record
+                stored += 1
+        return {"stored": stored, "duplicates": duplicates, "rejected": rejected}
+
+    def uploads(self) -> list[dict[str, Any]]:
+        return [body for path, _, body in self.requests if path == "/api/captures/upload"]
+
+
+@pytest.fixture
+def fleet() -> Iterator[FleetDouble]:
+    double = FleetDouble()
+    thread = threading.Thread(target=double.server.serve_forever, daemon=True)
+    thread.start()
+    yield double
+    double.server.shutdown()
+    double.server.server_close()
+
+
+def capture_for(tmp_path: Path, fleet: FleetDouble, **uploader: Any) -> Capture:
+    token = tmp_path / "upload.token"
+    token.write_text("tok-123\n")
+    settings = CaptureSettings(enabled=True, fraction=1.0, upload_url=fleet.url, token_file=token)
+    store = CaptureStore(tmp_path / "captures.db", max_bytes=1 << 30)
+    up = Uploader(store, url=fleet.url, device_id="dev-1", token_file=token, timeout=10.0,
+                  **{"batch_records": 4, "interval": 0.05, **uploader})
+    return Capture(settings, fleet="demo", device_id="dev-1", store=store, uploader=up, seed=0)
+
+
+def predict(capture: Capture, n: int, request_id: str | None = None) -> int:
+    x = np.arange(n * 64, dtype=np.float32).reshape(n, 1, 8, 8)
+    out = np.tile(np.linspace(-1, 1, 10, dtype=np.float32), (n, 1))
+    return capture.offer(x, out, out.argmax(1), request_id, 1000.0, SHA)
+
+
+def test_200_deletes_the_whole_batch_and_counts_the_rejected(tmp_path: Path, fleet: FleetDouble) -> None:
+    capture = capture_for(tmp_path, fleet)
+    assert predict(capture, 10, "req-1") == 10
+    ids = capture.store.next_batch(100, 1 << 30).ids
+    fleet.reject = {ids[1]}
+    assert capture.uploader is not None and capture.uploader.upload_round()
+    status = capture.status()
+    assert (status["uploaded"], status["rejected"], status["pending_records"]) == (9, 1, 0)
+    assert [len(b["records"]) for b in fleet.uploads()] == [4, 4, 2]  # batch_records
+    assert set(fleet.stored) == set(ids) - {ids[1]}
+    _, headers, body = fleet.requests[0]
+    assert body["schema"] == "edgekit.captures/1" and body["device"] == "dev-1"
+    assert headers["X-Edgekit-Device"] == "dev-1" and headers["Authorization"] == "Device tok-123"
+    record = body["records"][0]
+    assert set(record) == {"id", "created", "request_id", "row", "window_start", "model_sha256", "input",
+                           "output", "predicted", "label"}
+    assert (record["request_id"], record["row"], record["window_start"], record["model_sha256"]) == (
+        "req-1", 0, 1000.0, SHA)
+    assert record["input"]["dtype"] == "float32" and record["input"]["shape"] == [1, 8, 8]
+    assert len(record["output"]) == 10 and record["predicted"] == 9 and record["label"] is None
+    assert status["last_upload_error"] is None and status["last_upload"] is not None
+
+
+def test_400_drops_the_batch_and_counts_it_rejected(tmp_path: Path, fleet: FleetDouble) -> None:
+    capture = capture_for(tmp_path, fleet)
+    predict(capture, 6)
+    fleet.script.append((400, {"error": "wrong schema"}))
+    assert capture.uploader is not None
+    capture.uploader.upload_round()
+    status = capture.status()
+    assert (status["rejected"], status["uploaded"], status["pending_records"]) == (4, 2, 0)
+
+
+@pytest.mark.parametrize("answer", [(401, {"error": "bad token"}), (403, {"error": "other device"}),
+                                    (507, {"error": "capture store full"}), (500, {"error": "boom"}),
+                                    (503, {"error": "busy"}), (404, {"error": "no such route"}),
+                                    (307, {"error": "go elsewhere"}), DROP])
+def test_credential_full_store_server_errors_and_no_answer_keep_the_records(
+        tmp_path: Path, fleet: FleetDouble, answer: Any) -> None:
+    capture = capture_for(tmp_path, fleet)
+    predict(capture, 6)
+    sent_ids = capture.store.next_batch(4, 1 << 30).ids
+    fleet.script.append(answer)
+    assert capture.uploader is not None
+    assert capture.uploader.upload_round() is False  # the round ends: back off
+    status = capture.status()
+    assert (status["pending_records"], status["uploaded"], status["rejected"]) == (6, 0, 0)
+    assert status["last_upload_error"]
+    assert len(fleet.uploads()) == 1
+    # The fleet is back: the same records, the same ids, stored once.
+    assert capture.uploader.upload_round()
+    again = fleet.uploads()[1]
+    assert [r["id"] for r in again["records"]] == sent_ids
+    assert capture.status()["uploaded"] == 6 and capture.status()["last_upload_error"] is None
+
+
+def test_a_fleet_that_stored_but_crashed_before_answering_gets_the_same_ids_and_keeps_one_copy(
+        tmp_path: Path, fleet: FleetDouble) -> None:
+    capture = capture_for(tmp_path, fleet)
+    predict(capture, 3)
+    fleet.script.append(STORED_THEN_CRASH)
+    assert capture.uploader is not None
+    assert capture.uploader.upload_round() is False  # no answer: the records stay
+    assert capture.status()["pending_records"] == 3 and len(fleet.stored) == 3
+    assert capture.uploader.upload_round()
+    first, replay = fleet.uploads()
+    assert [r["id"] for r in replay["records"]] == [r["id"] for r in first["records"]]
+    assert replay["records"] == first["records"]  # the same records, byte for byte
+    assert len(fleet.stored) == 3  # stored once: the replay was all duplicates
+    status = capture.status()
+    assert (status["uploaded"], status["pending_records"], status["rejected"]) == (3, 0, 0)
+
+
+def test_413_halves_the_batch_and_a_single_record_over_the_limit_is_dropped(
+        tmp_path: Path, fleet: FleetDouble) -> None:
+    capture = capture_for(tmp_path, fleet)
+    predict(capture, 4)
+    fleet.script.extend([(413, {"error": "too large"}), (413, {"error": "too large"})])
+    assert capture.uploader is not None and capture.uploader.upload_round()
+    # 4 refused, 2 refused, then 1 taken, after which the batch size is the configured one again
+    assert [len(b["records"]) for b in fleet.uploads()] == [4, 2, 1, 3] and capture.status()["uploaded"] == 4
+    # one record alone over the limit: dropped, counted
+    predict(capture, 1)
+    fleet.script.append((413, {"error": "too large"}))
+    capture.uploader._limit_bytes = 1  # as after halvings
+    capture.uploader.upload_round()
+    assert capture.status()["rejected"] == 1 and capture.status()["pending_records"] == 0
+
+
+def test_a_label_after_upload_is_sent_as_a_label_update(tmp_path: Path, fleet: FleetDouble) -> None:
+    capture = capture_for(tmp_path, fleet)
+    predict(capture, 3, "req-9")
+    assert capture.uploader is not None and capture.uploader.upload_round()
+    assert capture.label("req-9", ["7", "8", "9"]) == 3
+    assert capture.status()["pending_labels"] == 3
+    fleet.script.append((503, {"error": "busy"}))
+    assert capture.uploader.upload_round() is False  # kept
+    assert capture.uploader.upload_round()
+    path, headers, body = fleet.requests[-1]
+    assert path == "/api/captures/labels" and body["schema"] == "edgekit.capture_labels/1"
+    assert headers["Authorization"] == "Device tok-123" and body["device"] == "dev-1"
+    by_row = {record["row"]: fleet.labels[rid] for rid, record in fleet.stored.items()}
+    assert by_row == {0: "7", 1: "8", 2: "9"}
+    assert capture.status()["labels_sent"] == 3 and capture.status()["pending_labels"] == 0
+
+
+def test_a_re_enrolled_token_is_read_at_the_next_round(tmp_path: Path, fleet: FleetDouble) -> None:
+    capture = capture_for(tmp_path, fleet)
+    predict(capture, 1)
+    (tmp_path / "upload.token").write_text("tok-new\n")
+    assert capture.uploader is not None and capture.uploader.upload_round()
+    assert fleet.requests[-1][1]["Authorization"] == "Device tok-new"
+
+
+def test_backoff_doubles_to_five_minutes_and_a_success_returns_to_the_interval(tmp_path: Path) -> None:
+    store = CaptureStore(tmp_path / "c.db", max_bytes=1 << 20)
+    up = Uploader(store, url="http://127.0.0.1:9", device_id="d", interval=10.0)
+    delays = [up.next_delay(False) for _ in range(8)]
+    assert 15 <= delays[0] <= 25 and 30 <= delays[1] <= 50 and 60 <= delays[2] <= 100
+    assert all(d <= 300 for d in delays) and delays[-1] >= 225
+    assert up.next_delay(True) == 10.0 and up.failures == 0
+
+
+def test_the_thread_uploads_on_its_own_and_stops(tmp_path: Path, fleet: FleetDouble) -> None:
+    capture = capture_for(tmp_path, fleet)
+    capture.start()
+    try:
+        predict(capture, 5)
+        deadline = time.monotonic() + 20
+        while capture.status()["uploaded"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert capture.status()["uploaded"] == 5 and len(fleet.stored) == 5
+    finally:
+        capture.stop()
+    assert capture.uploader is not None and capture.uploader._thread is not None
+    assert not capture.uploader._thread.is_alive()
+    assert capture.offer(np.zeros((1, 1, 8, 8), np.float32), np.zeros((1, 10), np.float32),
+                         np.zeros(1, np.int64), None, 0.0, SHA) == 0  # stopped: nothing more is captured
