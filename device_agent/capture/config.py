@@ -46,8 +46,9 @@ def _check_url(key: str, value: Any, config: Any) -> None:
 
 @dataclass(frozen=True)
 class CaptureSettings:
-    """Field capture: a sampled, bounded set of the real inputs this device served (with the prediction and
-    the label when one comes back), uploaded to the fleet server. Off by default (docs/captures.md)."""
+    """Field capture, off by default: sampled real inputs, uploaded to the fleet server ([captures](captures.md)).
+
+    A bounded set of the rows this device served, with the prediction and the label when one comes back."""
 
     enabled: bool = setting(False, "capture sampled inputs and upload them to `upload_url` (needs `upload_url` "
                             "and a credential: `token_file` or a client certificate)")
