@@ -94,11 +94,11 @@ class CaptureStore:
         """Store `data` as the shard `name` whole, or raise CaptureStoreFull with nothing written."""
         path = self._path(name)
         with self._lock:
+            if self._exists(path):  # named by its content's sha256: these very bytes are stored already
+                return
             if self.used + len(data) > self.max_bytes:
                 raise CaptureStoreFull(f"capture store full: {self.used} of {self.max_bytes} bytes used, "
                                        f"this batch needs {len(data)} more (--captures-max-bytes)")
-            if self._exists(path):  # named by its content's sha256: these very bytes are stored already
-                return
             try:
                 if self._fs is None:
                     atomic_write_bytes(path, data, mode=0o600)

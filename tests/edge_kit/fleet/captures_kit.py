@@ -49,11 +49,15 @@ class FleetServe:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.argv, env=cli_env(), stdout=out, stderr=out, start_new_session=True)
-        try:
-            wait_for_port(self.port, timeout=120)
-        except TimeoutError:
-            self.stop()
-            raise AssertionError(self.log.read_text(errors="replace")[-3000:]) from None
+        deadline = time.monotonic() + 120
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                wait_for_port(self.port, timeout=1)
+                return
+            except TimeoutError:
+                continue
+        self.stop()
+        raise AssertionError(self.log.read_text(errors="replace")[-3000:])
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
