@@ -171,6 +171,11 @@ def test_the_train_stage_gets_the_field_data_as_a_dep(tmp_path: Path, capsys: py
     assert text == DVC_YAML.replace("      - data/digits.npz   # the base snapshot\n",
                                     "      - data/digits.npz   # the base snapshot\n      - data/field.npz\n")
     assert "dvc.yaml" in git(project.parent, "show", "--name-only", "--format=", "HEAD").splitlines()
+    # More field data later: DVC records it while the stage depends on it; the stage is not edited twice.
+    write_export(tmp_path / "export", digit_records(*digits(6, offset=300), start=50))
+    code, more = _add(capsys, tmp_path / "export", project)
+    assert code == 0 and more["added"] == 6 and not more["dvc_yaml_updated"] and more["committed"]
+    assert (project.parent / "dvc.yaml").read_text() == text
 
 
 def test_set_toml_key_keeps_comments() -> None:
