@@ -109,8 +109,7 @@ class CaptureSettings:
     request_on_alert: int = setting(0, "when an alert is approved, ask every device it names for this many more "
                                     "captured samples (a retained capture request); 0 = off", lo=0, hi=100000)
     max_batch_bytes: int = setting(4 * 1024 * 1024, "largest capture upload or label update body a device may "
-                                   "send (HTTP 413 beyond); other routes keep their own limit", lo=64 * 1024,
-                                   hi=256 * 1024 * 1024)
+                                   "send (HTTP 413 beyond); other routes keep their own limit", lo=64 * 1024)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 "use strict";
 
 const REFRESH_MS = 5000;
-const state = { model: "", channel: "", device: "", models: [], refs: {} };
+const state = { model: "", channel: "", device: "", models: [], refs: {}, captures: null };
 const $ = (id) => document.getElementById(id);
 const fmtTime = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "");
 const fmtNum = (x, d = 3) => (x === null || x === undefined ? "" : Number(x).toPrecision(d));
@@ -118,6 +118,12 @@ async function refreshDevices() {
     (sha) => `${state.refs[sha].name} ${state.refs[sha].version} (${sha.slice(0, 8)}, ${state.refs[sha].devices} devices)`);
   $("device").dataset.fixed = "1";
   fillSelect($("device"), d.devices.filter((x) => x.model_sha256 === state.model).map((x) => x.device), state.device);
+  // Captures held per device, all model versions together (absent when the server keeps no captures).
+  state.captures = new Map();
+  for (const c of d.captures || []) {
+    const had = state.captures.get(c.device) || { held: 0, labelled: 0 };
+    state.captures.set(c.device, { held: had.held + c.held, labelled: had.labelled + c.labelled });
+  }
   return d.devices;
 }
 
@@ -157,8 +163,33 @@ function renderDevices(devices, hist) {
     const ref = state.refs[d.model_sha256];
     return `<tr class="clickable" data-device="${esc(d.device)}"><td>${esc(d.device)}</td>` +
       `<td class="state-${d.online ? "online" : "offline"}">${d.online ? "online" : "offline"}</td>` +
-      `<td>${fmtTime(d.last_seen)}</td><td>${esc(ref ? `${ref.name} ${ref.version}` : d.model_version || "")}</td><td>${flag}</td></tr>`;
+      `<td>${fmtTime(d.last_seen)}</td><td>${esc(ref ? `${ref.name} ${ref.version}` : d.model_version || "")}</td><td>${flag}</td>` +
+      `<td class="captures">${capturesCell(d.device)}</td></tr>`;
   }).join("");
+}
+
+function capturesCell(device) {
+  const c = state.captures && state.captures.get(device);
+  return c ? `${c.held} (${c.labelled})` : "";
+}
+
+const fmtBytes = (n) => (n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`);
+
+// Field captures per device and model version (docs/captures.md); hidden when the server keeps none.
+async function refreshCaptures() {
+  const res = await fetchAuthed("/api/captures/counts").catch((err) => {
+    if (String(err.message).includes(": 404")) return null;
+    throw err;
+  });
+  $("captures-card").hidden = res === null;
+  if (res === null) return;
+  const d = await res.json();
+  $("captures-store").textContent = d.store ? `(${fmtBytes(d.store.used_bytes)} of ${fmtBytes(d.store.max_bytes)} used; ` +
+    `${d.total.held} held, ${d.total.labelled} labelled)` : "";
+  $("captures").querySelector("tbody").innerHTML = d.counts.map((c) =>
+    `<tr data-capture-device="${esc(c.device)}"><td>${esc(c.device)}</td><td>${esc(`${c.model_name || ""} ${c.model_version}`)}` +
+    `<div class="muted">${esc(c.model_sha256.slice(0, 12))}</div></td><td>${c.held}</td><td>${c.labelled}</td>` +
+    `<td>${fmtBytes(c.bytes)}</td><td>${fmtTime(c.last_stored)}</td></tr>`).join("");
 }
 
 async function refreshDeviceChart() {
@@ -275,7 +306,7 @@ async function refreshBroker() {
 async function refresh() {
   refreshBroker();
   const [devices] = await Promise.all([panel("err-devices", refreshDevices), panel("err-alerts", refreshAlerts),
-    panel("err-deployments", refreshDeployments)]);
+    panel("err-deployments", refreshDeployments), panel("err-captures", refreshCaptures)]);
   const [hist] = await Promise.all([panel("err-drift", refreshFleet), panel("err-concept", refreshConcept)]);
   if (devices) await panel("err-devices", () => renderDevices(devices, hist));
   await Promise.all([panel("err-device", refreshDeviceChart), panel("err-histogram", refreshHistogram)]);
