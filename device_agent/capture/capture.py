@@ -20,6 +20,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _LE_FLOAT32 = np.dtype("<f4")
+MAX_CALLS_REMEMBERED = 65_536  # request ids whose newest call is remembered for labels (~150 bytes each)
 MAX_REASON_CHARS = 200
 
 
@@ -69,6 +71,8 @@ class Capture:
         self._lock = threading.Lock()  # the sampler's generator and state, and their place on disk
         self._closed = False
         self._errors = 0  # records lost because the spool could not store them
+        # request id -> the time of its newest predict call (a reused id names its newest call)
+        self._calls: OrderedDict[str, float] = OrderedDict()
         self.last_error: str | None = None
         self.requests = {"received": 0, "honoured": 0, "repeated": 0, "ignored": 0}
         self.invalid: dict[str, int] = {}
@@ -83,10 +87,18 @@ class Capture:
         with self._lock:
             if self._closed:
                 return 0
+            now = None
+            if request_id is not None:  # labels for this id will name this call, its newest
+                now = self._clock()
+                self._calls[request_id] = now
+                self._calls.move_to_end(request_id)
+                if len(self._calls) > MAX_CALLS_REMEMBERED:
+                    self._calls.popitem(last=False)
             rows, _ = self.sampler.choose(len(inputs))
             if rows is None:
                 return 0
-            now = self._clock()
+            if now is None:
+                now = self._clock()
             finite = rows[np.isfinite(outputs[rows]).all(axis=1)].tolist()
             kept = self.sampler.within_budget(len(finite), int(inputs[0].nbytes), now)
             adds = {"skipped_nonfinite": len(rows) - len(finite), "skipped_budget": len(finite) - kept}
@@ -118,15 +130,17 @@ class Capture:
             "input": {"dtype": "float32", "shape": list(row.shape), "data": base64.b64encode(row.tobytes()).decode()},
             "output": outputs[i].tolist(), "predicted": int(classes[i]), "label": None,
         }
-        return NewRecord(record_id, request_id, i, json.dumps(doc, allow_nan=False, separators=(",", ":")))
+        return NewRecord(record_id, request_id, i, now, json.dumps(doc, allow_nan=False, separators=(",", ":")))
 
     def label(self, request_id: str, labels: Sequence[str]) -> int:
         """Ground truth (class names, `labels[row]`) for the captured rows of `request_id`; returns how many
         captured rows it labelled (in the spool, or queued as label updates when already uploaded)."""
-        if self._closed:
-            return 0
+        with self._lock:
+            created = self._calls.get(request_id)
+        if self._closed or created is None:
+            return 0  # no call with this id since this process started: nothing of it was captured
         try:
-            spooled, queued = self.store.label(request_id, [str(x) for x in labels])
+            spooled, queued = self.store.label(request_id, [str(x) for x in labels], created)
         except SpoolError as exc:
             log.error("capture: labels for request %r not kept: %s", request_id[:64], exc)
             self.last_error = str(exc)
@@ -192,7 +206,7 @@ class Capture:
                     "bytes_per_day": self.settings.bytes_per_day},
             fraction=self.settings.fraction,
             requests={**self.requests, "invalid": dict(self.invalid), "last_invalid": self.last_invalid},
-            spool=str(self.store.path), spool_bytes=self.settings.spool_bytes,
+            spool=str(self.store.path), spool_bytes=self.store.max_bytes,
             last_error=self.last_error,
         )
         out.update(self.uploader.status() if self.uploader is not None

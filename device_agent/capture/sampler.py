@@ -60,15 +60,19 @@ class Sampler:
         if n <= self._next:
             self._next -= n
             return None
-        pos = int(self._next)
+        pos: float = self._next
         kept: list[np.ndarray] = []
         while pos < n:
             gaps = self.rng.geometric(self.fraction, size=int((n - pos) * self.fraction * 1.25) + 8)
-            at = pos + np.cumsum(gaps) - gaps[0]  # at[0] = pos, at[j] = pos + gaps[0] + ... + gaps[j-1]
+            # at[0] = pos, at[j] = pos + gaps[0] + ... + gaps[j-1]; in float64, since a tiny fraction draws
+            # gaps near the int64 limit (exact below 2**53, where every row index lies)
+            at = np.empty(len(gaps))
+            at[0] = pos
+            at[1:] = pos + np.cumsum(gaps[:-1], dtype=np.float64)
             inside = int(np.searchsorted(at, n))
-            kept.append(at[:inside])
-            pos = int(at[inside]) if inside < len(at) else int(at[-1] + gaps[-1])
-        self._next = pos - n
+            kept.append(at[:inside].astype(np.int64))
+            pos = at[inside] if inside < len(at) else at[-1] + gaps[-1]
+        self._next = float(pos) - n
         return np.concatenate(kept)
 
     def within_budget(self, rows: int, row_bytes: int, now: float) -> int:

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS records (
     id TEXT NOT NULL UNIQUE,
     request_id TEXT,
     row INTEGER NOT NULL,
+    created REAL NOT NULL,
     doc TEXT NOT NULL,
     size INTEGER NOT NULL,
     label TEXT
@@ -61,7 +62,8 @@ CREATE TABLE IF NOT EXISTS uploaded (
     n INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     request_id TEXT NOT NULL,
-    row INTEGER NOT NULL
+    row INTEGER NOT NULL,
+    created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS uploaded_by_request ON uploaded (request_id);
 CREATE TABLE IF NOT EXISTS label_updates (
@@ -82,6 +84,7 @@ class NewRecord:
     id: str
     request_id: str | None
     row: int
+    created: float  # the prediction's time: the same for every row of one `predict` call
     doc: str
 
 
@@ -247,8 +250,10 @@ class CaptureStore:
         drops the oldest records while over `max_bytes`. Returns how many were dropped."""
         sizes = [len(r.doc) for r in records]
         with self._transaction("store records") as (db, tx):
-            db.executemany("INSERT OR IGNORE INTO records (id, request_id, row, doc, size) VALUES (?,?,?,?,?)",
-                           [(r.id, r.request_id, r.row, r.doc, size) for r, size in zip(records, sizes, strict=True)])
+            db.executemany("INSERT OR IGNORE INTO records (id, request_id, row, created, doc, size) "
+                           "VALUES (?,?,?,?,?,?)",
+                           [(r.id, r.request_id, r.row, r.created, r.doc, size)
+                            for r, size in zip(records, sizes, strict=True)])
             for name, delta in (adds or {}).items():
                 tx.add(name, delta)
             tx.sets.update(sets or {})
@@ -304,17 +309,17 @@ class CaptureStore:
         sent = dict(zip(batch.seqs, batch.labels, strict=True))
         with self._transaction("remove uploaded records") as (db, tx):
             marks = ",".join("?" * len(batch.seqs))
-            rows = db.execute(f"SELECT seq, id, request_id, row, label, size FROM records WHERE seq IN ({marks})",
-                              batch.seqs).fetchall()
+            rows = db.execute(f"SELECT seq, id, request_id, row, created, label, size FROM records "
+                              f"WHERE seq IN ({marks})", batch.seqs).fetchall()
             freed, held, late = 0, 0, []
-            for seq, record_id, request_id, row, label, size in rows:
+            for seq, record_id, request_id, row, created, label, size in rows:
                 freed += int(size)
                 if record_id in rejected:
                     continue
                 held += 1
                 if request_id is not None:
-                    db.execute("INSERT OR IGNORE INTO uploaded (id, request_id, row) VALUES (?,?,?)",
-                               (record_id, request_id, row))
+                    db.execute("INSERT OR IGNORE INTO uploaded (id, request_id, row, created) VALUES (?,?,?,?)",
+                               (record_id, request_id, row, created))
                 if label is not None and label != sent[seq]:
                     late.append((record_id, label))
             db.execute(f"DELETE FROM records WHERE seq IN ({marks})", batch.seqs)
@@ -328,14 +333,18 @@ class CaptureStore:
 
     # -- labels -------------------------------------------------------------------------------------
 
-    def label(self, request_id: str, labels: Sequence[str]) -> tuple[int, int]:
-        """Label the captured rows of `request_id` (`labels[row]`): rows still spooled get it in their
-        record, rows already uploaded become label updates. Returns (labelled in the spool, queued)."""
+    def label(self, request_id: str, labels: Sequence[str], created: float | None = None) -> tuple[int, int]:
+        """Label the captured rows of `request_id` (`labels[row]`), only those of the call made at `created`
+        when given (a reused request id names its newest call, as for the agent's labels): rows still
+        spooled get it in their record, rows already uploaded become label updates. Returns (labelled in
+        the spool, queued)."""
+        when = "" if created is None else " AND created = ?"
+        args: tuple[object, ...] = (request_id,) if created is None else (request_id, created)
         with self._transaction("label records") as (db, tx):
-            spooled = db.execute("SELECT seq, row FROM records WHERE request_id = ?", (request_id,)).fetchall()
+            spooled = db.execute(f"SELECT seq, row FROM records WHERE request_id = ?{when}", args).fetchall()
             changes = [(labels[row], seq) for seq, row in spooled if 0 <= row < len(labels)]
             db.executemany("UPDATE records SET label = ? WHERE seq = ?", changes)
-            uploaded = db.execute("SELECT id, row FROM uploaded WHERE request_id = ?", (request_id,)).fetchall()
+            uploaded = db.execute(f"SELECT id, row FROM uploaded WHERE request_id = ?{when}", args).fetchall()
             updates = [(rid, labels[row]) for rid, row in uploaded if 0 <= row < len(labels)]
             added = self._queue_labels(db, tx, updates)
         self._labels += added

@@ -73,6 +73,15 @@ def test_fraction_zero_keeps_nothing_and_one_keeps_everything() -> None:
     assert rows is not None and rows.tolist() == list(range(100))
 
 
+def test_a_tiny_fraction_draws_gaps_near_the_int64_limit_without_overflow() -> None:
+    for fraction in (1e-300, 1e-20):
+        sampler = Sampler(fraction, 1 << 40, seed=0)
+        assert all(sampler.choose(1 << 20) == (None, 0) for _ in range(100))
+        sampler._next = 3.0  # as if the next kept row were close: the gaps after it are ~2**63
+        rows, _ = sampler.choose(10)
+        assert rows is not None and rows.tolist() == [3] and sampler._next > 1e18
+
+
 def test_the_day_budget_caps_captured_bytes_per_utc_day_and_resets_at_midnight(tmp_path: Path) -> None:
     clock = Clock(DAY0 + 3600)
     capture = make(tmp_path, clock, fraction=1.0, bytes_per_day=10 * ROW)

@@ -23,7 +23,7 @@ from harness.processes import cli_env
 
 def record(i: int, request_id: str | None = None, size: int = 100) -> NewRecord:
     doc = json.dumps({"id": f"{i:032x}", "pad": "x" * size, "label": None}, separators=(",", ":"))
-    return NewRecord(f"{i:032x}", request_id, i, doc)
+    return NewRecord(f"{i:032x}", request_id, i, 1000.0, doc)
 
 
 def test_the_spool_is_bounded_oldest_dropped_first_and_the_count_is_durable(tmp_path: Path) -> None:
@@ -155,3 +155,18 @@ def test_capture_keeps_nothing_for_a_row_with_a_non_finite_output(tmp_path: Path
     out[1, 2] = np.nan
     assert capture.offer(np.zeros((3, 1, 8, 8), np.float32), out, np.zeros(3, np.int64), None, 0.0, "a" * 64) == 2
     assert capture.status()["skipped_nonfinite"] == 1
+
+
+def test_a_reused_request_id_labels_only_its_newest_call(tmp_path: Path) -> None:
+    """As for the agent's own labels: labels naming a request id are for the newest call that used it."""
+    store = CaptureStore(tmp_path / "c.db", max_bytes=1 << 20)
+    capture = Capture(CaptureSettings(enabled=True, fraction=1.0), fleet="f", device_id="d", store=store)
+    x, out, classes = np.zeros((2, 1, 8, 8), np.float32), np.zeros((2, 10), np.float32), np.zeros(2, np.int64)
+    capture.offer(x, out, classes, "same", 0.0, "a" * 64)
+    first = store.next_batch(10, 1 << 20)
+    store.ack(first)  # the first call's records are uploaded ...
+    capture.offer(x, out, classes, "same", 0.0, "a" * 64)  # ... and the id is used again
+    assert capture.label("same", ["1", "2"]) == 2
+    assert store.pending()["labels"] == 0  # no label update for the first call's records
+    assert [json.loads(d)["label"] for d in store.next_batch(10, 1 << 20).docs] == ["1", "2"]
+    assert capture.label("never-seen", ["1"]) == 0
