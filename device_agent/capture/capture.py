@@ -43,8 +43,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _LE_FLOAT32 = np.dtype("<f4")
+MAX_WIRE_REQUEST_ID = 128  # the fleet's limit on a record's request id (edge_kit.fleet.captures.validation)
 MAX_CALLS_REMEMBERED = 65_536  # request ids whose newest call is remembered for labels (~150 bytes each)
 MAX_REASON_CHARS = 200
+
+
+def wire_request_id(request_id: str | None) -> str | None:
+    """The request id as a record carries it: the fleet takes 1 to 128 printable characters, so a longer or
+    unprintable id (the agent's HTTP API allows 256 of any) goes as null rather than have the record
+    refused. The spool keeps the full id, so labels naming it still find the record."""
+    if request_id is None or not 0 < len(request_id) <= MAX_WIRE_REQUEST_ID or not request_id.isprintable():
+        return None
+    return request_id
 
 
 class Subscriber(Protocol):
@@ -125,8 +135,8 @@ class Capture:
         row = np.ascontiguousarray(inputs[i], dtype=_LE_FLOAT32)
         record_id = secrets.token_hex(16)
         doc = {
-            "id": record_id, "created": now, "request_id": request_id, "row": i, "window_start": float(window_start),
-            "model_sha256": model_sha256,
+            "id": record_id, "created": now, "request_id": wire_request_id(request_id), "row": i,
+            "window_start": float(window_start), "model_sha256": model_sha256,
             "input": {"dtype": "float32", "shape": list(row.shape), "data": base64.b64encode(row.tobytes()).decode()},
             "output": outputs[i].tolist(), "predicted": int(classes[i]), "label": None,
         }

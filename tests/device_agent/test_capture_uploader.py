@@ -254,3 +254,19 @@ def test_the_thread_uploads_on_its_own_and_stops(tmp_path: Path, fleet: FleetDou
     assert not capture.uploader._thread.is_alive()
     assert capture.offer(np.zeros((1, 1, 8, 8), np.float32), np.zeros((1, 10), np.float32),
                          np.zeros(1, np.int64), None, 0.0, SHA) == 0  # stopped: nothing more is captured
+
+
+def test_a_request_id_the_fleet_would_refuse_goes_as_null_and_labels_still_find_the_record(
+        tmp_path: Path, fleet: FleetDouble) -> None:
+    capture = capture_for(tmp_path, fleet)
+    long_id, odd_id = "r" * 200, "tab\there"
+    predict(capture, 1, long_id)
+    predict(capture, 1, odd_id)
+    predict(capture, 1, "x" * 128)
+    capture.label(long_id, ["5"])
+    assert capture.uploader is not None and capture.uploader.upload_round()
+    sent = [(r["request_id"], r["label"]) for r in fleet.uploads()[0]["records"]]
+    assert sent == [(None, "5"), (None, None), ("x" * 128, None)]
+    capture.label(odd_id, ["6"])  # after the upload: a label update for the record sent with a null id
+    assert capture.uploader.upload_round()
+    assert list(fleet.labels.values()) == ["6"]
