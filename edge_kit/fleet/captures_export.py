@@ -42,6 +42,9 @@ MANIFEST = "manifest.json"
 SHARD_NAME = "captures-{:05d}.npz"
 PAGE_LIMIT = 1000
 _STRINGS = ("id", "device", "model_sha256", "request_id", "label_source")
+# Numbers per record, with the dtype of their array: where in its request the row was, when and in which
+# window it was served, and what the model said (-1 / NaN when the server did not say).
+_NUMBERS = {"row": np.int64, "predicted": np.int64, "created": np.float64, "window_start": np.float64}
 
 
 class ExportProtocolError(EdgeKitError):
@@ -174,10 +177,12 @@ class ShardWriter:
         self._rows: list[np.ndarray] = []
         self._strings: dict[str, list[str]] = {n: [] for n in _STRINGS}
         self._labels: list[str] = []  # "" unlabelled
-        self.parts: list[tuple[Path, dict[str, list[str]], list[str]]] = []
+        self._numbers: dict[str, list[float]] = {n: [] for n in _NUMBERS}
+        self.parts: list[tuple[Path, dict[str, list[str]], list[str], dict[str, list[float]]]] = []
         self.shape: tuple[int, ...] | None = None
 
-    def add(self, X: np.ndarray, label: str | None, strings: dict[str, str]) -> None:
+    def add(self, X: np.ndarray, label: str | None, strings: dict[str, str],
+            numbers: dict[str, float | None] | None = None) -> None:
         if self.shape is None:
             self.shape = tuple(X.shape)
         elif tuple(X.shape) != self.shape:
@@ -187,6 +192,9 @@ class ShardWriter:
         self._labels.append(label or "")
         for n in _STRINGS:
             self._strings[n].append(strings.get(n) or "")
+        for n, dtype in _NUMBERS.items():
+            value = (numbers or {}).get(n)
+            self._numbers[n].append((-1 if dtype is np.int64 else float("nan")) if value is None else value)
         if len(self._rows) >= self.shard_records:
             self._flush()
 
@@ -195,20 +203,22 @@ class ShardWriter:
             return
         part = self.folder / f".part-{len(self.parts):05d}.npy"
         np.save(part, np.stack(self._rows).astype(np.float32), allow_pickle=False)
-        self.parts.append((part, self._strings, self._labels))
+        self.parts.append((part, self._strings, self._labels, self._numbers))
         self._rows, self._strings, self._labels = [], {n: [] for n in _STRINGS}, []
+        self._numbers = {n: [] for n in _NUMBERS}
 
     def finish(self, labels: Sequence[str]) -> list[dict[str, Any]]:
         """Write every shard with `y` indexing `labels` (which must hold every label seen); their list."""
         self._flush()
         index = {name: i for i, name in enumerate(labels)}
         shards = []
-        for i, (part, strings, row_labels) in enumerate(self.parts):
+        for i, (part, strings, row_labels, numbers) in enumerate(self.parts):
             name = SHARD_NAME.format(i)
             X = np.load(part, allow_pickle=False)
             arrays = {"X": X, "y": np.array([index[n] if n else -1 for n in row_labels], dtype=np.int64),
                       "labels": np.array(list(labels), dtype=np.str_),
-                      **{n: np.array(v, dtype=np.str_) for n, v in strings.items()}}
+                      **{n: np.array(v, dtype=np.str_) for n, v in strings.items()},
+                      **{n: np.array(v, dtype=_NUMBERS[n]) for n, v in numbers.items()}}
             with (self.folder / name).open("wb") as f:
                 np.savez(f, **arrays)
             part.unlink()
@@ -370,5 +380,13 @@ def _take(record: Any, writer: ShardWriter, stats: _Stats, labelled_only: bool, 
     strings = {"id": record["id"], "device": str(record.get("device") or ""),
                "model_sha256": str(record.get("model_sha256") or ""),
                "request_id": "" if request_id is None else str(request_id), "label_source": source or ""}
-    writer.add(X, None if label is None else str(label), strings)
+    numbers = {n: _number(record.get(n)) for n in _NUMBERS}
+    writer.add(X, None if label is None else str(label), strings, numbers)
     stats.count(strings["device"], source, strings["model_sha256"], record.get("model_version"))
+
+
+def _number(value: Any) -> float | None:
+    """A record's numeric field, or None when absent or not a finite number (the server's word, not trusted)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if math.isfinite(value) else None

@@ -27,11 +27,15 @@ class CuttingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server is down: the client sees its connection close, as without a proxy
+                client.close()
+                continue
             with self._lock:
                 self.connections += 1
                 limit = self.cut_after if self.cuts_left > 0 else None
                 self.cuts_left -= 1 if limit is not None else 0
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
             threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, limit), daemon=True).start()
 
