@@ -195,6 +195,9 @@ class MonitorSection:
     """Drift monitoring: the reference histograms written into the bundle."""
 
     bins: int = setting(32, "histogram bins per monitored channel", lo=2, hi=256)
+    reference: str = setting("base", "rows the reference histograms describe: `base` = the data source's rows "
+                             "only (what the model was designed for), `all` = with the field rows of "
+                             "`data.field` (docs/captures.md)", choices=("base", "all"))
 
 
 @dataclass(frozen=True)

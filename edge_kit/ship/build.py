@@ -14,8 +14,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -32,6 +33,9 @@ from edge_kit.compile.search import Decision, search_candidates
 from edge_kit.config import Config
 from edge_kit.ship.package import assemble_and_write, io_spec, monitor_plan, reference_json, selftest_npz
 from edge_kit.ship.report import ReportInputs, render_report
+
+if TYPE_CHECKING:
+    from edge_kit.train.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,20 @@ class BuildResult:
             "registered_model": self.registered,
             "timings": self.timings,
         }
+
+
+def reference_rows(dataset: Dataset, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) raw rows the reference histograms describe: `base` leaves the field rows out.
+
+    Field rows are appended after the source's in both splits. A reference over base + field describes a
+    mixture no device sees: a clean device differs from it, so the retrained version's canary fails on input
+    drift (docs/captures.md).
+    """
+    if which == "all" or dataset.field is None:
+        return dataset.X_train, dataset.X_test
+    train_end = len(dataset.X_train) - dataset.field.train_rows
+    test_end = len(dataset.X_test) - dataset.field.test_rows
+    return dataset.X_train[:train_end], dataset.X_test[:test_end]
 
 
 def failure_report_path(out_dir: Path, config: Config) -> Path:
@@ -179,10 +197,10 @@ def build(
         shipped_path.write_bytes(model_bytes)
         plan = monitor_plan(dataset.input_kind, tuple(dataset.input_shape), list(dataset.feature_names),
                             list(dataset.labels))
-        train_logits = predict_logits(shipped_path, dataset.X_train)
-        test_logits = predict_logits(shipped_path, dataset.X_test)
-        reference = reference_json(plan, dataset.X_train, train_logits, dataset.X_test, test_logits,
-                                   config.monitor.bins)
+        x_train, x_test = reference_rows(dataset, config.monitor.reference)
+        train_logits = predict_logits(shipped_path, x_train)
+        test_logits = predict_logits(shipped_path, x_test)
+        reference = reference_json(plan, x_train, train_logits, x_test, test_logits, config.monitor.bins)
         timings["reference"] = time.perf_counter() - t0
         report.bundle = bundle_filename(config.project.name, config.project.version)
         report_md = render_report(report)
