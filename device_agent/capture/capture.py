@@ -78,7 +78,8 @@ class Capture:
         self.sampler = Sampler(settings.fraction, settings.bytes_per_day, seed=seed,
                                requested=state["requested_remaining"], day=state["budget_day"],
                                used=state["budget_used"])
-        self._lock = threading.Lock()  # the sampler's generator and state, and their place on disk
+        self._lock = threading.Lock()  # the sampler's generator and state (never held while writing)
+        store.state_source = self._state
         self._closed = False
         self._errors = 0  # records lost because the spool could not store them
         # request id -> the time of its newest predict call (a reused id names its newest call)
@@ -111,23 +112,28 @@ class Capture:
                 now = self._clock()
             finite = rows[np.isfinite(outputs[rows]).all(axis=1)].tolist()
             kept = self.sampler.within_budget(len(finite), int(inputs[0].nbytes), now)
-            adds = {"skipped_nonfinite": len(rows) - len(finite), "skipped_budget": len(finite) - kept}
-            sets = {"budget_day": self.sampler.day, "budget_used": self.sampler.used,
-                    "requested_remaining": self.sampler.requested}
-            if not kept:
-                self.store.defer(adds=adds, sets=sets)
-                return 0
-            records = [self._record(inputs, outputs, classes, i, request_id, window_start, model_sha256, now)
-                       for i in finite[:kept]]
-            try:
-                self.store.put(records, adds={"captured": kept, **adds}, sets=sets)
-            except SpoolError as exc:
+        # Outside the lock: a prediction that keeps nothing never waits for another one's disk write.
+        adds = {"skipped_nonfinite": len(rows) - len(finite), "skipped_budget": len(finite) - kept}
+        if not kept:
+            self.store.defer(adds=adds)
+            return 0
+        records = [self._record(inputs, outputs, classes, i, request_id, window_start, model_sha256, now)
+                   for i in finite[:kept]]
+        try:
+            self.store.put(records, adds={"captured": kept, **adds})
+        except SpoolError as exc:
+            with self._lock:
                 self._errors += len(records)
-                if str(exc) != self.last_error:
-                    log.error("capture: %s (%d records lost)", exc, len(records))
-                self.last_error = str(exc)
-                return 0
-            return kept
+            if str(exc) != self.last_error:
+                log.error("capture: %s (%d records lost)", exc, len(records))
+            self.last_error = str(exc)
+            return 0
+        return kept
+
+    def _state(self) -> dict[str, int]:
+        """The sampler's state as the spool keeps it (read without the lock: three current integers)."""
+        sampler = self.sampler
+        return {"budget_day": sampler.day, "budget_used": sampler.used, "requested_remaining": sampler.requested}
 
     @staticmethod
     def _record(inputs: np.ndarray, outputs: np.ndarray, classes: np.ndarray, i: int, request_id: str | None,

@@ -14,7 +14,9 @@ first, counted in `dropped_full`), the others by row counts. A corrupt file is m
 one started; a locked one is waited for and then refused, never moved (the window spool's rules).
 
 Counters that change without anything else to write (rows skipped for the budget) wait in memory and
-go to disk with the next write, so a row that is not captured costs no disk write.
+go to disk with the next write, so a row that is not captured costs no disk write. The sampler's state
+(the day's budget, the rows still requested) comes from `state_source`, read inside every write
+transaction, so the newest state is what reaches the disk whichever thread writes last.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +144,8 @@ class CaptureStore:
         self._closed = False
         self._deferred_adds: dict[str, int] = {}
         self._deferred_sets: dict[str, int] = {}
+        # The current values of STATE (the sampler's), read in every write transaction; None: `sets` only.
+        self.state_source: Callable[[], Mapping[str, int]] | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._open()
@@ -209,7 +213,8 @@ class CaptureStore:
                 yield db, tx
                 for name, delta in self._deferred_adds.items():
                     tx.add(name, delta)
-                sets = {**self._deferred_sets, **tx.sets}
+                sets = {**(self.state_source() if self.state_source is not None else {}), **self._deferred_sets,
+                        **tx.sets}
                 for name, delta in tx.adds.items():
                     db.execute("INSERT INTO meta (name, value) VALUES (?, ?) "
                                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, delta))
@@ -417,11 +422,18 @@ class CaptureStore:
 
     def counters(self) -> dict[str, int]:
         """Persistent counters and state, with the changes not yet on disk (no query)."""
+        current = self.state_source() if self.state_source is not None else {}
         with self._lock:
             out = {name: self._meta.get(name, 0) + self._deferred_adds.get(name, 0) for name in COUNTERS}
             for name in STATE:
-                out[name] = self._deferred_sets.get(name, self._meta.get(name, 0))
+                out[name] = current.get(name, self._deferred_sets.get(name, self._meta.get(name, 0)))
             return out
+
+    def _unsaved(self) -> bool:
+        if self._deferred_adds or self._deferred_sets:
+            return True
+        current = self.state_source() if self.state_source is not None else {}
+        return any(self._meta.get(name, 0) != value for name, value in current.items())
 
     def pending(self) -> dict[str, int]:
         """Records and their bytes waiting for upload, label updates waiting (no query)."""
@@ -430,7 +442,7 @@ class CaptureStore:
 
     def close(self) -> None:
         """Write the deferred counters and close; later calls fail softly (SpoolError, empty batches)."""
-        if self._deferred_adds or self._deferred_sets:
+        if not self._closed and self._unsaved():
             with contextlib.suppress(SpoolError), self._transaction("save counters"):
                 pass
         with self._lock:

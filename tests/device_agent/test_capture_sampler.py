@@ -4,6 +4,7 @@ once per id, capped by `max_requested`, ignored unless `fleet_requests`), and ho
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,25 @@ def test_hostile_messages_are_counted_and_ignored(tmp_path: Path) -> None:
     assert requests["received"] == 3 and requests["honoured"] == 0  # an empty payload is a cleared topic
     request = parse_capture_request(good(extra="ignored"), fleet="demo", device="dev-1")
     assert (request.request, request.samples) == ("r-1", 5)
+
+
+def test_concurrent_predictions_lose_and_double_nothing_and_the_newest_state_is_kept(tmp_path: Path) -> None:
+    """Four threads offering at once: every row kept is spooled once, and the budget on disk after a
+    restart is what was captured (writes run outside the sampler's lock, so their order varies)."""
+    capture = make(tmp_path, fraction=0.3, bytes_per_day=1 << 30)
+    returned: list[int] = []
+
+    def work(k: int) -> None:
+        returned.append(sum(offer(capture, 5, f"t{k}-{i}") for i in range(150)))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    status = capture.status()
+    assert status["captured"] == sum(returned) == status["pending_records"] > 0
+    capture.stop()
+    again = make(tmp_path, fraction=0.3, bytes_per_day=1 << 30)
+    counters = again.store.counters()
+    assert counters["budget_used"] == sum(returned) * ROW and counters["captured"] == sum(returned)
