@@ -212,7 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # possible from loopback only, so a fresh install still shows its dashboard on the machine.
         open_reads=args.open_reads or token is None,
         device_certs=getattr(args, "tls_client_ca", None) is not None,
-        device_key=device_key, device_max_body=settings.captures.max_batch_bytes,
+        device_key=device_key,
+        # `--captures-max-batch-bytes` where the CLI has it (docs/captures.md), else the fleet config's key.
+        device_max_body=getattr(args, "captures_max_batch_bytes", None) or settings.captures.max_batch_bytes,
     )
     deployments = _rollout_manager(args, storage, service, broker, pubkey)
     capture_publisher = _captures(args, storage, service, broker, store)

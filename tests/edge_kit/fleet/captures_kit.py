@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,7 @@ def export_all(base: str, query: str = "", limit: int = 7, context: ssl.SSLConte
         assert not page["missing"]
         if page["next"] is None:
             return out
-        after = f"&after={urllib.request.quote(page['next'])}"
+        after = f"&after={urllib.parse.quote(page['next'])}"
     raise AssertionError("export never ended")
 
 

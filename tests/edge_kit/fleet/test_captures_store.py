@@ -176,3 +176,28 @@ def test_a_full_disk_is_507_and_loses_nothing(tmp_path: Path) -> None:
                 server.stop()
     finally:
         broker.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_fleet_serve_keeps_captures_under_an_fsspec_url(tmp_path: Path) -> None:
+    pytest.importorskip("fsspec")
+    (tmp_path / "bundles").mkdir()
+    (tmp_path / "broker").mkdir()
+    bundle = make_bundle(tmp_path / "bundles")
+    key = create_device_key(tmp_path / "device-token.key")
+    headers = device_headers("dev1", device_token(key, "dev1"))
+    broker = MosquittoBroker(tmp_path / "broker")
+    broker.start()
+    server = FleetServe(tmp_path, broker.url, bundle.path.parent, "--device-key-file",
+                        str(tmp_path / "device-token.key"), "--captures", "memory://fleet-captures")
+    try:
+        rng = np.random.default_rng(31)
+        recs = [record(bundle, rng) for _ in range(12)]
+        assert call(server.url + UPLOAD, "POST", batch("dev1", recs), headers)[1]["stored"] == 12
+        assert call(server.url + UPLOAD, "POST", batch("dev1", recs), headers)[1]["duplicates"] == 12
+        assert {r["id"]: r["input"] for r in export_all(server.url, limit=5)} == {r["id"]: r["input"] for r in recs}
+        assert not (tmp_path / "captures").exists()  # nothing beside the database: the URL was used
+    finally:
+        server.stop()
+        broker.stop()
