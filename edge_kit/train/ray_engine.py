@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,15 @@ import torch
 from edge_kit.config import Config
 from edge_kit.errors import EdgeKitError, UsageError
 from edge_kit.train import tracking
-from edge_kit.train.checkpoint import CheckpointManager, LoadedCheckpoint, check_signature
+from edge_kit.train.checkpoint import (
+    FORMAT,
+    CheckpointManager,
+    LoadedCheckpoint,
+    atomic_torch_save,
+    check_signature,
+    checkpoint_name,
+    detached_copy,
+)
 from edge_kit.train.data import Dataset
 from edge_kit.train.ray_cluster import connected
 from edge_kit.train.run_record import TrainResult, finish_run, mark_run, record_provenance_drift, run_tags
@@ -186,7 +197,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: restore the newest checkpoint, wrap the model in DDP, run the shared loop."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
     from torch.nn.parallel import DistributedDataParallel
 
     config: Config = loop_config["config"]
@@ -211,18 +221,27 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         uri = loop_config.get("tracking_uri")  # None: no MLflow (benchmarks/check_ray_gpu.py)
         run = tracking.RunHandle(tracking.client_for(uri), run_id, "", uri) if rank == 0 and uri else None
 
+        reporter = CheckpointReporter()
+        every = config.train.checkpoint_every
+        stored = {"step": trainer.position.global_step}  # the newest step handed to Ray
+
         def save() -> Path:
-            # Every rank reports (Ray Train expects it); only rank 0 holds the state, equal on all ranks.
+            # The loop calls this every `checkpoint_every` steps and at every epoch end; Ray gets a
+            # checkpoint only when a multiple of `checkpoint_every` was passed since the last one it got
+            # (and the final one), and at most one waits for Ray at a time (see CheckpointReporter).
+            # Every rank takes the same decisions, so every rank reports the same number of times.
             position = trainer.position
-            metrics = {"global_step": position.global_step, "epoch": position.epoch}
-            with tempfile.TemporaryDirectory(prefix="edgekit-ckpt-", ignore_cleanup_errors=True) as tmp:
-                if rank != 0:
-                    ray.train.report(metrics)
-                    return Path(tmp)
-                path = CheckpointManager(Path(tmp), keep=1, background=False).save(
-                    trainer.state(run_id, fingerprint))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-                return path
+            final = trainer.finished
+            if not final and position.global_step // every <= stored["step"] // every:
+                return reporter.last_path
+            if not final and not reporter.free(world_size, device):
+                return reporter.last_path  # tried again at the next call: the newest state wins
+            stored["step"] = position.global_step
+            # loop_s: this session's time in the training loop so far (benchmarks/bench_ray_train.py)
+            reporter.submit(trainer.state(run_id, fingerprint) if rank == 0 else None,
+                            {"global_step": position.global_step, "epoch": position.epoch,
+                             "loop_s": time.perf_counter() - loop_started})
+            return reporter.last_path
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             # A driver killed just after a checkpoint reached storage, but before Ray's snapshot named it,
@@ -231,7 +250,74 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                                            for m in run.client.get_metric_history(run_id, "train_loss")):
                 run.log_metrics(metrics, step=epoch + 1)
 
-        trainer.run(save=save, on_epoch=on_epoch, stop=StopFlag())
+        loop_started = time.perf_counter()
+        try:
+            trainer.run(save=save, on_epoch=on_epoch, stop=StopFlag())
+        finally:
+            reporter.close()  # the final checkpoint reaches Ray before the worker says it is done
+
+
+class CheckpointReporter:
+    """Hands checkpoints to `ray.train.report` on a thread of its own, one at a time.
+
+    Ray Train's controller takes one report per worker per poll (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+    2 s by default), and `report` blocks until the previous one was taken: reported from the training
+    loop, every checkpoint stopped training for up to a poll. Here the loop only takes a copy of the state
+    (rank 0) and goes on; this thread writes the `.pt` into a folder of its own and reports it. While a
+    report is still waiting, the next due checkpoint is skipped and tried again at the loop's next
+    `save()` (the newest state wins): a crash repeats at most `checkpoint_every` steps or one poll's
+    worth of steps, whichever is more, and bitwise as before (every stored checkpoint is exact).
+    """
+
+    def __init__(self) -> None:
+        self.last_path = Path(tempfile.gettempdir()) / "edgekit-ray-checkpoint"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-report")
+        self._pending: Future[None] | None = None
+
+    def free(self, world_size: int, device: torch.device) -> bool:
+        """Whether a new checkpoint may go now: rank 0's report thread is idle (its view, sent to all ranks)."""
+        idle = self._pending is None or self._pending.done()
+        if world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([1 if idle else 0], dtype=torch.int32, device=device)
+            dist.broadcast(flag, src=0)
+            idle = bool(int(flag.item()))
+        return idle
+
+    def submit(self, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+        """Queue a report (rank 0 with the state, copied now; other ranks without) after the one in flight."""
+        self._wait()
+        snapshot = {"format": FORMAT, **detached_copy(state)} if state is not None else None
+        if snapshot is not None:
+            self.last_path = self.last_path.with_name(checkpoint_name(int(metrics["global_step"])))
+        self._pending = self._pool.submit(self._report, snapshot, metrics)
+
+    @staticmethod
+    def _report(snapshot: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        if snapshot is None:
+            ray.train.report(metrics)
+            return
+        folder = Path(tempfile.mkdtemp(prefix="edgekit-ckpt-"))
+        try:
+            atomic_torch_save(snapshot, folder / checkpoint_name(int(metrics["global_step"])))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # a failed report (storage unreachable) fails the worker: Ray restarts it
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def writable(dataset: Dataset) -> Dataset:
