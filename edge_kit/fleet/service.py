@@ -309,6 +309,14 @@ class FleetService:
             lines.append(f'edgekit_fleet_alerts{{state="{state}"}} {count}')
         if self.deployments is not None:
             lines += self.deployments.metrics()
+        if self.captures is not None:
+            counts = self.captures.counts()
+            family("edgekit_fleet_captures", "gauge", "Captured records held in the capture store, and those labelled.")
+            lines.append(f'edgekit_fleet_captures{{state="held"}} {counts["total"]["held"]}')
+            lines.append(f'edgekit_fleet_captures{{state="labelled"}} {counts["total"]["labelled"]}')
+            family("edgekit_fleet_capture_store_bytes", "gauge", "Bytes of the capture store, used and its quota.")
+            lines.append(f'edgekit_fleet_capture_store_bytes{{kind="used"}} {counts["store"]["used_bytes"]}')
+            lines.append(f'edgekit_fleet_capture_store_bytes{{kind="max"}} {counts["store"]["max_bytes"]}')
         return "\n".join(lines) + "\n"
 
 

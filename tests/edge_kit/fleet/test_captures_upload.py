@@ -88,6 +88,14 @@ def _counts(server: FleetServe) -> dict[tuple[str, str], dict[str, Any]]:
     return {(c["device"], c["model_version"]): c for c in body["counts"]}
 
 
+def _metrics(server: FleetServe) -> str:
+    import urllib.request
+
+    request = urllib.request.Request(server.url + "/metrics", headers=operator())
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return str(r.read().decode())
+
+
 def test_uploads_are_stored_once_exported_in_order_and_survive_a_crash(env: Env) -> None:
     rng = np.random.default_rng(1)
     work = env.tmp / "crash"
@@ -140,6 +148,9 @@ def test_uploads_are_stored_once_exported_in_order_and_survive_a_crash(env: Env)
         assert _counts(server)[("dev1", "1.0.0")]["labelled"] == 5
         status, devices = call(server.url + "/api/devices", headers=operator())
         assert status == 200 and {c["device"] for c in devices["captures"]} == {"dev1", "dev2"}
+        metrics = _metrics(server)
+        assert 'edgekit_fleet_captures{state="held"} 29' in metrics
+        assert 'edgekit_fleet_captures{state="labelled"} 9' in metrics
 
         server.stop(signal.SIGKILL)  # a crash: no shutdown of any kind
         server.start()
