@@ -26,6 +26,7 @@ unless named; `tests/device_agent/test_agent_docs_tables.py` keeps the drawing c
     ├── CheckpointWriteError (1)                   edge_kit.train.checkpoint
     ├── RayTrainingFailed (1)                      edge_kit.train.ray_engine
     ├── ServerError (1)                            fleet server failed or unreachable: edge_kit.commands.fleet_client
+    ├── ExportProtocolError (1)                    a captures export page that is not one: edge_kit.fleet.captures_export
     ├── ShardRefused (1)                           a refused shard, its own code: edge_kit.ship.batch_predict
     └── WorkerFailed (1)                           edge_kit.bench.runner
 

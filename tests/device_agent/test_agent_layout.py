@@ -8,6 +8,7 @@
     agent       the embeddable Agent                                            (bundle, monitoring, uplink, runtime)
     http        serving over HTTP                                               (agent, runtime)
     deploy      bundles that arrive over the network                            (agent, bundle, runtime, uplink)
+    capture     sampled inputs spooled and uploaded to the fleet                (agent, uplink)
     batch, settings, cli, __main__ and the package's front door on top
 
 Like tests/edge_kit/test_layout.py this reads the source, every import statement including the ones
@@ -24,7 +25,7 @@ from tests.helpers.imports import imported_modules, module_name
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL = {"errors", "atomic", "host", "strict_toml", "settings_schema", "cli_runner"}
-ROLES = {"bundle", "uplink", "monitoring", "http", "deploy"}
+ROLES = {"bundle", "uplink", "monitoring", "http", "deploy", "capture"}
 TOP = {"runtime", "agent", "batch", "settings", "cli", "__main__", "__init__"}
 
 # area -> the areas it may import from, besides itself and the kernel
@@ -37,9 +38,10 @@ ALLOWED: dict[str, set[str]] = {
     "agent": {"bundle", "monitoring", "uplink", "runtime"},
     "http": {"agent", "runtime"},
     "deploy": {"agent", "bundle", "runtime", "uplink"},
+    "capture": {"agent", "uplink"},
     "batch": {"runtime", "bundle"},
-    "settings": {"bundle", "http", "uplink", "monitoring", "deploy"},
-    "cli": {"agent", "batch", "bundle", "deploy", "http", "monitoring", "runtime", "settings", "uplink"},
+    "settings": {"bundle", "http", "uplink", "monitoring", "deploy", "capture"},
+    "cli": {"agent", "batch", "bundle", "capture", "deploy", "http", "monitoring", "runtime", "settings", "uplink"},
     "__main__": {"cli"},
     "__init__": {"agent"},  # the lazy front door: `from device_agent import Agent`
 }

@@ -10,3 +10,5 @@ intake.py      an upload from validation to shard to index; label updates; the e
 requests.py    capture requests: stored, turned into retained `capture` topic messages
 routes.py      the HTTP routes
 """
+
+__all__: list[str] = []
