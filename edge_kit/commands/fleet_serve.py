@@ -197,8 +197,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     location = captures_location(args)
     key_file = getattr(args, "device_key_file", None)
     device_key = load_device_key(key_file) if key_file else None
-    store = CaptureStore(location, getattr(args, "captures_max_bytes", 10 * 1024**3))
     storage = Storage(args.db)  # creates the schema before any worker touches it
+    try:  # after the database: the default folder is made beside its file, never a folder of its own
+        store = CaptureStore(location, getattr(args, "captures_max_bytes", 10 * 1024**3))
+    except BaseException:
+        storage.close()
+        raise
     service = FleetService(storage, references, settings)
     consumers = ConsumerState(args.workers)
     service.consumers = consumers
