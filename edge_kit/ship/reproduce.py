@@ -68,6 +68,9 @@ def check_provenance(manifest: dict[str, Any], current: dict[str, Any]) -> dict[
         "git commit": (rec.get("git", {}).get("commit"), current["git"]["commit"]),
         "lock sha256": (rec.get("environment", {}).get("lock_sha256"), current["environment"]["lock_sha256"]),
         "data dvc md5": (rec.get("data", {}).get("dvc_md5"), current["data"]["dvc_md5"]),
+        # Field data (`edge-kit data add`); the commit pins its .dvc file too, but this names the culprit.
+        "field data dvc md5": ((rec.get("data", {}).get("field") or {}).get("dvc_md5"),
+                               (current["data"].get("field") or {}).get("dvc_md5")),
     }
     mismatches = [f"{what}: bundle {a!r}, now {b!r}" for what, (a, b) in pairs.items() if a != b]
     if rec.get("git", {}).get("dirty"):
