@@ -4,8 +4,12 @@ Builds (or reuses) the signed digits bundle, starts Mosquitto, `edge-kit fleet s
 `edge-agent run` processes (each with its own bundles folder), and feeds each agent held-out digits over
 its HTTP API. Some devices gradually receive shifted inputs (Gaussian noise, a translated image, a changed
 class mix); within a few windows the dashboard shows drift on those devices only and raises alerts.
-Approving an alert (in the dashboard, or `--approve` when headless) runs the retraining build; the demo
-deploys its bundle through the fleet server (one canary, then the rest once the canary passes).
+Every agent captures a sample of what it serves (`[capture]`, with the labels the feeder returns) and uploads
+it to the fleet server with its own device token. Approving an alert (in the dashboard, or `--approve` when
+headless) asks the flagged devices for more samples and runs the retraining chain (`edge_kit.demo.retrain`):
+export their captures, `edge-kit data add` them as a new DVC snapshot, build the next version on base + field
+data, and deploy it through the fleet server (one canary, then the rest once the canary passes). The summary
+gives the labelled accuracy of the old and the new version on the shifted and on the clean devices.
 `--bad-bundle` then deploys a bundle whose predictions skew: the canary halts it and rolls it back.
 
     python -m edge_kit.demo.fleet                         # interactive: prints the dashboard URL; Ctrl-C stops
@@ -39,24 +43,34 @@ from edge_kit.demo.processes import ManagedProcess, free_port, http_json, wait_f
 from edge_kit.demo.project import build_bundle, ensure_keys, write_project
 from edge_kit.demo.shifts import Shift
 from edge_kit.errors import EdgeKitError, UsageError
+from edge_kit.fleet.device_tokens import create_device_key, device_token
 
 log = logging.getLogger("edge_kit.demo")
 
 EXAMPLE_CONFIG = Path("examples/digits/edgekit.toml")
-MAKE_DEMO_BUNDLE = Path("dist/digits-1.0.0.edgebundle")
 MAKE_DEMO_KEYS = Path(".keys")
 FLEET = "demo"
 # How long a headless run may go past --duration to let an approved retraining finish and roll out.
 RETRAIN_GRACE_S = 900.0
 # Which shift each device gets, in order; devices past this list are clean.
 SHIFT_KINDS = ("none", "noise", "none", "translate", "none", "classmix")
+# Field capture on every demo device: a quarter of the rows it serves, uploaded every 2 s; an approved alert
+# asks the flagged devices for CAPTURE_ON_ALERT more, and the retraining waits for RETRAIN_MIN_LABELLED each.
+CAPTURE_FRACTION = 0.25
+CAPTURE_ON_ALERT = 400
+RETRAIN_MIN_LABELLED = 300
+# Windows of labelled inputs every device serves with the retrained version before a headless run ends: enough
+# for its accuracy to mean something and for the fleet to say whether the shifted devices are still flagged.
+AFTER_WINDOWS = 4
 
 
 @dataclass(frozen=True)
 class DemoOptions:
     workdir: Path
     example_config: Path = EXAMPLE_CONFIG
-    bundle: Path | None = None  # a ready bundle to start from; default: make demo's, else build one
+    # A ready bundle to start from; default: build one from the demo's project. (Not `make demo`'s: that one
+    # trained on part of the demo's held-out split, which the feeders score the versions on.)
+    bundle: Path | None = None
     devices: int = 6
     window_seconds: float = 4.0
     shift_after_windows: float = 2.0  # clean windows on every device before the shifts begin
@@ -79,8 +93,8 @@ class Device:
     name: str
     shift: Shift
     port: int
-    process: ManagedProcess
     spool: Path
+    process: ManagedProcess | None = None  # started once the fleet server is
     feeder: DeviceFeeder | None = None
     final: dict[str, Any] = field(default_factory=dict)
 
@@ -106,6 +120,7 @@ class FleetDemo:
         self.initial_version = ""
         self.final_deployments: list[dict[str, Any]] = []
         self.deployments: dict[str, str] = {}  # "retrained" / "skewed" -> deployment id
+        self.retrained_version: str | None = None
 
     @property
     def dashboard(self) -> str:
@@ -119,7 +134,7 @@ class FleetDemo:
         self.config = write_project(self.o.example_config.resolve(), self.workdir / "project")
         self.key, self.pubkey = ensure_keys([MAKE_DEMO_KEYS.resolve()], self.workdir / "keys")
         existing = sorted(self.bundles.glob("*.edgebundle"))
-        start = self.o.bundle or (MAKE_DEMO_BUNDLE if MAKE_DEMO_BUNDLE.is_file() else None)
+        start = self.o.bundle
         if existing:
             log.info("reusing %s", ", ".join(p.name for p in existing))
         elif start is not None:
@@ -134,8 +149,11 @@ class FleetDemo:
         self.initial_version = read_bundle(resolve_bundle(self.bundles)).version
 
     def fleet_config(self) -> Path:
+        clean = {d.name for d in self.devices if d.shift.kind == "none"}
         retrain = [sys.executable, "-m", "edge_kit.demo.retrain", "--config", str(self.config),
-                   "--bundles", str(self.bundles), "--key", str(self.key)]
+                   "--bundles", str(self.bundles), "--key", str(self.key), "--server", self.dashboard.rstrip("/"),
+                   "--min-labelled", str(RETRAIN_MIN_LABELLED),
+                   "--canary-seed", str(rollout.clean_canary_seed([d.name for d in self.devices], clean))]
         path = self.workdir / "fleet.toml"
         path.write_text(
             "# Written by the fleet demo: short windows so drift shows within a minute. The practical\n"
@@ -152,6 +170,7 @@ class FleetDemo:
             f"retrain_command = {json.dumps(retrain)}\n"
             "retrain_min_interval_seconds = 60\nretrain_timeout_seconds = 1800\n"
             "[ingest]\noffline_after_seconds = 30\n"
+            f"[captures]\nrequest_on_alert = {CAPTURE_ON_ALERT}\n"
         )
         return path
 
@@ -162,18 +181,25 @@ class FleetDemo:
         db = self.workdir / "fleet.db"
         for stale in (db, db.with_name("fleet.db-wal"), db.with_name("fleet.db-shm")):
             stale.unlink(missing_ok=True)  # each demo run starts with an empty fleet
+        captures = self.workdir / "captures"
+        if captures.exists():
+            shutil.rmtree(captures)  # and no captures
+        # The fleet's device key: each device's upload token is derived from it (`fleet enroll` writes the same).
+        device_key = create_device_key(self.workdir / "keys" / "device-token.key")
+        plan = [(f"dev-{i + 1}", self.o.shift_for(i), free_port()) for i in range(self.o.devices)]
+        self.devices = [Device(name, shift, port, self.workdir / "agents" / name / "spool.db")
+                        for name, shift, port in plan]
         self.fleet = ManagedProcess.python("fleet", "edge_kit", [
             "fleet", "serve", "--broker", self.broker.url, "--db", f"sqlite:///{db}",
             "--http", f"127.0.0.1:{self.fleet_port}", "--fleet", FLEET, "--bundles", str(self.bundles),
-            "--pubkey", str(self.pubkey), "--config", str(self.fleet_config()), "--json"], self.logs)
+            "--pubkey", str(self.pubkey), "--config", str(self.fleet_config()), "--captures", str(captures),
+            "--device-key-file", str(self.workdir / "keys" / "device-token.key"), "--json"], self.logs)
         # Devices may publish only once the fleet's consumer has subscribed, or their first windows go
         # nowhere. It subscribes to summaries (shared) and statuses in one SUBSCRIBE; Mosquitto's count
         # leaves shared subscriptions out, so: this check's own $SYS subscription + the status one.
         self.broker.wait_for_subscriptions(2, timeout=60)
-        for i in range(self.o.devices):
-            name = f"dev-{i + 1}"
-            port = free_port()
-            spool = self.workdir / "agents" / name / "spool.db"
+        for d in self.devices:
+            name, port, spool = d.name, d.port, d.spool
             if spool.parent.exists():
                 shutil.rmtree(spool.parent)
             spool.parent.mkdir(parents=True)
@@ -182,21 +208,33 @@ class FleetDemo:
             own.mkdir()
             first = resolve_bundle(self.bundles)
             shutil.copy2(first, own / first.name)
+            token = spool.parent / "upload.token"
+            token.write_text(device_token(device_key, name))
+            token.chmod(0o600)
             config = spool.parent / "agent.toml"
-            config.write_text(f'[deploy]\nenabled = true\nstate_dir = "{spool.parent / "deploy"}"\n')
-            process = ManagedProcess.python(name, "device_agent", [
+            config.write_text(
+                f'[deploy]\nenabled = true\nstate_dir = "{spool.parent / "deploy"}"\n'
+                f'[capture]\nenabled = true\nfraction = {CAPTURE_FRACTION}\nfleet_requests = true\n'
+                f'upload_url = "{self.dashboard.rstrip("/")}"\ntoken_file = "{token}"\n'
+                f'state_dir = "{spool.parent / "capture"}"\nupload_interval = 2.0\n')
+            d.process = ManagedProcess.python(name, "device_agent", [
                 "run", "--bundle", str(own), "--config", str(config), "--broker", self.broker.url, "--device-id", name,
                 "--fleet", FLEET, "--spool", str(spool), "--http", f"127.0.0.1:{port}",
                 "--window-seconds", str(self.o.window_seconds), "--pubkey", str(self.pubkey), "--json"], self.logs)
-            self.devices.append(Device(name, self.o.shift_for(i), port, process, spool))
         wait_for_port(self.fleet_port, 60, self.fleet)
         for d in self.devices:
+            assert d.process is not None
             wait_for_port(d.port, 60, d.process)
         x, y, labels = self.data
+        # Two disjoint pools of held-out digits: the first is fed (and captured) until a device serves a new
+        # version, the second after, so the new version is scored on images it never trained on.
+        order = np.random.default_rng(7).permutation(len(y))
+        pool_a, pool_b = order[: len(y) // 2], order[len(y) // 2:]
         per_second = self.o.samples_per_window / self.o.window_seconds
         for i, d in enumerate(self.devices):
-            d.feeder = DeviceFeeder(d.name, d.url, x, y, labels, d.shift, batch=self.o.batch,
-                                    interval_s=self.o.batch / per_second, seed=1000 + i)
+            d.feeder = DeviceFeeder(d.name, d.url, x[pool_a], y[pool_a], labels, d.shift, batch=self.o.batch,
+                                    interval_s=self.o.batch / per_second, seed=1000 + i,
+                                    later=(x[pool_b], y[pool_b]))
         self.started_at = time.time()
         for d in self.devices:
             assert d.feeder is not None
@@ -228,18 +266,27 @@ class FleetDemo:
 
     def retrain_done(self, alert_id: int) -> bool:
         """The retraining finished and (if it succeeded) its deployment finished: rolled out to every agent
-        (each answered with a second model version), or halted by the canary."""
+        (each answered with a second model version, then served AFTER_WINDOWS windows of labelled inputs with
+        it), or halted by the canary."""
         outcome = self.retrain_outcome(alert_id)
         if outcome["state"] in ("retrain_failed",):
             return True
         if outcome["state"] != "retrained":
             return False
-        if "retrained" not in self.deployments:
-            self.deploy("retrained", rollout.newest_bundle(self.bundles))
+        if "retrained" not in self.deployments:  # the retraining chain deployed it: find that deployment
+            self.retrained_version = read_bundle(rollout.newest_bundle(self.bundles)).version
+            found = [d for d in rollout.deployments(self.dashboard) if d["version"] == self.retrained_version]
+            if not found:
+                return False
+            self.deployments["retrained"] = str(found[-1]["deployment"])
+            log.info("retraining deployed %s as %s", self.retrained_version, self.deployments["retrained"])
             return False
         state = self.deployment_state("retrained")
         if state == "done":
-            return all(len(v) > 1 for v in outcome["models_served"].values())
+            wanted = AFTER_WINDOWS * self.o.samples_per_window
+            return all(len(v) > 1 for v in outcome["models_served"].values()) and all(
+                d.feeder.stats.labelled.get(self.retrained_version or "", 0) >= wanted
+                for d in self.devices if d.feeder is not None)
         return state in ("halted", "rolled_back")
 
     def deploy(self, what: str, bundle: Path) -> None:
@@ -290,13 +337,15 @@ class FleetDemo:
         finally:
             try:
                 for d in self.devices:
-                    d.process.stop()
-                    d.final = d.process.final_json() or {}
+                    if d.process is not None:
+                        d.process.stop()
+                        d.final = d.process.final_json() or {}
                 if self.fleet is not None and self.fleet.running:
                     self.wait_for_ingest(timeout=20)
             finally:
                 for d in self.devices:
-                    d.process.stop()  # a no-op for those already stopped
+                    if d.process is not None:
+                        d.process.stop()  # a no-op for those already stopped
                 if self.fleet is not None:
                     self.fleet.stop()
                 if "skewed" in self.deployments:  # a next run must not start from the deliberately bad bundle
@@ -367,6 +416,13 @@ class FleetDemo:
                 "alert_at": first_alert,
                 "detection_seconds": detection,
                 "detection_windows": detection / self.o.window_seconds if detection is not None else None,
+                # Labelled accuracy of the first and the retrained version on this device's inputs (full
+                # shift severity on a shifted device; the second pool of digits for the retrained version).
+                "accuracy_before": stats.accuracy(self.initial_version) if stats else None,
+                "accuracy_after": stats.accuracy(self.retrained_version) if stats and self.retrained_version
+                else None,
+                "labelled_before": stats.labelled.get(self.initial_version, 0) if stats else 0,
+                "labelled_after": stats.labelled.get(self.retrained_version or "", 0) if stats else 0,
             })
         shifted = sorted(d.name for d in self.devices if d.shift.kind != "none")
         return {
@@ -386,7 +442,54 @@ class FleetDemo:
                        for a in alerts],
             "retrain": self.retrain,
             "deployments": self.deployment_summaries(),
+            "retrained_version": self.retrained_version,
+            "shifted_accuracy": self.pooled_accuracy(shifted=True),
+            "clean_accuracy": self.pooled_accuracy(shifted=False),
+            "field_data": self.field_data(),
+            "still_flagged": self.still_flagged(flagged_by_version),
         }
+
+    def pooled_accuracy(self, *, shifted: bool) -> dict[str, float | None]:
+        """Labelled accuracy of the first and the retrained version, pooled over the shifted (or clean) devices."""
+        out: dict[str, float | None] = {}
+        for key, version in (("before", self.initial_version), ("after", self.retrained_version)):
+            n = hits = 0
+            for d in self.devices:
+                if d.feeder is None or (d.shift.kind != "none") != shifted or version is None:
+                    continue
+                n += d.feeder.stats.labelled.get(version, 0)
+                hits += d.feeder.stats.correct.get(version, 0)
+            out[key] = round(hits / n, 4) if n else None
+        return out
+
+    def field_data(self) -> dict[str, Any]:
+        """What the retraining added to the project (the last entry of data/field-manifest.json)."""
+        manifest = self.config.parent / "data" / "field-manifest.json"
+        if not manifest.is_file():
+            return {}
+        entries = json.loads(manifest.read_text()).get("entries") or []
+        return dict(entries[-1]) if entries else {}
+
+    def still_flagged(self, flagged_by_version: dict[str, list[str]]) -> dict[str, Any]:
+        """Whether the shifted devices are flagged against the retrained version's reference too, and why."""
+        if self.retrained_version is None:
+            return {}
+        flagged = flagged_by_version.get(self.retrained_version, [])
+        shifted = sorted(d.name for d in self.devices if d.shift.kind != "none")
+        # monitor.reference = "base": the new reference describes the data source's rows, as the old one did.
+        why = ("the new version's reference histograms describe the data source's training rows only "
+               "(monitor.reference = \"base\"), not the field rows it also trained on: a device whose inputs "
+               "stay shifted still differs from what the model was designed for. Drift says the inputs changed; "
+               "the accuracy says whether the model now copes with them.")
+        missing = [d for d in self.devices if d.shift.kind != "none" and d.name not in flagged]
+        if missing:
+            served = ", ".join(
+                f"{d.name} ({d.shift.kind}, {d.feeder.stats.labelled.get(self.retrained_version, 0) if d.feeder else 0}"
+                " inputs)" for d in missing)
+            why += (f" Not flagged under it in this run: {served}; an alert needs 2 flagged windows of the "
+                    "last 3 on that device.")
+        return {"version": self.retrained_version, "devices": flagged,
+                "shifted_still_flagged": sorted(set(shifted) & set(flagged)), "why": why}
 
     def deployment_summaries(self) -> list[dict[str, Any]]:
         if self.fleet is None or not self.fleet.running:
@@ -409,7 +512,10 @@ def held_out_digits(config: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from edge_kit.train.data import load_dataset
 
     dataset = load_dataset(load_config(config))
-    return np.asarray(dataset.X_test, dtype=np.float32), np.asarray(dataset.y_test), list(dataset.labels)
+    # The data source's held-out rows only: field rows a retraining added (after the source's) are captures.
+    end = len(dataset.y_test) - (dataset.field.test_rows if dataset.field is not None else 0)
+    return (np.asarray(dataset.X_test[:end], dtype=np.float32), np.asarray(dataset.y_test[:end]),
+            list(dataset.labels))
 
 
 def run_demo(options: DemoOptions, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -474,6 +580,18 @@ def print_summary(s: dict[str, Any]) -> None:
             if d["canary_passed"] is False else "undecided"
         print(f"deployment {d['deployment']} ({d['what']}, {d['version']}): {d['state']}, canary {verdict}; "
               + ", ".join(f"{k} {v['version']}" for k, v in sorted(d["devices"].items())))
+    if s.get("retrained_version"):
+        sa, ca = s["shifted_accuracy"], s["clean_accuracy"]
+        print(f"labelled accuracy, version {s['model_version']} -> {s['retrained_version']}: shifted devices "
+              f"{_pct(sa['before'])} -> {_pct(sa['after'])}, clean devices {_pct(ca['before'])} -> {_pct(ca['after'])}")
+        for d in s["devices"]:
+            print(f"  {d['device']:8} {d['shift']:10} {_pct(d['accuracy_before'])} -> {_pct(d['accuracy_after'])}")
+        field = s.get("field_data") or {}
+        if field:
+            print(f"field data added: {field.get('rows_added')} rows ({field.get('devices')}), md5 {field.get('md5')}")
+        still = s.get("still_flagged") or {}
+        if still:
+            print(f"flagged against {still['version']}: {', '.join(still['devices']) or 'none'}: {still['why']}")
     if s["retrain"]:
         r = s["retrain"]
         print(f"retraining (alert {r.get('alert')}): {r.get('state')}, outcome {r.get('outcome')}; versions served: "
@@ -482,6 +600,10 @@ def print_summary(s: dict[str, Any]) -> None:
           f"{', '.join(s['flagged']) or 'none'}; shifted devices: {', '.join(s['shifted'])}; "
           f"{'exactly the shifted devices were flagged' if s['exactly_shifted_flagged'] else 'MISMATCH'}; "
           f"windows lost: {s['windows_lost']}")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-seconds", type=float, default=4.0, help="agent summary window (default 4)")
     p.add_argument("--workdir", type=Path, default=Path(".edgekit/fleet-demo"), help="the demo's own folder")
     p.add_argument("--config", type=Path, default=EXAMPLE_CONFIG, help="example project config to copy")
-    p.add_argument("--bundle", type=Path, help="start from this bundle (default: make demo's, else build one)")
+    p.add_argument("--bundle", type=Path, help="start from this bundle (default: build one from the demo's project)")
     p.add_argument("--http-port", type=int, default=8080, help="dashboard port (default 8080; 0 picks a free one)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.add_argument("--debug", action="store_true")

@@ -1,7 +1,8 @@
-"""The demo's own copy of the digits project: config, DVC repository, signing keys, builds and retraining data.
+"""The demo's own copy of the digits project: config, git + DVC repository, signing keys, builds.
 
 The demo works in its own folder (default `.edgekit/fleet-demo/`), so it never touches the example's files;
-the project config is the example's, with the version and training seed replaced by each retraining.
+the project config is the example's, with the version and training seed replaced by each retraining, and
+the field data each retraining adds committed to the project's own git repository (`edge-kit data add`).
 """
 
 from __future__ import annotations
@@ -18,19 +19,40 @@ from edge_kit.demo.processes import child_env
 from edge_kit.errors import EdgeKitError, UsageError
 
 CONFIG_NAME = "edgekit.toml"
+DEMO_TEST_FRACTION = 0.4
 BUILD_TIMEOUT_S = 1800
 
 
+# What builds and exports leave in the project that is not source: kept out of its commits.
+GITIGNORE = "/dist/\n/field-export/\n/retrain.log\n/mlruns/\n"
+
+
 def write_project(example_config: Path, project: Path) -> Path:
-    """Copy the example config into `project` (once) and make `project` a DVC repository; the config path."""
+    """Copy the example config into `project` (once) and make `project` a git + DVC repository with the config
+    committed; the config path."""
     if not example_config.is_file():
         raise UsageError(f"example config not found: {example_config}")
     project.mkdir(parents=True, exist_ok=True)
     config = project / CONFIG_NAME
     if not config.exists():
         config.write_text(example_config.read_text())
+        # Twice the example's held-out share: the feeders need two disjoint pools of held-out digits (one
+        # fed, and captured, under the first version, one to score the retrained version on), each about as
+        # large as the example's whole test split, so a pool repeats its images no more often than that did.
+        set_config_value(config, "data", "test_fraction", DEMO_TEST_FRACTION)
+    if not (project / ".git").is_dir():
+        run_command(["git", "init", "-q"], project, "git init")
+        for key, value in (("user.name", "edge-kit fleet demo"), ("user.email", "fleet-demo@localhost")):
+            run_command(["git", "config", key, value], project, "git config")
+        (project / ".gitignore").write_text(GITIGNORE)
     if not (project / ".dvc").is_dir():
-        _run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], project, "dvc init")
+        run_command([sys.executable, "-m", "dvc", "init", "-q"], project, "dvc init")
+    # The data snapshot and its DVC record, so the first commit holds what the first build trains on.
+    run_command([sys.executable, "-m", "edge_kit", "data", "snapshot", "--config", str(config), "--json"], project,
+                "edge-kit data snapshot")
+    run_command(["git", "add", "-A"], project, "git add")
+    if run_command(["git", "status", "--porcelain"], project, "git status").strip():
+        run_command(["git", "commit", "-q", "-m", "the demo project"], project, "git commit")
     return config
 
 
@@ -47,7 +69,7 @@ def ensure_keys(candidates: list[Path], fallback: Path) -> tuple[Path, Path]:
 def build_bundle(config: Path, out_dir: Path, key: Path, log: Path) -> dict[str, Any]:
     """`edge-kit build` (the real pipeline: train or reuse, quantize, gate, sign); its --json result."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = _run([sys.executable, "-m", "edge_kit", "build", "--config", str(config), "--out", str(out_dir),
+    result = run_command([sys.executable, "-m", "edge_kit", "build", "--config", str(config), "--out", str(out_dir),
                    "--key", str(key), "--json"], config.parent, "edge-kit build", log=log)
     doc: dict[str, Any] = json.loads(result.strip().splitlines()[-1])
     return doc
@@ -60,7 +82,7 @@ def config_value(config: Path, section: str, key: str) -> str | None:
     return None if value is None else str(value)
 
 
-def set_config_value(config: Path, section: str, key: str, value: str | int) -> None:
+def set_config_value(config: Path, section: str, key: str, value: str | int | float) -> None:
     """Replace the value of `key` inside `[section]` of the config text (keeps the user's comments and layout)."""
     text = config.read_text()
     literal = json.dumps(value)  # a TOML basic string or integer is written the same way
@@ -78,7 +100,8 @@ def next_version(version: str) -> str:
     return ".".join([*parts[:-1], str(int(parts[-1]) + 1)])
 
 
-def _run(cmd: list[str], cwd: Path, what: str, log: Path | None = None) -> str:
+def run_command(cmd: list[str], cwd: Path, what: str, log: Path | None = None) -> str:
+    """Run `cmd` in `cwd`; its stdout. EdgeKitError with the tail of its stderr when it fails."""
     proc = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     if log is not None:
         with log.open("a") as f:

@@ -44,6 +44,11 @@ def deployment(dashboard: str, dep_id: str) -> dict[str, Any]:
     return dict(http_json(f"{dashboard}api/deployments/{dep_id}"))
 
 
+def deployments(dashboard: str) -> list[dict[str, Any]]:
+    """Every deployment the fleet server holds, oldest first."""
+    return list(http_json(f"{dashboard}api/deployments").get("deployments", []))
+
+
 def skewed_bundle(good: Path, out_dir: Path, key: Path, version: str) -> Path:
     """A copy of `good` whose logits get +12 on class 0: verified, signed and self-tested like any bundle
     (its self-test records the skewed outputs), but it predicts 0 far more often than the model it replaces

@@ -81,3 +81,26 @@ def test_headless_demo_retrains_deploys_through_a_canary_and_rolls_back_a_skewed
         assert bad["devices"][device]["version"] == good["version"], bad["devices"]
     assert any(a["kind"] == "canary_failed" for a in summary["alerts"])
     assert not list((tmp_path / "demo" / "bundles").glob("*.post1.edgebundle"))  # the bad bundle is not kept
+
+    # The retraining trained on what the flagged devices captured, and the new version copes with their inputs:
+    # scored on held-out digits neither version trained on (the feeders' second pool), at full shift severity.
+    field = summary["field_data"]
+    assert field["added"] > 0 and set(field["devices"]) <= set(summary["flagged"]), field
+    shifted, clean = summary["shifted_accuracy"], summary["clean_accuracy"]
+    assert shifted["after"] > shifted["before"], shifted
+    assert clean["after"] >= clean["before"] - 0.05, clean  # a loose guard: 4 epochs here, each side ~1,000 samples
+    for d in summary["devices"]:
+        assert d["accuracy_before"] is not None and d["accuracy_after"] is not None, d
+        assert d["labelled_after"] >= 4 * 160, d
+    assert summary["still_flagged"]["version"] == good["version"] and summary["still_flagged"]["why"]
+    # The field data is a DVC snapshot committed to the project's git, and the new bundle names it.
+    project = tmp_path / "demo" / "project"
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=project, capture_output=True, text=True, check=True)
+    assert "field data" in log.stdout.lower(), log.stdout
+    from device_agent.bundle.format import read_bundle
+
+    retrained = next(p for p in (tmp_path / "demo" / "bundles").glob("*.edgebundle")
+                     if read_bundle(p).version == good["version"])
+    provenance = read_bundle(retrained).manifest["provenance"]
+    assert provenance["data"]["field"]["dvc_md5"] == field["md5"], provenance["data"]
+    assert provenance["git"]["dirty"] is False, provenance["git"]
