@@ -17,7 +17,7 @@ again writes only the rest, and every input row ends up in exactly one output ro
 
 Timing: start-up (Ray, then the actors with the bundle loaded: up to the first actor ready) is reported
 apart from scoring, with the steady rows/s per actor; progress is logged every `PROGRESS_EVERY_S`.
-(Ray Data was used before: a block per shard cost about 20 ms of scheduling and conversion per shard,
+(Ray Data was used before: a block per shard cost 15-20 ms of scheduling and conversion per shard,
 several times the shard's own scoring; plain actors cost a round trip per call, hidden by the queue.)
 """
 
