@@ -56,10 +56,10 @@ def encode(records: Sequence[CaptureRecord]) -> tuple[bytes, str]:
     offsets = np.zeros(len(records) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(r.data) for r in records])
     meta = json.dumps([r.meta() for r in records], allow_nan=False, separators=(",", ":")).encode()
-    out = io.BytesIO()
-    np.savez(out, records=np.frombuffer(meta, dtype=np.uint8), data=np.frombuffer(b"".join(r.data for r in records),
+    buf = io.BytesIO()
+    np.savez(buf, records=np.frombuffer(meta, dtype=np.uint8), data=np.frombuffer(b"".join(r.data for r in records),
                                                                                  dtype=np.uint8), offsets=offsets)
-    data = out.getvalue()
+    data = buf.getvalue()
     return data, hashlib.sha256(data).hexdigest()
 
 
