@@ -8,7 +8,7 @@ seeded weights, the pipeline's manifest), split into equal `.npy` shards. Per ro
 - `edge-kit batch-predict`'s function with 1 actor on a private local Ray instance, from nothing (Ray's
   start included, as a user sees it), into a fresh output folder. Its result splits the wall time into
   `startup_s` (Ray, the actor pool, the bundle loaded in each actor) and `scoring_s`, and gives
-  `rows_per_s_steady`: rows per second of one actor once it runs (its first shard excluded).
+  `rows_per_s_steady`: rows per second of one actor once warm (its first call excluded).
 
 The aim (issue 22): steady rows/s per actor >= 80% of `edge-agent predict`'s rows/s. Figures are medians
 over the rounds; the 2-core host is shared, so only the side-by-side ratio is meaningful.

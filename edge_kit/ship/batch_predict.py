@@ -366,6 +366,8 @@ def _drive(pool: list[Any], calls: list[list[Shard]], shards: int, started: floa
                 first = queue.popleft()
                 kinds[actor.score.remote([(str(s.source), str(s.output)) for s in first])] = (index, first)
     ready_at: dict[int, float] = {}
+    first_at: dict[int, float] = {}  # each actor's first call back: warm-up ends
+    first_rows: dict[int, int] = {}
     last_at: dict[int, float] = {}
     rows_by: dict[int, int] = {}
     done = 0
@@ -391,6 +393,8 @@ def _drive(pool: list[Any], calls: list[list[Shard]], shards: int, started: floa
                 rows_by[index] = rows_by.get(index, 0) + int(result["rows"])
                 done += 1
             last_at[index] = now
+            if index not in first_at:
+                first_at[index], first_rows[index] = now, rows_by.get(index, 0)
             if queue and refused is None:
                 nxt = queue.popleft()
                 kinds[pool[index].score.remote([(str(s.source), str(s.output)) for s in nxt])] = (index, nxt)
@@ -406,8 +410,16 @@ def _drive(pool: list[Any], calls: list[list[Shard]], shards: int, started: floa
     if first_ready is not None:
         stats.startup_s = first_ready - started
         stats.scoring_s = max(last_at.values(), default=first_ready) - first_ready
-        busy = sum(last_at[i] - ready_at.get(i, first_ready) for i in last_at)
-        stats.steady = sum(rows_by[i] for i in last_at) / busy if busy > 0 else None
+        # Steady state: each actor after its first call (ORT's first runs, the writer threads starting);
+        # an actor with a single call counts from when it was ready.
+        warm = [i for i in last_at if last_at[i] > first_at[i]]
+        if warm:
+            busy = sum(last_at[i] - first_at[i] for i in warm)
+            steady_rows = sum(rows_by[i] - first_rows[i] for i in warm)
+        else:
+            busy = sum(last_at[i] - ready_at.get(i, first_ready) for i in last_at)
+            steady_rows = sum(rows_by[i] for i in last_at)
+        stats.steady = steady_rows / busy if busy > 0 else None
     return refused
 
 
