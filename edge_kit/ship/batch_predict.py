@@ -424,7 +424,7 @@ def _drive(pool: list[Any], calls: list[list[Shard]], shards: int, started: floa
 
 
 def _edge_kit_cause(exc: BaseException) -> EdgeKitError | None:
-    """The EdgeKitError an actor raised, found through Ray's wrappers (RayTaskError, Ray Data's own)."""
+    """The EdgeKitError an actor raised, found through Ray's wrappers (RayTaskError, RayActorError)."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
