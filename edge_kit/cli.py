@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "batch-predict", help="score input shards with a bundle on Ray, one output per shard",
-        description="Score files of inputs with a bundle on Ray Data, one ONNX Runtime session per actor, and "
+        description="Score files of inputs with a bundle on Ray actors, one ONNX Runtime session per actor, and "
                     "write one\n<shard>.pred.npz per input shard (docs/batch-predict.md).")
     p.add_argument("bundle", help="the .edgebundle file to score with")
     p.add_argument("--input", required=True, help="a shard, a folder of shards or a glob (.npy .npz .csv .parquet)")
