@@ -12,7 +12,7 @@ unless named; `tests/device_agent/test_agent_docs_tables.py` keeps the drawing c
     │   ├── DataError (2)
     │   │   └── CalibrationError (2)               calibration.errors
     │   ├── InputError (2)                         an inference request
-    │   ├── SpoolUnavailableError (2)              spool locked or unreadable: device_agent.uplink.spool
+    │   ├── SpoolUnavailableError (2)              spool locked or unreadable: device_agent.durable_sqlite
     │   └── ForeignCheckpointError (2)             edge_kit.train.checkpoint
     ├── PayloadError (2), ValueError               a summary or status message: `.kind`
     ├── AlertError (2), ValueError                 an alert action: `.status` (HTTP); edge_kit.errors
@@ -26,7 +26,7 @@ unless named; `tests/device_agent/test_agent_docs_tables.py` keeps the drawing c
     ├── CheckpointWriteError (1)                   edge_kit.train.checkpoint
     ├── RayTrainingFailed (1)                      edge_kit.train.ray_engine
     ├── ServerError (1)                            fleet server failed or unreachable: edge_kit.commands.fleet_client
-    ├── ExportProtocolError (1)                    a captures export page that is not one: edge_kit.fleet.captures_export
+    ├── ExportProtocolError (1)                    not a captures export page: edge_kit.fleet.captures_export
     ├── ShardRefused (1)                           a refused shard, its own code: edge_kit.ship.batch_predict
     └── WorkerFailed (1)                           edge_kit.bench.runner
 

@@ -26,14 +26,13 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from device_agent.durable_sqlite import DurableFile, open_durable
 from device_agent.errors import SpoolError
-from device_agent.uplink.spool import SpoolUnavailableError, is_corruption
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,8 @@ _LABEL_NULL = '"label":null}'  # how every spooled record's JSON ends (`label` i
 COUNTERS = ("captured", "uploaded", "rejected", "dropped_full", "skipped_budget", "skipped_nonfinite",
             "labels_queued", "labels_sent", "labels_dropped", "requests_honoured")
 STATE = ("budget_day", "budget_used", "requested_remaining")
+
+CAPTURE_FILE = DurableFile("capture spool", "records", "capture.state_dir")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -107,10 +108,6 @@ class LabelBatch:
     labels: list[tuple[str, str]] = field(default_factory=list)  # (record id, label)
 
 
-class _CorruptStore(sqlite3.DatabaseError):
-    """quick_check found damage."""
-
-
 class _Tx:
     """Meta changes of one transaction, applied to the in-memory copy only once it committed."""
 
@@ -146,57 +143,12 @@ class CaptureStore:
         self._deferred_sets: dict[str, int] = {}
         # The current values of STATE (the sampler's), read in every write transaction; None: `sets` only.
         self.state_source: Callable[[], Mapping[str, int]] | None = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = self._open()
-        except sqlite3.Error as exc:
-            if not is_corruption(exc):
-                raise self._unavailable(exc) from exc
-            self.recovered_from = self._move_aside(exc)
-            try:
-                self._db = self._open()
-            except sqlite3.Error as again:
-                raise self._unavailable(again) from again
+        self._db, self.recovered_from = open_durable(self.path, _SCHEMA, CAPTURE_FILE, lock_timeout=lock_timeout)
         db = self._db
         self._meta = {str(name): int(value) for name, value in db.execute("SELECT name, value FROM meta")}
         count, total = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records").fetchone()
         self._records, self._bytes = int(count), int(total)
         self._labels = int(db.execute("SELECT COUNT(*) FROM label_updates").fetchone()[0])
-
-    # -- opening ------------------------------------------------------------------------------------
-
-    def _unavailable(self, exc: sqlite3.Error) -> SpoolUnavailableError:
-        code = getattr(exc, "sqlite_errorcode", None)
-        if code is not None and code & 0xFF in (5, 6):  # BUSY, LOCKED
-            return SpoolUnavailableError(
-                f"capture spool {self.path} is locked by another process (waited {self.lock_timeout:g}s); "
-                "its records are kept", hint="is another edge-agent running with the same capture.state_dir?")
-        return SpoolUnavailableError(f"cannot open capture spool {self.path}: {exc}; its records are kept")
-
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=self.lock_timeout)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
-            row = db.execute("PRAGMA quick_check").fetchone()
-            if row is None or row[0] != "ok":
-                raise _CorruptStore(f"integrity check failed: {row}")
-        except sqlite3.Error:
-            db.close()
-            raise
-        return db
-
-    def _move_aside(self, exc: Exception) -> Path:
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-        log.error("capture spool %s is not a readable database (%s); moved it to %s and started a new one",
-                  self.path, exc, aside)
-        self.path.rename(aside)
-        for suffix in ("-wal", "-shm"):
-            side = self.path.with_name(self.path.name + suffix)
-            if side.exists():
-                side.rename(aside.with_name(aside.name + suffix))
-        return aside
 
     # -- transactions -------------------------------------------------------------------------------
 

@@ -21,16 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent.errors import SpoolError, UsageError
+from device_agent.durable_sqlite import DurableFile, SpoolUnavailableError, open_durable
+from device_agent.errors import SpoolError
 
 log = logging.getLogger(__name__)
 
-# SQLite primary result codes that mean the file itself is damaged (everything else, BUSY and
-# LOCKED above all, says nothing about the windows inside it).
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
-
 DEFAULT_MAX_WINDOWS = 10_000
+SPOOL_FILE = DurableFile("spool", "windows", "--spool")
+
+__all__ = ["DEFAULT_MAX_WINDOWS", "Spool", "SpoolUnavailableError", "SpooledWindow"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -43,22 +42,6 @@ CREATE TABLE IF NOT EXISTS windows (
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-
-
-class SpoolUnavailableError(UsageError):
-    """The spool exists but cannot be opened now (locked by another process, permissions): exit 2."""
-
-
-class _CorruptSpool(sqlite3.DatabaseError):
-    """quick_check found damage."""
-
-
-def is_corruption(exc: sqlite3.Error) -> bool:
-    """True only when SQLite says the file is damaged, not when it is busy, locked or unreadable."""
-    if isinstance(exc, _CorruptSpool):
-        return True
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 @dataclass(frozen=True)
@@ -82,52 +65,7 @@ class Spool:
         self.lock_timeout = lock_timeout
         self.recovered_from: Path | None = None
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = self._open()
-        except sqlite3.Error as exc:
-            if not is_corruption(exc):
-                raise self._unavailable(exc) from exc
-            self.recovered_from = self._move_aside(exc)
-            try:
-                self._db = self._open()
-            except sqlite3.Error as again:
-                raise self._unavailable(again) from again
-
-    def _unavailable(self, exc: sqlite3.Error) -> SpoolUnavailableError:
-        code = getattr(exc, "sqlite_errorcode", None)
-        if code is not None and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
-            return SpoolUnavailableError(
-                f"spool {self.path} is locked by another process (waited {self.lock_timeout:g}s); "
-                "its windows are kept", hint="is another edge-agent running with the same --spool?")
-        return SpoolUnavailableError(f"cannot open spool {self.path}: {exc}; its windows are kept")
-
-    def _open(self) -> sqlite3.Connection:
-        # `timeout` is SQLite's busy wait: a lock held by another process is waited for, not
-        # mistaken for damage.
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=self.lock_timeout)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
-            row = db.execute("PRAGMA quick_check").fetchone()
-            if row is None or row[0] != "ok":
-                raise _CorruptSpool(f"integrity check failed: {row}")
-        except sqlite3.Error:
-            db.close()
-            raise
-        return db
-
-    def _move_aside(self, exc: Exception) -> Path:
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-        log.error("spool %s is not a readable database (%s); moved it to %s and started a new spool",
-                  self.path, exc, aside)
-        self.path.rename(aside)
-        for suffix in ("-wal", "-shm"):
-            side = self.path.with_name(self.path.name + suffix)
-            if side.exists():
-                side.rename(aside.with_name(aside.name + suffix))
-        return aside
+        self._db, self.recovered_from = open_durable(self.path, _SCHEMA, SPOOL_FILE, lock_timeout=lock_timeout)
 
     def put(self, key: str, topic: str, payload: bytes, content_type: str) -> bool:
         """Store a window durably; False if this key is already spooled. Raises SpoolError on I/O failure."""

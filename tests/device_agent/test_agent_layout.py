@@ -1,6 +1,7 @@
 """The device agent's folders show its jobs, and every import points down the layers, never back up.
 
-    kernel      errors, atomic, host, strict_toml, settings_schema, cli_runner   (imports only the kernel)
+    kernel      errors, atomic, host, strict_toml, settings_schema, cli_runner,  (imports only the kernel)
+                durable_sqlite
     bundle      which bundle may serve                                          (kernel)
     uplink      getting summaries out over MQTT                                 (kernel)
     monitoring  what the model sees                                             (kernel, bundle's format)
@@ -24,7 +25,7 @@ import pytest
 from tests.helpers.imports import imported_modules, module_name
 
 REPO = Path(__file__).resolve().parents[2]
-KERNEL = {"errors", "atomic", "host", "strict_toml", "settings_schema", "cli_runner"}
+KERNEL = {"errors", "atomic", "host", "strict_toml", "settings_schema", "cli_runner", "durable_sqlite"}
 ROLES = {"bundle", "uplink", "monitoring", "http", "deploy", "capture"}
 TOP = {"runtime", "agent", "batch", "settings", "cli", "__main__", "__init__"}
 

@@ -170,3 +170,31 @@ def test_a_reused_request_id_labels_only_its_newest_call(tmp_path: Path) -> None
     assert store.pending()["labels"] == 0  # no label update for the first call's records
     assert [json.loads(d)["label"] for d in store.next_batch(10, 1 << 20).docs] == ["1", "2"]
     assert capture.label("never-seen", ["1"]) == 0
+
+
+def test_a_damaged_capture_spool_is_moved_aside_and_a_new_one_started(tmp_path: Path) -> None:
+    path = tmp_path / "captures.db"
+    path.write_bytes(b"this is not a database" * 100)
+    store = CaptureStore(path, max_bytes=1 << 20)
+    assert store.recovered_from is not None and store.recovered_from.read_bytes().startswith(b"this is not")
+    assert store.put([record(0)]) == 0 and store.pending()["records"] == 1
+    store.close()
+
+
+def test_a_capture_spool_that_fails_its_integrity_check_is_moved_aside(tmp_path: Path) -> None:
+    """A file SQLite opens but `quick_check` calls damaged: moved aside too, not refused as unavailable."""
+    import sqlite3
+
+    path = tmp_path / "captures.db"
+    CaptureStore(path, max_bytes=1 << 20).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA writable_schema=ON")
+    # An index whose root page is the table's own: quick_check reports it, opening does not fail.
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'records'").fetchone()[0]
+    db.execute("CREATE TABLE IF NOT EXISTS t_bad (x)")
+    db.execute("UPDATE sqlite_master SET rootpage = ? WHERE name = 't_bad'", (root,))
+    db.commit()
+    db.close()
+    store = CaptureStore(path, max_bytes=1 << 20)
+    assert store.recovered_from is not None
+    store.close()
