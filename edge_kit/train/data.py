@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,8 +271,14 @@ def split_ids(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarra
 
 def _stored_split(config: Config, snapshot: SnapshotInfo, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The split recorded for this snapshot and seed, computed and stored the first time."""
-    split_file = config.ensure_workdir() / "split.json"
     key = {"dvc_md5": snapshot.dvc_md5, "seed": config.data.seed, "test_fraction": config.data.test_fraction}
+    return _recorded_split(config.ensure_workdir() / "split.json", key,
+                           lambda: split_ids(y, config.data.test_fraction, config.data.seed))
+
+
+def _recorded_split(split_file: Path, key: dict[str, Any],
+                    compute: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, test ids) stored in `split_file` under `key`; computed and stored when absent or another key's."""
     if split_file.exists():
         try:
             stored = json.loads(split_file.read_text())
@@ -279,7 +286,7 @@ def _stored_split(config: Config, snapshot: SnapshotInfo, y: np.ndarray) -> tupl
                 return np.asarray(stored["train_ids"], np.int64), np.asarray(stored["test_ids"], np.int64)
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring unreadable split record %s; recomputing it", split_file)
-    train, test = split_ids(y, config.data.test_fraction, config.data.seed)
+    train, test = compute()
     doc = {**key, "train_ids": train.tolist(), "test_ids": test.tolist()}
     atomic_write_bytes(split_file, json.dumps(doc).encode())
     return train, test
@@ -342,19 +349,9 @@ def _field_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.nda
 
 def _stored_field_split(config: Config, field_md5: str, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The field rows' split, stored under the field file's md5 (a new field snapshot, a new split)."""
-    split_file = config.ensure_workdir() / FIELD_SPLIT_FILE
     key = {"field_md5": field_md5, "seed": config.data.seed, "test_fraction": config.data.test_fraction}
-    if split_file.exists():
-        try:
-            stored = json.loads(split_file.read_text())
-            if all(stored.get(k) == v for k, v in key.items()):
-                return np.asarray(stored["train_ids"], np.int64), np.asarray(stored["test_ids"], np.int64)
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring unreadable split record %s; recomputing it", split_file)
-    train, test = _field_split(y, config.data.test_fraction, config.data.seed)
-    doc = {**key, "train_ids": train.tolist(), "test_ids": test.tolist()}
-    atomic_write_bytes(split_file, json.dumps(doc).encode())
-    return train, test
+    return _recorded_split(config.ensure_workdir() / FIELD_SPLIT_FILE, key,
+                           lambda: _field_split(y, config.data.test_fraction, config.data.seed))
 
 
 def _counts(values: np.ndarray) -> dict[str, int]:
