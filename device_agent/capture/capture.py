@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from device_agent.capture.config import CaptureSettings, TlsFiles, check_capture, tls_files
+from device_agent.capture.config import CaptureSettings, check_capture, tls_files
 from device_agent.capture.request import parse_capture_request
 from device_agent.capture.sampler import DAY_S, Sampler, utc_day
 from device_agent.capture.store import DB_NAME, CaptureStore, NewRecord
 from device_agent.capture.uploader import Uploader
 from device_agent.errors import ConfigError, PayloadError, SpoolError
 from device_agent.uplink.connection import MessageHandler
-from device_agent.uplink.https import client_tls_context
+from device_agent.uplink.https import TlsFiles, client_tls_context
 from device_agent.uplink.wire import capture_topic
 
 if TYPE_CHECKING:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from device_agent.errors import ConfigError
 from device_agent.settings_schema import POSITIVE, setting
+from device_agent.uplink.https import TlsFiles
 
 MIB = 1024**2
 MAX_BATCH_RECORDS = 1000  # the fleet refuses a batch of more (docs/captures.md)
@@ -82,17 +83,6 @@ class CaptureSettings:
         # systemd's StateDirectory= sets this, as for the spool and deployments.
         state = os.environ.get("STATE_DIRECTORY")
         return Path(state.split(":")[0]) / "capture" if state else Path("edge-agent-capture")
-
-
-class TlsFiles(Protocol):
-    """The TLS files of `[deploy]` and `[mqtt]`, read here, never imported: both sections sit elsewhere."""
-
-    @property
-    def ca_certs(self) -> Path | None: ...
-    @property
-    def certfile(self) -> Path | None: ...
-    @property
-    def keyfile(self) -> Path | None: ...
 
 
 @dataclass(frozen=True)

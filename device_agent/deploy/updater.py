@@ -55,6 +55,7 @@ from device_agent.deploy.message import (
 )
 from device_agent.errors import EdgeKitError, PayloadError, VerificationError
 from device_agent.uplink.connection import MessageHandler
+from device_agent.uplink.https import TlsFiles
 from device_agent.uplink.wire import deployment_topic
 
 if TYPE_CHECKING:
@@ -69,25 +70,13 @@ RETRY_AFTER_TRANSIENT_S = 30.0  # a download that gave up is tried again after t
 MAX_FINISHED = 64  # finished deployments remembered (a retained message is one per device; a few suffice)
 
 
-class TlsIdentity(Protocol):
-    """The device's TLS files (`[mqtt]` in the agent config): read here, never imported from settings,
-    which sits above this package."""
-
-    @property
-    def ca_certs(self) -> Path | None: ...
-    @property
-    def certfile(self) -> Path | None: ...
-    @property
-    def keyfile(self) -> Path | None: ...
-
-
 class Subscriber(Protocol):
     """The part of a transport the updater needs (`MqttPublisher`, `MemoryPublisher`)."""
 
     def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None: ...
 
 
-def download_policy(deploy: DeploySettings, mqtt: TlsIdentity | None = None) -> DownloadPolicy:
+def download_policy(deploy: DeploySettings, mqtt: TlsFiles | None = None) -> DownloadPolicy:
     """How downloads run, from `[deploy]`; the TLS identity falls back to `[mqtt]`'s (the device's
     enrolled certificate, and the fleet CA trusted besides the system's CAs)."""
     def text(path: Path | None) -> str | None:
@@ -103,7 +92,7 @@ def download_policy(deploy: DeploySettings, mqtt: TlsIdentity | None = None) -> 
 
 
 def start_deployments(agent: Agent, link: Subscriber, deploy: DeploySettings, bundles_dir: Path,
-                      mqtt: TlsIdentity | None = None) -> DeploymentUpdater:
+                      mqtt: TlsFiles | None = None) -> DeploymentUpdater:
     """Build the updater from `[deploy]` (and `[mqtt]`'s TLS identity), add its blocks to the agent's
     status, subscribe to this device's deployment topic (renewed on every reconnect, so the retained
     message comes again) and start its thread. Call before the link connects."""

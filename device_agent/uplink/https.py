@@ -8,8 +8,22 @@ certificate; without one, by `X-Edgekit-Device` (plus a device token where the r
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
+from typing import Protocol
 
 DEVICE_HEADER = "X-Edgekit-Device"
+
+
+class TlsFiles(Protocol):
+    """A section's TLS files (`[mqtt]`, `[deploy]`, `[capture]`): read through this protocol, never imported
+    from the settings, which sit above the packages that use them."""
+
+    @property
+    def ca_certs(self) -> Path | None: ...
+    @property
+    def certfile(self) -> Path | None: ...
+    @property
+    def keyfile(self) -> Path | None: ...
 
 
 def client_tls_context(*, ca_file: str | None = None, also_trust: str | None = None, certfile: str | None = None,
