@@ -124,20 +124,7 @@ def _text(value: Any) -> bool:
 
 def upload_records(body: Any, device: str) -> list[Any]:
     """The records list of an upload body; CaptureError 400 (not a batch) or 403 (another device's)."""
-    if not isinstance(body, dict):
-        raise CaptureError(400, "an upload body is a JSON object")
-    if body.get("schema") != UPLOAD_SCHEMA:
-        raise CaptureError(400, f"'schema' must be {UPLOAD_SCHEMA!r}")
-    if not isinstance(body.get("device"), str):
-        raise CaptureError(400, "'device' must be the uploading device's id")
-    if body["device"] != device:
-        raise CaptureError(403, f"this credential is device {device!r}'s, not {body['device'][:MAX_TEXT]!r}'s")
-    records = body.get("records")
-    if not isinstance(records, list):
-        raise CaptureError(400, "'records' must be a list")
-    if len(records) > MAX_RECORDS:
-        raise CaptureError(400, f"at most {MAX_RECORDS} records per upload, got {len(records)}")
-    return records
+    return _device_list(body, device, "an upload body", UPLOAD_SCHEMA, "records", MAX_RECORDS, "upload")
 
 
 def check_records(records: list[Any], specs: InputSpecs) -> tuple[list[tuple[CaptureRecord, InputSpec]],
@@ -231,17 +218,22 @@ def _input(value: Any, spec: InputSpec) -> bytes:
 
 def label_updates(body: Any, device: str) -> list[Any]:
     """The label entries of a label-update body; CaptureError 400 / 403 as for uploads."""
+    return _device_list(body, device, "a label update", LABELS_SCHEMA, "labels", MAX_LABELS, "update")
+
+
+def _device_list(body: Any, device: str, what: str, schema: str, key: str, most: int, per: str) -> list[Any]:
+    """`body[key]`, a list of at most `most` entries, from a device body of `schema` naming `device`."""
     if not isinstance(body, dict):
-        raise CaptureError(400, "a label update is a JSON object")
-    if body.get("schema") != LABELS_SCHEMA:
-        raise CaptureError(400, f"'schema' must be {LABELS_SCHEMA!r}")
+        raise CaptureError(400, f"{what} is a JSON object")
+    if body.get("schema") != schema:
+        raise CaptureError(400, f"'schema' must be {schema!r}")
     if not isinstance(body.get("device"), str):
         raise CaptureError(400, "'device' must be the uploading device's id")
     if body["device"] != device:
         raise CaptureError(403, f"this credential is device {device!r}'s, not {body['device'][:MAX_TEXT]!r}'s")
-    labels = body.get("labels")
-    if not isinstance(labels, list):
-        raise CaptureError(400, "'labels' must be a list")
-    if len(labels) > MAX_LABELS:
-        raise CaptureError(400, f"at most {MAX_LABELS} labels per update, got {len(labels)}")
-    return labels
+    entries = body.get(key)
+    if not isinstance(entries, list):
+        raise CaptureError(400, f"'{key}' must be a list")
+    if len(entries) > most:
+        raise CaptureError(400, f"at most {most} {key} per {per}, got {len(entries)}")
+    return entries
