@@ -22,9 +22,10 @@ import contextlib
 import logging
 import random
 import ssl
+import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 Hook = Callable[[], None]
 MessageHandler = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
+_PUBACK = struct.Struct("!BBH")  # PUBACK, remaining length 2, packet id: success, as paho's own `ack` writes it
 
 
 class Backoff:
@@ -133,8 +135,13 @@ class MqttConnection:
 
     # -- driving the network ------------------------------------------------------------------------
 
-    def step(self, timeout: float = 0.2) -> None:
-        """One round: connect if due, else move bytes for up to `timeout` seconds."""
+    def step(self, timeout: float = 0.2, read_on: Callable[[], bool] | None = None) -> None:
+        """One round: connect if due, else move bytes for up to `timeout` seconds.
+
+        `read_on`, when given, is asked after each packet read whether to read another one straight
+        away (a consumer draining a backlog: one `select` per burst instead of one per message); it
+        should say no once a read delivered nothing, else the round ends on an empty socket.
+        """
         if not self._socket_open:
             wait = self._retry_at - time.monotonic()
             if wait > 0:
@@ -145,8 +152,25 @@ class MqttConnection:
                 log.warning("%s; retrying in %.1fs", self.last_error, self._retry_at - time.monotonic())
                 return
         rc = self.client.loop(timeout=timeout)
+        while rc == mqtt.MQTT_ERR_SUCCESS and read_on is not None and read_on():
+            rc = self.client.loop_read()
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self._lost(mqtt.error_string(rc))
+
+    def ack_all(self, mids: Sequence[int]) -> None:
+        """Acknowledge QoS-1 messages received under `manual_ack`, in one socket write.
+
+        paho's `ack` queues and sends one 4-byte PUBACK per message (two system calls each); a
+        batch committed at once is acknowledged at once here, as the same packets back to back.
+        """
+        if not mids:
+            return
+        queue = getattr(self.client, "_packet_queue", None)
+        if queue is None:  # a paho without it: one at a time, through the public call
+            for mid in mids:
+                self.client.ack(mid, 1)
+            return
+        queue(mqtt.PUBACK, b"".join([_PUBACK.pack(mqtt.PUBACK, 2, mid) for mid in mids]), 0, 0)
 
     def run(self, stop: threading.Event, timeout: float = 0.2) -> None:
         while not stop.is_set():
