@@ -2,8 +2,9 @@
 
 Bundles built with `model.preprocessing.in_graph = true` standardise inside the model (its first
 nodes), so raw float32 goes straight to the session. Older bundles' models take PREPROCESSED input,
-`(raw - mean) / std` with mean/std from the manifest, which the agent applies here with exactly the
-arithmetic the build used.
+`(raw - mean) / std` with mean/std from the manifest: the agent folds exactly that arithmetic into
+the graph at load (`fold_preprocessing`, outputs bit-identical), or applies it in numpy where the
+graph is not one it can edit (`ModelRuntime.folded` says which).
 Requests are checked before they reach the session (shape, dtype, NaN/inf) and refused with an
 `InputError` that says what was expected; the session itself is never handed garbage.
 """
