@@ -82,3 +82,41 @@ def test_one_non_finite_value_in_a_float32_batch_is_refused_and_huge_finite_valu
         x[-1, 0, 7, 7] = bad
         with pytest.raises(InputError, match="NaN or infinite"):
             runtime.as_batch(x)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_preprocessing_outside_the_graph_is_folded_in_at_load_with_identical_outputs(tmp_path: Path,
+                                                                                   int8: bool) -> None:
+    """A bundle that standardises outside its graph runs `(raw - mean) / std` inside the session once loaded:
+    the same float32 operations, so the outputs equal the model run on numpy-standardised inputs bit for bit."""
+    bundle = make_bundle(tmp_path, int8=int8)
+    loaded = load_model(bundle)
+    assert loaded.runtime.folded
+    for n in (1, 7, 32):
+        x = digits_like_inputs(n, seed=n)
+        np.testing.assert_array_equal(loaded.runtime.run(loaded.runtime.as_batch(x)),
+                                      run_model(_model_bytes(bundle), x))
+
+
+def test_a_graph_the_fold_cannot_edit_safely_is_left_to_numpy() -> None:
+    from onnx import TensorProto, helper
+
+    from device_agent.runtime import fold_preprocessing
+
+    mean, std = np.float32([3.0]), np.float32([2.0])
+    two_inputs = helper.make_model(helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])], "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]))
+    passthrough = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "echo",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]))
+    int_input = helper.make_model(helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "ints",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]))
+    for model in (two_inputs, passthrough, int_input):
+        assert fold_preprocessing(model.SerializeToString(), mean, std) is None
+    assert fold_preprocessing(b"not a model at all", mean, std) is None
