@@ -11,15 +11,20 @@ with a core to itself, the figure that survives the load other jobs put on this 
 Summaries are the digits model's (30 channels, 32 bins), zlib-compressed, each with its own
 idempotency key, published by 2 separate publisher processes.
 
-    python benchmarks/bench_fleet_ingest.py [--quick]
+The bare subscriber and consumer x1 alternate over `--rounds` rounds (same load for both); the
+printed ratio is the median of the per-round ratios of their drain rates.
+
+    python benchmarks/bench_fleet_ingest.py [--quick] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import print_table, write_result  # noqa: E402
+from device_agent.host import host_info  # noqa: E402
 
 FLEET = "bench"
 
@@ -271,16 +277,35 @@ def processing_only(total: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="4,000 summaries a scenario, 3 rounds")
+    parser.add_argument("--rounds", type=int, help="alternating rounds of the bare subscriber and consumer x1")
     args = parser.parse_args()
     total = 4000 if args.quick else 20000
-    rows = [scenario("paho subscriber, receive only", 0, 2, total),
-            scenario("fleet consumer x1", 1, 2, total),
-            scenario("fleet consumer x2 (shared subscription)", 2, 2, total)]
+    rounds = args.rounds or 3
+    load_before = os.getloadavg()
+    # Side by side: the bare subscriber and one consumer alternate, so both see the same load; the
+    # ratio is taken per round, and its median reported.
+    rows, ratios = [], []
+    for _ in range(rounds):
+        bare = scenario("paho subscriber, receive only", 0, 2, total)
+        one = scenario("fleet consumer x1", 1, 2, total)
+        rows += [bare, one]
+        ratios.append(one["summaries_per_s"] / bare["summaries_per_s"])
+    rows.append(scenario("fleet consumer x2 (shared subscription)", 2, 2, total))
     print_table(rows)
     alone = processing_only(total)
     print_table([alone])
-    out = write_result("fleet_ingest", {"drain": rows, "processing_only": alone}, quick=args.quick,
+    ratio = statistics.median(ratios)
+    print(f"fleet consumer x1 / bare paho subscriber: {ratio:.2f} (median of {rounds} alternating rounds: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    info = host_info()
+    load_after = os.getloadavg()
+    print(f"machine: {info.get('cpu')}, {info.get('cores')} cores; load average before {load_before[0]:.2f}, "
+          f"after {load_after[0]:.2f}")
+    out = write_result("fleet_ingest", {"drain": rows, "processing_only": alone, "ratio_x1_vs_bare": ratio,
+                                        "ratio_per_round": ratios, "load_average_before": load_before,
+                                        "load_average_after": load_after},
+                       quick=args.quick, rounds=rounds,
                        conditions="broker, publishers and consumers on the same 2-core shared VM; "
                                   "other engineers' jobs running concurrently")
     print(f"wrote {out}")
