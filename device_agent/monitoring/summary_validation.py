@@ -94,8 +94,14 @@ _STRINGS: tuple[tuple[str, Callable[[dict[str, Any]], list[Any]], int], ...] = (
     ("device", lambda p: [p["device"]], 128),
     ("model", lambda p: list(p["model"].values()), 256),
     ("channels", lambda p: list(p["channels"]), 256),
-    ("labels.classes", lambda p: list((p.get("labels") or {}).get("classes") or []), 256),
+    ("labels.classes", lambda p: _label_classes(p.get("labels")), 256),
 )
+
+
+def _label_classes(labels: Any) -> list[Any]:
+    """The classes list of labels, [] when either is malformed (`_check_labels` refuses that, by name)."""
+    classes = labels.get("classes") if isinstance(labels, dict) else None
+    return list(classes) if isinstance(classes, list) else []
 
 
 def _check_strings(p: dict[str, Any]) -> None:
