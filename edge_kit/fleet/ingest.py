@@ -222,7 +222,9 @@ class Validator:
                 or max(map(len, model.values())) > 256 or "\x00" in "".join(model.values())):
             return None
         ref = self.references.get(model["sha256"])
-        start, end, seq = window.get("start"), window.get("end"), window.get("seq", 0)
+        start: Any = window.get("start")
+        end: Any = window.get("end")
+        seq = window.get("seq", 0)
         if (ref is None or type(start) not in _NUMBER or type(end) not in _NUMBER or not start <= end
                 or type(seq) is not int or not 0 <= seq <= INT64_MAX
                 or type(n) is not int or not 0 <= n <= MAX_WINDOW_N):
