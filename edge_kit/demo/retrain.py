@@ -23,7 +23,6 @@ import json
 import logging
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +57,11 @@ def wait_for_captures(server: str, devices: list[str], minimum: int, wait_s: flo
 
 
 def _get(server: str, path: str) -> dict[str, Any]:
-    import os
+    """GET a fleet API path with the operator token from EDGEKIT_FLEET_TOKEN; ServerError/UsageError when refused."""
+    from edge_kit.commands.fleet_client import FleetClient
 
-    request = urllib.request.Request(f"{server.rstrip('/')}{path}",
-                                     headers={"Authorization": f"Bearer {os.environ.get('EDGEKIT_FLEET_TOKEN', '')}"})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        doc: dict[str, Any] = json.loads(answer.read())
-        return doc
+    doc: dict[str, Any] = FleetClient(server, None).get(path)
+    return doc
 
 
 def _edge_kit(args: list[str], cwd: Path, what: str, log_file: Path) -> dict[str, Any]:
