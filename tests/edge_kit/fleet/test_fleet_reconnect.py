@@ -146,6 +146,10 @@ def test_every_answered_inference_is_stored_across_two_broker_restarts(
             # The consumer must come back by itself and store again (the old one spun forever here).
             _wait(lambda d=down: server.stored()[0] >= d + 2, 60, f"ingest to resume after restart {restart + 1}",
                   server.log)
+            # Every consumer back (ready), not just the one that stored those windows: one still in its
+            # reconnect backoff when the next restart comes would count a single reconnect for both.
+            _wait(lambda: server.healthz()[0] == 200, 60, f"every consumer back after restart {restart + 1}",
+                  server.log)
     finally:
         stop_feeding.set()
         feeder.join(timeout=30)
