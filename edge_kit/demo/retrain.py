@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_kit.demo.processes import http_json
 from edge_kit.demo.project import build_bundle, config_value, next_version, run_command, set_config_value
 from edge_kit.errors import EdgeKitError
 
@@ -57,10 +58,11 @@ def wait_for_captures(server: str, devices: list[str], minimum: int, wait_s: flo
 
 
 def _get(server: str, path: str) -> dict[str, Any]:
-    """GET a fleet API path with the operator token from EDGEKIT_FLEET_TOKEN; ServerError/UsageError when refused."""
-    from edge_kit.commands.fleet_client import FleetClient
-
-    doc: dict[str, Any] = FleetClient(server, None).get(path)
+    """GET a fleet API path with the operator token from EDGEKIT_FLEET_TOKEN; EdgeKitError when it fails."""
+    try:
+        doc: dict[str, Any] = http_json(f"{server.rstrip('/')}{path}")
+    except (RuntimeError, OSError, ValueError) as exc:  # refused, unreachable, or not JSON
+        raise EdgeKitError(f"the fleet server at {server} did not answer {path}: {exc}") from exc
     return doc
 
 
