@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agent.bundle.signing import generate_keypair, load_private_key
 from harness.bundles import make_bundle
+from tests.helpers.fleet_double import FleetDouble
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +52,14 @@ class FakeClock:
 @pytest.fixture
 def clock() -> Iterator[FakeClock]:
     yield FakeClock()
+
+
+@pytest.fixture
+def fleet() -> Iterator[FleetDouble]:
+    """The capture tests' stand-in for the fleet's device routes, on 127.0.0.1."""
+    double = FleetDouble()
+    thread = threading.Thread(target=double.server.serve_forever, daemon=True)
+    thread.start()
+    yield double
+    double.server.shutdown()
+    double.server.server_close()

@@ -6,14 +6,12 @@ after the upload, as label updates; fleet requests arrive over the capture topic
 from __future__ import annotations
 
 import base64
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from device_agent.agent import Agent
 from device_agent.capture.capture import start_capture
@@ -23,18 +21,7 @@ from device_agent.settings import load_settings
 from device_agent.uplink.transport import MemoryPublisher
 from device_agent.uplink.wire import capture_topic
 from harness.bundles import digits_like_inputs
-from tests.device_agent.test_capture_uploader import FleetDouble
-
-
-@pytest.fixture
-def fleet() -> Iterator[FleetDouble]:
-    """The uploader tests' stand-in for the fleet's device routes, on 127.0.0.1."""
-    double = FleetDouble()
-    thread = threading.Thread(target=double.server.serve_forever, daemon=True)
-    thread.start()
-    yield double
-    double.server.shutdown()
-    double.server.server_close()
+from tests.helpers.fleet_double import FleetDouble
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> None:

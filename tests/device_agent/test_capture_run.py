@@ -6,7 +6,6 @@ the fleet was down survive a kill -9 of the agent and arrive after its restart, 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from device_agent.capture.request import CaptureRequest, encode_capture_request
 from device_agent.uplink.wire import capture_topic
 from harness.bundles import digits_like_inputs
 from harness.processes import MosquittoBroker
-from tests.device_agent.test_capture_uploader import FleetDouble
+from tests.helpers.fleet_double import FleetDouble
 from tests.helpers.mqtt import AgentProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,16 +33,6 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     b.start()
     yield b
     b.stop()
-
-
-@pytest.fixture
-def fleet() -> Iterator[FleetDouble]:
-    double = FleetDouble()
-    thread = threading.Thread(target=double.server.serve_forever, daemon=True)
-    thread.start()
-    yield double
-    double.server.shutdown()
-    double.server.server_close()
 
 
 def publish_request(broker: MosquittoBroker, request: CaptureRequest) -> None:
